@@ -1,0 +1,58 @@
+#pragma once
+// The Ensemble broker: one process that carries commands (request/reply, load-balanced over
+// workers) and events (publish/subscribe, fanned out through an XPUB).
+//
+// Usage: fill a `config`, construct a `broker` (binds its sockets, throws on a bad endpoint),
+// read `endpoints()` for the actual addresses (ephemeral ports resolved), then `run()` on a
+// thread of your choice. `request_stop()` may be called from any thread or a signal handler;
+// run() then answers what is queued with `shutting_down`, gives in-flight requests
+// `shutdown_grace` to finish, and returns.
+//
+// Wire protocol: docs/protocol.md.
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+namespace ensemble::broker {
+
+struct config {
+  std::string router_endpoint = "tcp://127.0.0.1:5555";
+  std::string events_endpoint = "tcp://127.0.0.1:5556";
+  std::chrono::milliseconds heartbeat{1000};
+  std::uint32_t liveness = 3;                    // missed heartbeats before a peer is lost
+  std::size_t max_message_size = 1024 * 1024;    // payload + header bytes; larger: too_large
+  std::size_t queue_per_service = 10'000;        // waiting requests per service
+  std::size_t queue_total = 100'000;             // waiting requests in all
+  std::chrono::milliseconds max_deadline{3'600'000};  // longer deadlines are clamped
+  std::chrono::milliseconds shutdown_grace{2000};     // for in-flight requests at shutdown
+  int event_hwm = 100'000;                       // per-subscriber queue on the XPUB
+  int peer_hwm = 100'000;                        // per-peer queue on the ROUTER
+};
+
+struct endpoints {
+  std::string router;
+  std::string events;
+};
+
+class broker {
+ public:
+  // Binds both endpoints. Throws common::config_error naming the endpoint that failed.
+  explicit broker(config cfg);
+  ~broker();
+  broker(const broker&) = delete;
+  broker& operator=(const broker&) = delete;
+
+  const endpoints& bound() const;
+  // Serves until request_stop(); returns after a clean shutdown.
+  void run();
+  // Thread- and async-signal-safe.
+  void request_stop();
+
+ private:
+  struct impl;
+  std::unique_ptr<impl> impl_;
+};
+
+}  // namespace ensemble::broker

@@ -1,0 +1,641 @@
+#include "ensemble/broker/broker.hpp"
+
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <nlohmann/json.hpp>
+
+#include <atomic>
+#include <cerrno>
+#include <map>
+
+#include "ensemble/common/frames.hpp"
+#include "ensemble/common/ids.hpp"
+#include "ensemble/common/logging.hpp"
+#include "registry.hpp"
+
+namespace ensemble::broker {
+
+using common::command;
+namespace errc = common::errc;
+using common::error;
+using common::header;
+using common::steady_clock;
+using json = nlohmann::json;
+
+namespace {
+
+constexpr std::size_t k_batch = 1024;  // messages handled per socket per poll round
+constexpr std::string_view k_broker_service = "broker";
+
+struct counters {
+  std::uint64_t messages_in = 0;
+  std::uint64_t messages_out = 0;
+  std::uint64_t bytes_in = 0;
+  std::uint64_t requests = 0;
+  std::uint64_t replies = 0;
+  std::uint64_t events = 0;
+  std::uint64_t malformed = 0;
+  std::uint64_t late_replies = 0;     // worker answered after the broker gave up on it
+  std::uint64_t unknown_replies = 0;  // token unknown, or not dispatched to that peer
+  std::uint64_t undeliverable = 0;    // the addressed peer was gone
+  std::uint64_t workers_lost = 0;
+  std::uint64_t redispatched = 0;
+  std::map<std::string, std::uint64_t> errors_by_code;
+};
+
+std::string peer_label(const worker* w, const peer_id& peer) {
+  if (w != nullptr && !w->agent.empty()) return w->agent;
+  static constexpr char k_hex[] = "0123456789abcdef";
+  std::string out = "peer:";
+  for (unsigned char c : peer) {
+    out += k_hex[c >> 4];
+    out += k_hex[c & 15];
+  }
+  return out;
+}
+
+std::string bind_or_throw(zmq::socket_t& socket, const std::string& endpoint, const char* what) {
+  try {
+    socket.bind(endpoint);
+  } catch (const zmq::error_t& e) {
+    throw common::config_error(what, "cannot bind " + endpoint + ": " + e.what());
+  }
+  return socket.get(zmq::sockopt::last_endpoint);
+}
+
+}  // namespace
+
+struct broker::impl {
+  explicit impl(config c)
+      : cfg(std::move(c)),
+        ctx(1),
+        router(ctx, zmq::socket_type::router),
+        xpub(ctx, zmq::socket_type::xpub),
+        reg(registry_limits{cfg.queue_per_service, cfg.queue_total, cfg.heartbeat, cfg.liveness}),
+        broker_id(common::random_id().substr(0, 16)),
+        log(common::component_logger("broker")) {
+    if (cfg.heartbeat.count() <= 0) throw common::config_error("--heartbeat", "must be > 0 ms");
+    if (cfg.liveness == 0) throw common::config_error("--liveness", "must be >= 1");
+    if (cfg.max_message_size < 1024) {
+      throw common::config_error("--max-message-size", "must be at least 1024 bytes");
+    }
+    router.set(zmq::sockopt::router_mandatory, 1);
+    router.set(zmq::sockopt::sndhwm, cfg.peer_hwm);
+    router.set(zmq::sockopt::rcvhwm, cfg.peer_hwm);
+    router.set(zmq::sockopt::linger, 500);
+    // libzmq drops a peer that sends a frame over this hard limit; below it the broker answers
+    // too_large itself, so the limit is generous.
+    router.set(zmq::sockopt::maxmsgsize,
+               static_cast<int64_t>(cfg.max_message_size * 4 + k_max_header_slack));
+    xpub.set(zmq::sockopt::sndhwm, cfg.event_hwm);
+    xpub.set(zmq::sockopt::linger, 500);
+    eps.router = bind_or_throw(router, cfg.router_endpoint, "--router");
+    eps.events = bind_or_throw(xpub, cfg.events_endpoint, "--events");
+    wake_fd = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (wake_fd < 0) throw common::config_error("broker", "eventfd failed");
+  }
+  ~impl() {
+    if (wake_fd >= 0) ::close(wake_fd);
+  }
+
+  static constexpr std::size_t k_max_header_slack = 64 * 1024;
+
+  config cfg;
+  zmq::context_t ctx;
+  zmq::socket_t router;
+  zmq::socket_t xpub;
+  endpoints eps;
+  int wake_fd = -1;
+  std::atomic<bool> stop_requested{false};
+  registry reg;
+  std::string broker_id;
+  std::shared_ptr<spdlog::logger> log;
+  counters stats;
+  std::unordered_map<std::string, std::uint64_t> topic_seq;
+  std::map<std::string, std::uint64_t> subscriptions;
+  std::vector<zmq::message_t> in;
+  std::vector<zmq::message_t> out;
+  std::vector<decision> decisions;
+  std::uint64_t next_token = 0;
+  steady_clock::time_point started = steady_clock::now();
+  steady_clock::time_point next_heartbeat;
+  bool stopping = false;
+  steady_clock::time_point stop_deadline;
+
+  void run();
+  void handle_router(steady_clock::time_point now);
+  void handle_subscription();
+  void on_request(const peer_id& peer, const worker* w, common::parsed_message& m,
+                  steady_clock::time_point now);
+  void on_reply(const peer_id& peer, const worker* w, common::parsed_message& m);
+  void on_publish(const peer_id& peer, const worker* w, common::parsed_message& m);
+  void on_hello(const peer_id& peer, common::parsed_message& m, steady_clock::time_point now);
+  void on_admin(const peer_id& peer, const header& request);
+  void execute_decisions(steady_clock::time_point now);
+  void send_heartbeats();
+  void begin_stop(steady_clock::time_point now);
+
+  bool send_to(const peer_id& peer, command cmd, const header& h,
+               zmq::message_t payload = zmq::message_t{});
+  void reply_error(const peer_id& peer, const header& request, const error& err);
+  void send_error(const peer_id& peer, const error& err, const std::string& about_id);
+  void count_error(const std::string& code) { ++stats.errors_by_code[code]; }
+  json services_json() const;
+  json stats_json() const;
+};
+
+bool broker::impl::send_to(const peer_id& peer, command cmd, const header& h,
+                           zmq::message_t payload) {
+  out.clear();
+  out.emplace_back(peer.data(), peer.size());
+  common::build_message(out, cmd, h, std::move(payload));
+  if (!common::send_frames(router, out)) {
+    ++stats.undeliverable;
+    return false;
+  }
+  ++stats.messages_out;
+  return true;
+}
+
+void broker::impl::reply_error(const peer_id& peer, const header& request, const error& err) {
+  header h;
+  h.id = request.id;
+  h.correlation_id = request.correlation_id;
+  h.causation_id = request.causation_id;
+  h.trace_id = request.trace_id;
+  h.attempt = request.attempt;
+  h.error_code = err.code;
+  h.error_message = err.message;
+  h.retryable = err.retryable;
+  count_error(err.code);
+  log->debug("{}.{} id={} correlation={} -> {}: {}", request.service, request.action, request.id,
+             request.correlation_id, err.code, err.message);
+  send_to(peer, command::reply, h);
+}
+
+void broker::impl::send_error(const peer_id& peer, const error& err, const std::string& about_id) {
+  header h;
+  h.id = about_id;
+  h.error_code = err.code;
+  h.error_message = err.message;
+  h.retryable = err.retryable;
+  count_error(err.code);
+  send_to(peer, command::error, h);
+}
+
+void broker::impl::run() {
+  log->info("broker {} serving router={} events={} heartbeat={}ms liveness={}", broker_id,
+            eps.router, eps.events, cfg.heartbeat.count(), cfg.liveness);
+  next_heartbeat = steady_clock::now() + cfg.heartbeat;
+  std::array<zmq::pollitem_t, 3> items{{
+      {router.handle(), 0, ZMQ_POLLIN, 0},
+      {xpub.handle(), 0, ZMQ_POLLIN, 0},
+      {nullptr, wake_fd, ZMQ_POLLIN, 0},
+  }};
+  while (true) {
+    auto now = steady_clock::now();
+    auto wake_at = next_heartbeat;
+    if (auto d = reg.next_deadline(); d && *d < wake_at) wake_at = *d;
+    if (stopping && stop_deadline < wake_at) wake_at = stop_deadline;
+    const auto timeout =
+        wake_at <= now ? std::chrono::milliseconds(0)
+                       : std::chrono::ceil<std::chrono::milliseconds>(wake_at - now);
+    try {
+      zmq::poll(items.data(), items.size(), timeout);
+    } catch (const zmq::error_t& e) {
+      if (e.num() != EINTR) log->error("poll failed: {}", e.what());
+    }
+    now = steady_clock::now();
+    if ((items[2].revents & ZMQ_POLLIN) != 0) {
+      std::uint64_t value = 0;
+      [[maybe_unused]] auto n = ::read(wake_fd, &value, sizeof value);
+    }
+    if (stop_requested.load() && !stopping) begin_stop(now);
+
+    if ((items[0].revents & ZMQ_POLLIN) != 0) {
+      for (std::size_t i = 0; i < k_batch && common::recv_frames(router, in); ++i) {
+        handle_router(now);
+      }
+    }
+    if ((items[1].revents & ZMQ_POLLIN) != 0) handle_subscription();
+
+    now = steady_clock::now();
+    reg.expire(now, decisions);
+    execute_decisions(now);
+    if (now >= next_heartbeat) {
+      send_heartbeats();
+      next_heartbeat = now + cfg.heartbeat;
+    }
+    if (stopping && (reg.in_flight_total() == 0 || now >= stop_deadline)) {
+      reg.fail_all(error::make(errc::shutting_down, "broker is shutting down"), true, decisions);
+      execute_decisions(now);
+      break;
+    }
+  }
+  log->info("broker {} stopped: {} requests, {} replies, {} events, {} malformed", broker_id,
+            stats.requests, stats.replies, stats.events, stats.malformed);
+}
+
+void broker::impl::begin_stop(steady_clock::time_point now) {
+  stopping = true;
+  stop_deadline = now + cfg.shutdown_grace;
+  log->info("stopping: answering {} queued requests shutting_down, waiting up to {} ms for {} "
+            "in flight",
+            reg.queued_total(), cfg.shutdown_grace.count(), reg.in_flight_total());
+  reg.fail_all(error::make(errc::shutting_down, "broker is shutting down"), false, decisions);
+  execute_decisions(now);
+}
+
+void broker::impl::handle_subscription() {
+  zmq::message_t m;
+  for (std::size_t i = 0; i < k_batch; ++i) {
+    if (!xpub.recv(m, zmq::recv_flags::dontwait)) return;
+    if (m.size() == 0) continue;
+    const auto* p = static_cast<const char*>(m.data());
+    std::string prefix(p + 1, m.size() - 1);
+    if (p[0] == 1) {
+      ++subscriptions[prefix];
+      log->debug("subscription to '{}'", prefix);
+    } else if (p[0] == 0) {
+      auto it = subscriptions.find(prefix);
+      if (it != subscriptions.end() && --it->second == 0) subscriptions.erase(it);
+    }
+  }
+}
+
+void broker::impl::handle_router(steady_clock::time_point now) {
+  ++stats.messages_in;
+  if (in.size() < 2) {
+    ++stats.malformed;  // a routing id alone: nothing to answer
+    return;
+  }
+  const peer_id peer(static_cast<const char*>(in[0].data()), in[0].size());
+  std::size_t bytes = 0;
+  for (std::size_t i = 1; i < in.size(); ++i) bytes += in[i].size();
+  stats.bytes_in += bytes;
+
+  common::parse_failure failure;
+  auto parsed = common::parse_message(in, 1, &failure);
+  const bool registered = reg.touch(peer, now);
+  const worker* w = registered ? reg.find_worker(peer) : nullptr;
+  if (!parsed) {
+    ++stats.malformed;
+    log->warn("malformed message from {}: {}", peer_label(w, peer), failure.err.message);
+    if (failure.header_decoded && failure.command_byte == static_cast<std::uint8_t>(command::request) &&
+        !failure.hdr.id.empty()) {
+      reply_error(peer, failure.hdr, failure.err);
+    } else {
+      send_error(peer, failure.err, failure.hdr.id);
+    }
+    return;
+  }
+  common::parsed_message& m = parsed.value();
+  if (bytes > cfg.max_message_size) {
+    auto err = error::make(errc::too_large, common::command_name(static_cast<std::uint8_t>(m.cmd)) +
+                                                " is " + std::to_string(bytes) +
+                                                " bytes; the limit is " +
+                                                std::to_string(cfg.max_message_size));
+    log->warn("{} from {}: {}", m.hdr.id, peer_label(w, peer), err.message);
+    if (m.cmd == command::request && !m.hdr.id.empty()) {
+      reply_error(peer, m.hdr, err);
+    } else {
+      send_error(peer, err, m.hdr.id);
+    }
+    return;
+  }
+
+  switch (m.cmd) {
+    case command::request:
+      on_request(peer, w, m, now);
+      break;
+    case command::reply:
+      if (!registered) {
+        send_error(peer, error::make(errc::not_registered, "REPLY from a peer that is not "
+                                                           "registered; send HELLO again"),
+                   m.hdr.id);
+        ++stats.unknown_replies;
+        return;
+      }
+      on_reply(peer, w, m);
+      break;
+    case command::publish:
+      on_publish(peer, w, m);
+      break;
+    case command::hello:
+      on_hello(peer, m, now);
+      break;
+    case command::heartbeat:
+      if (!registered) {
+        send_error(peer, error::make(errc::not_registered,
+                                     "heartbeat from a peer that is not registered; send HELLO"),
+                   {});
+      }
+      break;
+    case command::bye:
+      if (registered) {
+        log->info("worker {} said goodbye", peer_label(w, peer));
+        reg.remove_worker(peer, decisions);
+        execute_decisions(now);
+      }
+      break;
+    case command::welcome:
+    case command::dispatch:
+    case command::publish_ack:
+    case command::error:
+      ++stats.malformed;
+      send_error(peer,
+                 error::make(errc::bad_request,
+                             common::command_name(static_cast<std::uint8_t>(m.cmd)) +
+                                 " is sent by the broker, not to it"),
+                 m.hdr.id);
+      break;
+  }
+}
+
+void broker::impl::on_request(const peer_id& peer, const worker* w, common::parsed_message& m,
+                              steady_clock::time_point now) {
+  ++stats.requests;
+  header& h = m.hdr;
+  std::string problem;
+  if (h.id.empty()) {
+    problem = "REQUEST without 'id'";
+  } else if (h.id.size() > common::k_max_id_length) {
+    problem = "REQUEST 'id' is longer than " + std::to_string(common::k_max_id_length) + " bytes";
+  } else if (problem = common::check_name("'service'", h.service); !problem.empty()) {
+  } else if (problem = common::check_name("'action'", h.action); !problem.empty()) {
+  } else if (h.deadline_ms == 0) {
+    problem = "REQUEST without 'deadline_ms' (every request needs a deadline)";
+  }
+  if (!problem.empty()) {
+    ++stats.malformed;
+    log->warn("bad request from {}: {}", peer_label(w, peer), problem);
+    if (h.id.empty()) {
+      send_error(peer, error::make(errc::bad_request, problem), {});
+    } else {
+      reply_error(peer, h, error::make(errc::bad_request, problem));
+    }
+    return;
+  }
+  if (h.service == k_broker_service) {
+    on_admin(peer, h);
+    return;
+  }
+  if (stopping) {
+    reply_error(peer, h, error::make(errc::shutting_down, "broker is shutting down"));
+    return;
+  }
+  pending_request r;
+  r.token = ++next_token;
+  r.client = peer;
+  r.received = now;
+  const auto budget = std::min<std::uint64_t>(h.deadline_ms, static_cast<std::uint64_t>(
+                                                                  cfg.max_deadline.count()));
+  r.deadline = now + std::chrono::milliseconds(budget);
+  r.hdr = std::move(h);
+  r.payload = std::move(m.payload);
+  log->debug("request {}.{} id={} correlation={} from {} token={}", r.hdr.service, r.hdr.action,
+             r.hdr.id, r.hdr.correlation_id, peer_label(w, peer), r.token);
+  reg.submit(std::move(r), decisions);
+  execute_decisions(now);
+}
+
+void broker::impl::execute_decisions(steady_clock::time_point now) {
+  // Executing a decision can produce more (a dispatch to a vanished worker loses it), so walk
+  // by index while the vector grows.
+  for (std::size_t i = 0; i < decisions.size(); ++i) {
+    decision& d = decisions[i];
+    if (d.what == decision::kind::fail) {
+      reply_error(d.client, d.hdr, d.err);
+      continue;
+    }
+    pending_request* r = reg.find(d.token);
+    if (r == nullptr || r->assigned == nullptr) continue;
+    header h = r->hdr;
+    h.token = r->token;
+    h.deadline_ms = std::max<std::uint64_t>(1, common::millis_until(r->deadline, now));
+    zmq::message_t payload;
+    if (r->hdr.retryable && !r->redispatched) {
+      payload.copy(r->payload);  // shares the buffer; kept for a possible re-dispatch
+    } else {
+      payload = std::move(r->payload);
+    }
+    if (r->redispatched) ++stats.redispatched;
+    const peer_id worker_peer = r->assigned->owner->id;
+    log->debug("dispatch {}.{} id={} token={} to {}", h.service, h.action, h.id, h.token,
+               r->assigned->owner->agent);
+    if (!send_to(worker_peer, command::dispatch, h, std::move(payload))) {
+      log->warn("worker {} is unreachable; removing it", r->assigned->owner->agent);
+      ++stats.workers_lost;
+      reg.remove_worker(worker_peer, decisions);
+    }
+  }
+  decisions.clear();
+}
+
+void broker::impl::on_reply(const peer_id& peer, const worker* w, common::parsed_message& m) {
+  ++stats.replies;
+  pending_request* r = reg.reply_from(peer, m.hdr.token);
+  if (r == nullptr) {
+    ++stats.unknown_replies;
+    log->debug("reply with unknown token {} from {} dropped", m.hdr.token, peer_label(w, peer));
+    return;
+  }
+  auto& c = reg.counters_for(r->hdr.service);
+  ++c.replies;
+  if (r->state == request_state::abandoned) {
+    ++stats.late_replies;
+  } else {
+    header& h = m.hdr;
+    h.id = r->hdr.id;  // the client's id, whatever the worker echoed
+    h.token = 0;
+    if (h.worker.empty() && w != nullptr) h.worker = w->agent;
+    if (h.is_error()) {
+      ++c.errors;
+      ++c.errors_by_code[h.error_code];
+    }
+    log->debug("reply {}.{} id={} token={} from {} {}", r->hdr.service, r->hdr.action, h.id,
+               r->token, h.worker, h.is_error() ? h.error_code : std::string("ok"));
+    send_to(r->client, command::reply, h, std::move(m.payload));
+  }
+  reg.finish(m.hdr.token, decisions);
+  execute_decisions(steady_clock::now());
+}
+
+void broker::impl::on_publish(const peer_id& peer, const worker* w, common::parsed_message& m) {
+  header& h = m.hdr;
+  std::string problem;
+  if (h.id.empty()) {
+    problem = "PUBLISH without 'id'";
+  } else {
+    problem = common::check_topic(h.topic);
+  }
+  if (!problem.empty()) {
+    ++stats.malformed;
+    log->warn("bad publish from {}: {}", peer_label(w, peer), problem);
+    send_error(peer, error::make(errc::bad_request, problem), h.id);
+    return;
+  }
+  ++stats.events;
+  const bool wants_ack = h.ack;
+  h.ack = false;
+  // Topics starting with '_' are control topics (the SDK's subscription probes): fanned out
+  // like any other, but not sequenced, so they leave no state behind.
+  h.seq = h.topic[0] == '_' ? 0 : ++topic_seq[h.topic];
+  h.ts = common::wall_clock_us();
+  h.publisher = w != nullptr ? w->agent : std::string();
+  out.clear();
+  out.emplace_back(h.topic.data(), h.topic.size());
+  thread_local std::string buffer;
+  buffer.clear();
+  common::encode_header(h, buffer);
+  out.emplace_back(buffer.data(), buffer.size());
+  out.push_back(std::move(m.payload));
+  common::send_frames(xpub, out);
+  ++stats.messages_out;
+  log->debug("event {} seq={} id={} correlation={} from {}", h.topic, h.seq, h.id,
+             h.correlation_id, peer_label(w, peer));
+  if (wants_ack) {
+    header ack;
+    ack.id = h.id;
+    ack.topic = h.topic;
+    ack.seq = h.seq;
+    send_to(peer, command::publish_ack, ack);
+  }
+}
+
+void broker::impl::on_hello(const peer_id& peer, common::parsed_message& m,
+                            steady_clock::time_point now) {
+  header& h = m.hdr;
+  std::string agent = h.agent;
+  if (agent.empty()) agent = peer_label(nullptr, peer);
+  if (auto problem = common::check_name("'agent'", agent); !problem.empty()) {
+    send_error(peer, error::make(errc::bad_request, "HELLO: " + problem), {});
+    return;
+  }
+  const bool known = reg.find_worker(peer) != nullptr;
+  (void)reg.hello(peer, agent, h.services, now, decisions);
+  std::string offered;
+  for (const auto& s : h.services) {
+    offered += (offered.empty() ? "" : ", ") + s.name + "x" + std::to_string(s.capacity);
+  }
+  log->info("{} {} offering [{}]", known ? "updated" : "registered", agent, offered);
+  header welcome;
+  welcome.broker = broker_id;
+  welcome.heartbeat_ms = static_cast<std::uint32_t>(cfg.heartbeat.count());
+  welcome.max_message_size = cfg.max_message_size;
+  send_to(peer, command::welcome, welcome);
+  execute_decisions(now);
+}
+
+void broker::impl::send_heartbeats() {
+  header h;
+  std::vector<peer_id> peers;
+  peers.reserve(reg.workers().size());
+  for (const auto& [id, w] : reg.workers()) peers.push_back(id);
+  for (const auto& id : peers) send_to(id, command::heartbeat, h);
+}
+
+json broker::impl::services_json() const {
+  json services = json::array();
+  std::vector<const service_entry*> sorted;
+  for (const auto& [name, s] : reg.services()) sorted.push_back(&s);
+  std::sort(sorted.begin(), sorted.end(),
+            [](const auto* a, const auto* b) { return a->name < b->name; });
+  for (const auto* s : sorted) {
+    json workers = json::array();
+    std::uint64_t capacity = 0;
+    std::uint64_t in_flight = 0;
+    for (const offer* o : s->offers) {
+      workers.push_back({{"agent", o->owner->agent},
+                         {"capacity", o->capacity},
+                         {"in_flight", o->in_flight},
+                         {"dispatched", o->dispatched}});
+      capacity += o->capacity;
+      in_flight += o->in_flight;
+    }
+    services.push_back({{"service", s->name},
+                        {"workers", std::move(workers)},
+                        {"capacity", capacity},
+                        {"in_flight", in_flight},
+                        {"queued", s->queued},
+                        {"requests", s->counters.requests},
+                        {"replies", s->counters.replies},
+                        {"errors", s->counters.errors}});
+  }
+  return {{"services", std::move(services)}};
+}
+
+json broker::impl::stats_json() const {
+  json per_service = json::object();
+  for (const auto& [name, s] : reg.services()) {
+    per_service[name] = {{"requests", s.counters.requests},
+                         {"replies", s.counters.replies},
+                         {"errors", s.counters.errors},
+                         {"errors_by_code", s.counters.errors_by_code},
+                         {"queued", s.queued}};
+  }
+  return {{"broker", broker_id},
+          {"uptime_ms", std::chrono::duration_cast<std::chrono::milliseconds>(
+                            steady_clock::now() - started)
+                            .count()},
+          {"messages_in", stats.messages_in},
+          {"messages_out", stats.messages_out},
+          {"bytes_in", stats.bytes_in},
+          {"requests", stats.requests},
+          {"replies", stats.replies},
+          {"events", stats.events},
+          {"malformed", stats.malformed},
+          {"late_replies", stats.late_replies},
+          {"unknown_replies", stats.unknown_replies},
+          {"undeliverable", stats.undeliverable},
+          {"workers_lost", stats.workers_lost},
+          {"redispatched", stats.redispatched},
+          {"errors_by_code", stats.errors_by_code},
+          {"workers", reg.workers().size()},
+          {"pending", reg.pending_count()},
+          {"queued", reg.queued_total()},
+          {"subscriptions", subscriptions},
+          {"services", std::move(per_service)}};
+}
+
+void broker::impl::on_admin(const peer_id& peer, const header& request) {
+  json body;
+  if (request.action == "ping") {
+    body = {{"broker", broker_id},
+            {"protocol", common::k_protocol_version},
+            {"uptime_ms", std::chrono::duration_cast<std::chrono::milliseconds>(
+                              steady_clock::now() - started)
+                              .count()}};
+  } else if (request.action == "services") {
+    body = services_json();
+  } else if (request.action == "stats") {
+    body = stats_json();
+  } else {
+    reply_error(peer, request,
+                error::make(errc::unknown_action, "service 'broker' has no action '" +
+                                                      request.action +
+                                                      "' (ping, services, stats)"));
+    return;
+  }
+  header h;
+  h.id = request.id;
+  h.correlation_id = request.correlation_id;
+  h.trace_id = request.trace_id;
+  h.worker = "broker";
+  const auto bytes = json::to_msgpack(body);
+  send_to(peer, command::reply, h, zmq::message_t(bytes.data(), bytes.size()));
+}
+
+broker::broker(config cfg) : impl_(std::make_unique<impl>(std::move(cfg))) {}
+broker::~broker() = default;
+const endpoints& broker::bound() const { return impl_->eps; }
+void broker::run() { impl_->run(); }
+
+void broker::request_stop() {
+  impl_->stop_requested.store(true);
+  const std::uint64_t one = 1;
+  [[maybe_unused]] auto n = ::write(impl_->wake_fd, &one, sizeof one);
+}
+
+}  // namespace ensemble::broker

@@ -1,0 +1,55 @@
+#pragma once
+// ZeroMQ framing of protocol messages, shared by the broker and the agent SDK.
+//
+// `parse_message` turns received frames into a command, a decoded header and the payload
+// (moved, never copied); `build_message` does the reverse into a reusable frame vector. Both
+// work from an offset so that the broker's ROUTER can keep the routing-id frame in front.
+
+#include <zmq.hpp>
+
+#include <cstdint>
+#include <vector>
+
+#include "ensemble/common/protocol.hpp"
+#include "ensemble/common/result.hpp"
+
+namespace ensemble::common {
+
+struct parsed_message {
+  command cmd = command::heartbeat;
+  header hdr;
+  zmq::message_t payload;
+};
+
+// What went wrong with a message that failed to parse, with as much of it as was understood so
+// that the broker can still answer the request it belonged to.
+struct parse_failure {
+  error err;
+  std::uint8_t command_byte = 0;  // 0 when the command frame itself was unreadable
+  header hdr;                     // filled when the header decoded
+  bool header_decoded = false;
+};
+
+// Parses frames[first...] as [tag][command][header][payload?]. On success the payload frame
+// is moved out of `frames`.
+result<parsed_message> parse_message(std::vector<zmq::message_t>& frames, std::size_t first,
+                                     parse_failure* failure = nullptr);
+
+// Appends [tag][command][header][payload] to `frames`.
+void build_message(std::vector<zmq::message_t>& frames, command cmd, const header& h,
+                   zmq::message_t payload = zmq::message_t{});
+
+// Receives one whole multipart message into `frames` (cleared first). Returns false when no
+// message was waiting (non-blocking) or the socket was interrupted.
+bool recv_frames(zmq::socket_t& socket, std::vector<zmq::message_t>& frames,
+                 zmq::recv_flags flags = zmq::recv_flags::dontwait);
+
+// Sends all frames; returns false if the first frame could not be sent (EAGAIN, or
+// EHOSTUNREACH on a ROUTER with ROUTER_MANDATORY). Frames are consumed.
+bool send_frames(zmq::socket_t& socket, std::vector<zmq::message_t>& frames,
+                 zmq::send_flags flags = zmq::send_flags::dontwait);
+
+std::string_view as_view(const zmq::message_t& m);
+std::string hex_preview(const zmq::message_t& m, std::size_t max_bytes = 16);
+
+}  // namespace ensemble::common
