@@ -1,0 +1,171 @@
+#pragma once
+// The agent SDK: how a service is written, and how any program calls services and publishes
+// or consumes events through an Ensemble broker.
+//
+//   ensemble::agent::agent a({.name = "payments", .broker = "tcp://127.0.0.1:5555"});
+//   a.handle("PaymentService", "charge", [](const message& m) -> handler_result {
+//     auto order = from_json_payload(m.payload());       // ensemble/agent/json.hpp
+//     if (!order) return order.err();
+//     return to_json_payload({{"transactionId", "t-1"}});
+//   });
+//   a.set_capacity("PaymentService", 4);
+//   a.subscribe("order.", [](const message& e) { ... });
+//   if (auto s = a.start(); !s) { ... s.err().message ... }
+//   auto r = a.call("Inventory", "reserve", payload, std::chrono::seconds(2));
+//
+// Threads: one I/O thread owns the ZeroMQ sockets; request handlers run on a pool sized to the
+// total capacity; event handlers run one at a time, in arrival order, on an event thread.
+// Anything sent from inside a handler (call, publish) automatically carries the handled
+// message's correlation and trace ids, with causation_id = the handled message's id.
+//
+// After a broker restart the agent registers again by itself; its subscriptions resume.
+// Every blocking call has a deadline. The public headers do not include ZeroMQ or msgpack.
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <future>
+#include <memory>
+#include <string>
+
+#include "ensemble/common/result.hpp"
+
+namespace ensemble::agent {
+
+using common::error;
+using common::result;
+using common::status;
+using bytes = std::string;  // payload bytes; msgpack by convention (see json.hpp, msgpack.hpp)
+
+struct options {
+  std::string name;                                  // agent name; random if empty
+  std::string broker = "tcp://127.0.0.1:5555";       // the broker's router endpoint
+  std::string events = "tcp://127.0.0.1:5556";       // the broker's events endpoint
+  std::chrono::milliseconds heartbeat{1000};         // until the broker's WELCOME says otherwise
+  std::uint32_t liveness = 3;                        // silent intervals before the broker is lost
+  std::chrono::milliseconds start_timeout{5000};     // start() waits this long for WELCOME
+  std::size_t handler_threads = 0;                   // 0: total capacity, 1..64
+};
+
+// A request being handled, an event received, or a reply to a call. Read-only.
+class message {
+ public:
+  enum class kind { request, event, reply };
+
+  kind what() const { return kind_; }
+  const std::string& id() const { return id_; }
+  const std::string& service() const { return service_; }
+  const std::string& action() const { return action_; }
+  const std::string& topic() const { return topic_; }
+  const std::string& correlation_id() const { return correlation_id_; }
+  const std::string& causation_id() const { return causation_id_; }
+  const std::string& trace_id() const { return trace_id_; }
+  const std::string& idempotency_key() const { return idempotency_key_; }
+  std::uint32_t attempt() const { return attempt_; }
+  std::uint64_t seq() const { return seq_; }             // events
+  std::uint64_t timestamp_us() const { return ts_; }     // events
+  const std::string& publisher() const { return publisher_; }  // events
+  const std::string& worker() const { return worker_; }        // replies
+  // Requests: when the caller stops waiting.
+  std::chrono::steady_clock::time_point deadline() const { return deadline_; }
+  const bytes& payload() const { return payload_; }
+
+ private:
+  friend struct message_access;
+  kind kind_ = kind::event;
+  std::string id_, service_, action_, topic_;
+  std::string correlation_id_, causation_id_, trace_id_, idempotency_key_;
+  std::uint32_t attempt_ = 1;
+  std::uint64_t seq_ = 0, ts_ = 0;
+  std::string publisher_, worker_;
+  std::chrono::steady_clock::time_point deadline_{};
+  bytes payload_;
+};
+
+// What a request handler returns: the reply payload, or an error (code, message, retryable)
+// that the caller receives as an error reply. A handler that throws is answered
+// `handler_failed` with the exception's message.
+using handler_result = result<bytes>;
+using request_handler = std::function<handler_result(const message&)>;
+using event_handler = std::function<void(const message&)>;
+using call_result = result<message>;
+using call_callback = std::function<void(call_result)>;
+
+// Trace context for calls and publishes. Fields left empty are filled from the message being
+// handled on this thread, if any (correlation_id, trace_id; causation_id = its id), or fresh
+// (trace_id, correlation_id = the new message's id).
+struct send_options {
+  std::string correlation_id;
+  std::string causation_id;
+  std::string trace_id;
+  std::string idempotency_key;
+  std::uint32_t attempt = 0;
+  bool retryable = false;  // calls: the broker may re-dispatch once if the worker is lost
+  std::string id;          // message id; generated if empty
+};
+
+struct published {
+  std::string id;
+  std::uint64_t seq = 0;  // 0 unless acknowledged
+};
+
+class agent {
+ public:
+  explicit agent(options opts);
+  ~agent();  // stop()
+  agent(const agent&) = delete;
+  agent& operator=(const agent&) = delete;
+
+  // --- service side (before start(); later calls re-announce to the broker) ---
+  // action "*" handles every action of the service that has no handler of its own.
+  void handle(const std::string& service, const std::string& action, request_handler h);
+  void set_capacity(const std::string& service, std::uint32_t capacity);  // default 1
+
+  // --- events ---
+  // Before start(): active once start() returns. After start(): returns once the broker
+  // fans events of that prefix out to this agent, or an error at the deadline.
+  status subscribe(const std::string& prefix, event_handler h,
+                   std::chrono::milliseconds deadline = std::chrono::seconds(5));
+
+  // Connects, registers, waits for the broker's WELCOME (options.start_timeout).
+  status start();
+  // Stops taking work, lets running handlers finish (up to `grace`), says BYE, joins threads.
+  void stop(std::chrono::milliseconds grace = std::chrono::seconds(5));
+
+  // --- caller side (any thread, after start()) ---
+  call_result call(const std::string& service, const std::string& action, bytes payload,
+                   std::chrono::milliseconds deadline, const send_options& opts = {});
+  // `done` runs on the agent's I/O thread exactly once: keep it short, never block in it.
+  void call_async(const std::string& service, const std::string& action, bytes payload,
+                  std::chrono::milliseconds deadline, call_callback done,
+                  const send_options& opts = {});
+  std::future<call_result> call_future(const std::string& service, const std::string& action,
+                                       bytes payload, std::chrono::milliseconds deadline,
+                                       const send_options& opts = {});
+
+  // Fire-and-forget: returns once the event is queued for the broker.
+  result<published> publish(const std::string& topic, bytes payload,
+                            const send_options& opts = {});
+  // Waits for the broker's PUBLISH_ACK (the event was fanned out) and returns its seq.
+  result<published> publish_acked(const std::string& topic, bytes payload,
+                                  std::chrono::milliseconds deadline,
+                                  const send_options& opts = {});
+
+  // --- state ---
+  const std::string& name() const;
+  bool registered() const;                 // WELCOME received on the current connection
+  std::uint64_t registrations() const;     // WELCOMEs received since start (1 + re-registrations)
+  std::string broker_id() const;           // id of the broker run we are registered with
+
+ private:
+  struct impl;
+  std::unique_ptr<impl> impl_;
+};
+
+// The message being handled on this thread, or nullptr outside handlers.
+const message* current_message();
+
+// Blocks until SIGINT or SIGTERM arrives (for an agent's main()). Returns the signal number.
+int wait_for_shutdown_signal();
+
+}  // namespace ensemble::agent
