@@ -1,0 +1,986 @@
+#include "ensemble/agent/agent.hpp"
+
+#include <pthread.h>
+#include <signal.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <deque>
+#include <map>
+#include <mutex>
+#include <queue>
+#include <thread>
+#include <unordered_map>
+
+#include "ensemble/common/clock.hpp"
+#include "ensemble/common/frames.hpp"
+#include "ensemble/common/ids.hpp"
+#include "ensemble/common/logging.hpp"
+
+namespace ensemble::agent {
+
+namespace errc = common::errc;
+using common::command;
+using common::header;
+using steady = std::chrono::steady_clock;
+using namespace std::chrono_literals;
+
+struct message_access {
+  static message make(message::kind k, header& h, bytes payload) {
+    message m;
+    m.kind_ = k;
+    m.id_ = std::move(h.id);
+    m.service_ = std::move(h.service);
+    m.action_ = std::move(h.action);
+    m.topic_ = std::move(h.topic);
+    m.correlation_id_ = std::move(h.correlation_id);
+    m.causation_id_ = std::move(h.causation_id);
+    m.trace_id_ = std::move(h.trace_id);
+    m.idempotency_key_ = std::move(h.idempotency_key);
+    m.attempt_ = h.attempt_or_first();
+    m.seq_ = h.seq;
+    m.ts_ = h.ts;
+    m.publisher_ = std::move(h.publisher);
+    m.worker_ = std::move(h.worker);
+    m.deadline_ = steady::now() + std::chrono::milliseconds(h.deadline_ms);
+    m.payload_ = std::move(payload);
+    return m;
+  }
+};
+
+namespace {
+
+thread_local const message* t_current = nullptr;
+
+// Sets the message being handled on this thread for the duration of a handler.
+struct current_scope {
+  explicit current_scope(const message* m) : previous(t_current) { t_current = m; }
+  ~current_scope() { t_current = previous; }
+  const message* previous;
+};
+
+bytes to_bytes(zmq::message_t& m) { return bytes(static_cast<const char*>(m.data()), m.size()); }
+
+// Starts a thread with SIGINT/SIGTERM blocked, so that process-directed signals reach the
+// application's main thread (wait_for_shutdown_signal) and not one of ours.
+template <class F>
+std::thread spawn_quiet(F&& f) {
+  sigset_t block;
+  sigset_t previous;
+  sigemptyset(&block);
+  sigaddset(&block, SIGINT);
+  sigaddset(&block, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &block, &previous);
+  std::thread t(std::forward<F>(f));
+  pthread_sigmask(SIG_SETMASK, &previous, nullptr);
+  return t;
+}
+
+// A FIFO of jobs served by a fixed set of threads.
+class job_queue {
+ public:
+  void push(std::function<void()> job) {
+    {
+      std::lock_guard lock(mutex_);
+      jobs_.push_back(std::move(job));
+    }
+    cv_.notify_one();
+  }
+  // Returns false once closed and drained.
+  bool pop(std::function<void()>& job) {
+    std::unique_lock lock(mutex_);
+    cv_.wait(lock, [this] { return closed_ || !jobs_.empty(); });
+    if (jobs_.empty()) return false;
+    job = std::move(jobs_.front());
+    jobs_.pop_front();
+    ++running_;
+    return true;
+  }
+  void done() {
+    std::lock_guard lock(mutex_);
+    --running_;
+    idle_cv_.notify_all();
+  }
+  void close() {
+    {
+      std::lock_guard lock(mutex_);
+      closed_ = true;
+    }
+    cv_.notify_all();
+  }
+  // Waits until no job is queued or running, or the deadline passes.
+  bool wait_idle(steady::time_point deadline) {
+    std::unique_lock lock(mutex_);
+    return idle_cv_.wait_until(lock, deadline, [this] { return jobs_.empty() && running_ == 0; });
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  std::condition_variable idle_cv_;
+  std::deque<std::function<void()>> jobs_;
+  std::size_t running_ = 0;
+  bool closed_ = false;
+};
+
+struct service_def {
+  std::uint32_t capacity = 1;
+  std::map<std::string, request_handler> actions;
+};
+
+// Something a user thread asks the I/O thread to do.
+struct outbound {
+  enum class kind { request, publish, reply, subscribe, sync, hello };
+  kind what = kind::request;
+  header hdr;
+  bytes payload;
+  call_callback done;                       // request; publish with ack
+  steady::time_point deadline{};            // request, publish with ack, sync
+  std::string prefix;                       // subscribe
+  std::shared_ptr<std::promise<status>> synced;  // sync
+};
+
+struct pending_call {
+  call_callback done;
+  steady::time_point deadline;
+  std::uint64_t generation = 0;
+  std::string what;  // "service.action" or "publish topic" for messages
+};
+
+struct probe {
+  std::string topic;
+  steady::time_point next_publish;
+  steady::time_point deadline;
+  std::shared_ptr<std::promise<status>> synced;
+};
+
+}  // namespace
+
+struct agent::impl {
+  explicit impl(options o) : opts(std::move(o)), log(common::component_logger("agent")) {
+    if (opts.name.empty()) opts.name = "agent-" + ids.prefix().substr(0, 8);
+    wake_fd = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  }
+  ~impl() {
+    if (wake_fd >= 0) ::close(wake_fd);
+  }
+
+  options opts;
+  std::shared_ptr<spdlog::logger> log;
+  common::id_generator ids;
+  zmq::context_t ctx{1};
+  int wake_fd = -1;
+
+  // Configuration (guarded by config_mutex; read by the I/O thread when dispatching).
+  std::mutex config_mutex;
+  std::map<std::string, service_def> services;
+  std::vector<std::pair<std::string, event_handler>> subscriptions;
+
+  // Outbox from user threads to the I/O thread.
+  std::mutex out_mutex;
+  std::vector<outbound> outbox;
+  bool wake_pending = false;
+  bool outbox_closed = false;
+
+  // State owned by the I/O thread.
+  std::unique_ptr<zmq::socket_t> dealer;
+  std::unique_ptr<zmq::socket_t> sub;
+  std::thread io;
+  std::thread::id io_id;
+  std::unordered_map<std::string, pending_call> calls;
+  using timer = std::pair<steady::time_point, std::string>;
+  std::priority_queue<timer, std::vector<timer>, std::greater<>> call_deadlines;
+  std::vector<probe> probes;
+  std::vector<zmq::message_t> frames;
+  std::vector<zmq::message_t> out_frames;
+  std::chrono::milliseconds heartbeat{1000};
+  steady::time_point last_from_broker;
+  steady::time_point next_heartbeat;
+  std::uint64_t generation = 0;  // bumped whenever the broker connection is known to be reset
+  std::string known_broker;
+
+  // Shared state.
+  std::atomic<bool> running{false};
+  std::atomic<bool> stopping{false};
+  std::atomic<bool> is_registered{false};
+  std::atomic<std::uint64_t> registration_count{0};
+  std::atomic<std::uint64_t> max_message_size{1024 * 1024};
+  mutable std::mutex state_mutex;
+  std::string broker_id;
+  std::promise<status> first_welcome;
+  bool welcomed_once = false;
+  bool started_once = false;
+
+  job_queue handler_jobs;
+  std::vector<std::thread> handler_threads;
+  job_queue event_jobs;
+  std::thread event_thread;
+
+  // --- user-thread side ---
+  void post(outbound o) {
+    bool signal = false;
+    {
+      std::unique_lock lock(out_mutex);
+      if (outbox_closed) {
+        lock.unlock();
+        refuse(o, error{std::string(errc::broker_lost), "the agent stopped", false});
+        return;
+      }
+      outbox.push_back(std::move(o));
+      if (!wake_pending) signal = wake_pending = true;
+    }
+    if (signal) {
+      const std::uint64_t one = 1;
+      [[maybe_unused]] auto n = ::write(wake_fd, &one, sizeof one);
+    }
+  }
+  void post_hello() {
+    outbound o;
+    o.what = outbound::kind::hello;
+    post(std::move(o));
+  }
+  // Settles whatever a user thread waits on for an outbound that will never be sent.
+  static void refuse(outbound& o, const error& why) {
+    if (o.done) o.done(why);
+    if (o.synced) o.synced->set_value(why);
+  }
+  // After the I/O thread is gone: nothing more is accepted, and what is left is refused.
+  void close_outbox() {
+    std::vector<outbound> left;
+    {
+      std::lock_guard lock(out_mutex);
+      outbox_closed = true;
+      left.swap(outbox);
+    }
+    for (auto& o : left) refuse(o, error{std::string(errc::broker_lost), "the agent stopped", false});
+  }
+  bool on_io_thread() const { return std::this_thread::get_id() == io_id; }
+  // Runs `o` now if on the I/O thread (callbacks pipelining calls), else hands it over.
+  void submit(outbound o) {
+    if (on_io_thread()) {
+      execute(o);
+    } else {
+      post(std::move(o));
+    }
+  }
+  void fill_context(header& h, const send_options& so) {
+    h.id = so.id.empty() ? ids.next() : so.id;
+    const message* cur = t_current;
+    h.correlation_id = !so.correlation_id.empty() ? so.correlation_id
+                       : cur != nullptr && !cur->correlation_id().empty() ? cur->correlation_id()
+                                                                           : h.id;
+    h.causation_id = !so.causation_id.empty() ? so.causation_id
+                     : cur != nullptr            ? cur->id()
+                                                 : std::string();
+    h.trace_id = !so.trace_id.empty() ? so.trace_id
+                 : cur != nullptr && !cur->trace_id().empty() ? cur->trace_id()
+                                                               : h.id;
+    h.idempotency_key = so.idempotency_key;
+    h.attempt = so.attempt;
+    h.retryable = so.retryable;
+  }
+  std::optional<error> check_size(const header& h, const bytes& payload) {
+    const auto size = payload.size() + common::encode_header(h).size();
+    if (size > max_message_size.load()) {
+      return error{std::string(errc::too_large),
+                   "message of " + std::to_string(size) + " bytes exceeds the broker's limit of " +
+                       std::to_string(max_message_size.load()),
+                   false};
+    }
+    return std::nullopt;
+  }
+
+  // --- I/O thread ---
+  void io_main();
+  void connect();
+  void send(command cmd, const header& h, bytes payload = {});
+  void send_hello();
+  void execute(outbound& o);
+  void drain_outbox();
+  void on_dealer_message(steady::time_point now);
+  void on_event(steady::time_point now);
+  void on_dispatch(header& h, bytes payload);
+  void complete_call(const std::string& id, call_result r);
+  void fail_calls(const std::string& code, const std::string& why, bool all_generations);
+  void on_timers(steady::time_point now);
+  void broker_reset(const std::string& why);
+  steady::time_point next_wakeup() const;
+};
+
+void agent::impl::send(command cmd, const header& h, bytes payload) {
+  out_frames.clear();
+  zmq::message_t body(payload.data(), payload.size());
+  common::build_message(out_frames, cmd, h, std::move(body));
+  if (!common::send_frames(*dealer, out_frames)) {
+    log->warn("{}: could not queue {} for the broker (high-water mark reached)", opts.name,
+              common::command_name(static_cast<std::uint8_t>(cmd)));
+  }
+}
+
+void agent::impl::send_hello() {
+  header h;
+  h.agent = opts.name;
+  {
+    std::lock_guard lock(config_mutex);
+    for (const auto& [name, def] : services) h.services.push_back({name, def.capacity});
+  }
+  send(command::hello, h);
+}
+
+void agent::impl::connect() {
+  dealer = std::make_unique<zmq::socket_t>(ctx, zmq::socket_type::dealer);
+  dealer->set(zmq::sockopt::linger, 0);
+  dealer->set(zmq::sockopt::sndhwm, 100'000);
+  dealer->set(zmq::sockopt::rcvhwm, 100'000);
+  dealer->set(zmq::sockopt::reconnect_ivl, 50);
+  dealer->set(zmq::sockopt::reconnect_ivl_max, 1000);
+  dealer->connect(opts.broker);
+  last_from_broker = steady::now();
+  is_registered = false;
+  send_hello();
+}
+
+void agent::impl::broker_reset(const std::string& why) {
+  ++generation;
+  is_registered = false;
+  log->warn("{}: {}; registering again", opts.name, why);
+}
+
+void agent::impl::fail_calls(const std::string& code, const std::string& why,
+                             bool all_generations) {
+  std::vector<std::string> ids_to_fail;
+  for (const auto& [id, c] : calls) {
+    if (all_generations || c.generation < generation) ids_to_fail.push_back(id);
+  }
+  for (const auto& id : ids_to_fail) {
+    complete_call(id, error{code, why + " while waiting for " + calls[id].what, true});
+  }
+}
+
+void agent::impl::complete_call(const std::string& id, call_result r) {
+  auto it = calls.find(id);
+  if (it == calls.end()) return;
+  call_callback done = std::move(it->second.done);
+  calls.erase(it);
+  if (done) done(std::move(r));
+}
+
+void agent::impl::execute(outbound& o) {
+  switch (o.what) {
+    case outbound::kind::request:
+    case outbound::kind::publish: {
+      const bool is_request = o.what == outbound::kind::request;
+      if (o.done) {
+        calls[o.hdr.id] = pending_call{std::move(o.done), o.deadline, generation,
+                                       is_request ? o.hdr.service + "." + o.hdr.action
+                                                  : "ack of " + o.hdr.topic};
+        // The broker answers at the deadline itself; the local timer is the backstop for a
+        // broker that is gone, a little later so that the broker's own answer wins.
+        call_deadlines.emplace(o.deadline + 20ms, o.hdr.id);
+      }
+      if (is_request) {
+        o.hdr.deadline_ms = std::max<std::uint64_t>(1, common::millis_until(o.deadline, steady::now()));
+      }
+      send(is_request ? command::request : command::publish, o.hdr, std::move(o.payload));
+      break;
+    }
+    case outbound::kind::reply:
+      send(command::reply, o.hdr, std::move(o.payload));
+      break;
+    case outbound::kind::subscribe:
+      sub->set(zmq::sockopt::subscribe, o.prefix);
+      break;
+    case outbound::kind::sync: {
+      // Subscribing to a fresh probe topic after the real subscriptions and seeing a probe
+      // come back proves that the broker applies them (docs/protocol.md, Subscription).
+      probe p;
+      p.topic = "_ensemble.sync." + ids.next();
+      sub->set(zmq::sockopt::subscribe, p.topic);
+      p.next_publish = steady::now();
+      p.deadline = o.deadline;
+      p.synced = o.synced;
+      probes.push_back(std::move(p));
+      break;
+    }
+    case outbound::kind::hello:
+      send_hello();
+      break;
+  }
+}
+
+void agent::impl::drain_outbox() {
+  std::vector<outbound> batch;
+  {
+    std::lock_guard lock(out_mutex);
+    batch.swap(outbox);
+    wake_pending = false;
+  }
+  std::uint64_t value = 0;
+  [[maybe_unused]] auto n = ::read(wake_fd, &value, sizeof value);
+  for (auto& o : batch) execute(o);
+}
+
+void agent::impl::on_dispatch(header& h, bytes payload) {
+  const std::uint64_t token = h.token;
+  const std::string id = h.id;
+  auto answer_error = [&](error e) {
+    header r;
+    r.id = id;
+    r.token = token;
+    r.worker = opts.name;
+    r.correlation_id = h.correlation_id;
+    r.error_code = e.code;
+    r.error_message = e.message;
+    r.retryable = e.retryable;
+    send(command::reply, r);
+  };
+  if (stopping) {
+    answer_error(common::error::make(errc::shutting_down, opts.name + " is stopping"));
+    return;
+  }
+  request_handler handler;
+  {
+    std::lock_guard lock(config_mutex);
+    auto s = services.find(h.service);
+    if (s != services.end()) {
+      auto a = s->second.actions.find(h.action);
+      if (a == s->second.actions.end()) a = s->second.actions.find("*");
+      if (a != s->second.actions.end()) handler = a->second;
+    }
+  }
+  if (!handler) {
+    answer_error(error{std::string(errc::unknown_action),
+                       "agent '" + opts.name + "' has no handler for " + h.service + "." + h.action,
+                       false});
+    return;
+  }
+  auto m = std::make_shared<message>(message_access::make(message::kind::request, h, std::move(payload)));
+  handler_jobs.push([this, m, token, handler = std::move(handler)] {
+    handler_result result = error{};
+    {
+      current_scope scope(m.get());
+      try {
+        result = handler(*m);
+      } catch (const std::exception& e) {
+        result = error{std::string(errc::handler_failed),
+                       m->service() + "." + m->action() + " threw: " + e.what(), false};
+      } catch (...) {
+        result = error{std::string(errc::handler_failed),
+                       m->service() + "." + m->action() + " threw a non-standard exception", false};
+      }
+    }
+    outbound o;
+    o.what = outbound::kind::reply;
+    o.hdr.id = m->id();
+    o.hdr.token = token;
+    o.hdr.worker = opts.name;
+    o.hdr.correlation_id = m->correlation_id();
+    o.hdr.attempt = m->attempt() > 1 ? m->attempt() : 0;
+    if (result) {
+      o.payload = std::move(result).value();
+    } else {
+      const error& e = result.err();
+      o.hdr.error_code = e.code.empty() ? std::string(errc::handler_failed) : e.code;
+      o.hdr.error_message = e.message;
+      o.hdr.retryable = e.retryable;
+    }
+    if (auto too_big = check_size(o.hdr, o.payload)) {
+      o.payload.clear();
+      o.hdr.error_code = too_big->code;
+      o.hdr.error_message = "reply of " + m->service() + "." + m->action() + ": " + too_big->message;
+      o.hdr.retryable = false;
+    }
+    post(std::move(o));
+  });
+}
+
+void agent::impl::on_dealer_message(steady::time_point now) {
+  auto parsed = common::parse_message(frames, 0);
+  if (!parsed) {
+    log->warn("{}: malformed message from the broker: {}", opts.name, parsed.err().message);
+    return;
+  }
+  last_from_broker = now;
+  auto& m = parsed.value();
+  switch (m.cmd) {
+    case command::welcome: {
+      const bool changed = !known_broker.empty() && known_broker != m.hdr.broker;
+      if (changed) {
+        ++generation;
+        fail_calls(std::string(errc::broker_lost), "the broker restarted", false);
+      }
+      known_broker = m.hdr.broker;
+      if (m.hdr.heartbeat_ms > 0) heartbeat = std::chrono::milliseconds(m.hdr.heartbeat_ms);
+      if (m.hdr.max_message_size > 0) max_message_size = m.hdr.max_message_size;
+      {
+        std::lock_guard lock(state_mutex);
+        broker_id = m.hdr.broker;
+        if (!welcomed_once) {
+          welcomed_once = true;
+          first_welcome.set_value(common::ok_status());
+        }
+      }
+      is_registered = true;
+      ++registration_count;
+      log->info("{}: registered with broker {} (heartbeat {} ms)", opts.name, m.hdr.broker,
+                heartbeat.count());
+      break;
+    }
+    case command::dispatch:
+      on_dispatch(m.hdr, to_bytes(m.payload));
+      break;
+    case command::reply: {
+      const std::string id = m.hdr.id;
+      if (m.hdr.is_error()) {
+        complete_call(id, error{m.hdr.error_code, m.hdr.error_message, m.hdr.retryable});
+      } else {
+        complete_call(id, message_access::make(message::kind::reply, m.hdr, to_bytes(m.payload)));
+      }
+      break;
+    }
+    case command::publish_ack: {
+      const std::string id = m.hdr.id;
+      complete_call(id, message_access::make(message::kind::event, m.hdr, {}));
+      break;
+    }
+    case command::heartbeat:
+      break;
+    case command::error:
+      if (m.hdr.error_code == errc::not_registered) {
+        if (is_registered) broker_reset("the broker does not know this agent (restarted?)");
+        send_hello();
+      } else if (!m.hdr.id.empty() && calls.count(m.hdr.id) != 0) {
+        complete_call(m.hdr.id, error{m.hdr.error_code, m.hdr.error_message, m.hdr.retryable});
+      } else {
+        log->warn("{}: broker refused a message (id={}): {}: {}", opts.name, m.hdr.id,
+                  m.hdr.error_code, m.hdr.error_message);
+      }
+      break;
+    default:
+      log->warn("{}: unexpected {} from the broker", opts.name,
+                common::command_name(static_cast<std::uint8_t>(m.cmd)));
+  }
+}
+
+void agent::impl::on_event(steady::time_point now) {
+  (void)now;
+  if (frames.size() < 2) return;
+  std::string topic(common::as_view(frames[0]));
+  if (topic.rfind("_ensemble.sync.", 0) == 0) {
+    for (auto it = probes.begin(); it != probes.end(); ++it) {
+      if (it->topic != topic) continue;
+      sub->set(zmq::sockopt::unsubscribe, it->topic);
+      it->synced->set_value(common::ok_status());
+      probes.erase(it);
+      break;
+    }
+    return;
+  }
+  auto decoded = common::decode_header(common::as_view(frames[1]));
+  if (!decoded) {
+    log->warn("{}: malformed event on '{}': {}", opts.name, topic, decoded.err().message);
+    return;
+  }
+  std::vector<event_handler> handlers;
+  {
+    std::lock_guard lock(config_mutex);
+    for (const auto& [prefix, h] : subscriptions) {
+      if (topic.compare(0, prefix.size(), prefix) == 0) handlers.push_back(h);
+    }
+  }
+  if (handlers.empty()) return;
+  if (decoded->topic.empty()) decoded->topic = topic;
+  bytes payload = frames.size() > 2 ? to_bytes(frames[2]) : bytes();
+  auto m = std::make_shared<message>(
+      message_access::make(message::kind::event, decoded.value(), std::move(payload)));
+  event_jobs.push([this, m, handlers = std::move(handlers)] {
+    current_scope scope(m.get());
+    for (const auto& h : handlers) {
+      try {
+        h(*m);
+      } catch (const std::exception& e) {
+        log->error("{}: event handler for '{}' (id={}) threw: {}", opts.name, m->topic(), m->id(),
+                   e.what());
+      }
+    }
+  });
+}
+
+void agent::impl::on_timers(steady::time_point now) {
+  while (!call_deadlines.empty() && call_deadlines.top().first <= now) {
+    const std::string id = call_deadlines.top().second;
+    call_deadlines.pop();
+    auto it = calls.find(id);
+    if (it == calls.end()) continue;
+    complete_call(id, error{std::string(errc::deadline_exceeded),
+                            it->second.what + " got no answer before its deadline", true});
+  }
+  for (auto it = probes.begin(); it != probes.end();) {
+    if (now >= it->deadline) {
+      sub->set(zmq::sockopt::unsubscribe, it->topic);
+      it->synced->set_value(error{std::string(errc::deadline_exceeded),
+                                  "subscription not confirmed by the broker before the deadline",
+                                  true});
+      it = probes.erase(it);
+      continue;
+    }
+    if (now >= it->next_publish) {
+      header h;
+      h.id = ids.next();
+      h.topic = it->topic;
+      send(command::publish, h);
+      it->next_publish = now + 20ms;
+    }
+    ++it;
+  }
+  if (now >= next_heartbeat) {
+    send(command::heartbeat, header{});
+    next_heartbeat = now + heartbeat;
+  }
+  if (now - last_from_broker > heartbeat * opts.liveness) {
+    // Nothing from the broker for `liveness` intervals: replace the connection.
+    broker_reset("no message from the broker for " +
+                 std::to_string((heartbeat * opts.liveness).count()) + " ms");
+    fail_calls(std::string(errc::broker_lost), "the connection to the broker was reset", true);
+    connect();
+  }
+}
+
+steady::time_point agent::impl::next_wakeup() const {
+  auto t = std::min(next_heartbeat, last_from_broker + heartbeat * opts.liveness + 1ms);
+  if (!call_deadlines.empty()) t = std::min(t, call_deadlines.top().first);
+  for (const auto& p : probes) t = std::min({t, p.next_publish, p.deadline});
+  return t;
+}
+
+void agent::impl::io_main() {
+  io_id = std::this_thread::get_id();
+  next_heartbeat = steady::now() + heartbeat;
+  while (running) {
+    const auto now = steady::now();
+    const auto wake = next_wakeup();
+    const auto timeout = wake <= now ? 0ms : std::chrono::ceil<std::chrono::milliseconds>(wake - now);
+    std::array<zmq::pollitem_t, 3> items{{
+        {dealer->handle(), 0, ZMQ_POLLIN, 0},
+        {sub->handle(), 0, ZMQ_POLLIN, 0},
+        {nullptr, wake_fd, ZMQ_POLLIN, 0},
+    }};
+    try {
+      zmq::poll(items.data(), items.size(), std::min(timeout, std::chrono::milliseconds(1000)));
+    } catch (const zmq::error_t& e) {
+      if (e.num() == ETERM) break;
+      continue;
+    }
+    if ((items[2].revents & ZMQ_POLLIN) != 0) drain_outbox();
+    if ((items[0].revents & ZMQ_POLLIN) != 0) {
+      for (int i = 0; i < 1024 && common::recv_frames(*dealer, frames); ++i) {
+        on_dealer_message(steady::now());
+      }
+    }
+    if ((items[1].revents & ZMQ_POLLIN) != 0) {
+      for (int i = 0; i < 1024 && common::recv_frames(*sub, frames); ++i) {
+        on_event(steady::now());
+      }
+    }
+    on_timers(steady::now());
+  }
+  // Final flush: replies and the BYE posted during stop().
+  drain_outbox();
+  fail_calls(std::string(errc::broker_lost), "the agent stopped", true);
+  for (auto& p : probes) {
+    p.synced->set_value(error{std::string(errc::shutting_down), "the agent stopped", false});
+  }
+  probes.clear();
+}
+
+// ---------------------------------------------------------------------------------------------
+
+agent::agent(options opts) : impl_(std::make_unique<impl>(std::move(opts))) {}
+
+agent::~agent() { stop(); }
+
+const std::string& agent::name() const { return impl_->opts.name; }
+bool agent::registered() const { return impl_->is_registered.load(); }
+std::uint64_t agent::registrations() const { return impl_->registration_count.load(); }
+std::string agent::broker_id() const {
+  std::lock_guard lock(impl_->state_mutex);
+  return impl_->broker_id;
+}
+
+void agent::handle(const std::string& service, const std::string& action, request_handler h) {
+  {
+    std::lock_guard lock(impl_->config_mutex);
+    impl_->services[service].actions[action] = std::move(h);
+  }
+  if (impl_->running) impl_->post_hello();
+}
+
+void agent::set_capacity(const std::string& service, std::uint32_t capacity) {
+  {
+    std::lock_guard lock(impl_->config_mutex);
+    impl_->services[service].capacity = std::max<std::uint32_t>(1, capacity);
+  }
+  if (impl_->running) impl_->post_hello();
+}
+
+status agent::subscribe(const std::string& prefix, event_handler h,
+                        std::chrono::milliseconds deadline) {
+  {
+    std::lock_guard lock(impl_->config_mutex);
+    impl_->subscriptions.emplace_back(prefix, std::move(h));
+  }
+  if (!impl_->running) return common::ok_status();
+  if (impl_->on_io_thread()) {
+    return error{"bad_request", "subscribe() cannot wait on the agent's I/O thread", false};
+  }
+  outbound s;
+  s.what = outbound::kind::subscribe;
+  s.prefix = prefix;
+  impl_->post(std::move(s));
+  auto synced = std::make_shared<std::promise<status>>();
+  auto confirmed = synced->get_future();
+  outbound p;
+  p.what = outbound::kind::sync;
+  p.deadline = steady::now() + deadline;
+  p.synced = synced;
+  impl_->post(std::move(p));
+  return confirmed.get();  // the I/O thread always settles it by the deadline
+}
+
+status agent::start() {
+  auto& d = *impl_;
+  if (d.running) return common::ok_status();
+  if (d.started_once) {
+    return error{"bad_request", "an agent can be started once; make a new one", false};
+  }
+  d.started_once = true;
+  for (const auto& [name, def] : d.services) {
+    if (auto problem = common::check_name("service", name); !problem.empty()) {
+      return error{"bad_request", problem, false};
+    }
+  }
+  try {
+    d.sub = std::make_unique<zmq::socket_t>(d.ctx, zmq::socket_type::sub);
+    d.sub->set(zmq::sockopt::linger, 0);
+    d.sub->set(zmq::sockopt::rcvhwm, 100'000);
+    d.sub->set(zmq::sockopt::reconnect_ivl, 50);
+    d.sub->set(zmq::sockopt::reconnect_ivl_max, 1000);
+    d.sub->connect(d.opts.events);
+    d.heartbeat = d.opts.heartbeat;
+    d.connect();
+  } catch (const zmq::error_t& e) {
+    return error{"bad_request", "cannot connect to " + d.opts.broker + " / " + d.opts.events +
+                                    ": " + e.what(),
+                 false};
+  }
+  std::size_t threads = d.opts.handler_threads;
+  if (threads == 0) {
+    std::size_t total = 0;
+    for (const auto& [name, def] : d.services) total += def.capacity;
+    threads = std::clamp<std::size_t>(total, 1, 64);
+  }
+  {
+    std::lock_guard lock(d.out_mutex);
+    d.outbox_closed = false;
+  }
+  d.running = true;
+  d.stopping = false;
+  auto welcome = d.first_welcome.get_future();
+  // Subscriptions made before start() are applied first, then one probe confirms them all.
+  std::vector<std::string> prefixes;
+  {
+    std::lock_guard lock(d.config_mutex);
+    for (const auto& [prefix, h] : d.subscriptions) prefixes.push_back(prefix);
+  }
+  for (const auto& prefix : prefixes) d.sub->set(zmq::sockopt::subscribe, prefix);
+  std::future<status> synced;
+  if (!prefixes.empty()) {
+    auto promise = std::make_shared<std::promise<status>>();
+    synced = promise->get_future();
+    outbound p;
+    p.what = outbound::kind::sync;
+    p.deadline = steady::now() + d.opts.start_timeout;
+    p.synced = promise;
+    d.post(std::move(p));
+  }
+  for (std::size_t i = 0; i < threads; ++i) {
+    d.handler_threads.push_back(spawn_quiet([&d] {
+      std::function<void()> job;
+      while (d.handler_jobs.pop(job)) {
+        job();
+        d.handler_jobs.done();
+      }
+    }));
+  }
+  d.event_thread = spawn_quiet([&d] {
+    std::function<void()> job;
+    while (d.event_jobs.pop(job)) {
+      job();
+      d.event_jobs.done();
+    }
+  });
+  d.io = spawn_quiet([&d] { d.io_main(); });
+
+  if (welcome.wait_until(steady::now() + d.opts.start_timeout) != std::future_status::ready) {
+    stop(0ms);
+    return error{std::string(errc::broker_lost),
+                 "no WELCOME from the broker at " + d.opts.broker + " within " +
+                     std::to_string(d.opts.start_timeout.count()) + " ms",
+                 true};
+  }
+  if (synced.valid()) {
+    auto s = synced.get();
+    if (!s) {
+      stop(0ms);
+      return error{s.err().code, "subscriptions on " + d.opts.events + ": " + s.err().message,
+                   s.err().retryable};
+    }
+  }
+  return common::ok_status();
+}
+
+void agent::stop(std::chrono::milliseconds grace) {
+  auto& d = *impl_;
+  if (!d.running) return;
+  d.stopping = true;
+  // Let running handlers finish and their replies go out, then say goodbye.
+  d.handler_jobs.wait_idle(steady::now() + grace);
+  d.running = false;
+  const std::uint64_t one = 1;
+  [[maybe_unused]] auto n = ::write(d.wake_fd, &one, sizeof one);
+  if (d.io.joinable()) d.io.join();
+  d.close_outbox();
+  // The I/O thread has flushed the outbox; now the last word.
+  if (d.dealer) {
+    try {
+      header h;
+      d.send(command::bye, h);
+      d.dealer->set(zmq::sockopt::linger, 200);
+    } catch (const zmq::error_t&) {
+    }
+  }
+  d.handler_jobs.close();
+  for (auto& t : d.handler_threads) t.join();
+  d.handler_threads.clear();
+  d.event_jobs.close();
+  if (d.event_thread.joinable()) d.event_thread.join();
+  d.dealer.reset();
+  d.sub.reset();
+  d.is_registered = false;
+}
+
+call_result agent::call(const std::string& service, const std::string& action, bytes payload,
+                        std::chrono::milliseconds deadline, const send_options& opts) {
+  if (impl_->on_io_thread()) {
+    return error{"bad_request", "call() would block the agent's I/O thread; use call_async",
+                 false};
+  }
+  return call_future(service, action, std::move(payload), deadline, opts).get();
+}
+
+std::future<call_result> agent::call_future(const std::string& service, const std::string& action,
+                                            bytes payload, std::chrono::milliseconds deadline,
+                                            const send_options& opts) {
+  auto promise = std::make_shared<std::promise<call_result>>();
+  auto future = promise->get_future();
+  call_async(service, action, std::move(payload), deadline,
+             [promise](call_result r) { promise->set_value(std::move(r)); }, opts);
+  return future;
+}
+
+void agent::call_async(const std::string& service, const std::string& action, bytes payload,
+                       std::chrono::milliseconds deadline, call_callback done,
+                       const send_options& opts) {
+  auto& d = *impl_;
+  auto refuse = [&done](std::string code, std::string why, bool retryable) {
+    done(error{std::move(code), std::move(why), retryable});
+  };
+  if (!d.running) return refuse(std::string(errc::broker_lost), "agent is not started", false);
+  if (deadline.count() <= 0) {
+    return refuse("bad_request", "deadline must be positive, got " +
+                                     std::to_string(deadline.count()) + " ms", false);
+  }
+  for (const auto& [what, value] : {std::pair{"service", &service}, std::pair{"action", &action}}) {
+    if (auto problem = common::check_name(what, *value); !problem.empty()) {
+      return refuse("bad_request", problem, false);
+    }
+  }
+  outbound o;
+  o.what = outbound::kind::request;
+  o.hdr.service = service;
+  o.hdr.action = action;
+  d.fill_context(o.hdr, opts);
+  o.hdr.deadline_ms = static_cast<std::uint64_t>(deadline.count());
+  if (auto too_big = d.check_size(o.hdr, payload)) {
+    return refuse(too_big->code, service + "." + action + ": " + too_big->message, false);
+  }
+  o.payload = std::move(payload);
+  o.deadline = steady::now() + deadline;
+  o.done = std::move(done);
+  d.submit(std::move(o));
+}
+
+result<published> agent::publish(const std::string& topic, bytes payload,
+                                 const send_options& opts) {
+  auto& d = *impl_;
+  if (!d.running) return error{std::string(errc::broker_lost), "agent is not started", false};
+  if (auto problem = common::check_topic(topic); !problem.empty()) {
+    return error{"bad_request", problem, false};
+  }
+  outbound o;
+  o.what = outbound::kind::publish;
+  o.hdr.topic = topic;
+  d.fill_context(o.hdr, opts);
+  if (auto too_big = d.check_size(o.hdr, payload)) return *too_big;
+  o.payload = std::move(payload);
+  published p{o.hdr.id, 0};
+  d.submit(std::move(o));
+  return p;
+}
+
+result<published> agent::publish_acked(const std::string& topic, bytes payload,
+                                       std::chrono::milliseconds deadline,
+                                       const send_options& opts) {
+  auto& d = *impl_;
+  if (!d.running) return error{std::string(errc::broker_lost), "agent is not started", false};
+  if (d.on_io_thread()) {
+    return error{"bad_request", "publish_acked() would block the agent's I/O thread", false};
+  }
+  if (auto problem = common::check_topic(topic); !problem.empty()) {
+    return error{"bad_request", problem, false};
+  }
+  outbound o;
+  o.what = outbound::kind::publish;
+  o.hdr.topic = topic;
+  d.fill_context(o.hdr, opts);
+  o.hdr.ack = true;
+  if (auto too_big = d.check_size(o.hdr, payload)) return *too_big;
+  o.payload = std::move(payload);
+  o.deadline = steady::now() + deadline;
+  auto promise = std::make_shared<std::promise<call_result>>();
+  auto future = promise->get_future();
+  o.done = [promise](call_result r) { promise->set_value(std::move(r)); };
+  const std::string id = o.hdr.id;
+  d.post(std::move(o));
+  auto r = future.get();
+  if (!r) return r.err();
+  return published{id, r->seq()};
+}
+
+const message* current_message() { return t_current; }
+
+int wait_for_shutdown_signal() {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  int sig = 0;
+  sigwait(&set, &sig);
+  return sig;
+}
+
+}  // namespace ensemble::agent
