@@ -200,6 +200,7 @@ struct agent::impl {
   steady::time_point last_from_broker;
   steady::time_point next_heartbeat;
   std::uint64_t generation = 0;  // bumped whenever the broker connection is known to be reset
+  std::uint64_t welcome_generation = 0;  // generation when the last WELCOME arrived
   std::string known_broker;
 
   // Shared state.
@@ -412,14 +413,16 @@ void agent::impl::execute(outbound& o) {
 }
 
 void agent::impl::drain_outbox() {
+  // Consume the wake-up before taking the batch: a post that lands after the swap then
+  // signals again instead of waiting for the next timer.
+  std::uint64_t value = 0;
+  [[maybe_unused]] auto n = ::read(wake_fd, &value, sizeof value);
   std::vector<outbound> batch;
   {
     std::lock_guard lock(out_mutex);
     batch.swap(outbox);
     wake_pending = false;
   }
-  std::uint64_t value = 0;
-  [[maybe_unused]] auto n = ::read(wake_fd, &value, sizeof value);
   for (auto& o : batch) execute(o);
 }
 
@@ -458,7 +461,7 @@ void agent::impl::on_dispatch(header& h, bytes payload) {
     return;
   }
   auto m = std::make_shared<message>(message_access::make(message::kind::request, h, std::move(payload)));
-  handler_jobs.push([this, m, token, handler = std::move(handler)] {
+  auto job = [this, m, token, handler = std::move(handler)] {
     handler_result result = error{};
     {
       current_scope scope(m.get());
@@ -493,8 +496,13 @@ void agent::impl::on_dispatch(header& h, bytes payload) {
       o.hdr.error_message = "reply of " + m->service() + "." + m->action() + ": " + too_big->message;
       o.hdr.retryable = false;
     }
-    post(std::move(o));
-  });
+    submit(std::move(o));
+  };
+  if (opts.inline_handlers) {
+    job();
+  } else {
+    handler_jobs.push(std::move(job));
+  }
 }
 
 void agent::impl::on_dealer_message(steady::time_point now) {
@@ -507,11 +515,13 @@ void agent::impl::on_dealer_message(steady::time_point now) {
   auto& m = parsed.value();
   switch (m.cmd) {
     case command::welcome: {
-      const bool changed = !known_broker.empty() && known_broker != m.hdr.broker;
-      if (changed) {
-        ++generation;
+      if (!known_broker.empty() && known_broker != m.hdr.broker) {
+        // A new broker run: calls sent to the old one will never be answered. Calls sent
+        // since the reset was noticed went to the new broker and stay.
+        if (generation == welcome_generation) ++generation;
         fail_calls(std::string(errc::broker_lost), "the broker restarted", false);
       }
+      welcome_generation = generation;
       known_broker = m.hdr.broker;
       if (m.hdr.heartbeat_ms > 0) heartbeat = std::chrono::milliseconds(m.hdr.heartbeat_ms);
       if (m.hdr.max_message_size > 0) max_message_size = m.hdr.max_message_size;
@@ -782,6 +792,7 @@ status agent::start() {
     for (const auto& [name, def] : d.services) total += def.capacity;
     threads = std::clamp<std::size_t>(total, 1, 64);
   }
+  if (d.opts.inline_handlers) threads = 0;
   {
     std::lock_guard lock(d.out_mutex);
     d.outbox_closed = false;

@@ -394,8 +394,10 @@ void broker::impl::on_request(const peer_id& peer, const worker* w, common::pars
   r.deadline = now + std::chrono::milliseconds(budget);
   r.hdr = std::move(h);
   r.payload = std::move(m.payload);
-  log->debug("request {}.{} id={} correlation={} from {} token={}", r.hdr.service, r.hdr.action,
-             r.hdr.id, r.hdr.correlation_id, peer_label(w, peer), r.token);
+  if (log->should_log(spdlog::level::debug)) {
+    log->debug("request {}.{} id={} correlation={} from {} token={}", r.hdr.service,
+               r.hdr.action, r.hdr.id, r.hdr.correlation_id, peer_label(w, peer), r.token);
+  }
   reg.submit(std::move(r), decisions);
   execute_decisions(now);
 }
@@ -435,10 +437,13 @@ void broker::impl::execute_decisions(steady_clock::time_point now) {
 
 void broker::impl::on_reply(const peer_id& peer, const worker* w, common::parsed_message& m) {
   ++stats.replies;
-  pending_request* r = reg.reply_from(peer, m.hdr.token);
+  const std::uint64_t token = m.hdr.token;
+  pending_request* r = reg.reply_from(peer, token);
   if (r == nullptr) {
     ++stats.unknown_replies;
-    log->debug("reply with unknown token {} from {} dropped", m.hdr.token, peer_label(w, peer));
+    if (log->should_log(spdlog::level::debug)) {
+      log->debug("reply with unknown token {} from {} dropped", token, peer_label(w, peer));
+    }
     return;
   }
   auto& c = reg.counters_for(r->hdr.service);
@@ -455,10 +460,10 @@ void broker::impl::on_reply(const peer_id& peer, const worker* w, common::parsed
       ++c.errors_by_code[h.error_code];
     }
     log->debug("reply {}.{} id={} token={} from {} {}", r->hdr.service, r->hdr.action, h.id,
-               r->token, h.worker, h.is_error() ? h.error_code : std::string("ok"));
+               r->token, h.worker, h.is_error() ? std::string_view(h.error_code) : "ok");
     send_to(r->client, command::reply, h, std::move(m.payload));
   }
-  reg.finish(m.hdr.token, decisions);
+  reg.finish(token, decisions);
   execute_decisions(steady_clock::now());
 }
 
@@ -493,8 +498,10 @@ void broker::impl::on_publish(const peer_id& peer, const worker* w, common::pars
   out.push_back(std::move(m.payload));
   common::send_frames(xpub, out);
   ++stats.messages_out;
-  log->debug("event {} seq={} id={} correlation={} from {}", h.topic, h.seq, h.id,
-             h.correlation_id, peer_label(w, peer));
+  if (log->should_log(spdlog::level::debug)) {
+    log->debug("event {} seq={} id={} correlation={} from {}", h.topic, h.seq, h.id,
+               h.correlation_id, peer_label(w, peer));
+  }
   if (wants_ack) {
     header ack;
     ack.id = h.id;
