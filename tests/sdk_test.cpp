@@ -84,7 +84,7 @@ TEST_F(sdk_test, every_call_is_answered_and_load_spreads_over_two_workers) {
 }
 
 TEST_F(sdk_test, killed_worker_mid_request_retryable_call_is_redispatched) {
-  start_broker({"--heartbeat", "100", "--liveness", "3"});
+  start_broker({"--heartbeat", "100", "--liveness", "5"});
   auto hanging = start_worker("hanging", {"--mode", "hang"});
   ea::agent client(agent_options("client"));
   ASSERT_TRUE(client.start().ok());
@@ -105,7 +105,7 @@ TEST_F(sdk_test, killed_worker_mid_request_retryable_call_is_redispatched) {
 }
 
 TEST_F(sdk_test, killed_worker_mid_request_plain_call_gets_worker_lost_before_deadline) {
-  start_broker({"--heartbeat", "100", "--liveness", "3"});
+  start_broker({"--heartbeat", "100", "--liveness", "5"});
   auto hanging = start_worker("hanging", {"--mode", "hang"});
   ea::agent client(agent_options("client"));
   ASSERT_TRUE(client.start().ok());

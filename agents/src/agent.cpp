@@ -523,7 +523,12 @@ void agent::impl::on_dealer_message(steady::time_point now) {
       }
       welcome_generation = generation;
       known_broker = m.hdr.broker;
-      if (m.hdr.heartbeat_ms > 0) heartbeat = std::chrono::milliseconds(m.hdr.heartbeat_ms);
+      if (m.hdr.heartbeat_ms > 0) {
+        // The broker's interval rules from now on; the first beat may have been scheduled
+        // with our default, which can be longer than the broker tolerates.
+        heartbeat = std::chrono::milliseconds(m.hdr.heartbeat_ms);
+        next_heartbeat = std::min(next_heartbeat, now + heartbeat);
+      }
       if (m.hdr.max_message_size > 0) max_message_size = m.hdr.max_message_size;
       {
         std::lock_guard lock(state_mutex);

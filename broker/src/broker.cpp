@@ -221,7 +221,13 @@ void broker::impl::run() {
     if ((items[1].revents & ZMQ_POLLIN) != 0) handle_subscription();
 
     now = steady_clock::now();
+    const auto workers_before = reg.workers().size();
     reg.expire(now, decisions);
+    if (reg.workers().size() < workers_before) {
+      stats.workers_lost += workers_before - reg.workers().size();
+      log->info("{} peer(s) lost: silent for {} heartbeats", workers_before - reg.workers().size(),
+                cfg.liveness);
+    }
     execute_decisions(now);
     if (now >= next_heartbeat) {
       send_heartbeats();

@@ -2,7 +2,7 @@
 // as --mode says, and prints a line when it starts handling a request so that a test can act
 // (kill it, stop it) while the request is in flight.
 //   echo: replies {worker, action, request}
-//   hang: blocks until the request's deadline, then replies (a worker busy for too long)
+//   hang: blocks until 200 ms past the request's deadline, then replies (a worker that is too slow)
 //   fail: replies error {code: "test_failure", retryable: --retryable-errors}
 #include <CLI/CLI.hpp>
 
@@ -36,7 +36,8 @@ int main(int argc, char** argv) {
     std::printf("handling %s.%s id=%s attempt=%u\n", m.service().c_str(), m.action().c_str(),
                 m.id().c_str(), m.attempt());
     std::fflush(stdout);
-    if (mode == "hang") std::this_thread::sleep_until(m.deadline());  // busy past the deadline
+    // Busy until clearly past the deadline, so that the broker answers first.
+    if (mode == "hang") std::this_thread::sleep_until(m.deadline() + std::chrono::milliseconds(200));
     if (mode == "fail") {
       return ea::error{"test_failure", opts.name + " fails by design", retryable_errors};
     }
