@@ -159,7 +159,14 @@ pending_request* registry::find(std::uint64_t token) {
 }
 
 void registry::try_dispatch(service_entry& s, std::vector<decision>& out) {
-  while (s.queued > 0 && !s.idle.empty()) {
+  while (s.queued > 0) {
+    // An offer whose capacity a later HELLO lowered may be listed without room; it is listed
+    // again when a reply frees a slot.
+    while (!s.idle.empty() && s.idle.front()->in_flight >= s.idle.front()->capacity) {
+      s.idle.front()->listed_idle = false;
+      s.idle.pop_front();
+    }
+    if (s.idle.empty()) break;
     const std::uint64_t token = s.queue.front();
     s.queue.pop_front();
     pending_request* r = find(token);
@@ -262,7 +269,8 @@ void registry::expire(time_point now, std::vector<decision>& out) {
     const std::string& name = r->hdr.service;
     const auto sit = services_.find(name);
     const bool has_workers = sit != services_.end() && !sit->second.offers.empty();
-    if (r->state == request_state::queued && !has_workers) {
+    // A request that a worker already took (and lost) was not refused for want of a worker.
+    if (r->state == request_state::queued && !has_workers && !r->redispatched) {
       fail(token,
            error::make(errc::no_such_service, "no worker offers service '" + name +
                                                   "' (waited until the request's deadline)"),
