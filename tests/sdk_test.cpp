@@ -2,6 +2,7 @@
 // broker restart, pub/sub ordering, trace-context propagation, errors.
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <csignal>
 #include <future>
 #include <map>
@@ -139,6 +140,8 @@ TEST_F(sdk_test, agents_register_again_after_a_broker_restart) {
   start_broker({"--heartbeat", "200"});
   auto worker = start_worker("w1");
   ea::agent client(agent_options("client"));
+  std::atomic<int> events_after_restart{0};
+  ASSERT_TRUE(client.subscribe("after.", [&](const ea::message&) { ++events_after_restart; }).ok());
   ASSERT_TRUE(client.start().ok());
   ASSERT_TRUE(client.call("Echo", "ping", {}, 5s).ok());
   const auto first_broker = client.broker_id();
@@ -166,6 +169,15 @@ TEST_F(sdk_test, agents_register_again_after_a_broker_restart) {
   auto r = client.call("Echo", "ping", ea::to_json_payload({{"after", "restart"}}), 5s);
   ASSERT_TRUE(r.ok()) << r.err().to_string();
   EXPECT_EQ(reply_json(r)["request"]["after"], "restart");
+  // The SUB socket reconnected by itself and re-sent its subscription; once it is applied,
+  // events flow again. Publish until one arrives (each publish is a fresh probe).
+  EXPECT_TRUE(tk::wait_until(
+      [&] {
+        (void)client.publish("after.restart", {});
+        return events_after_restart.load() > 0;
+      },
+      5s, 20ms))
+      << "subscription did not resume after the broker restart";
 }
 
 TEST_F(sdk_test, prefix_subscriptions_receive_matching_events_in_order_with_sequence_numbers) {
