@@ -1,0 +1,607 @@
+#include "ensemble/testkit/process.hpp"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <cerrno>
+#include <condition_variable>
+#include <csignal>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <iostream>
+#include <limits>
+#include <map>
+#include <mutex>
+#include <sstream>
+#include <stdexcept>
+#include <thread>
+
+extern char** environ;  // NOLINT(readability-redundant-declaration)
+
+namespace ensemble::testkit {
+
+namespace {
+
+using steady = std::chrono::steady_clock;
+
+// A child that writes megabytes of log must not exhaust the test's memory: beyond this many
+// lines the oldest are forgotten (they are rarely what a failing test needs to show).
+constexpr std::size_t k_max_lines = 200'000;
+// A "line" without a newline is cut here, so that binary garbage cannot grow one string forever.
+constexpr std::size_t k_max_line_bytes = 1 << 20;
+// Used by wait_exit only where pidfd_open is unavailable (kernels before 5.3).
+constexpr auto k_exit_poll_interval = 2ms;
+// Between attempts to relaunch a broker whose port is still held by the killed one.
+constexpr auto k_rebind_retry_interval = 20ms;
+
+std::string errno_text(int err) { return std::strerror(err); }
+
+[[noreturn]] void throw_errno(const std::string& what, int err) {
+  throw std::runtime_error(what + ": " + errno_text(err));
+}
+
+void close_fd(int& fd) {
+  if (fd >= 0) ::close(fd);
+  fd = -1;
+}
+
+int decode_status(int status) {
+  if (WIFEXITED(status)) return WEXITSTATUS(status);
+  if (WIFSIGNALED(status)) return -WTERMSIG(status);
+  return -1;
+}
+
+int open_pidfd(pid_t pid) {
+#ifdef SYS_pidfd_open
+  const long fd = ::syscall(SYS_pidfd_open, pid, 0);
+  if (fd >= 0) {
+    ::fcntl(static_cast<int>(fd), F_SETFD, FD_CLOEXEC);
+    return static_cast<int>(fd);
+  }
+#else
+  (void)pid;
+#endif
+  return -1;
+}
+
+// Resolves `program` the way execvp would, but in the parent: after fork() the child of a
+// multithreaded process may only call async-signal-safe functions, which rules out searching
+// PATH with allocations there.
+std::string resolve_program(const std::string& program, const std::string& path_var) {
+  if (program.empty()) throw std::runtime_error("process: empty program name");
+  if (program.find('/') != std::string::npos) return program;
+  std::stringstream dirs(path_var);
+  std::string dir;
+  while (std::getline(dirs, dir, ':')) {
+    if (dir.empty()) dir = ".";
+    std::string candidate = dir + "/" + program;
+    if (::access(candidate.c_str(), X_OK) == 0) return candidate;
+  }
+  throw std::runtime_error("process: '" + program + "' not found on PATH");
+}
+
+// Everything the child needs, prepared before fork(): afterwards the child of a multithreaded
+// process may only make async-signal-safe calls, so nothing in run_child may allocate.
+struct child_setup {
+  const char* path;
+  char* const* argv;
+  char* const* envp;
+  const char* working_dir;  // nullptr: the parent's
+  int stdin_fd;             // /dev/null, or -1
+  int output_fd;            // write end of the stdout+stderr pipe
+  int status_fd;            // write end of the CLOEXEC status pipe
+  pid_t parent;
+};
+
+// What the child writes to the status pipe when it cannot exec.
+enum child_step : int { k_step_setup = 1, k_step_chdir, k_step_exec };
+struct child_failure {
+  int step;
+  int err;
+};
+
+[[noreturn]] void run_child(const child_setup& s) {
+  auto fail = [&s](int step, int err) {
+    const child_failure f{step, err};
+    [[maybe_unused]] auto n = ::write(s.status_fd, &f, sizeof f);
+    ::_exit(127);
+  };
+  ::setpgid(0, 0);
+  if (::prctl(PR_SET_PDEATHSIG, SIGKILL) != 0) fail(k_step_setup, errno);
+  // The parent may have died before prctl took effect; then nobody would ever kill us.
+  if (::getppid() != s.parent) ::_exit(127);
+  // Start from a clean signal state: a blocked mask and ignored signals survive exec, and a
+  // test that blocks or ignores SIGTERM must not produce a broker that cannot be stopped.
+  sigset_t none;
+  sigemptyset(&none);
+  ::sigprocmask(SIG_SETMASK, &none, nullptr);
+  struct sigaction dfl {};
+  dfl.sa_handler = SIG_DFL;
+  for (int sig = 1; sig < NSIG; ++sig) {
+    if (sig != SIGKILL && sig != SIGSTOP) ::sigaction(sig, &dfl, nullptr);
+  }
+  if (s.working_dir != nullptr && ::chdir(s.working_dir) != 0) fail(k_step_chdir, errno);
+  if (s.stdin_fd >= 0) ::dup2(s.stdin_fd, STDIN_FILENO);
+  if (::dup2(s.output_fd, STDOUT_FILENO) < 0 || ::dup2(s.output_fd, STDERR_FILENO) < 0) {
+    fail(k_step_setup, errno);
+  }
+  ::execve(s.path, s.argv, s.envp);
+  fail(k_step_exec, errno);
+  ::_exit(127);  // not reached
+}
+
+// PR_SET_PDEATHSIG fires when the *thread* that forked the child ends, not the process. A
+// child forked from a short-lived thread (std::async, a helper that starts agents in
+// parallel) would be killed as soon as that thread returned. So every fork happens on this
+// one thread, which lives as long as the test process; children then die with the process.
+class fork_thread {
+ public:
+  static fork_thread& instance() {
+    // Leaked on purpose: it must outlive any static that still owns a process at exit.
+    static fork_thread* const instance = new fork_thread();
+    return *instance;
+  }
+
+  // Forks on the dedicated thread; the child runs `s`. Returns the pid, or -errno.
+  pid_t fork_child(const child_setup& s) {
+    std::lock_guard one_at_a_time(call_mutex_);
+    std::unique_lock lock(mutex_);
+    job_ = &s;
+    done_ = false;
+    changed_.notify_all();
+    changed_.wait(lock, [this] { return done_; });
+    return result_;
+  }
+
+ private:
+  fork_thread() {
+    // The thread takes no process-directed signals: they belong to the test's own threads.
+    sigset_t all;
+    sigset_t previous;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &previous);
+    std::thread([this] { loop(); }).detach();
+    pthread_sigmask(SIG_SETMASK, &previous, nullptr);
+  }
+
+  void loop() {
+    std::unique_lock lock(mutex_);
+    while (true) {
+      changed_.wait(lock, [this] { return job_ != nullptr; });
+      const pid_t pid = ::fork();
+      if (pid == 0) run_child(*job_);
+      result_ = pid < 0 ? -errno : pid;
+      job_ = nullptr;
+      done_ = true;
+      changed_.notify_all();
+    }
+  }
+
+  std::mutex call_mutex_;
+  std::mutex mutex_;
+  std::condition_variable changed_;
+  const child_setup* job_ = nullptr;
+  bool done_ = false;
+  pid_t result_ = -1;
+};
+
+std::string base_name(const std::string& path) {
+  const auto slash = path.find_last_of('/');
+  return slash == std::string::npos ? path : path.substr(slash + 1);
+}
+
+}  // namespace
+
+struct process::impl {
+  pid_t pid = -1;
+  std::string name;
+  int output_fd = -1;   // read end of the child's stdout+stderr pipe; owned by the reader
+  int stop_fd[2] = {-1, -1};  // tells the reader to drain what is left and finish
+  int pidfd = -1;       // readable once the child has exited; -1 if the kernel lacks pidfd
+  bool echo = false;    // ENSEMBLE_TESTKIT_ECHO: copy the child's lines to our stderr
+  std::thread reader;
+
+  // Output, filled by the reader thread.
+  mutable std::mutex lines_mutex;
+  std::condition_variable lines_changed;
+  std::deque<std::string> lines;
+  std::size_t dropped = 0;  // lines forgotten from the front (k_max_lines)
+  bool output_closed = false;
+
+  // Reaping. waitpid() happens only under this mutex, and signals are sent only under it
+  // while the child is unreaped, so a pid is never signalled after it may have been reused.
+  std::mutex reap_mutex;
+  std::optional<int> exit_status;
+
+  ~impl() {
+    {
+      std::lock_guard lock(reap_mutex);
+      if (!exit_status && pid > 0) {
+        // The whole group: whatever the child started goes with it.
+        ::kill(-pid, SIGKILL);
+        ::kill(pid, SIGKILL);
+        int status = 0;
+        while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+        }
+        exit_status = decode_status(status);
+      }
+    }
+    if (reader.joinable()) {
+      // The child is gone, but a grandchild that escaped the group could still hold the pipe
+      // open; the stop pipe makes the reader take what is buffered and finish regardless.
+      const char byte = 1;
+      [[maybe_unused]] auto n = ::write(stop_fd[1], &byte, 1);
+      reader.join();
+    }
+    close_fd(output_fd);
+    close_fd(stop_fd[0]);
+    close_fd(stop_fd[1]);
+    close_fd(pidfd);
+  }
+
+  void add_line(std::string line) {
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    if (echo) std::cerr << "[" << name << "] " << line << "\n";
+    lines.push_back(std::move(line));
+    if (lines.size() > k_max_lines) {
+      lines.pop_front();
+      ++dropped;
+    }
+  }
+
+  void read_output() {
+    std::string partial;
+    char buffer[65536];
+    auto consume = [&](const char* data, std::size_t size) {
+      std::lock_guard lock(lines_mutex);
+      partial.append(data, size);
+      std::size_t start = 0;
+      while (true) {
+        const auto newline = partial.find('\n', start);
+        if (newline == std::string::npos) break;
+        add_line(partial.substr(start, newline - start));
+        start = newline + 1;
+      }
+      partial.erase(0, start);
+      if (partial.size() >= k_max_line_bytes) {
+        add_line(std::move(partial));
+        partial.clear();
+      }
+      lines_changed.notify_all();
+    };
+    auto finish = [&] {
+      std::lock_guard lock(lines_mutex);
+      if (!partial.empty()) add_line(std::move(partial));
+      output_closed = true;
+      lines_changed.notify_all();
+    };
+
+    std::array<pollfd, 2> fds{{{output_fd, POLLIN, 0}, {stop_fd[0], POLLIN, 0}}};
+    while (true) {
+      if (::poll(fds.data(), fds.size(), -1) < 0) {
+        if (errno == EINTR) continue;
+        break;
+      }
+      if ((fds[1].revents & POLLIN) != 0) {
+        // Stopping: take what is already in the pipe, without waiting for more.
+        ::fcntl(output_fd, F_SETFL, ::fcntl(output_fd, F_GETFL) | O_NONBLOCK);
+        while (true) {
+          const auto n = ::read(output_fd, buffer, sizeof buffer);
+          if (n > 0) {
+            consume(buffer, static_cast<std::size_t>(n));
+          } else if (n < 0 && errno == EINTR) {
+            continue;
+          } else {
+            break;
+          }
+        }
+        break;
+      }
+      if ((fds[0].revents & (POLLIN | POLLHUP | POLLERR)) != 0) {
+        const auto n = ::read(output_fd, buffer, sizeof buffer);
+        if (n > 0) {
+          consume(buffer, static_cast<std::size_t>(n));
+          continue;
+        }
+        if (n < 0 && errno == EINTR) continue;
+        break;  // EOF: every writer (the child and anything it started) is gone
+      }
+    }
+    finish();
+  }
+
+  // Reaps the child if it has exited (or blocks until it does, with flags 0).
+  void try_reap_locked(int flags) {
+    if (exit_status) return;
+    int status = 0;
+    pid_t r;
+    do {
+      r = ::waitpid(pid, &status, flags);
+    } while (r < 0 && errno == EINTR);
+    if (r == pid) {
+      exit_status = decode_status(status);
+    } else if (r < 0 && errno == ECHILD) {
+      exit_status = -1;  // reaped by someone else (a SIGCHLD handler set to SIG_IGN)
+    }
+  }
+
+  void send(int sig) {
+    std::lock_guard lock(reap_mutex);
+    try_reap_locked(WNOHANG);
+    if (!exit_status) ::kill(pid, sig);
+  }
+};
+
+process::process(std::unique_ptr<impl> p) : impl_(std::move(p)) {}
+process::~process() = default;
+
+std::unique_ptr<process> process::spawn(process_options opts) {
+  auto p = std::make_unique<impl>();
+  p->name = opts.name.empty() ? base_name(opts.program) : opts.name;
+  const char* echo = std::getenv("ENSEMBLE_TESTKIT_ECHO");
+  p->echo = echo != nullptr && *echo != '\0' && std::string_view(echo) != "0";
+
+  // The child's environment, path and arguments are built here, before fork (see run_child).
+  std::map<std::string, std::string> env;
+  for (char** e = environ; e != nullptr && *e != nullptr; ++e) {
+    std::string_view entry(*e);
+    const auto eq = entry.find('=');
+    if (eq == std::string_view::npos) continue;
+    env[std::string(entry.substr(0, eq))] = std::string(entry.substr(eq + 1));
+  }
+  for (const auto& [k, v] : opts.env) env[k] = v;
+  const std::string path = resolve_program(opts.program, env.count("PATH") ? env["PATH"] : "");
+
+  std::vector<std::string> env_strings;
+  env_strings.reserve(env.size());
+  for (const auto& [k, v] : env) env_strings.push_back(k + "=" + v);
+  std::vector<char*> envp;
+  for (auto& s : env_strings) envp.push_back(s.data());
+  envp.push_back(nullptr);
+
+  std::string argv0 = opts.program;
+  std::vector<char*> argv;
+  argv.push_back(argv0.data());
+  for (auto& a : opts.args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+
+  int output[2];
+  int status[2];  // CLOEXEC: closed by a successful exec, carries a child_failure otherwise
+  if (::pipe2(output, O_CLOEXEC) != 0) throw_errno("process: pipe", errno);
+  if (::pipe2(status, O_CLOEXEC) != 0) {
+    const int err = errno;
+    ::close(output[0]);
+    ::close(output[1]);
+    throw_errno("process: pipe", err);
+  }
+  if (::pipe2(p->stop_fd, O_CLOEXEC) != 0) {
+    const int err = errno;
+    for (int fd : {output[0], output[1], status[0], status[1]}) ::close(fd);
+    throw_errno("process: pipe", err);
+  }
+  const int dev_null = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+
+  const child_setup setup{path.c_str(),
+                          argv.data(),
+                          envp.data(),
+                          opts.working_dir.empty() ? nullptr : opts.working_dir.c_str(),
+                          dev_null,
+                          output[1],
+                          status[1],
+                          ::getpid()};
+  const pid_t pid = fork_thread::instance().fork_child(setup);
+  ::close(output[1]);
+  ::close(status[1]);
+  if (dev_null >= 0) ::close(dev_null);
+  if (pid < 0) {
+    ::close(output[0]);
+    ::close(status[0]);
+    throw_errno("process: fork for " + p->name, -pid);
+  }
+  // Also set the group from here, so that the destructor's group kill cannot miss a child that
+  // has not run its own setpgid yet (EACCES once it has exec'd is harmless).
+  ::setpgid(pid, pid);
+  p->pid = pid;
+  p->pidfd = open_pidfd(pid);
+  p->output_fd = output[0];
+
+  child_failure failure{};
+  ssize_t n;
+  do {
+    n = ::read(status[0], &failure, sizeof failure);
+  } while (n < 0 && errno == EINTR);
+  ::close(status[0]);
+  if (n > 0) {
+    // The child reported a failure and exits with 127: reap it before throwing.
+    {
+      std::lock_guard lock(p->reap_mutex);
+      p->try_reap_locked(0);
+    }
+    std::string what;
+    switch (failure.step) {
+      case k_step_chdir: what = "cannot change to directory " + opts.working_dir; break;
+      case k_step_exec: what = "cannot execute " + path; break;
+      default: what = "cannot set up the child process"; break;
+    }
+    throw std::runtime_error("process: cannot start " + p->name + ": " + what + ": " +
+                             errno_text(failure.err));
+  }
+
+  impl* raw = p.get();
+  p->reader = std::thread([raw] { raw->read_output(); });
+  return std::unique_ptr<process>(new process(std::move(p)));
+}
+
+pid_t process::pid() const { return impl_->pid; }
+const std::string& process::name() const { return impl_->name; }
+
+std::optional<std::string> process::wait_for_line(std::string_view text,
+                                                  std::chrono::milliseconds deadline) {
+  const auto until = steady::now() + deadline;
+  std::unique_lock lock(impl_->lines_mutex);
+  // Absolute line number of the next line to look at, so that each line is scanned once even
+  // while old lines are being dropped from the front.
+  std::size_t next = impl_->dropped;
+  std::optional<std::string> found;
+  auto scan = [&] {
+    next = std::max(next, impl_->dropped);
+    const std::size_t end = impl_->dropped + impl_->lines.size();
+    for (; next < end; ++next) {
+      const std::string& line = impl_->lines[next - impl_->dropped];
+      if (line.find(text) != std::string::npos) {
+        found = line;
+        return true;
+      }
+    }
+    return impl_->output_closed;
+  };
+  impl_->lines_changed.wait_until(lock, until, scan);
+  return found;
+}
+
+std::vector<std::string> process::lines() const {
+  std::lock_guard lock(impl_->lines_mutex);
+  return {impl_->lines.begin(), impl_->lines.end()};
+}
+
+std::string process::tail(std::size_t n) const {
+  std::lock_guard lock(impl_->lines_mutex);
+  const auto& lines = impl_->lines;
+  std::string out;
+  for (std::size_t i = lines.size() > n ? lines.size() - n : 0; i < lines.size(); ++i) {
+    out += lines[i];
+    out += '\n';
+  }
+  return out;
+}
+
+void process::signal(int sig) { impl_->send(sig); }
+void process::kill() { impl_->send(SIGKILL); }
+void process::stop() { impl_->send(SIGSTOP); }
+void process::resume() { impl_->send(SIGCONT); }
+
+bool process::running() {
+  std::lock_guard lock(impl_->reap_mutex);
+  impl_->try_reap_locked(WNOHANG);
+  return !impl_->exit_status;
+}
+
+std::optional<int> process::wait_exit(std::chrono::milliseconds deadline) {
+  const auto until = steady::now() + deadline;
+  while (true) {
+    {
+      std::lock_guard lock(impl_->reap_mutex);
+      impl_->try_reap_locked(WNOHANG);
+      if (impl_->exit_status) return impl_->exit_status;
+    }
+    const auto now = steady::now();
+    if (now >= until) return std::nullopt;
+    const auto left = std::chrono::ceil<std::chrono::milliseconds>(until - now);
+    if (impl_->pidfd >= 0) {
+      // Readable once the child has exited; the loop then reaps it.
+      pollfd fd{impl_->pidfd, POLLIN, 0};
+      ::poll(&fd, 1, static_cast<int>(std::min<std::chrono::milliseconds::rep>(
+                         left.count(), std::numeric_limits<int>::max())));
+    } else {
+      std::this_thread::sleep_for(std::min<steady::duration>(left, k_exit_poll_interval));
+    }
+  }
+}
+
+std::string binary_path(const std::string& name) {
+  const char* dir = std::getenv("ENSEMBLE_BIN_DIR");
+  const std::string base = dir != nullptr && *dir != '\0' ? dir : ENSEMBLE_BUILD_BIN_DIR;
+  return base + "/" + name;
+}
+
+std::unique_ptr<broker_process> broker_process::start(std::vector<std::string> extra_args,
+                                                      std::chrono::milliseconds deadline) {
+  std::unique_ptr<broker_process> b(new broker_process());
+  b->extra_args_ = std::move(extra_args);
+  b->launch("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", deadline);
+  return b;
+}
+
+void broker_process::restart(std::chrono::milliseconds deadline) {
+  const auto until = steady::now() + deadline;
+  if (proc_) {
+    proc_->kill();
+    if (!proc_->wait_exit(deadline)) {
+      throw std::runtime_error("broker_process: the old broker did not die on SIGKILL:\n" +
+                               proc_->tail());
+    }
+    proc_.reset();
+  }
+  launch(router_, events_,
+         std::chrono::ceil<std::chrono::milliseconds>(std::max(until - steady::now(),
+                                                               steady::duration::zero())));
+}
+
+void broker_process::launch(const std::string& router, const std::string& events,
+                            std::chrono::milliseconds deadline) {
+  const auto until = steady::now() + deadline;
+  std::vector<std::string> args{"--router", router, "--events", events};
+  args.insert(args.end(), extra_args_.begin(), extra_args_.end());
+  constexpr std::string_view k_ready = "ensemble-broker ready ";
+
+  while (true) {
+    auto proc = process::spawn({binary_path("ensemble-broker"), args, {}, {}, "ensemble-broker"});
+    const auto left =
+        std::chrono::ceil<std::chrono::milliseconds>(std::max(until - steady::now(),
+                                                              steady::duration::zero()));
+    if (auto line = proc->wait_for_line(k_ready, left)) {
+      std::string found_router;
+      std::string found_events;
+      std::istringstream words(line->substr(line->find(k_ready) + k_ready.size()));
+      std::string word;
+      while (words >> word) {
+        if (word.rfind("router=", 0) == 0) found_router = word.substr(7);
+        if (word.rfind("events=", 0) == 0) found_events = word.substr(7);
+      }
+      if (found_router.empty() || found_events.empty()) {
+        throw std::runtime_error("broker_process: cannot parse the ready line '" + *line +
+                                 "':\n" + proc->tail());
+      }
+      router_ = std::move(found_router);
+      events_ = std::move(found_events);
+      proc_ = std::move(proc);
+      return;
+    }
+    // Not ready. A relaunch on concrete endpoints can race the kernel releasing the old
+    // broker's port: that is the one failure worth another try while time is left.
+    const auto code = proc->wait_exit(std::chrono::milliseconds(
+        std::max<std::chrono::milliseconds::rep>(
+            0, std::chrono::ceil<std::chrono::milliseconds>(until - steady::now()).count())));
+    const std::string output = proc->tail();
+    const bool bind_failed = code.has_value() && output.find("cannot bind") != std::string::npos;
+    if (bind_failed && steady::now() + k_rebind_retry_interval < until) {
+      std::this_thread::sleep_for(k_rebind_retry_interval);
+      continue;
+    }
+    throw std::runtime_error(
+        "broker_process: ensemble-broker " +
+        std::string(code ? "exited with " + std::to_string(*code) : "was not ready in time") +
+        " (router " + router + ", events " + events + "):\n" + output);
+  }
+}
+
+bool wait_until(const std::function<bool()>& condition, std::chrono::milliseconds deadline,
+                std::chrono::milliseconds poll_interval) {
+  const auto until = steady::now() + deadline;
+  while (true) {
+    if (condition()) return true;
+    const auto now = steady::now();
+    if (now >= until) return false;
+    std::this_thread::sleep_for(std::min<steady::duration>(until - now, poll_interval));
+  }
+}
+
+}  // namespace ensemble::testkit
