@@ -957,33 +957,42 @@ result<published> agent::publish(const std::string& topic, bytes payload,
   return p;
 }
 
-result<published> agent::publish_acked(const std::string& topic, bytes payload,
-                                       std::chrono::milliseconds deadline,
-                                       const send_options& opts) {
+void agent::publish_async(const std::string& topic, bytes payload,
+                          std::chrono::milliseconds deadline, call_callback done,
+                          const send_options& opts) {
   auto& d = *impl_;
-  if (!d.running) return error{std::string(errc::broker_lost), "agent is not started", false};
-  if (d.on_io_thread()) {
-    return error{"bad_request", "publish_acked() would block the agent's I/O thread", false};
+  if (!d.running) {
+    return done(error{std::string(errc::broker_lost), "agent is not started", false});
   }
   if (auto problem = common::check_topic(topic); !problem.empty()) {
-    return error{"bad_request", problem, false};
+    return done(error{"bad_request", problem, false});
   }
   outbound o;
   o.what = outbound::kind::publish;
   o.hdr.topic = topic;
   d.fill_context(o.hdr, opts);
   o.hdr.ack = true;
-  if (auto too_big = d.check_size(o.hdr, payload)) return *too_big;
+  if (auto too_big = d.check_size(o.hdr, payload)) return done(*too_big);
   o.payload = std::move(payload);
   o.deadline = steady::now() + deadline;
+  o.done = std::move(done);
+  d.submit(std::move(o));
+}
+
+result<published> agent::publish_acked(const std::string& topic, bytes payload,
+                                       std::chrono::milliseconds deadline,
+                                       const send_options& opts) {
+  if (impl_->on_io_thread()) {
+    return error{"bad_request", "publish_acked() would block the agent's I/O thread", false};
+  }
   auto promise = std::make_shared<std::promise<call_result>>();
   auto future = promise->get_future();
-  o.done = [promise](call_result r) { promise->set_value(std::move(r)); };
-  const std::string id = o.hdr.id;
-  d.post(std::move(o));
+  publish_async(
+      topic, std::move(payload), deadline,
+      [promise](call_result r) { promise->set_value(std::move(r)); }, opts);
   auto r = future.get();
   if (!r) return r.err();
-  return published{id, r->seq()};
+  return published{r->id(), r->seq()};
 }
 
 const message* current_message() { return t_current; }

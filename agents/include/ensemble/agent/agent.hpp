@@ -151,6 +151,11 @@ class agent {
   // Fire-and-forget: returns once the event is queued for the broker.
   result<published> publish(const std::string& topic, bytes payload,
                             const send_options& opts = {});
+  // Asks the broker for a PUBLISH_ACK; `done` runs on the agent's I/O thread exactly once with
+  // the acknowledgement (message::id() and seq()) or an error at the deadline. For programs
+  // that must know an event went out without blocking a thread on it.
+  void publish_async(const std::string& topic, bytes payload, std::chrono::milliseconds deadline,
+                     call_callback done, const send_options& opts = {});
   // Waits for the broker's PUBLISH_ACK (the event was fanned out) and returns its seq.
   result<published> publish_acked(const std::string& topic, bytes payload,
                                   std::chrono::milliseconds deadline,

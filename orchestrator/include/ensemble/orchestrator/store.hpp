@@ -1,0 +1,128 @@
+#pragma once
+// The workflow store: where the orchestrator keeps definitions, instances, each instance's
+// append-only history, trigger bookkeeping and events that arrived before anyone awaited them.
+//
+// It is the seam between the engine and durability (SQLite now; a server database such as
+// PostgreSQL later, so that several orchestrators can share one). The engine calls it from one
+// thread only. A state change is written with commit() before any of its effects (commands,
+// events) is sent, and commit() takes a whole batch of changes to many instances in one
+// transaction: grouping commits is what keeps durability from capping throughput.
+//
+// An instance's runtime state (step states, timers, awaits, pending events) is one JSON
+// document owned by the engine; the store keeps it opaque and indexes the columns it needs.
+
+#include <cstdint>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "ensemble/common/result.hpp"
+
+namespace ensemble::orchestrator {
+
+using json = nlohmann::json;
+
+enum class instance_status { running, compensating, completed, failed, cancelled, timed_out };
+std::string_view to_string(instance_status s);
+std::optional<instance_status> parse_instance_status(std::string_view s);
+inline bool is_terminal(instance_status s) {
+  return s != instance_status::running && s != instance_status::compensating;
+}
+
+struct instance_record {
+  std::string id;
+  std::string workflow;
+  std::uint32_t version = 1;
+  instance_status status = instance_status::running;
+  std::string parent_id;        // sub-workflows: the parent instance; empty otherwise
+  std::int64_t created_us = 0;  // wall clock, microseconds since the Unix epoch
+  std::int64_t updated_us = 0;
+  // The engine still has work for it: not terminal, or terminal with events not yet
+  // acknowledged by the broker. load_active() returns exactly these.
+  bool active = true;
+  json state;  // the engine's runtime state, opaque to the store
+};
+
+struct history_entry {
+  std::string instance_id;
+  std::uint64_t seq = 0;  // 1, 2, ... per instance, assigned by the engine
+  std::int64_t ts_us = 0;
+  std::string kind;  // "started", "step_started", "step_completed", "step_failed", ...
+  std::string step;  // empty for instance-level entries
+  json data;
+};
+
+// An event on an awaited topic that no await has consumed yet.
+struct buffered_event {
+  std::string id;  // event id (unique)
+  std::string topic;
+  std::string correlation_id;
+  std::int64_t received_us = 0;
+  json event;  // {"id","topic","correlation_id","causation_id","seq","ts","publisher","payload"}
+};
+
+struct trigger_mark {
+  std::string workflow;
+  std::string event_id;
+  std::string instance_id;
+};
+
+// Everything one engine iteration changed; committed atomically.
+struct commit_batch {
+  std::vector<instance_record> instances;  // upserted (by id)
+  std::vector<history_entry> history;      // appended
+  std::vector<trigger_mark> triggers;      // inserted
+  std::vector<buffered_event> buffer_add;  // inserted (an id already present is ignored)
+  std::vector<std::string> buffer_remove;  // event ids deleted
+  bool empty() const {
+    return instances.empty() && history.empty() && triggers.empty() && buffer_add.empty() &&
+           buffer_remove.empty();
+  }
+};
+
+struct list_filter {
+  std::optional<instance_status> status;
+  std::string workflow;     // empty: all
+  std::size_t limit = 100;  // newest first
+};
+
+class store {
+ public:
+  virtual ~store() = default;
+
+  // Definitions, by (name, version): instances keep running with the version they started
+  // with, even if the file changes. Saving an identical document again is a no-op; a
+  // different document for an existing (name, version) is an error (bad_request).
+  virtual common::status save_definition(const std::string& name, std::uint32_t version,
+                                         const json& doc) = 0;
+  virtual std::optional<json> load_definition(const std::string& name, std::uint32_t version) = 0;
+
+  // One transaction. On error nothing of the batch is stored.
+  virtual common::status commit(const commit_batch& batch) = 0;
+
+  virtual std::vector<instance_record> load_active() = 0;
+  virtual std::optional<instance_record> get(const std::string& id) = 0;
+  // Newest first (created_us descending). `state` is filled.
+  virtual std::vector<instance_record> list(const list_filter& filter) = 0;
+  virtual std::vector<history_entry> history(const std::string& instance_id) = 0;
+  // Instances per status, for stats.
+  virtual std::vector<std::pair<instance_status, std::uint64_t>> count_by_status() = 0;
+
+  // The instance a trigger event already started, if any.
+  virtual std::optional<std::string> triggered_by(const std::string& workflow,
+                                                  const std::string& event_id) = 0;
+
+  virtual std::vector<buffered_event> load_buffer() = 0;  // oldest first
+  // Deletes buffered events received before `before_us`; returns how many.
+  virtual std::size_t purge_buffer(std::int64_t before_us) = 0;
+};
+
+// SQLite in WAL mode. `path` is a file (created if missing, with its directory's write access
+// required) or ":memory:". Throws common::config_error naming the file if it cannot be opened
+// or is not an Ensemble store; the schema is created or checked at open.
+std::unique_ptr<store> open_sqlite_store(const std::string& path);
+
+}  // namespace ensemble::orchestrator

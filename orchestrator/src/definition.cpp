@@ -1,0 +1,1105 @@
+// Workflow definitions: parsing and validation of the JSON format of docs/workflows.md.
+//
+// Two passes over one document. The first builds the step tree and checks everything local to a
+// key (types, required and unknown keys, kinds, durations, names, topics, duplicate step names).
+// The second, once every step name is known, checks what depends on the whole tree: the
+// expressions (syntax, roots, and that a step only uses steps that complete before it) and the
+// on_error goto targets. Every error is a common::config_error whose `where` is
+// "<source>: <JSON pointer>".
+#include "ensemble/orchestrator/definition.hpp"
+
+#include <algorithm>
+#include <array>
+#include <cctype>
+#include <cerrno>
+#include <charconv>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <limits>
+#include <map>
+#include <set>
+#include <sstream>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "ensemble/common/protocol.hpp"
+#include "ensemble/common/result.hpp"
+#include "ensemble/orchestrator/expression.hpp"
+
+namespace ensemble::orchestrator {
+namespace {
+
+using common::config_error;
+using std::string_view_literals::operator""sv;
+
+constexpr std::size_t k_max_step_name_length = 128;
+constexpr std::uint32_t k_max_retry_attempts = 100;
+constexpr double k_max_duration_ms = 1e13;  // about 300 years: anything above is a typo
+
+constexpr std::array<std::string_view, 8> k_kind_names{
+    "command", "publish", "await", "choreography", "parallel", "switch", "wait", "workflow"};
+
+constexpr std::array<std::string_view, 4> k_step_fields{"output", "error", "attempts", "event"};
+constexpr std::array<std::string_view, 3> k_workflow_fields{"input", "id", "name"};
+
+// Keys every step may have, then the keys of each kind (in step_kind order).
+constexpr std::array<std::string_view, 5> k_common_keys{"name", "kind", "compensate", "on_error",
+                                                        "description"};
+const std::array<std::vector<std::string_view>, 8> k_kind_keys{{
+    {"service", "action", "input", "timeout", "retry"},          // command
+    {"topic", "payload", "retry"},                               // publish
+    {"topic", "match", "timeout", "retry"},                      // await
+    {"start", "until", "fail_on", "match", "timeout", "retry"},  // choreography
+    {"branches"},                                                // parallel
+    {"cases", "default"},                                        // switch
+    {"duration"},                                                // wait
+    {"workflow", "input", "timeout", "retry"},                   // workflow
+}};
+
+retry_policy default_retry(step_kind kind) {
+  retry_policy r;
+  if (kind == step_kind::command) r.max_attempts = 3;
+  return r;
+}
+
+retry_policy default_command_retry() {
+  return default_retry(step_kind::command);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Small helpers for messages
+
+std::string pointer_token(std::string_view key) {
+  std::string out;
+  out.reserve(key.size());
+  for (char c : key) {
+    if (c == '~') {
+      out += "~0";
+    } else if (c == '/') {
+      out += "~1";
+    } else {
+      out += c;
+    }
+  }
+  return out;
+}
+
+std::string child(const std::string& ptr, std::string_view key) {
+  return ptr + "/" + pointer_token(key);
+}
+std::string child(const std::string& ptr, std::size_t index) {
+  return ptr + "/" + std::to_string(index);
+}
+
+// The value as it would appear in the file, shortened: "\"fast\"", "3", "an object".
+std::string got(const json& v) {
+  if (v.is_object()) return "an object";
+  if (v.is_array()) return v.empty() ? "an empty array" : "an array";
+  std::string s = v.dump(-1, ' ', false, json::error_handler_t::replace);
+  if (s.size() > 60) s = s.substr(0, 57) + "...";
+  return s;
+}
+
+std::string in_quotes(std::string_view s) {
+  return "\"" + std::string(s) + "\"";
+}
+
+template <class List>
+std::string join(const List& items, std::string_view sep = ", ") {
+  std::string out;
+  for (const auto& item : items) {
+    if (!out.empty()) out += sep;
+    out += item;
+  }
+  return out;
+}
+
+std::size_t edit_distance(std::string_view a, std::string_view b) {
+  std::vector<std::size_t> row(b.size() + 1);
+  for (std::size_t j = 0; j <= b.size(); ++j) row[j] = j;
+  for (std::size_t i = 1; i <= a.size(); ++i) {
+    std::size_t diag = row[0];
+    row[0] = i;
+    for (std::size_t j = 1; j <= b.size(); ++j) {
+      const std::size_t up = row[j];
+      const bool same = std::tolower(static_cast<unsigned char>(a[i - 1])) ==
+                        std::tolower(static_cast<unsigned char>(b[j - 1]));
+      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diag + (same ? 0 : 1)});
+      diag = up;
+    }
+  }
+  return row[b.size()];
+}
+
+std::string format_duration(millis d) {
+  const auto ms = d.count();
+  if (ms % 3'600'000 == 0 && ms > 0) return std::to_string(ms / 3'600'000) + "h";
+  if (ms % 60'000 == 0 && ms > 0) return std::to_string(ms / 60'000) + "m";
+  if (ms % 1000 == 0 && ms > 0) return std::to_string(ms / 1000) + "s";
+  return std::to_string(ms) + "ms";
+}
+
+bool is_step_name_char(char c) {
+  return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' ||
+         c == '-';
+}
+
+// The name segments of a reference path: "steps.A[0].output" -> steps, A, output.
+std::vector<std::string_view> path_names(std::string_view path) {
+  std::vector<std::string_view> names;
+  std::size_t start = 0;
+  while (start <= path.size()) {
+    std::size_t dot = path.find('.', start);
+    if (dot == std::string_view::npos) dot = path.size();
+    std::string_view segment = path.substr(start, dot - start);
+    segment = segment.substr(0, segment.find('['));
+    names.push_back(segment);
+    start = dot + 1;
+  }
+  return names;
+}
+
+const std::string k_duration_help =
+    "must be a duration such as \"250ms\", \"2s\", \"1.5s\", \"1m\", \"1h\" or a whole number of "
+    "milliseconds";
+
+// ---------------------------------------------------------------------------------------------
+// Where an expression is, and what it may refer to.
+
+struct scope {
+  bool allow_event = false;    // await/choreography match, triggers
+  bool allow_workflow = true;  // false in triggers: no instance exists yet
+  bool allow_steps = true;
+  bool any_step = false;  // the workflow output: every step has finished
+  const std::vector<std::string_view>* visible = nullptr;  // steps complete before this point
+  std::string_view self;                                   // the step the expression belongs to
+};
+
+class parser {
+ public:
+  explicit parser(const std::string& source) : source_(source) {}
+
+  definition parse(const json& doc) {
+    if (!doc.is_object()) {
+      fail("",
+           "a workflow definition must be a JSON object of the form {\"workflow\": {\"name\": "
+           "..., \"steps\": [...]}}, got " +
+               got(doc));
+    }
+    check_keys(doc, "", {"workflow"}, "the document", {});
+    require(doc, "", "workflow",
+            "a definition has the form {\"workflow\": {\"name\": ..., \"steps\": [...]}}");
+    const json& w = doc["workflow"];
+    const std::string ptr = "/workflow";
+    if (!w.is_object()) fail(ptr, "must be an object, got " + got(w));
+    check_keys(w, ptr,
+               std::vector<std::string_view>{"name", "version", "steps", "output", "timeout",
+                                             "triggers", "description"},
+               "the workflow", {});
+
+    definition def;
+    def.source = source_;
+    def.raw = doc;
+    def.name =
+        workflow_name(require(w, ptr, "name", "every workflow needs a name"), child(ptr, "name"));
+    if (w.contains("version")) {
+      const json& v = w["version"];
+      if (!v.is_number_integer() || v.get<std::int64_t>() < 1 ||
+          v.get<std::int64_t>() > std::numeric_limits<std::uint32_t>::max()) {
+        fail(child(ptr, "version"), "must be an integer ≥ 1, got " + got(v));
+      }
+      def.version = v.get<std::uint32_t>();
+    }
+    def.steps = parse_sequence(require(w, ptr, "steps", "a workflow needs at least one step"),
+                               child(ptr, "steps"));
+    if (w.contains("output") && !w["output"].is_null()) def.output = w["output"];
+    if (w.contains("timeout")) def.timeout = duration(w["timeout"], child(ptr, "timeout"), true);
+    if (w.contains("triggers"))
+      def.triggers = parse_triggers(w["triggers"], child(ptr, "triggers"));
+    if (w.contains("description") && !w["description"].is_string()) {
+      fail(child(ptr, "description"), "must be a string, got " + got(w["description"]));
+    }
+
+    // Second pass: expressions and jumps, now that every step is known.
+    std::vector<std::string_view> visible;
+    check_sequence(def.steps, visible);
+    if (def.output) {
+      scope sc;
+      sc.any_step = true;
+      check_template_at(*def.output, child(ptr, "output"), sc);
+    }
+    for (std::size_t i = 0; i < def.triggers.size(); ++i) {
+      const std::string tptr = child(child(ptr, "triggers"), i);
+      scope sc;
+      sc.allow_event = true;
+      sc.allow_workflow = false;
+      sc.allow_steps = false;
+      if (!def.triggers[i].match.empty()) {
+        check_condition_at(def.triggers[i].match, child(tptr, "match"), sc);
+      }
+      if (def.triggers[i].input)
+        check_template_at(*def.triggers[i].input, child(tptr, "input"), sc);
+    }
+    return def;
+  }
+
+ private:
+  [[noreturn]] void fail(const std::string& ptr, const std::string& what) const {
+    throw config_error(ptr.empty() ? source_ : source_ + ": " + ptr, what);
+  }
+
+  // ---- generic checks ------------------------------------------------------------------------
+
+  void check_keys(const json& obj, const std::string& ptr,
+                  const std::vector<std::string_view>& allowed, std::string_view what,
+                  const std::map<std::string_view, std::string_view>& hints) const {
+    for (const auto& [key, value] : obj.items()) {
+      if (std::find(allowed.begin(), allowed.end(), key) != allowed.end()) continue;
+      std::string msg = "unknown key " + in_quotes(key) + " in " + std::string(what);
+      if (const auto hint = hints.find(key); hint != hints.end()) {
+        msg += " (" + std::string(hint->second) + ")";
+      } else {
+        std::string_view best;
+        std::size_t best_distance = 3;
+        for (std::string_view candidate : allowed) {
+          const std::size_t d = edit_distance(key, candidate);
+          if (d < best_distance) {
+            best_distance = d;
+            best = candidate;
+          }
+        }
+        if (!best.empty()) msg += " (did you mean " + in_quotes(best) + "?)";
+      }
+      std::vector<std::string> names(allowed.begin(), allowed.end());
+      fail(child(ptr, key), msg + "; allowed keys: " + join(names));
+    }
+  }
+
+  const json& require(const json& obj, const std::string& ptr, std::string_view key,
+                      std::string_view why) const {
+    const auto it = obj.find(key);
+    if (it == obj.end())
+      fail(ptr, "missing required key " + in_quotes(key) + " (" + std::string(why) + ")");
+    return *it;
+  }
+
+  std::string string_at(const json& v, const std::string& ptr) const {
+    if (!v.is_string()) fail(ptr, "must be a string, got " + got(v));
+    return v.get<std::string>();
+  }
+
+  std::string workflow_name(const json& v, const std::string& ptr) const {
+    std::string name = string_at(v, ptr);
+    if (name.empty() || name.size() > k_max_step_name_length ||
+        !std::all_of(name.begin(), name.end(), is_step_name_char)) {
+      fail(ptr, "workflow name " + in_quotes(name) +
+                    " must be 1 to 128 characters from [A-Za-z0-9_-] (it is part of the lifecycle "
+                    "topics workflow.<name>.started, ...)");
+    }
+    return name;
+  }
+
+  std::string service_name(const json& v, const std::string& ptr, std::string_view what) const {
+    std::string name = string_at(v, ptr);
+    if (std::string problem = common::check_name(what, name); !problem.empty()) fail(ptr, problem);
+    return name;
+  }
+
+  std::string topic(const json& v, const std::string& ptr) const {
+    std::string t = string_at(v, ptr);
+    if (std::string problem = common::check_topic(t); !problem.empty()) fail(ptr, problem);
+    return t;
+  }
+
+  std::vector<std::string> topic_list(const json& v, const std::string& ptr) const {
+    if (!v.is_array() || v.empty()) {
+      fail(ptr, "must be a non-empty array of topics, got " + got(v));
+    }
+    std::vector<std::string> topics;
+    for (std::size_t i = 0; i < v.size(); ++i) {
+      std::string t = topic(v[i], child(ptr, i));
+      if (std::find(topics.begin(), topics.end(), t) != topics.end()) {
+        fail(child(ptr, i), "topic " + in_quotes(t) + " is listed twice");
+      }
+      topics.push_back(std::move(t));
+    }
+    return topics;
+  }
+
+  millis duration(const json& v, const std::string& ptr, bool positive) const {
+    const auto d = parse_duration(v);
+    if (!d) fail(ptr, k_duration_help + ", got " + got(v));
+    if (positive && d->count() <= 0) fail(ptr, "must be a duration greater than 0, got " + got(v));
+    return *d;
+  }
+
+  std::string condition_at(const json& v, const std::string& ptr) const {
+    std::string text = string_at(v, ptr);
+    if (text.find_first_not_of(" \t\r\n") == std::string::npos) {
+      fail(ptr,
+           "must be a condition such as \"${event.payload.orderId} == "
+           "${workflow.input.orderId}\", got an empty string");
+    }
+    return text;
+  }
+
+  // ---- steps ---------------------------------------------------------------------------------
+
+  sequence parse_sequence(const json& v, const std::string& ptr) {
+    if (!v.is_array() || v.empty()) fail(ptr, "must be a non-empty array of steps, got " + got(v));
+    sequence seq;
+    seq.reserve(v.size());
+    for (std::size_t i = 0; i < v.size(); ++i) seq.push_back(parse_step(v[i], child(ptr, i)));
+    return seq;
+  }
+
+  step parse_step(const json& j, const std::string& ptr) {
+    if (!j.is_object()) fail(ptr, "a step must be a JSON object, got " + got(j));
+    step s;
+    s.path = ptr;
+    s.name = string_at(require(j, ptr, "name", "every step needs a name"), child(ptr, "name"));
+    if (s.name.empty() || s.name.size() > k_max_step_name_length ||
+        !std::all_of(s.name.begin(), s.name.end(), is_step_name_char)) {
+      fail(child(ptr, "name"), "step name " + in_quotes(s.name) +
+                                   " must be 1 to 128 characters from [A-Za-z0-9_-], so that "
+                                   "${steps.<name>...} can refer to it");
+    }
+    if (const auto it = step_paths_.find(s.name); it != step_paths_.end()) {
+      fail(child(ptr, "name"), "duplicate step name " + in_quotes(s.name) + ": the step at " +
+                                   it->second +
+                                   " has it too (step names must be unique in the whole workflow, "
+                                   "nested steps included)");
+    }
+    step_paths_.emplace(s.name, ptr);
+
+    s.kind = kind_of(j, ptr);
+    const auto k = static_cast<std::size_t>(s.kind);
+    std::vector<std::string_view> allowed(k_common_keys.begin(), k_common_keys.end());
+    allowed.insert(allowed.begin() + 2, k_kind_keys[k].begin(), k_kind_keys[k].end());
+    std::map<std::string_view, std::string_view> hints;
+    if (s.kind == step_kind::parallel || s.kind == step_kind::switch_) {
+      hints = {{"timeout", "give the steps inside it their own timeout"},
+               {"retry", "give the steps inside it their own retry"}};
+    } else if (s.kind == step_kind::wait) {
+      hints = {{"timeout", "a wait lasts its \"duration\""}, {"retry", "a wait cannot fail"}};
+    } else if (s.kind == step_kind::publish) {
+      hints = {{"timeout", "publishing does not wait for anyone; use an await step"}};
+    }
+    check_keys(j, ptr, allowed,
+               "a" + std::string(s.kind == step_kind::await ? "n " : " ") +
+                   std::string(to_string(s.kind)) + " step",
+               hints);
+
+    s.retry = default_retry(s.kind);
+    switch (s.kind) {
+      case step_kind::command:
+        s.service =
+            service_name(require(j, ptr, "service", "a command step needs a service and an action"),
+                         child(ptr, "service"), "service");
+        s.action =
+            service_name(require(j, ptr, "action", "a command step needs a service and an action"),
+                         child(ptr, "action"), "action");
+        if (j.contains("input")) s.input = j["input"];
+        break;
+      case step_kind::publish:
+        s.event.topic =
+            topic(require(j, ptr, "topic", "a publish step needs the topic of its event"),
+                  child(ptr, "topic"));
+        if (j.contains("payload")) s.event.payload = j["payload"];
+        break;
+      case step_kind::await:
+        s.until.push_back(
+            topic(require(j, ptr, "topic", "an await step needs the topic to wait for"),
+                  child(ptr, "topic")));
+        if (j.contains("match")) s.match = condition_at(j["match"], child(ptr, "match"));
+        require(j, ptr, "timeout",
+                "an await step must say how long to wait, e.g. \"timeout\": \"30s\"");
+        break;
+      case step_kind::choreography:
+        parse_choreography(j, ptr, s);
+        break;
+      case step_kind::parallel: {
+        const json& b = require(j, ptr, "branches", "a parallel step needs its branches");
+        const std::string bptr = child(ptr, "branches");
+        if (!b.is_array() || b.empty()) {
+          fail(bptr,
+               "must be a non-empty array of branches, each a non-empty array of steps, got " +
+                   got(b));
+        }
+        for (std::size_t i = 0; i < b.size(); ++i) {
+          s.branches.push_back(parse_sequence(b[i], child(bptr, i)));
+        }
+        break;
+      }
+      case step_kind::switch_:
+        parse_switch(j, ptr, s);
+        break;
+      case step_kind::wait:
+        s.duration =
+            duration(require(j, ptr, "duration", "a wait step needs a duration, e.g. \"5s\""),
+                     child(ptr, "duration"), true);
+        break;
+      case step_kind::workflow:
+        s.workflow = workflow_name(
+            require(j, ptr, "workflow", "a workflow step needs the name of the workflow to start"),
+            child(ptr, "workflow"));
+        if (j.contains("input")) s.input = j["input"];
+        break;
+    }
+
+    if (j.contains("timeout")) s.timeout = duration(j["timeout"], child(ptr, "timeout"), true);
+    if (j.contains("retry")) s.retry = parse_retry(j["retry"], child(ptr, "retry"), s.retry);
+    if (j.contains("compensate")) {
+      s.compensate = parse_compensation(j["compensate"], child(ptr, "compensate"));
+    }
+    if (j.contains("on_error")) s.on_error = parse_on_error(j["on_error"], child(ptr, "on_error"));
+    if (j.contains("description") && !j["description"].is_string()) {
+      fail(child(ptr, "description"), "must be a string, got " + got(j["description"]));
+    }
+    return s;
+  }
+
+  step_kind kind_of(const json& j, const std::string& ptr) const {
+    const std::vector<std::string> kinds(k_kind_names.begin(), k_kind_names.end());
+    if (!j.contains("kind")) {
+      if (j.contains("service")) return step_kind::command;
+      fail(ptr,
+           "missing required key \"kind\" (one of " + join(kinds) +
+               "); only a step with \"service\" and \"action\" may leave it out, and is then a "
+               "command");
+    }
+    const std::string kind = string_at(j["kind"], child(ptr, "kind"));
+    for (std::size_t i = 0; i < k_kind_names.size(); ++i) {
+      if (kind == k_kind_names[i]) return static_cast<step_kind>(i);
+    }
+    fail(child(ptr, "kind"),
+         "unknown step kind " + in_quotes(kind) + "; valid kinds: " + join(kinds));
+  }
+
+  void parse_choreography(const json& j, const std::string& ptr, step& s) {
+    const std::string why =
+        "a choreography step publishes a start event and waits for one of the "
+        "\"until\" or \"fail_on\" topics";
+    const json& start = require(j, ptr, "start", why);
+    const std::string sptr = child(ptr, "start");
+    s.event = parse_event(start, sptr);
+    s.until = topic_list(require(j, ptr, "until", why), child(ptr, "until"));
+    if (j.contains("fail_on")) s.fail_on = topic_list(j["fail_on"], child(ptr, "fail_on"));
+    for (std::size_t i = 0; i < s.until.size(); ++i) {
+      if (s.until[i] == s.event.topic) {
+        fail(child(child(ptr, "until"), i),
+             "topic " + in_quotes(s.until[i]) +
+                 " is also the start topic: the start event itself would end the step");
+      }
+      if (std::find(s.fail_on.begin(), s.fail_on.end(), s.until[i]) != s.fail_on.end()) {
+        fail(child(child(ptr, "until"), i),
+             "topic " + in_quotes(s.until[i]) + " is in both \"until\" and \"fail_on\"");
+      }
+    }
+    for (std::size_t i = 0; i < s.fail_on.size(); ++i) {
+      if (s.fail_on[i] == s.event.topic) {
+        fail(child(child(ptr, "fail_on"), i),
+             "topic " + in_quotes(s.fail_on[i]) +
+                 " is also the start topic: the start event itself would fail the step");
+      }
+    }
+    if (j.contains("match")) s.match = condition_at(j["match"], child(ptr, "match"));
+    require(j, ptr, "timeout",
+            "a choreography step must say how long to wait for its outcome, e.g. \"timeout\": "
+            "\"30s\"");
+  }
+
+  event_spec parse_event(const json& v, const std::string& ptr) const {
+    if (!v.is_object())
+      fail(ptr, "must be an object {\"topic\": ..., \"payload\": ...}, got " + got(v));
+    check_keys(v, ptr, {"topic", "payload"}, "an event", {});
+    event_spec e;
+    e.topic = topic(require(v, ptr, "topic", "an event needs a topic"), child(ptr, "topic"));
+    if (v.contains("payload")) e.payload = v["payload"];
+    return e;
+  }
+
+  void parse_switch(const json& j, const std::string& ptr, step& s) {
+    const json& cases = require(j, ptr, "cases", "a switch step needs its cases");
+    const std::string cptr = child(ptr, "cases");
+    if (!cases.is_array() || cases.empty()) {
+      fail(cptr, "must be a non-empty array of {\"when\": condition, \"steps\": [...]}, got " +
+                     got(cases));
+    }
+    for (std::size_t i = 0; i < cases.size(); ++i) {
+      const json& c = cases[i];
+      const std::string iptr = child(cptr, i);
+      if (!c.is_object()) {
+        fail(iptr,
+             "a case must be an object {\"when\": condition, \"steps\": [...]}, got " + got(c));
+      }
+      check_keys(c, iptr, {"when", "steps"}, "a switch case", {});
+      switch_case sc;
+      sc.when =
+          condition_at(require(c, iptr, "when", "a case needs its condition"), child(iptr, "when"));
+      sc.steps = parse_sequence(require(c, iptr, "steps", "a case needs the steps it runs"),
+                                child(iptr, "steps"));
+      s.cases.push_back(std::move(sc));
+    }
+    if (j.contains("default")) {
+      const json& d = j["default"];
+      if (!d.is_array() || d.empty()) {
+        fail(child(ptr, "default"),
+             "must be a non-empty array of steps (leave \"default\" out to do nothing), got " +
+                 got(d));
+      }
+      s.default_steps = parse_sequence(d, child(ptr, "default"));
+    }
+  }
+
+  retry_policy parse_retry(const json& v, const std::string& ptr, retry_policy r) const {
+    if (!v.is_object()) fail(ptr, "must be an object such as {\"max_attempts\": 3}, got " + got(v));
+    check_keys(v, ptr,
+               {"max_attempts", "initial_interval", "backoff", "max_interval", "non_retryable"},
+               "retry", {});
+    if (v.contains("max_attempts")) {
+      const json& m = v["max_attempts"];
+      if (!m.is_number_integer() || m.get<std::int64_t>() < 1 ||
+          m.get<std::int64_t>() > k_max_retry_attempts) {
+        fail(child(ptr, "max_attempts"), "must be an integer from 1 to 100, got " + got(m));
+      }
+      r.max_attempts = m.get<std::uint32_t>();
+    }
+    if (v.contains("initial_interval")) {
+      r.initial_interval = duration(v["initial_interval"], child(ptr, "initial_interval"), false);
+    }
+    if (v.contains("backoff")) {
+      const json& b = v["backoff"];
+      if (!b.is_number() || !(b.get<double>() >= 1.0) || !std::isfinite(b.get<double>())) {
+        fail(child(ptr, "backoff"), "must be a number ≥ 1.0, got " + got(b));
+      }
+      r.backoff = b.get<double>();
+    }
+    if (v.contains("max_interval")) {
+      r.max_interval = duration(v["max_interval"], child(ptr, "max_interval"), true);
+    }
+    if (r.max_interval < r.initial_interval) {
+      fail(child(ptr, v.contains("max_interval") ? "max_interval" : "initial_interval"),
+           "max_interval (" + format_duration(r.max_interval) +
+               ") is shorter than initial_interval (" + format_duration(r.initial_interval) + ")");
+    }
+    if (v.contains("non_retryable")) {
+      const json& n = v["non_retryable"];
+      const std::string nptr = child(ptr, "non_retryable");
+      if (!n.is_array()) fail(nptr, "must be an array of error codes, got " + got(n));
+      r.non_retryable.clear();
+      for (std::size_t i = 0; i < n.size(); ++i) {
+        std::string code = string_at(n[i], child(nptr, i));
+        if (code.empty()) fail(child(nptr, i), "an error code cannot be empty");
+        r.non_retryable.push_back(std::move(code));
+      }
+    }
+    return r;
+  }
+
+  compensation parse_compensation(const json& v, const std::string& ptr) const {
+    const std::string shape =
+        "{\"service\": ..., \"action\": ..., \"input\"?: ...} to call a command, or {\"publish\": "
+        "{\"topic\": ..., \"payload\"?: ...}} to emit an event";
+    if (!v.is_object()) fail(ptr, "must be " + shape + ", got " + got(v));
+    compensation c;
+    c.path = ptr;
+    if (v.contains("publish")) {
+      check_keys(v, ptr, {"publish"}, "a compensating event", {});
+      c.what = compensation::kind::event;
+      c.event = parse_event(v["publish"], child(ptr, "publish"));
+      return c;
+    }
+    check_keys(v, ptr, {"service", "action", "input", "timeout", "retry"}, "a compensating command",
+               {});
+    if (!v.contains("service") && !v.contains("action")) fail(ptr, "must be " + shape);
+    const std::string why = "a compensating command needs a service and an action";
+    c.what = compensation::kind::command;
+    c.service = service_name(require(v, ptr, "service", why), child(ptr, "service"), "service");
+    c.action = service_name(require(v, ptr, "action", why), child(ptr, "action"), "action");
+    if (v.contains("input")) c.input = v["input"];
+    if (v.contains("timeout")) c.timeout = duration(v["timeout"], child(ptr, "timeout"), true);
+    c.retry = default_command_retry();
+    if (v.contains("retry")) c.retry = parse_retry(v["retry"], child(ptr, "retry"), c.retry);
+    return c;
+  }
+
+  on_error_policy parse_on_error(const json& v, const std::string& ptr) const {
+    on_error_policy p;
+    const std::string shape =
+        "must be \"fail\", \"continue\" or {\"goto\": \"<name of a later step in the same "
+        "sequence>\"}";
+    if (v.is_string()) {
+      if (v == "fail") return p;
+      if (v == "continue") {
+        p.what = on_error_policy::kind::continue_;
+        return p;
+      }
+      fail(ptr, shape + ", got " + got(v));
+    }
+    if (!v.is_object()) fail(ptr, shape + ", got " + got(v));
+    check_keys(v, ptr, {"goto"}, "on_error", {});
+    p.what = on_error_policy::kind::go_to;
+    p.target = string_at(require(v, ptr, "goto", shape), child(ptr, "goto"));
+    return p;
+  }
+
+  std::vector<trigger> parse_triggers(const json& v, const std::string& ptr) const {
+    if (!v.is_array())
+      fail(ptr,
+           "must be an array of {\"topic\": ..., \"match\"?: ..., \"input\"?: ...}, got " + got(v));
+    std::vector<trigger> triggers;
+    for (std::size_t i = 0; i < v.size(); ++i) {
+      const json& t = v[i];
+      const std::string tptr = child(ptr, i);
+      if (!t.is_object()) {
+        fail(tptr,
+             "a trigger must be an object {\"topic\": ..., \"match\"?: ..., \"input\"?: ...}, "
+             "got " +
+                 got(t));
+      }
+      check_keys(t, tptr, {"topic", "match", "input"}, "a trigger", {});
+      trigger tr;
+      tr.topic = topic(require(t, tptr, "topic",
+                               "a trigger starts an instance for each event on "
+                               "its topic"),
+                       child(tptr, "topic"));
+      if (t.contains("match")) tr.match = condition_at(t["match"], child(tptr, "match"));
+      if (t.contains("input")) tr.input = t["input"];
+      triggers.push_back(std::move(tr));
+    }
+    return triggers;
+  }
+
+  // ---- second pass ---------------------------------------------------------------------------
+
+  static void collect_names(const step& s, std::vector<std::string_view>& out) {
+    out.push_back(s.name);
+    for (const auto& branch : s.branches) {
+      for (const auto& inner : branch) collect_names(inner, out);
+    }
+    for (const auto& c : s.cases) {
+      for (const auto& inner : c.steps) collect_names(inner, out);
+    }
+    for (const auto& inner : s.default_steps) collect_names(inner, out);
+  }
+
+  // `visible` holds the steps that complete before the sequence starts; restored on return.
+  void check_sequence(const sequence& seq, std::vector<std::string_view>& visible) {
+    const std::size_t restore = visible.size();
+    for (std::size_t i = 0; i < seq.size(); ++i) {
+      const step& s = seq[i];
+      check_step(s, visible);
+      if (s.on_error.what == on_error_policy::kind::go_to) check_goto(seq, i);
+      collect_names(s, visible);
+    }
+    visible.resize(restore);
+  }
+
+  void check_step(const step& s, std::vector<std::string_view>& visible) {
+    scope sc;
+    sc.visible = &visible;
+    sc.self = s.name;
+    scope match_scope = sc;
+    match_scope.allow_event = true;
+    switch (s.kind) {
+      case step_kind::command:
+      case step_kind::workflow:
+        if (s.input) check_template_at(*s.input, child(s.path, "input"), sc);
+        break;
+      case step_kind::publish:
+        if (!s.event.payload.is_null())
+          check_template_at(s.event.payload, child(s.path, "payload"), sc);
+        break;
+      case step_kind::await:
+        if (!s.match.empty()) check_condition_at(s.match, child(s.path, "match"), match_scope);
+        break;
+      case step_kind::choreography:
+        if (!s.event.payload.is_null()) {
+          check_template_at(s.event.payload, child(child(s.path, "start"), "payload"), sc);
+        }
+        if (!s.match.empty()) check_condition_at(s.match, child(s.path, "match"), match_scope);
+        break;
+      case step_kind::parallel:
+        for (std::size_t b = 0; b < s.branches.size(); ++b) check_sequence(s.branches[b], visible);
+        break;
+      case step_kind::switch_:
+        for (std::size_t c = 0; c < s.cases.size(); ++c) {
+          const std::string cptr = child(child(s.path, "cases"), c);
+          check_condition_at(s.cases[c].when, child(cptr, "when"), sc);
+          check_sequence(s.cases[c].steps, visible);
+        }
+        check_sequence(s.default_steps, visible);
+        break;
+      case step_kind::wait:
+        break;
+    }
+    if (s.compensate) {
+      // A compensation runs after its step completed: it may use the step itself.
+      const std::size_t restore = visible.size();
+      collect_names(s, visible);
+      scope csc;
+      csc.visible = &visible;
+      const compensation& c = *s.compensate;
+      if (c.what == compensation::kind::command && c.input) {
+        check_template_at(*c.input, child(c.path, "input"), csc);
+      } else if (c.what == compensation::kind::event && !c.event.payload.is_null()) {
+        check_template_at(c.event.payload, child(child(c.path, "publish"), "payload"), csc);
+      }
+      visible.resize(restore);
+    }
+  }
+
+  void check_goto(const sequence& seq, std::size_t index) const {
+    const step& s = seq[index];
+    const std::string ptr = child(child(s.path, "on_error"), "goto");
+    const std::string& target = s.on_error.target;
+    const std::string rule =
+        "on_error goto may only jump forward, to a later step of the same sequence (so that a "
+        "workflow cannot loop)";
+    if (target == s.name) fail(ptr, "a step cannot go to itself; " + rule);
+    for (std::size_t i = 0; i < seq.size(); ++i) {
+      if (seq[i].name != target) continue;
+      if (i > index) return;
+      fail(ptr, "step " + in_quotes(target) + " (at " + seq[i].path + ") comes before this step; " +
+                    rule);
+    }
+    const auto it = step_paths_.find(target);
+    if (it == step_paths_.end())
+      fail(ptr, "no step named " + in_quotes(target) + " in this workflow; " + rule);
+    fail(ptr, "step " + in_quotes(target) + " (at " + it->second +
+                  ") is not in the same sequence as this step; " + rule);
+  }
+
+  // Checks every string of a template, so that an error points at the exact member.
+  void check_template_at(const json& tmpl, const std::string& ptr, const scope& sc) const {
+    if (tmpl.is_object()) {
+      for (const auto& [key, value] : tmpl.items()) check_template_at(value, child(ptr, key), sc);
+    } else if (tmpl.is_array()) {
+      for (std::size_t i = 0; i < tmpl.size(); ++i) check_template_at(tmpl[i], child(ptr, i), sc);
+    } else if (tmpl.is_string()) {
+      const expression_check c = check_template(tmpl);
+      if (!c.problem.empty()) fail(ptr, "invalid expression " + c.problem);
+      check_references(c, ptr, sc);
+    }
+  }
+
+  void check_condition_at(const std::string& condition, const std::string& ptr,
+                          const scope& sc) const {
+    const expression_check c = check_condition(condition);
+    if (!c.problem.empty()) {
+      fail(ptr, "invalid condition " + in_quotes(condition) + ": " + c.problem);
+    }
+    check_references(c, ptr, sc);
+  }
+
+  void check_references(const expression_check& c, const std::string& ptr, const scope& sc) const {
+    for (const std::string& path : c.paths) {
+      const std::vector<std::string_view> names = path_names(path);
+      const std::string ref = "${" + path + "}";
+      const std::string_view root = names[0];
+      std::vector<std::string> roots;
+      if (sc.allow_workflow) roots.emplace_back("workflow");
+      if (sc.allow_steps) roots.emplace_back("steps");
+      if (sc.allow_event) roots.emplace_back("event");
+      const bool known = root == "workflow" || root == "steps" || root == "event";
+      if (!known) {
+        fail(ptr, "unknown root " + in_quotes(root) + " in " + ref + "; a reference starts with " +
+                      join(roots, " or "));
+      }
+      if (root == "event" && !sc.allow_event) {
+        fail(ptr, ref +
+                      ": ${event...} is only available in the \"match\" of an await or "
+                      "choreography step and in a trigger's \"match\" and \"input\"");
+      }
+      if (root != "event" && (root == "workflow" ? !sc.allow_workflow : !sc.allow_steps)) {
+        fail(ptr, ref +
+                      ": a trigger runs before the instance exists, so only ${event...} is "
+                      "available here");
+      }
+      if (root == "workflow" && names.size() > 1 &&
+          std::find(k_workflow_fields.begin(), k_workflow_fields.end(), names[1]) ==
+              k_workflow_fields.end()) {
+        fail(ptr, ref + ": workflow has no field " + in_quotes(names[1]) +
+                      "; use workflow.input, workflow.id or workflow.name");
+      }
+      if (root == "steps" && names.size() > 1) check_step_reference(names, ref, ptr, sc);
+    }
+  }
+
+  void check_step_reference(const std::vector<std::string_view>& names, const std::string& ref,
+                            const std::string& ptr, const scope& sc) const {
+    const std::string_view name = names[1];
+    const auto it = step_paths_.find(name);
+    if (it == step_paths_.end()) {
+      fail(ptr, ref + " refers to step " + in_quotes(name) + ", which does not exist");
+    }
+    if (names.size() > 2 &&
+        std::find(k_step_fields.begin(), k_step_fields.end(), names[2]) == k_step_fields.end()) {
+      fail(ptr, ref + ": a step has no field " + in_quotes(names[2]) +
+                    "; use steps.<name>.output, .error, .attempts or .event");
+    }
+    if (sc.any_step) return;
+    if (name == sc.self) {
+      fail(ptr, ref + " refers to the step itself, whose result does not exist yet");
+    }
+    if (std::find(sc.visible->begin(), sc.visible->end(), name) == sc.visible->end()) {
+      fail(ptr, ref + " refers to step " + in_quotes(name) + " (at " + it->second +
+                    "), which does not complete before this step; a step may only use the steps "
+                    "before it in its own sequence and in the sequences that contain it, not later "
+                    "steps or steps of another parallel branch");
+    }
+  }
+
+  const std::string& source_;
+  std::map<std::string, std::string, std::less<>> step_paths_;  // step name -> its JSON pointer
+};
+
+void walk_steps(const sequence& seq, const std::function<void(const step&)>& visit) {
+  for (const step& s : seq) {
+    visit(s);
+    for (const auto& branch : s.branches) walk_steps(branch, visit);
+    for (const auto& c : s.cases) walk_steps(c.steps, visit);
+    walk_steps(s.default_steps, visit);
+  }
+}
+
+std::string read_file(const std::string& path) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) {
+    throw config_error(path, "is a directory, not a workflow file");
+  }
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw config_error(path, std::string("cannot open: ") + std::strerror(errno));
+  std::ostringstream buffer;
+  buffer << in.rdbuf();
+  if (in.bad()) throw config_error(path, std::string("cannot read: ") + std::strerror(errno));
+  return std::move(buffer).str();
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+
+std::string_view to_string(step_kind k) {
+  const auto i = static_cast<std::size_t>(k);
+  return i < k_kind_names.size() ? k_kind_names[i] : "unknown"sv;
+}
+
+millis retry_policy::delay_after(std::uint32_t failed_attempt) const {
+  const double exponent = failed_attempt <= 1 ? 0.0 : static_cast<double>(failed_attempt - 1);
+  const double cap = static_cast<double>(max_interval.count());
+  double delay = static_cast<double>(initial_interval.count()) * std::pow(backoff, exponent);
+  if (!(delay <= cap)) delay = cap;  // also catches inf and nan
+  return millis(static_cast<millis::rep>(std::llround(delay)));
+}
+
+bool retry_policy::allows(std::string_view code, bool retryable) const {
+  if (std::find(non_retryable.begin(), non_retryable.end(), code) != non_retryable.end()) {
+    return false;
+  }
+  return retryable || common::error::retryable_by_default(code);
+}
+
+const step* definition::find(std::string_view step_name) const {
+  const step* found = nullptr;
+  walk_steps(steps, [&](const step& s) {
+    if (!found && s.name == step_name) found = &s;
+  });
+  return found;
+}
+
+std::vector<std::string> definition::listened_topics() const {
+  std::vector<std::string> topics;
+  auto add = [&](const std::string& t) {
+    if (std::find(topics.begin(), topics.end(), t) == topics.end()) topics.push_back(t);
+  };
+  walk_steps(steps, [&](const step& s) {
+    if (s.kind != step_kind::await && s.kind != step_kind::choreography) return;
+    for (const auto& t : s.until) add(t);
+    for (const auto& t : s.fail_on) add(t);
+  });
+  for (const auto& t : triggers) add(t.topic);
+  return topics;
+}
+
+std::vector<std::string> definition::sub_workflows() const {
+  std::vector<std::string> names;
+  walk_steps(steps, [&](const step& s) {
+    if (s.kind == step_kind::workflow &&
+        std::find(names.begin(), names.end(), s.workflow) == names.end()) {
+      names.push_back(s.workflow);
+    }
+  });
+  return names;
+}
+
+definition parse_definition(const json& doc, const std::string& source) {
+  return parser(source).parse(doc);
+}
+
+definition load_definition_file(const std::string& path) {
+  const std::string text = read_file(path);
+  json doc;
+  try {
+    doc = json::parse(text);
+  } catch (const json::parse_error& e) {
+    // e.byte is the 1-based offset of the last character read: turn it into line:column.
+    const std::size_t offset = std::min<std::size_t>(e.byte == 0 ? 0 : e.byte - 1, text.size());
+    std::size_t line = 1;
+    std::size_t line_start = 0;
+    for (std::size_t i = 0; i < offset; ++i) {
+      if (text[i] == '\n') {
+        ++line;
+        line_start = i + 1;
+      }
+    }
+    const std::size_t column = offset - line_start + 1;
+    std::string detail = e.what();
+    if (const auto at = detail.find("parse error"); at != std::string::npos) {
+      if (const auto colon = detail.find(": ", at); colon != std::string::npos) {
+        detail = detail.substr(colon + 2);
+      }
+    }
+    throw config_error(path + ":" + std::to_string(line) + ":" + std::to_string(column),
+                       "invalid JSON: " + detail);
+  }
+  return parse_definition(doc, path);
+}
+
+std::vector<definition> load_definitions(const std::vector<std::string>& paths) {
+  namespace fs = std::filesystem;
+  std::vector<definition> defs;
+  for (const std::string& path : paths) {
+    std::error_code ec;
+    const auto status = fs::status(path, ec);
+    if (ec || !fs::exists(status)) throw config_error(path, "no such file or directory");
+    if (!fs::is_directory(status)) {
+      defs.push_back(load_definition_file(path));
+      continue;
+    }
+    std::vector<std::string> files;
+    for (const auto& entry : fs::directory_iterator(path, ec)) {
+      std::error_code file_ec;
+      if (entry.path().extension() == ".json" && entry.is_regular_file(file_ec)) {
+        files.push_back(entry.path().string());
+      }
+    }
+    if (ec) throw config_error(path, "cannot list the directory: " + ec.message());
+    std::sort(files.begin(), files.end());
+    for (const std::string& file : files) defs.push_back(load_definition_file(file));
+  }
+  check_definition_set(defs);
+  return defs;
+}
+
+void check_definition_set(const std::vector<definition>& defs) {
+  std::map<std::pair<std::string, std::uint32_t>, const definition*> seen;
+  std::map<std::string, std::vector<std::string>> children;  // workflow name -> sub-workflows
+  for (const definition& d : defs) {
+    const auto [it, fresh] = seen.emplace(std::make_pair(d.name, d.version), &d);
+    if (!fresh) {
+      throw config_error(d.source + ": /workflow/name",
+                         "workflow " + in_quotes(d.name) + " version " + std::to_string(d.version) +
+                             " is also defined in " + it->second->source +
+                             "; give one of them another \"version\"");
+    }
+    auto& list = children[d.name];
+    for (auto& name : d.sub_workflows()) list.push_back(std::move(name));
+  }
+  for (const definition& d : defs) {
+    walk_steps(d.steps, [&](const step& s) {
+      if (s.kind != step_kind::workflow || children.count(s.workflow)) return;
+      std::vector<std::string> known;
+      for (const auto& [name, _] : children) known.push_back(name);
+      throw config_error(d.source + ": " + s.path + "/workflow",
+                         "no definition provides workflow " + in_quotes(s.workflow) +
+                             " (loaded: " + join(known) + ")");
+    });
+  }
+  // A workflow that (through its sub-workflows) starts itself would never end.
+  std::map<std::string, int> state;  // 1: on the current path, 2: done
+  std::vector<std::string> trail;
+  std::function<void(const std::string&)> visit = [&](const std::string& name) {
+    state[name] = 1;
+    trail.push_back(name);
+    for (const std::string& next : children[name]) {
+      if (state[next] == 1) {
+        std::vector<std::string> cycle(std::find(trail.begin(), trail.end(), next), trail.end());
+        cycle.push_back(next);
+        const definition* owner = nullptr;
+        for (const definition& d : defs) {
+          if (d.name == name) owner = &d;
+        }
+        std::string where = owner ? owner->source : name;
+        if (owner) {
+          walk_steps(owner->steps, [&](const step& s) {
+            if (s.kind == step_kind::workflow && s.workflow == next && where == owner->source) {
+              where += ": " + s.path + "/workflow";
+            }
+          });
+        }
+        throw config_error(where, "sub-workflows form a cycle: " + join(cycle, " -> ") +
+                                      "; an instance would start itself forever");
+      }
+      if (state[next] == 0) visit(next);
+    }
+    trail.pop_back();
+    state[name] = 2;
+  };
+  for (const auto& [name, _] : children) {
+    if (state[name] == 0) visit(name);
+  }
+}
+
+std::optional<millis> parse_duration(const json& value) {
+  if (value.is_number_unsigned()) {
+    const auto n = value.get<std::uint64_t>();
+    if (static_cast<double>(n) > k_max_duration_ms) return std::nullopt;
+    return millis(static_cast<millis::rep>(n));
+  }
+  if (value.is_number_integer()) {
+    const auto n = value.get<std::int64_t>();
+    if (n < 0 || static_cast<double>(n) > k_max_duration_ms) return std::nullopt;
+    return millis(n);
+  }
+  if (!value.is_string()) return std::nullopt;
+  const std::string_view s = value.get_ref<const std::string&>();
+  std::size_t digits_end = 0;
+  bool dot = false;
+  while (digits_end < s.size() &&
+         ((s[digits_end] >= '0' && s[digits_end] <= '9') || (s[digits_end] == '.' && !dot))) {
+    dot = dot || s[digits_end] == '.';
+    ++digits_end;
+  }
+  const std::string_view number = s.substr(0, digits_end);
+  const std::string_view unit = s.substr(digits_end);
+  if (number.empty() || number == "." || number.front() == '.' || number.back() == '.') {
+    return std::nullopt;
+  }
+  double factor = 0;
+  if (unit == "ms") {
+    factor = 1;
+  } else if (unit == "s") {
+    factor = 1000;
+  } else if (unit == "m") {
+    factor = 60'000;
+  } else if (unit == "h") {
+    factor = 3'600'000;
+  } else {
+    return std::nullopt;
+  }
+  double n = 0;
+  const auto [end, ec] = std::from_chars(number.data(), number.data() + number.size(), n);
+  if (ec != std::errc() || end != number.data() + number.size()) return std::nullopt;
+  const double ms = n * factor;
+  if (!std::isfinite(ms) || ms > k_max_duration_ms) return std::nullopt;
+  return millis(static_cast<millis::rep>(std::llround(ms)));
+}
+
+}  // namespace ensemble::orchestrator

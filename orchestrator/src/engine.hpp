@@ -1,0 +1,180 @@
+#pragma once
+// The engine: every workflow instance of one orchestrator, driven by one thread.
+//
+// Inputs (replies, acknowledgements, events, admin requests) are posted from the SDK's threads
+// into a queue; the engine thread drains it, moves instances forward, and then, in this order:
+// commits everything the iteration changed in one store transaction, sends the commands and
+// events those changes cause, and answers the admin requests. Nothing leaves the process
+// before the state that explains it is durable, and one transaction carries the work of many
+// instances, which is what keeps SQLite from capping throughput.
+//
+// An instance's state is one JSON document, shaped so that expressions read it directly:
+//   {"workflow": {"id", "name", "version", "input"},
+//    "steps":    {"<name>": {"status", "attempts", "output", "error", "event", "started_us",
+//                            "ended_us"}},
+//    "run":      {engine bookkeeping: per-step phase, timers, outbox, compensation, ...}}
+
+#include <spdlog/spdlog.h>
+
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <list>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <queue>
+#include <set>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <unordered_set>
+#include <vector>
+
+#include "ensemble/agent/agent.hpp"
+#include "ensemble/common/ids.hpp"
+#include "ensemble/common/protocol.hpp"
+#include "ensemble/orchestrator/definition.hpp"
+#include "ensemble/orchestrator/orchestrator.hpp"
+#include "ensemble/orchestrator/store.hpp"
+
+namespace ensemble::orchestrator::detail {
+
+using common::error;
+using common::result;
+
+// Where an admin request came from, for the trace context of what it starts.
+struct origin {
+  std::string message_id;
+  std::string trace_id;
+};
+
+class engine {
+ public:
+  engine(options opts, std::vector<definition> defs, std::unique_ptr<store> db);
+  ~engine();
+
+  // Binds the engine to a started agent, loads active instances and starts the thread.
+  void run(agent::agent& ag);
+  void stop();
+
+  // Any thread. Blocks until answered or `deadline`.
+  result<json> request(std::string_view action, const json& args,
+                       std::chrono::milliseconds deadline, const origin& from);
+
+  // Topics the engine must be subscribed to before the agent starts.
+  std::vector<std::string> listened_topics() const;
+  // Called on the SDK's event thread.
+  void on_event(const agent::message& m);
+
+  stats counters() const;
+
+ private:
+  struct instance;
+  struct inbound;
+  struct effect;
+  struct timer {
+    std::int64_t due_us;
+    std::string instance_id;
+    std::string tag;  // step name, "@deadline", "@comp", "@outbox:<event id>"
+    bool operator>(const timer& o) const { return due_us > o.due_us; }
+  };
+  struct buffered {
+    json event;
+  };
+  enum class walk_state { running, completed, failed };
+
+  // --- thread plumbing
+  void post(inbound in);
+  void loop();
+  void process(inbound& in);
+  void fire_timers();
+  void flush();
+
+  // --- instance lifecycle
+  std::shared_ptr<const definition> find_definition(const std::string& name, std::uint32_t version);
+  instance& create_instance(std::shared_ptr<const definition> def, const std::string& id,
+                            json wf_input, const std::string& parent_id,
+                            const std::string& parent_step, const std::string& trace_id,
+                            const std::string& cause);
+  void resume(instance& in);
+  void advance(instance& in);
+  walk_state walk(instance& in, const sequence& seq, json& failure);
+  void start_step(instance& in, const step& s);
+  void start_attempt(instance& in, const step& s);
+  void complete_step(instance& in, const step& s, json output);
+  void step_error(instance& in, const step& s, const error& err, bool timeout = false);
+  void fail_step(instance& in, const step& s, json err);
+  void abandon(instance& in, const sequence& seq);
+  void begin_compensation(instance& in, instance_status final_status, json err);
+  void progress_compensation(instance& in);
+  void finish(instance& in, instance_status status, json result);
+
+  // --- awaits and events
+  void register_await(instance& in, const step& s);
+  void unregister_await(instance& in, const step& s);
+  bool try_buffer(instance& in, const step& s);
+  bool matches(instance& in, const step& s, const json& ev);
+  void deliver(instance& in, const step& s, const json& ev);
+  void handle_event(json ev);
+  void buffer_event(json ev);
+  void purge_buffer();
+
+  // --- effects
+  void send_call(instance& in, const std::string& tag, const std::string& service,
+                 const std::string& action, json payload, std::chrono::milliseconds timeout,
+                 const std::string& request_id, const std::string& key, std::uint32_t attempt);
+  void add_outbox(instance& in, const std::string& topic, json payload, const std::string& key,
+                  const std::string& kind, const std::string& step);
+  void send_outbox(instance& in, const std::string& event_id);
+  void arm(instance& in, const std::string& tag, std::int64_t due_us);
+  void history(instance& in, const std::string& kind, const std::string& step, json data);
+  void touch(instance& in);
+
+  // --- admin
+  result<json> admin(std::string_view action, const json& args, const origin& from,
+                     std::function<result<json>()>& later);
+  json view(const instance_record& r) const;
+
+  json& vis(instance& in, const std::string& step);
+  json& run_of(instance& in, const std::string& step);
+  // A step's visible state without creating it: an empty object for steps not reached.
+  static const json& peek(const instance& in, const std::string& step);
+  json default_input(const instance& in) const;
+
+  options opts_;
+  std::unique_ptr<store> db_;
+  agent::agent* agent_ = nullptr;
+  std::shared_ptr<spdlog::logger> log_;
+  common::id_generator ids_;
+
+  std::map<std::pair<std::string, std::uint32_t>, std::shared_ptr<const definition>> defs_;
+  std::map<std::string, std::shared_ptr<const definition>> latest_;
+  std::set<std::string> await_topics_;
+  std::map<std::string, std::vector<std::shared_ptr<const definition>>> triggers_;
+
+  // Engine-thread state.
+  std::unordered_map<std::string, std::unique_ptr<instance>> live_;
+  std::unordered_map<std::string, std::string> default_awaits_;  // topic \n instance -> step
+  std::unordered_map<std::string, std::set<std::pair<std::string, std::string>>> match_awaits_;
+  std::list<json> buffer_;                                                        // arrival order
+  std::unordered_multimap<std::string, std::list<json>::iterator> buffer_index_;  // topic \n corr
+  std::unordered_map<std::string, std::string> pending_triggers_;  // workflow \n event -> id
+  std::priority_queue<timer, std::vector<timer>, std::greater<>> timers_;
+  commit_batch batch_;
+  std::unordered_set<std::string> dirty_;
+  std::vector<effect> effects_;
+  std::int64_t next_purge_us_ = 0;
+
+  // Cross-thread.
+  mutable std::mutex mutex_;
+  std::condition_variable wake_;
+  std::vector<inbound> inbox_;
+  bool stopping_ = false;
+  std::thread thread_;
+
+  mutable std::mutex stats_mutex_;
+  stats stats_;
+};
+
+}  // namespace ensemble::orchestrator::detail

@@ -1,0 +1,958 @@
+// The SQLite implementation of the workflow store (store.hpp).
+//
+// One connection, used from the engine's thread only. Every statement is prepared once at open
+// and reset after each use, so that commit() costs one bind + step per row and one WAL append
+// per batch. JSON documents (instance state, history data, buffered events) are stored as
+// MessagePack blobs (see k_json_as_msgpack for why); the reader also accepts JSON text, so the
+// encoding can change without a schema change. Definitions are stored as JSON text: they are
+// few, and an operator can read them with the sqlite3 shell.
+
+#include <sqlite3.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <condition_variable>
+#include <cstdint>
+#include <filesystem>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <system_error>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "ensemble/common/logging.hpp"
+#include "ensemble/common/result.hpp"
+#include "ensemble/orchestrator/store.hpp"
+
+namespace ensemble::orchestrator {
+
+std::string_view to_string(instance_status s) {
+  switch (s) {
+    case instance_status::running:
+      return "running";
+    case instance_status::compensating:
+      return "compensating";
+    case instance_status::completed:
+      return "completed";
+    case instance_status::failed:
+      return "failed";
+    case instance_status::cancelled:
+      return "cancelled";
+    case instance_status::timed_out:
+      return "timed_out";
+  }
+  return "unknown";
+}
+
+std::optional<instance_status> parse_instance_status(std::string_view s) {
+  for (auto v :
+       {instance_status::running, instance_status::compensating, instance_status::completed,
+        instance_status::failed, instance_status::cancelled, instance_status::timed_out}) {
+    if (to_string(v) == s) return v;
+  }
+  return std::nullopt;
+}
+
+namespace {
+
+constexpr std::string_view k_store_error = "store_error";
+// PRAGMA application_id: marks the file as an Ensemble store ("EnSt").
+constexpr std::int64_t k_application_id = 0x456e5374;
+// PRAGMA user_version: the schema version this build writes and reads.
+constexpr std::int64_t k_schema_version = 1;
+constexpr int k_busy_timeout_ms = 5000;
+// The WAL is checkpointed into the database file by a background thread once it holds this
+// many pages (SQLite's own default threshold: ~4 MB with 4 KiB pages) ...
+constexpr int k_checkpoint_pages = 1000;
+// ... and by commit() itself if the background thread falls this far behind, so that the WAL
+// stays bounded whatever the scheduling.
+constexpr int k_wal_pages_limit = 16 * k_checkpoint_pages;
+// After a checkpoint the WAL file is reused from its start; beyond this it is truncated.
+constexpr std::int64_t k_journal_size_limit = 64 * 1024 * 1024;
+// MessagePack instead of JSON text for the opaque documents: measured with the engine's batch
+// shape (200 instance upserts + 600 history rows per commit), commit() costs 15-25% less CPU,
+// rows decode ~3x faster and the file is ~15% smaller.
+constexpr bool k_json_as_msgpack = true;
+
+constexpr std::array<std::string_view, 5> k_tables = {"definitions", "instances", "history",
+                                                      "triggers", "buffer"};
+
+constexpr const char* k_schema_sql = R"sql(
+CREATE TABLE definitions(
+  name TEXT NOT NULL,
+  version INTEGER NOT NULL,
+  doc TEXT NOT NULL,
+  PRIMARY KEY(name, version));
+CREATE TABLE instances(
+  id TEXT NOT NULL PRIMARY KEY,
+  workflow TEXT NOT NULL,
+  version INTEGER NOT NULL,
+  status TEXT NOT NULL,
+  parent_id TEXT NOT NULL,
+  created_us INTEGER NOT NULL,
+  updated_us INTEGER NOT NULL,
+  active INTEGER NOT NULL,
+  state BLOB);
+CREATE INDEX instances_active ON instances(created_us) WHERE active = 1;
+CREATE INDEX instances_created ON instances(created_us);
+CREATE INDEX instances_status ON instances(status, created_us);
+CREATE INDEX instances_workflow ON instances(workflow, created_us);
+CREATE TABLE history(
+  instance_id TEXT NOT NULL,
+  seq INTEGER NOT NULL,
+  ts_us INTEGER NOT NULL,
+  kind TEXT NOT NULL,
+  step TEXT NOT NULL,
+  data BLOB,
+  PRIMARY KEY(instance_id, seq)) WITHOUT ROWID;
+CREATE TABLE triggers(
+  workflow TEXT NOT NULL,
+  event_id TEXT NOT NULL,
+  instance_id TEXT NOT NULL,
+  PRIMARY KEY(workflow, event_id)) WITHOUT ROWID;
+CREATE TABLE buffer(
+  id TEXT NOT NULL PRIMARY KEY,
+  topic TEXT NOT NULL,
+  correlation_id TEXT NOT NULL,
+  received_us INTEGER NOT NULL,
+  event BLOB);
+CREATE INDEX buffer_received ON buffer(received_us);
+)sql";
+
+constexpr const char* k_instance_columns =
+    "id, workflow, version, status, parent_id, created_us, updated_us, active, state";
+
+std::string_view primary_code_name(int rc) {
+  switch (rc & 0xff) {
+    case SQLITE_ERROR:
+      return "SQLITE_ERROR";
+    case SQLITE_INTERNAL:
+      return "SQLITE_INTERNAL";
+    case SQLITE_PERM:
+      return "SQLITE_PERM";
+    case SQLITE_ABORT:
+      return "SQLITE_ABORT";
+    case SQLITE_BUSY:
+      return "SQLITE_BUSY";
+    case SQLITE_LOCKED:
+      return "SQLITE_LOCKED";
+    case SQLITE_NOMEM:
+      return "SQLITE_NOMEM";
+    case SQLITE_READONLY:
+      return "SQLITE_READONLY";
+    case SQLITE_INTERRUPT:
+      return "SQLITE_INTERRUPT";
+    case SQLITE_IOERR:
+      return "SQLITE_IOERR";
+    case SQLITE_CORRUPT:
+      return "SQLITE_CORRUPT";
+    case SQLITE_FULL:
+      return "SQLITE_FULL";
+    case SQLITE_CANTOPEN:
+      return "SQLITE_CANTOPEN";
+    case SQLITE_PROTOCOL:
+      return "SQLITE_PROTOCOL";
+    case SQLITE_SCHEMA:
+      return "SQLITE_SCHEMA";
+    case SQLITE_TOOBIG:
+      return "SQLITE_TOOBIG";
+    case SQLITE_CONSTRAINT:
+      return "SQLITE_CONSTRAINT";
+    case SQLITE_MISMATCH:
+      return "SQLITE_MISMATCH";
+    case SQLITE_MISUSE:
+      return "SQLITE_MISUSE";
+    case SQLITE_RANGE:
+      return "SQLITE_RANGE";
+    case SQLITE_NOTADB:
+      return "SQLITE_NOTADB";
+    default:
+      return "SQLITE_?";
+  }
+}
+
+// An SQLite failure inside this file. Never leaves it: the public methods turn it into a
+// common::status (commit, save_definition), a log line (queries) or a config_error (open).
+class sqlite_failure : public std::runtime_error {
+ public:
+  sqlite_failure(int rc, const std::string& message) : std::runtime_error(message), rc_(rc) {}
+  int rc() const { return rc_; }
+
+ private:
+  int rc_;
+};
+
+// "<operation>: <sqlite message> (SQLITE_CONSTRAINT, extended code 1555)"
+std::string describe(sqlite3* db, int rc, std::string_view operation) {
+  std::string out(operation);
+  out += ": ";
+  out += db != nullptr ? sqlite3_errmsg(db) : sqlite3_errstr(rc);
+  out += " (";
+  out += primary_code_name(rc);
+  if (rc != (rc & 0xff)) out += ", extended code " + std::to_string(rc);
+  out += ')';
+  return out;
+}
+
+[[noreturn]] void fail(sqlite3* db, int rc, std::string_view operation) {
+  throw sqlite_failure(rc, describe(db, rc, operation));
+}
+
+struct db_closer {
+  void operator()(sqlite3* db) const { sqlite3_close_v2(db); }
+};
+using db_handle = std::unique_ptr<sqlite3, db_closer>;
+
+// A prepared statement that lives as long as the store.
+class statement {
+ public:
+  statement() = default;
+  statement(sqlite3* db, const char* sql) {
+    const int rc = sqlite3_prepare_v3(db, sql, -1, SQLITE_PREPARE_PERSISTENT, &stmt_, nullptr);
+    if (rc != SQLITE_OK) fail(db, rc, std::string("prepare \"") + sql + '"');
+  }
+  statement(const statement&) = delete;
+  statement& operator=(const statement&) = delete;
+  statement(statement&& other) noexcept : stmt_(std::exchange(other.stmt_, nullptr)) {}
+  statement& operator=(statement&& other) noexcept {
+    std::swap(stmt_, other.stmt_);
+    return *this;
+  }
+  ~statement() { sqlite3_finalize(stmt_); }
+
+  sqlite3_stmt* get() const { return stmt_; }
+
+ private:
+  sqlite3_stmt* stmt_ = nullptr;
+};
+
+// One use of a cached statement: binds, steps, reads columns, and resets it when it goes out
+// of scope, whatever happens — a statement left un-reset would keep its read transaction open
+// and stop WAL checkpoints. Text and blobs are bound without a copy (SQLITE_STATIC): the caller
+// keeps them alive until the last step(), and the bindings are cleared on reset.
+class use {
+ public:
+  use(sqlite3* db, const statement& s) : db_(db), stmt_(s.get()) {}
+  use(const use&) = delete;
+  use& operator=(const use&) = delete;
+  ~use() {
+    sqlite3_reset(stmt_);
+    sqlite3_clear_bindings(stmt_);
+  }
+
+  use& bind(int index, std::string_view text) {
+    // A null pointer would bind SQL NULL, not an empty string.
+    const char* p = text.data() != nullptr ? text.data() : "";
+    check(sqlite3_bind_text(stmt_, index, p, static_cast<int>(text.size()), SQLITE_STATIC));
+    return *this;
+  }
+  use& bind(int index, std::int64_t value) {
+    check(sqlite3_bind_int64(stmt_, index, value));
+    return *this;
+  }
+  use& bind_blob(int index, const std::uint8_t* data, std::size_t size) {
+    check(sqlite3_bind_blob(stmt_, index, data, static_cast<int>(size), SQLITE_STATIC));
+    return *this;
+  }
+  use& bind_null(int index) {
+    check(sqlite3_bind_null(stmt_, index));
+    return *this;
+  }
+
+  // True while a row is available; throws on an error. `what` describes the operation and
+  // is only called on failure.
+  template <class Describe>
+  bool step(Describe&& what) {
+    const int rc = sqlite3_step(stmt_);
+    if (rc == SQLITE_ROW) return true;
+    if (rc == SQLITE_DONE) return false;
+    fail(db_, rc, what());
+  }
+
+  std::string text(int column) const {
+    const auto* p = reinterpret_cast<const char*>(sqlite3_column_text(stmt_, column));
+    return p == nullptr ? std::string() : std::string(p, sqlite3_column_bytes(stmt_, column));
+  }
+  std::int64_t integer(int column) const { return sqlite3_column_int64(stmt_, column); }
+  // A stored JSON document: NULL is json null, a blob is MessagePack, text is JSON text.
+  // A document that does not decode comes back as a discarded value (is_discarded()).
+  json document(int column) const {
+    switch (sqlite3_column_type(stmt_, column)) {
+      case SQLITE_NULL:
+        return json();
+      case SQLITE_BLOB: {
+        const auto* p = static_cast<const std::uint8_t*>(sqlite3_column_blob(stmt_, column));
+        const auto n = static_cast<std::size_t>(sqlite3_column_bytes(stmt_, column));
+        return json::from_msgpack(p, p + n, /*strict=*/true, /*allow_exceptions=*/false);
+      }
+      default: {
+        const auto* p = reinterpret_cast<const char*>(sqlite3_column_text(stmt_, column));
+        const auto n = static_cast<std::size_t>(sqlite3_column_bytes(stmt_, column));
+        return json::parse(p, p + n, nullptr, /*allow_exceptions=*/false);
+      }
+    }
+  }
+
+ private:
+  void check(int rc) {
+    if (rc != SQLITE_OK) fail(db_, rc, "bind");
+  }
+
+  sqlite3* db_;
+  sqlite3_stmt* stmt_;
+};
+
+// Copies the WAL into the database file on a thread and a connection of its own, so that the
+// checkpoint's writes and fsyncs do not stall the engine's thread inside commit(). Measured with
+// the engine's batch shape on 2 shared cores: ~1.4x more batches/s and about half the p99
+// commit latency compared with SQLite's automatic checkpoint in the committing connection.
+// Requested by the WAL hook of the engine's connection after a commit; PASSIVE, so it never
+// blocks the writer (it copies what it can and leaves the rest for the next request).
+class checkpointer {
+ public:
+  checkpointer(const std::string& path, std::shared_ptr<spdlog::logger> log)
+      : path_(path), log_(std::move(log)) {
+    sqlite3* raw = nullptr;
+    const int rc =
+        sqlite3_open_v2(path.c_str(), &raw, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX, nullptr);
+    db_.reset(raw);
+    if (rc != SQLITE_OK) fail(raw, rc, "open the checkpoint connection");
+    sqlite3_extended_result_codes(raw, 1);
+    sqlite3_busy_timeout(raw, k_busy_timeout_ms);
+    // synchronous is per connection: the checkpoint fsyncs the WAL, then the database file.
+    const int sync_rc = sqlite3_exec(raw, "PRAGMA synchronous=NORMAL", nullptr, nullptr, nullptr);
+    if (sync_rc != SQLITE_OK) fail(raw, sync_rc, "set synchronous=NORMAL (checkpoint connection)");
+    thread_ = std::thread([this] { run(); });
+  }
+  checkpointer(const checkpointer&) = delete;
+  checkpointer& operator=(const checkpointer&) = delete;
+  ~checkpointer() {
+    {
+      std::lock_guard lock(mutex_);
+      stop_ = true;
+    }
+    wake_.notify_one();
+    thread_.join();
+  }
+
+  void request() {
+    {
+      std::lock_guard lock(mutex_);
+      if (requested_) return;
+      requested_ = true;
+    }
+    wake_.notify_one();
+  }
+
+ private:
+  void run() {
+    int last_rc = SQLITE_OK;
+    for (;;) {
+      {
+        std::unique_lock lock(mutex_);
+        wake_.wait(lock, [this] { return requested_ || stop_; });
+        if (stop_) return;
+        requested_ = false;
+      }
+      const int rc = sqlite3_wal_checkpoint_v2(db_.get(), nullptr, SQLITE_CHECKPOINT_PASSIVE,
+                                               nullptr, nullptr);
+      // BUSY: another checkpoint (commit()'s fallback) is running; the next request retries.
+      if (rc != SQLITE_OK && (rc & 0xff) != SQLITE_BUSY && rc != last_rc) {
+        log_->warn("store {}: {}", path_, describe(db_.get(), rc, "background checkpoint"));
+      }
+      last_rc = rc;
+    }
+  }
+
+  std::string path_;
+  std::shared_ptr<spdlog::logger> log_;
+  db_handle db_;
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  bool requested_ = false;
+  bool stop_ = false;
+  std::thread thread_;  // last: started once everything it uses exists
+};
+
+class sqlite_store final : public store {
+ public:
+  explicit sqlite_store(const std::string& path)
+      : path_(path), log_(common::component_logger("orchestrator")) {
+    const bool in_memory = path == ":memory:";
+    if (!in_memory) check_location();
+
+    sqlite3* raw = nullptr;
+    const int rc =
+        sqlite3_open_v2(path.c_str(), &raw,
+                        SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, nullptr);
+    db_.reset(raw);  // a handle is allocated even when opening fails
+    if (rc != SQLITE_OK) {
+      throw common::config_error(path_, describe(raw, rc, "cannot open the store"));
+    }
+    try {
+      sqlite3_extended_result_codes(db(), 1);
+      sqlite3_busy_timeout(db(), k_busy_timeout_ms);
+      if (sqlite3_db_readonly(db(), "main") == 1) {
+        throw common::config_error(path_, "the store file is read-only");
+      }
+      // Look before writing anything: a foreign file is refused untouched.
+      const bool fresh = inspect();
+      configure(in_memory);
+      const bool created = fresh && create_schema();
+      check_tables();
+      prepare();
+      if (!in_memory) start_checkpointer();
+      log_->info("store {}: opened ({}, schema version {})", path_,
+                 created ? "created" : "existing", k_schema_version);
+    } catch (const sqlite_failure& e) {
+      if ((e.rc() & 0xff) == SQLITE_NOTADB) {
+        throw common::config_error(path_, std::string("not an SQLite database: ") + e.what());
+      }
+      throw common::config_error(path_, e.what());
+    } catch (const std::system_error& e) {  // the checkpoint thread
+      throw common::config_error(path_,
+                                 std::string("cannot start the checkpoint thread: ") + e.what());
+    }
+  }
+
+  sqlite_store(const sqlite_store&) = delete;
+  sqlite_store& operator=(const sqlite_store&) = delete;
+  ~sqlite_store() override {
+    if (checkpointer_) sqlite3_wal_hook(db(), nullptr, nullptr);
+    checkpointer_.reset();
+    // The statements are finalized and then db_ is closed by the members' destructors; as the
+    // last connection, closing checkpoints the whole WAL and deletes it.
+  }
+
+  common::status save_definition(const std::string& name, std::uint32_t version,
+                                 const json& doc) override {
+    try {
+      std::optional<json> existing = load_definition_or_throw(name, version);
+      if (existing) {
+        if (*existing == doc) return common::ok_status();
+        return common::error::make(
+            common::errc::bad_request,
+            "workflow '" + name + "' version " + std::to_string(version) +
+                " is already stored with a different definition; give the changed "
+                "definition a new version");
+      }
+      const std::string text = doc.dump(-1, ' ', false, json::error_handler_t::replace);
+      use u(db(), insert_definition_);
+      u.bind(1, name).bind(2, static_cast<std::int64_t>(version)).bind(3, text);
+      u.step([&] {
+        return "save definition of workflow '" + name + "' version " + std::to_string(version);
+      });
+      return common::ok_status();
+    } catch (const std::exception& e) {
+      return common::error::make(k_store_error, e.what());
+    }
+  }
+
+  std::optional<json> load_definition(const std::string& name, std::uint32_t version) override {
+    try {
+      return load_definition_or_throw(name, version);
+    } catch (const std::exception& e) {
+      log_->error("store {}: {}", path_, e.what());
+      return std::nullopt;
+    }
+  }
+
+  common::status commit(const commit_batch& batch) override {
+    if (batch.empty()) return common::ok_status();
+    try {
+      // A failed ROLLBACK earlier may have left a transaction open; never nest into it.
+      if (sqlite3_get_autocommit(db()) == 0) rollback();
+      {
+        use u(db(), begin_);
+        u.step([] { return "commit: begin"; });
+      }
+      for (const auto& r : batch.instances) {
+        use u(db(), upsert_instance_);
+        u.bind(1, r.id)
+            .bind(2, r.workflow)
+            .bind(3, static_cast<std::int64_t>(r.version))
+            .bind(4, to_string(r.status))
+            .bind(5, r.parent_id)
+            .bind(6, r.created_us)
+            .bind(7, r.updated_us)
+            .bind(8, std::int64_t{r.active ? 1 : 0});
+        bind_document(u, 9, r.state);
+        u.step([&] { return "commit: upsert instance '" + r.id + "'"; });
+      }
+      for (const auto& h : batch.history) {
+        use u(db(), insert_history_);
+        u.bind(1, h.instance_id)
+            .bind(2, static_cast<std::int64_t>(h.seq))
+            .bind(3, h.ts_us)
+            .bind(4, h.kind)
+            .bind(5, h.step);
+        bind_document(u, 6, h.data);
+        u.step([&] {
+          return "commit: append history entry " + std::to_string(h.seq) + " (" + h.kind +
+                 ") of instance '" + h.instance_id + "'";
+        });
+      }
+      for (const auto& t : batch.triggers) {
+        use u(db(), insert_trigger_);
+        u.bind(1, t.workflow).bind(2, t.event_id).bind(3, t.instance_id);
+        u.step([&] {
+          return "commit: mark event '" + t.event_id + "' as the trigger of instance '" +
+                 t.instance_id + "' of workflow '" + t.workflow + "'";
+        });
+      }
+      for (const auto& b : batch.buffer_add) {
+        use u(db(), insert_buffer_);
+        u.bind(1, b.id).bind(2, b.topic).bind(3, b.correlation_id).bind(4, b.received_us);
+        bind_document(u, 5, b.event);
+        u.step([&] { return "commit: buffer event '" + b.id + "' on topic '" + b.topic + "'"; });
+      }
+      for (const auto& id : batch.buffer_remove) {
+        use u(db(), delete_buffer_);
+        u.bind(1, id);
+        u.step([&] { return "commit: remove buffered event '" + id + "'"; });
+      }
+      {
+        use u(db(), commit_);
+        u.step([] { return "commit: commit"; });
+      }
+      if (wal_pages_ >= k_wal_pages_limit) {
+        // The background checkpoint is not keeping up: checkpoint here (BUSY if it is running).
+        sqlite3_wal_checkpoint_v2(db(), nullptr, SQLITE_CHECKPOINT_PASSIVE, nullptr, nullptr);
+      }
+      return common::ok_status();
+    } catch (const std::exception& e) {
+      rollback();
+      return common::error::make(k_store_error, std::string(e.what()) +
+                                                    "; the batch was rolled back, nothing of "
+                                                    "it is stored");
+    }
+  }
+
+  std::vector<instance_record> load_active() override {
+    std::vector<instance_record> out;
+    try {
+      use u(db(), load_active_);
+      while (u.step([] { return "load active instances"; })) read_instance(u, out);
+    } catch (const std::exception& e) {
+      log_->error("store {}: {} (returning {} instances read so far)", path_, e.what(), out.size());
+    }
+    return out;
+  }
+
+  std::optional<instance_record> get(const std::string& id) override {
+    std::vector<instance_record> out;
+    try {
+      use u(db(), get_instance_);
+      u.bind(1, id);
+      if (u.step([&] { return "get instance '" + id + "'"; })) read_instance(u, out);
+    } catch (const std::exception& e) {
+      log_->error("store {}: {}", path_, e.what());
+    }
+    if (out.empty()) return std::nullopt;
+    return std::move(out.front());
+  }
+
+  std::vector<instance_record> list(const list_filter& filter) override {
+    std::vector<instance_record> out;
+    try {
+      const bool by_status = filter.status.has_value();
+      const bool by_workflow = !filter.workflow.empty();
+      const statement& s = list_[(by_status ? 1 : 0) + (by_workflow ? 2 : 0)];
+      use u(db(), s);
+      constexpr auto k_max = static_cast<std::size_t>(std::numeric_limits<std::int64_t>::max());
+      u.bind(1, static_cast<std::int64_t>(std::min(filter.limit, k_max)));
+      if (by_status) u.bind(2, to_string(*filter.status));
+      if (by_workflow) u.bind(3, filter.workflow);
+      while (u.step([] { return "list instances"; })) read_instance(u, out);
+    } catch (const std::exception& e) {
+      log_->error("store {}: {}", path_, e.what());
+    }
+    return out;
+  }
+
+  std::vector<history_entry> history(const std::string& instance_id) override {
+    std::vector<history_entry> out;
+    try {
+      use u(db(), load_history_);
+      u.bind(1, instance_id);
+      while (u.step([&] { return "read the history of instance '" + instance_id + "'"; })) {
+        history_entry h;
+        h.instance_id = instance_id;
+        h.seq = static_cast<std::uint64_t>(u.integer(0));
+        h.ts_us = u.integer(1);
+        h.kind = u.text(2);
+        h.step = u.text(3);
+        h.data = u.document(4);
+        if (h.data.is_discarded()) {
+          log_->error("store {}: history entry {} of instance '{}' has undecodable data", path_,
+                      h.seq, instance_id);
+          h.data = json();
+        }
+        out.push_back(std::move(h));
+      }
+    } catch (const std::exception& e) {
+      log_->error("store {}: {}", path_, e.what());
+    }
+    return out;
+  }
+
+  std::vector<std::pair<instance_status, std::uint64_t>> count_by_status() override {
+    std::vector<std::pair<instance_status, std::uint64_t>> out;
+    try {
+      use u(db(), count_by_status_);
+      while (u.step([] { return "count instances by status"; })) {
+        const std::string text = u.text(0);
+        if (auto s = parse_instance_status(text)) {
+          out.emplace_back(*s, static_cast<std::uint64_t>(u.integer(1)));
+        } else {
+          log_->error("store {}: {} instances have the unknown status '{}'", path_, u.integer(1),
+                      text);
+        }
+      }
+    } catch (const std::exception& e) {
+      log_->error("store {}: {}", path_, e.what());
+    }
+    return out;
+  }
+
+  std::optional<std::string> triggered_by(const std::string& workflow,
+                                          const std::string& event_id) override {
+    try {
+      use u(db(), triggered_by_);
+      u.bind(1, workflow).bind(2, event_id);
+      if (u.step([&] {
+            return "look up the instance that event '" + event_id + "' started for workflow '" +
+                   workflow + "'";
+          })) {
+        return u.text(0);
+      }
+    } catch (const std::exception& e) {
+      log_->error("store {}: {}", path_, e.what());
+    }
+    return std::nullopt;
+  }
+
+  std::vector<buffered_event> load_buffer() override {
+    std::vector<buffered_event> out;
+    try {
+      use u(db(), load_buffer_);
+      while (u.step([] { return "load buffered events"; })) {
+        buffered_event b;
+        b.id = u.text(0);
+        b.topic = u.text(1);
+        b.correlation_id = u.text(2);
+        b.received_us = u.integer(3);
+        b.event = u.document(4);
+        if (b.event.is_discarded()) {
+          log_->error("store {}: buffered event '{}' does not decode; skipped", path_, b.id);
+          continue;
+        }
+        out.push_back(std::move(b));
+      }
+    } catch (const std::exception& e) {
+      log_->error("store {}: {}", path_, e.what());
+    }
+    return out;
+  }
+
+  std::size_t purge_buffer(std::int64_t before_us) override {
+    try {
+      use u(db(), purge_buffer_);
+      u.bind(1, before_us);
+      u.step([] { return "purge buffered events"; });
+      return static_cast<std::size_t>(sqlite3_changes(db()));
+    } catch (const std::exception& e) {
+      log_->error("store {}: {}", path_, e.what());
+      return 0;
+    }
+  }
+
+ private:
+  sqlite3* db() const { return db_.get(); }
+
+  // The file's directory must exist and be writable: WAL mode creates FILE-wal and FILE-shm
+  // next to it.
+  void check_location() const {
+    namespace fs = std::filesystem;
+    const fs::path file(path_);
+    fs::path dir = file.parent_path();
+    if (dir.empty()) dir = ".";
+    std::error_code ec;
+    if (!fs::exists(dir, ec)) {
+      throw common::config_error(path_, "directory '" + dir.string() + "' does not exist");
+    }
+    if (!fs::is_directory(dir, ec)) {
+      throw common::config_error(path_, "'" + dir.string() + "' is not a directory");
+    }
+    if (fs::is_directory(file, ec)) {
+      throw common::config_error(path_, "is a directory, not a store file");
+    }
+    if (::access(dir.c_str(), W_OK | X_OK) != 0) {
+      throw common::config_error(path_, "directory '" + dir.string() +
+                                            "' is not writable (the store creates its -wal "
+                                            "and -shm files there)");
+    }
+  }
+
+  // Replaces SQLite's automatic checkpoint (which would run inside commit()) by the
+  // background checkpointer.
+  void start_checkpointer() {
+    exec(("PRAGMA journal_size_limit=" + std::to_string(k_journal_size_limit)).c_str(),
+         "set journal_size_limit");
+    checkpointer_ = std::make_unique<checkpointer>(path_, log_);
+    sqlite3_wal_hook(db(), &sqlite_store::on_wal_commit, this);
+  }
+
+  // Called by SQLite in the engine's thread after each commit, with the WAL's size in pages.
+  static int on_wal_commit(void* self, sqlite3* /*db*/, const char* /*schema*/, int pages) {
+    auto* store = static_cast<sqlite_store*>(self);
+    store->wal_pages_ = pages;
+    if (pages >= k_checkpoint_pages) store->checkpointer_->request();
+    return SQLITE_OK;
+  }
+
+  std::int64_t query_int(const char* sql) {
+    statement s(db(), sql);
+    use u(db(), s);
+    if (!u.step([&] { return std::string("read ") + sql; })) return 0;
+    return u.integer(0);
+  }
+
+  void exec(const char* sql, std::string_view operation) {
+    const int rc = sqlite3_exec(db(), sql, nullptr, nullptr, nullptr);
+    if (rc != SQLITE_OK) fail(db(), rc, operation);
+  }
+
+  // True for an empty database (a new file); throws config_error for a database that is not
+  // an Ensemble store of a schema version this build reads. Fails with SQLITE_NOTADB for a
+  // file that is not SQLite at all.
+  bool inspect() {
+    const std::int64_t app_id = query_int("PRAGMA application_id");
+    const std::int64_t version = query_int("PRAGMA user_version");
+    const std::int64_t objects = query_int("SELECT count(*) FROM sqlite_master");
+    return classify(app_id, version, objects);
+  }
+
+  bool classify(std::int64_t app_id, std::int64_t version, std::int64_t objects) const {
+    if (app_id == k_application_id) {
+      if (version == k_schema_version) return false;
+      if (version > k_schema_version) {
+        throw common::config_error(
+            path_, "store schema version " + std::to_string(version) +
+                       " was written by a newer Ensemble; this build reads version " +
+                       std::to_string(k_schema_version));
+      }
+      throw common::config_error(path_, "store schema version " + std::to_string(version) +
+                                            " is not supported; this build reads version " +
+                                            std::to_string(k_schema_version));
+    }
+    if (app_id == 0 && version == 0 && objects == 0) return true;
+    throw common::config_error(
+        path_, "an SQLite database but not an Ensemble store (application_id " +
+                   std::to_string(app_id) + ", user_version " + std::to_string(version) + ", " +
+                   std::to_string(objects) + " schema objects); refusing to touch it");
+  }
+
+  void configure(bool in_memory) {
+    // WAL with synchronous=NORMAL: a commit appends to the WAL file without an fsync, the WAL
+    // is fsynced only at checkpoints. A committed transaction is in the OS page cache when
+    // commit() returns, so it survives the orchestrator being killed (SIGKILL, a crash) —
+    // which is what we promise. Only an OS crash or power loss can lose the last transactions
+    // (never corrupt the file). synchronous=FULL would fsync every commit and cap throughput
+    // at the disk's fsync rate. Checkpoints (which do fsync) run on a background thread, see
+    // checkpointer.
+    if (!in_memory) {
+      const std::string mode = [&] {
+        statement s(db(), "PRAGMA journal_mode=WAL");
+        use u(db(), s);
+        return u.step([] { return "set journal_mode=WAL"; }) ? u.text(0) : std::string();
+      }();
+      if (mode != "wal") {
+        throw common::config_error(path_,
+                                   "cannot switch the store to WAL mode (journal mode "
+                                   "stays '" +
+                                       mode + "')");
+      }
+    }
+    exec("PRAGMA synchronous=NORMAL", "set synchronous=NORMAL");
+    exec("PRAGMA cache_size=-32768", "set cache_size");  // 32 MiB of page cache
+  }
+
+  // Creates the schema in one transaction, unless another process created it meanwhile.
+  bool create_schema() {
+    exec("BEGIN IMMEDIATE", "create schema: begin");
+    try {
+      const bool still_fresh =
+          classify(query_int("PRAGMA application_id"), query_int("PRAGMA user_version"),
+                   query_int("SELECT count(*) FROM sqlite_master"));
+      if (still_fresh) {
+        exec(k_schema_sql, "create schema");
+        exec(("PRAGMA application_id=" + std::to_string(k_application_id)).c_str(),
+             "create schema: set application_id");
+        exec(("PRAGMA user_version=" + std::to_string(k_schema_version)).c_str(),
+             "create schema: set user_version");
+      }
+      exec("COMMIT", "create schema: commit");
+      return still_fresh;
+    } catch (...) {
+      sqlite3_exec(db(), "ROLLBACK", nullptr, nullptr, nullptr);
+      throw;
+    }
+  }
+
+  void check_tables() {
+    for (auto table : k_tables) {
+      statement s(db(), "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1");
+      use u(db(), s);
+      u.bind(1, table);
+      if (!u.step([] { return "check tables"; }) || u.integer(0) != 1) {
+        throw common::config_error(
+            path_, "the store has no table '" + std::string(table) + "' (damaged schema)");
+      }
+    }
+  }
+
+  // Preparing every statement also checks that the tables have the columns this build uses.
+  void prepare() {
+    const std::string select_instances = std::string("SELECT ") + k_instance_columns;
+    begin_ = statement(db(), "BEGIN IMMEDIATE");
+    commit_ = statement(db(), "COMMIT");
+    rollback_ = statement(db(), "ROLLBACK");
+    upsert_instance_ =
+        statement(db(),
+                  "INSERT INTO instances(id, workflow, version, status, parent_id, created_us, "
+                  "updated_us, active, state) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) "
+                  "ON CONFLICT(id) DO UPDATE SET workflow = excluded.workflow, version = "
+                  "excluded.version, status = excluded.status, parent_id = excluded.parent_id, "
+                  "created_us = excluded.created_us, updated_us = excluded.updated_us, active = "
+                  "excluded.active, state = excluded.state");
+    insert_history_ = statement(db(),
+                                "INSERT INTO history(instance_id, seq, ts_us, kind, step, data) "
+                                "VALUES (?1, ?2, ?3, ?4, ?5, ?6)");
+    insert_trigger_ = statement(
+        db(), "INSERT INTO triggers(workflow, event_id, instance_id) VALUES (?1, ?2, ?3)");
+    insert_buffer_ = statement(db(),
+                               "INSERT INTO buffer(id, topic, correlation_id, received_us, "
+                               "event) VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT(id) DO NOTHING");
+    delete_buffer_ = statement(db(), "DELETE FROM buffer WHERE id = ?1");
+    purge_buffer_ = statement(db(), "DELETE FROM buffer WHERE received_us < ?1");
+    load_buffer_ = statement(db(),
+                             "SELECT id, topic, correlation_id, received_us, event FROM buffer "
+                             "ORDER BY received_us, rowid");
+    load_active_ = statement(
+        db(),
+        (select_instances + " FROM instances WHERE active = 1 ORDER BY created_us, rowid").c_str());
+    get_instance_ = statement(db(), (select_instances + " FROM instances WHERE id = ?1").c_str());
+    // Indexed by [has status filter + 2 * has workflow filter]; ?1 is the limit.
+    const char* k_where[] = {"", " WHERE status = ?2", " WHERE workflow = ?3",
+                             " WHERE status = ?2 AND workflow = ?3"};
+    for (std::size_t i = 0; i < list_.size(); ++i) {
+      list_[i] = statement(db(), (select_instances + " FROM instances" + k_where[i] +
+                                  " ORDER BY created_us DESC, rowid DESC LIMIT ?1")
+                                     .c_str());
+    }
+    load_history_ = statement(db(),
+                              "SELECT seq, ts_us, kind, step, data FROM history "
+                              "WHERE instance_id = ?1 ORDER BY seq");
+    count_by_status_ =
+        statement(db(), "SELECT status, count(*) FROM instances GROUP BY status ORDER BY status");
+    triggered_by_ =
+        statement(db(), "SELECT instance_id FROM triggers WHERE workflow = ?1 AND event_id = ?2");
+    load_definition_ =
+        statement(db(), "SELECT doc FROM definitions WHERE name = ?1 AND version = ?2");
+    insert_definition_ =
+        statement(db(), "INSERT INTO definitions(name, version, doc) VALUES (?1, ?2, ?3)");
+  }
+
+  std::optional<json> load_definition_or_throw(const std::string& name, std::uint32_t version) {
+    use u(db(), load_definition_);
+    u.bind(1, name).bind(2, static_cast<std::int64_t>(version));
+    const auto what = [&] {
+      return "load definition of workflow '" + name + "' version " + std::to_string(version);
+    };
+    if (!u.step(what)) return std::nullopt;
+    json doc = u.document(0);
+    if (doc.is_discarded()) throw sqlite_failure(SQLITE_CORRUPT, what() + ": does not decode");
+    return doc;
+  }
+
+  // Encodes into a buffer owned by the store (reused, so no allocation per row once warm)
+  // and binds it; the buffer stays untouched until the statement has stepped.
+  void bind_document(use& u, int index, const json& doc) {
+    if (doc.is_null()) {
+      u.bind_null(index);
+      return;
+    }
+    if constexpr (k_json_as_msgpack) {
+      msgpack_buffer_.clear();
+      json::to_msgpack(doc, msgpack_buffer_);
+      u.bind_blob(index, msgpack_buffer_.data(), msgpack_buffer_.size());
+    } else {
+      text_buffer_ = doc.dump(-1, ' ', false, json::error_handler_t::replace);
+      u.bind(index, text_buffer_);
+    }
+  }
+
+  void read_instance(use& u, std::vector<instance_record>& out) {
+    instance_record r;
+    r.id = u.text(0);
+    r.workflow = u.text(1);
+    r.version = static_cast<std::uint32_t>(u.integer(2));
+    const std::string status = u.text(3);
+    const auto parsed = parse_instance_status(status);
+    if (!parsed) {
+      log_->error("store {}: instance '{}' has the unknown status '{}'; skipped", path_, r.id,
+                  status);
+      return;
+    }
+    r.status = *parsed;
+    r.parent_id = u.text(4);
+    r.created_us = u.integer(5);
+    r.updated_us = u.integer(6);
+    r.active = u.integer(7) != 0;
+    r.state = u.document(8);
+    if (r.state.is_discarded()) {
+      log_->error("store {}: the state of instance '{}' does not decode; returned as null", path_,
+                  r.id);
+      r.state = json();
+    }
+    out.push_back(std::move(r));
+  }
+
+  void rollback() {
+    if (sqlite3_get_autocommit(db()) != 0) return;  // SQLite already rolled back
+    const int rc = sqlite3_step(rollback_.get());
+    sqlite3_reset(rollback_.get());
+    if (rc != SQLITE_DONE) {
+      log_->error("store {}: {}", path_, describe(db(), rc, "rollback"));
+    }
+  }
+
+  std::string path_;
+  std::shared_ptr<spdlog::logger> log_;
+  db_handle db_;  // declared before the statements: finalized first, closed last
+  statement begin_, commit_, rollback_;
+  statement upsert_instance_, insert_history_, insert_trigger_, insert_buffer_, delete_buffer_;
+  statement purge_buffer_, load_buffer_, load_active_, get_instance_, load_history_;
+  statement count_by_status_, triggered_by_, load_definition_, insert_definition_;
+  std::array<statement, 4> list_;
+  std::vector<std::uint8_t> msgpack_buffer_;
+  std::string text_buffer_;
+  int wal_pages_ = 0;
+  std::unique_ptr<checkpointer> checkpointer_;  // after db_: stopped before db_ is closed
+};
+
+}  // namespace
+
+std::unique_ptr<store> open_sqlite_store(const std::string& path) {
+  return std::make_unique<sqlite_store>(path);
+}
+
+}  // namespace ensemble::orchestrator

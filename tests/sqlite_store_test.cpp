@@ -1,0 +1,699 @@
+// The SQLite workflow store against real files: what is committed survives closing the store
+// and a SIGKILL of the process that wrote it, a failing batch leaves nothing behind, and the
+// queries return what the engine expects (active rows, newest first, history in order).
+
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sqlite3.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "ensemble/common/result.hpp"
+#include "ensemble/orchestrator/store.hpp"
+
+namespace {
+
+namespace fs = std::filesystem;
+using ensemble::common::config_error;
+using namespace ensemble::orchestrator;
+
+class sqlite_store_test : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::string pattern = "/tmp/ensemble-store-XXXXXX";
+    ASSERT_NE(::mkdtemp(pattern.data()), nullptr) << "mkdtemp: " << std::strerror(errno);
+    dir_ = pattern;
+    path_ = (dir_ / "store.db").string();
+  }
+  void TearDown() override {
+    std::error_code ec;
+    fs::remove_all(dir_, ec);
+  }
+
+  std::unique_ptr<store> open() { return open_sqlite_store(path_); }
+
+  fs::path dir_;
+  std::string path_;
+};
+
+instance_record make_instance(const std::string& id, std::int64_t created_us,
+                              instance_status status = instance_status::running,
+                              const std::string& workflow = "OrderProcessing") {
+  instance_record r;
+  r.id = id;
+  r.workflow = workflow;
+  r.version = 1;
+  r.status = status;
+  r.created_us = created_us;
+  r.updated_us = created_us;
+  r.active = !is_terminal(status);
+  r.state = {{"step", 0}, {"id", id}};
+  return r;
+}
+
+history_entry make_entry(const std::string& instance_id, std::uint64_t seq,
+                         const std::string& kind = "step_completed") {
+  history_entry h;
+  h.instance_id = instance_id;
+  h.seq = seq;
+  h.ts_us = 1000 + static_cast<std::int64_t>(seq);
+  h.kind = kind;
+  h.step = "Step" + std::to_string(seq);
+  h.data = {{"seq", seq}};
+  return h;
+}
+
+buffered_event make_event(const std::string& id, std::int64_t received_us,
+                          const std::string& payload = "p") {
+  buffered_event b;
+  b.id = id;
+  b.topic = "payment.done";
+  b.correlation_id = "wf-1";
+  b.received_us = received_us;
+  b.event = {{"id", id}, {"topic", "payment.done"}, {"payload", {{"v", payload}}}};
+  return b;
+}
+
+std::vector<std::string> ids_of(const std::vector<instance_record>& rs) {
+  std::vector<std::string> out;
+  for (const auto& r : rs) out.push_back(r.id);
+  return out;
+}
+
+void commit_ok(store& s, const commit_batch& b) {
+  auto st = s.commit(b);
+  ASSERT_TRUE(st.ok()) << st.err().to_string();
+}
+
+// Runs SQL on the file directly, to build files the store must refuse.
+void raw_sql(const std::string& path, const char* sql) {
+  sqlite3* db = nullptr;
+  ASSERT_EQ(sqlite3_open(path.c_str(), &db), SQLITE_OK);
+  char* message = nullptr;
+  const int rc = sqlite3_exec(db, sql, nullptr, nullptr, &message);
+  const std::string text = message != nullptr ? message : "";
+  sqlite3_free(message);
+  sqlite3_close(db);
+  ASSERT_EQ(rc, SQLITE_OK) << text;
+}
+
+std::string open_error(const std::string& path) {
+  try {
+    open_sqlite_store(path);
+  } catch (const config_error& e) {
+    return e.what();
+  }
+  return "(no config_error)";
+}
+
+TEST(instance_status_names, round_trip) {
+  for (auto s :
+       {instance_status::running, instance_status::compensating, instance_status::completed,
+        instance_status::failed, instance_status::cancelled, instance_status::timed_out}) {
+    EXPECT_EQ(parse_instance_status(to_string(s)), s);
+  }
+  EXPECT_EQ(to_string(instance_status::timed_out), "timed_out");
+  EXPECT_EQ(parse_instance_status("Running"), std::nullopt);
+  EXPECT_EQ(parse_instance_status(""), std::nullopt);
+}
+
+TEST_F(sqlite_store_test, everything_survives_close_and_reopen) {
+  instance_record parent = make_instance("wf-1", 100);
+  parent.version = 7;
+  parent.state = {{"steps", {{"Charge", {{"attempt", 2}, {"output", {{"tx", "t-9"}}}}}}},
+                  {"big", 9007199254740993ULL},
+                  {"neg", -5},
+                  {"ratio", 0.25},
+                  {"text", "gr\xc3\xbc\xc3\x9f"},
+                  {"list", {1, "two", nullptr, false}}};
+  instance_record child = make_instance("wf-2", 200, instance_status::failed);
+  child.parent_id = "wf-1";
+  child.updated_us = 250;
+  child.active = true;  // terminal, lifecycle event not yet acknowledged
+  child.state = nullptr;
+
+  commit_batch b;
+  b.instances = {parent, child};
+  b.history = {make_entry("wf-1", 1, "started"), make_entry("wf-1", 2), make_entry("wf-2", 1)};
+  b.history[0].step.clear();
+  b.history[0].data = nullptr;
+  b.triggers = {{"OrderProcessing", "ev-1", "wf-1"}};
+  b.buffer_add = {make_event("ev-7", 300), make_event("ev-8", 301)};
+  {
+    auto s = open();
+    ASSERT_TRUE(s->save_definition("OrderProcessing", 7, {{"workflow", {{"name", "x"}}}}).ok());
+    commit_ok(*s, b);
+  }
+
+  auto s = open();
+  auto got = s->get("wf-1");
+  ASSERT_TRUE(got.has_value());
+  EXPECT_EQ(got->workflow, "OrderProcessing");
+  EXPECT_EQ(got->version, 7u);
+  EXPECT_EQ(got->status, instance_status::running);
+  EXPECT_EQ(got->parent_id, "");
+  EXPECT_EQ(got->created_us, 100);
+  EXPECT_EQ(got->updated_us, 100);
+  EXPECT_TRUE(got->active);
+  EXPECT_EQ(got->state, parent.state);
+  EXPECT_EQ(got->state["big"].get<std::uint64_t>(), 9007199254740993ULL);
+
+  auto got_child = s->get("wf-2");
+  ASSERT_TRUE(got_child.has_value());
+  EXPECT_EQ(got_child->status, instance_status::failed);
+  EXPECT_EQ(got_child->parent_id, "wf-1");
+  EXPECT_EQ(got_child->updated_us, 250);
+  EXPECT_TRUE(got_child->active);
+  EXPECT_TRUE(got_child->state.is_null());
+  EXPECT_FALSE(s->get("wf-3").has_value());
+
+  auto h = s->history("wf-1");
+  ASSERT_EQ(h.size(), 2u);
+  EXPECT_EQ(h[0].instance_id, "wf-1");
+  EXPECT_EQ(h[0].seq, 1u);
+  EXPECT_EQ(h[0].ts_us, 1001);
+  EXPECT_EQ(h[0].kind, "started");
+  EXPECT_EQ(h[0].step, "");
+  EXPECT_TRUE(h[0].data.is_null());
+  EXPECT_EQ(h[1].kind, "step_completed");
+  EXPECT_EQ(h[1].step, "Step2");
+  EXPECT_EQ(h[1].data, (json{{"seq", 2}}));
+
+  EXPECT_EQ(s->triggered_by("OrderProcessing", "ev-1"), "wf-1");
+  auto buffered = s->load_buffer();
+  ASSERT_EQ(buffered.size(), 2u);
+  EXPECT_EQ(buffered[0].id, "ev-7");
+  EXPECT_EQ(buffered[0].topic, "payment.done");
+  EXPECT_EQ(buffered[0].correlation_id, "wf-1");
+  EXPECT_EQ(buffered[0].received_us, 300);
+  EXPECT_EQ(buffered[0].event, b.buffer_add[0].event);
+
+  EXPECT_EQ(s->load_definition("OrderProcessing", 7), (json{{"workflow", {{"name", "x"}}}}));
+  EXPECT_EQ(ids_of(s->load_active()), (std::vector<std::string>{"wf-1", "wf-2"}));
+}
+
+TEST_F(sqlite_store_test, memory_store_works) {
+  auto s = open_sqlite_store(":memory:");
+  commit_batch b;
+  b.instances = {make_instance("m-1", 1)};
+  b.history = {make_entry("m-1", 1)};
+  commit_ok(*s, b);
+  ASSERT_TRUE(s->get("m-1").has_value());
+  EXPECT_EQ(s->history("m-1").size(), 1u);
+}
+
+TEST_F(sqlite_store_test, upsert_replaces_the_record) {
+  auto s = open();
+  commit_batch first;
+  first.instances = {make_instance("wf-1", 100), make_instance("wf-2", 200)};
+  commit_ok(*s, first);
+
+  instance_record done = make_instance("wf-1", 100, instance_status::completed);
+  done.updated_us = 500;
+  done.state = {{"output", "ok"}};
+  commit_batch second;
+  second.instances = {done};
+  commit_ok(*s, second);
+
+  auto got = s->get("wf-1");
+  ASSERT_TRUE(got.has_value());
+  EXPECT_EQ(got->status, instance_status::completed);
+  EXPECT_EQ(got->updated_us, 500);
+  EXPECT_EQ(got->created_us, 100);
+  EXPECT_FALSE(got->active);
+  EXPECT_EQ(got->state, (json{{"output", "ok"}}));
+  EXPECT_EQ(ids_of(s->list({})), (std::vector<std::string>{"wf-2", "wf-1"}));
+
+  // The same id twice in one batch: the last one wins.
+  instance_record a = make_instance("wf-3", 300);
+  instance_record z = make_instance("wf-3", 300, instance_status::compensating);
+  z.state = {{"last", true}};
+  commit_batch third;
+  third.instances = {a, z};
+  commit_ok(*s, third);
+  got = s->get("wf-3");
+  ASSERT_TRUE(got.has_value());
+  EXPECT_EQ(got->status, instance_status::compensating);
+  EXPECT_EQ(got->state, (json{{"last", true}}));
+  EXPECT_EQ(s->list({}).size(), 3u);
+}
+
+TEST_F(sqlite_store_test, load_active_returns_exactly_the_active_rows_oldest_first) {
+  auto s = open();
+  commit_batch b;
+  instance_record terminal_unacked = make_instance("c", 30, instance_status::completed);
+  terminal_unacked.active = true;
+  b.instances = {make_instance("d", 40), terminal_unacked,
+                 make_instance("a", 10, instance_status::failed), make_instance("b", 20),
+                 make_instance("e", 5, instance_status::compensating)};
+  commit_ok(*s, b);
+  EXPECT_EQ(ids_of(s->load_active()), (std::vector<std::string>{"e", "b", "c", "d"}));
+
+  // Finishing an instance takes it out; acknowledging the terminal one too.
+  commit_batch later;
+  later.instances = {make_instance("b", 20, instance_status::completed)};
+  terminal_unacked.active = false;
+  later.instances.push_back(terminal_unacked);
+  commit_ok(*s, later);
+  EXPECT_EQ(ids_of(s->load_active()), (std::vector<std::string>{"e", "d"}));
+  EXPECT_EQ(s->list({}).size(), 5u);
+}
+
+TEST_F(sqlite_store_test, list_filters_orders_newest_first_and_limits) {
+  auto s = open();
+  commit_batch b;
+  b.instances = {
+      make_instance("o1", 10, instance_status::completed, "Order"),
+      make_instance("o2", 20, instance_status::running, "Order"),
+      make_instance("o3", 30, instance_status::failed, "Order"),
+      make_instance("s1", 15, instance_status::completed, "Ship"),
+      make_instance("s2", 25, instance_status::running, "Ship"),
+      make_instance("o4", 30, instance_status::completed, "Order"),  // same time as o3
+  };
+  commit_ok(*s, b);
+
+  // Equal created_us: the one stored later comes first.
+  EXPECT_EQ(ids_of(s->list({})), (std::vector<std::string>{"o4", "o3", "s2", "o2", "s1", "o1"}));
+  list_filter f;
+  f.limit = 2;
+  EXPECT_EQ(ids_of(s->list(f)), (std::vector<std::string>{"o4", "o3"}));
+  f = {};
+  f.status = instance_status::completed;
+  EXPECT_EQ(ids_of(s->list(f)), (std::vector<std::string>{"o4", "s1", "o1"}));
+  f = {};
+  f.workflow = "Ship";
+  EXPECT_EQ(ids_of(s->list(f)), (std::vector<std::string>{"s2", "s1"}));
+  f.status = instance_status::running;
+  EXPECT_EQ(ids_of(s->list(f)), (std::vector<std::string>{"s2"}));
+  f.workflow = "Order";
+  f.status = instance_status::completed;
+  f.limit = 1;
+  auto one = s->list(f);
+  EXPECT_EQ(ids_of(one), (std::vector<std::string>{"o4"}));
+  ASSERT_EQ(one.size(), 1u);
+  EXPECT_EQ(one[0].state, (json{{"step", 0}, {"id", "o4"}}));  // state is filled
+  f = {};
+  f.workflow = "Nope";
+  EXPECT_TRUE(s->list(f).empty());
+  f = {};
+  f.status = instance_status::timed_out;
+  EXPECT_TRUE(s->list(f).empty());
+}
+
+TEST_F(sqlite_store_test, history_is_read_in_seq_order_per_instance) {
+  auto s = open();
+  commit_batch b;
+  b.instances = {make_instance("wf-1", 1), make_instance("wf-2", 2)};
+  b.history = {make_entry("wf-1", 3), make_entry("wf-2", 1), make_entry("wf-1", 1)};
+  commit_ok(*s, b);
+  commit_batch more;
+  more.history = {make_entry("wf-1", 2), make_entry("wf-1", 10), make_entry("wf-2", 2)};
+  commit_ok(*s, more);
+
+  std::vector<std::uint64_t> seqs;
+  for (const auto& h : s->history("wf-1")) {
+    EXPECT_EQ(h.instance_id, "wf-1");
+    seqs.push_back(h.seq);
+  }
+  EXPECT_EQ(seqs, (std::vector<std::uint64_t>{1, 2, 3, 10}));
+  EXPECT_EQ(s->history("wf-2").size(), 2u);
+  EXPECT_TRUE(s->history("wf-9").empty());
+}
+
+TEST_F(sqlite_store_test, a_failing_batch_stores_nothing_and_the_store_stays_usable) {
+  auto s = open();
+  commit_batch good;
+  good.instances = {make_instance("wf-1", 1)};
+  good.history = {make_entry("wf-1", 1)};
+  good.buffer_add = {make_event("ev-1", 10)};
+  commit_ok(*s, good);
+
+  commit_batch bad;
+  instance_record changed = make_instance("wf-1", 1, instance_status::failed);
+  bad.instances = {changed, make_instance("wf-2", 2)};
+  bad.history = {make_entry("wf-2", 1), make_entry("wf-1", 2), make_entry("wf-2", 1)};
+  bad.triggers = {{"OrderProcessing", "ev-5", "wf-2"}};
+  bad.buffer_add = {make_event("ev-2", 20)};
+  bad.buffer_remove = {"ev-1"};
+  auto st = s->commit(bad);
+  ASSERT_FALSE(st.ok());
+  EXPECT_EQ(st.err().code, "store_error");
+  EXPECT_NE(st.err().message.find("history"), std::string::npos) << st.err().message;
+  EXPECT_NE(st.err().message.find("wf-2"), std::string::npos) << st.err().message;
+  EXPECT_NE(st.err().message.find("UNIQUE constraint failed"), std::string::npos)
+      << st.err().message;
+
+  // Nothing of the batch, including what came before the failing row.
+  EXPECT_EQ(s->get("wf-1")->status, instance_status::running);
+  EXPECT_FALSE(s->get("wf-2").has_value());
+  EXPECT_EQ(s->history("wf-1").size(), 1u);
+  EXPECT_TRUE(s->history("wf-2").empty());
+  EXPECT_FALSE(s->triggered_by("OrderProcessing", "ev-5").has_value());
+  auto buffered = s->load_buffer();
+  ASSERT_EQ(buffered.size(), 1u);
+  EXPECT_EQ(buffered[0].id, "ev-1");
+
+  // A history row that collides with one committed earlier fails the same way.
+  commit_batch collides;
+  collides.instances = {changed};
+  collides.history = {make_entry("wf-1", 1)};
+  EXPECT_FALSE(s->commit(collides).ok());
+  EXPECT_EQ(s->get("wf-1")->status, instance_status::running);
+
+  // The store goes on: the corrected batch commits, and survives a reopen.
+  bad.history.pop_back();
+  commit_ok(*s, bad);
+  EXPECT_EQ(s->get("wf-1")->status, instance_status::failed);
+  s.reset();
+  s = open();
+  EXPECT_TRUE(s->get("wf-2").has_value());
+  EXPECT_EQ(s->history("wf-1").size(), 2u);
+  EXPECT_EQ(s->triggered_by("OrderProcessing", "ev-5"), "wf-2");
+  ASSERT_EQ(s->load_buffer().size(), 1u);
+  EXPECT_EQ(s->load_buffer()[0].id, "ev-2");
+}
+
+TEST_F(sqlite_store_test, trigger_marks_dedup_events_per_workflow) {
+  auto s = open();
+  EXPECT_FALSE(s->triggered_by("Order", "ev-1").has_value());
+  commit_batch b;
+  b.instances = {make_instance("wf-1", 1, instance_status::running, "Order")};
+  b.triggers = {{"Order", "ev-1", "wf-1"}};
+  commit_ok(*s, b);
+  EXPECT_EQ(s->triggered_by("Order", "ev-1"), "wf-1");
+  EXPECT_FALSE(s->triggered_by("Ship", "ev-1").has_value());
+  EXPECT_FALSE(s->triggered_by("Order", "ev-2").has_value());
+
+  // The same event for another workflow starts its own instance.
+  commit_batch other;
+  other.triggers = {{"Ship", "ev-1", "wf-2"}};
+  commit_ok(*s, other);
+  EXPECT_EQ(s->triggered_by("Ship", "ev-1"), "wf-2");
+
+  // A second mark for the same (workflow, event) is refused: the event already started one.
+  commit_batch replay;
+  replay.instances = {make_instance("wf-3", 3, instance_status::running, "Order")};
+  replay.triggers = {{"Order", "ev-1", "wf-3"}};
+  auto st = s->commit(replay);
+  ASSERT_FALSE(st.ok());
+  EXPECT_EQ(st.err().code, "store_error");
+  EXPECT_NE(st.err().message.find("ev-1"), std::string::npos) << st.err().message;
+  EXPECT_EQ(s->triggered_by("Order", "ev-1"), "wf-1");
+  EXPECT_FALSE(s->get("wf-3").has_value());
+}
+
+TEST_F(sqlite_store_test, buffer_add_ignores_known_ids_remove_and_purge) {
+  auto s = open();
+  commit_batch b;
+  b.buffer_add = {make_event("ev-3", 30), make_event("ev-1", 10), make_event("ev-2", 20),
+                  make_event("ev-1", 99, "duplicate in the same batch")};
+  commit_ok(*s, b);
+  commit_batch again;
+  again.buffer_add = {make_event("ev-2", 98, "duplicate later")};
+  commit_ok(*s, again);
+
+  auto buffered = s->load_buffer();
+  ASSERT_EQ(buffered.size(), 3u);
+  EXPECT_EQ(buffered[0].id, "ev-1");  // oldest first
+  EXPECT_EQ(buffered[0].received_us, 10);
+  EXPECT_EQ(buffered[0].event["payload"]["v"], "p");  // the first one stays
+  EXPECT_EQ(buffered[1].id, "ev-2");
+  EXPECT_EQ(buffered[1].received_us, 20);
+  EXPECT_EQ(buffered[2].id, "ev-3");
+
+  commit_batch remove;
+  remove.buffer_remove = {"ev-2", "ev-unknown"};
+  commit_ok(*s, remove);
+  buffered = s->load_buffer();
+  ASSERT_EQ(buffered.size(), 2u);
+  EXPECT_EQ(buffered[0].id, "ev-1");
+  EXPECT_EQ(buffered[1].id, "ev-3");
+
+  // Added and removed in one batch: gone.
+  commit_batch both;
+  both.buffer_add = {make_event("ev-4", 40)};
+  both.buffer_remove = {"ev-4"};
+  commit_ok(*s, both);
+  EXPECT_EQ(s->load_buffer().size(), 2u);
+
+  commit_batch more;
+  more.buffer_add = {make_event("ev-5", 50)};
+  commit_ok(*s, more);
+  EXPECT_EQ(s->purge_buffer(30), 1u);  // ev-1 only: strictly before 30
+  EXPECT_EQ(s->purge_buffer(30), 0u);
+  buffered = s->load_buffer();
+  ASSERT_EQ(buffered.size(), 2u);
+  EXPECT_EQ(buffered[0].id, "ev-3");
+  EXPECT_EQ(buffered[1].id, "ev-5");
+  EXPECT_EQ(s->purge_buffer(1000), 2u);
+  EXPECT_TRUE(s->load_buffer().empty());
+}
+
+TEST_F(sqlite_store_test, definitions_identical_again_is_a_no_op_different_is_refused) {
+  const json v1 = json::parse(R"({"workflow": {"name": "Order", "steps": [{"name": "A"}]}})");
+  const json same_other_key_order =
+      json::parse(R"({"workflow": {"steps": [{"name": "A"}], "name": "Order"}})");
+  const json changed = json::parse(R"({"workflow": {"name": "Order", "steps": []}})");
+  {
+    auto s = open();
+    EXPECT_FALSE(s->load_definition("Order", 1).has_value());
+    ASSERT_TRUE(s->save_definition("Order", 1, v1).ok());
+    EXPECT_TRUE(s->save_definition("Order", 1, v1).ok());
+    EXPECT_TRUE(s->save_definition("Order", 1, same_other_key_order).ok());
+    EXPECT_TRUE(s->save_definition("Order", 2, changed).ok());
+  }
+  auto s = open();
+  auto st = s->save_definition("Order", 1, changed);
+  ASSERT_FALSE(st.ok());
+  EXPECT_EQ(st.err().code, "bad_request");
+  EXPECT_NE(st.err().message.find("'Order'"), std::string::npos) << st.err().message;
+  EXPECT_NE(st.err().message.find("version 1"), std::string::npos) << st.err().message;
+  EXPECT_EQ(s->load_definition("Order", 1), v1);
+  EXPECT_EQ(s->load_definition("Order", 2), changed);
+  EXPECT_FALSE(s->load_definition("Order", 3).has_value());
+  EXPECT_FALSE(s->load_definition("Ship", 1).has_value());
+}
+
+TEST_F(sqlite_store_test, count_by_status) {
+  auto s = open();
+  EXPECT_TRUE(s->count_by_status().empty());
+  commit_batch b;
+  b.instances = {make_instance("a", 1),
+                 make_instance("b", 2),
+                 make_instance("c", 3, instance_status::completed),
+                 make_instance("d", 4, instance_status::timed_out),
+                 make_instance("e", 5, instance_status::completed),
+                 make_instance("f", 6, instance_status::completed)};
+  commit_ok(*s, b);
+  std::map<instance_status, std::uint64_t> counts;
+  for (auto [status, n] : s->count_by_status()) counts[status] = n;
+  EXPECT_EQ(counts, (std::map<instance_status, std::uint64_t>{{instance_status::running, 2},
+                                                              {instance_status::completed, 3},
+                                                              {instance_status::timed_out, 1}}));
+}
+
+TEST_F(sqlite_store_test, a_string_that_is_not_utf8_does_not_break_commit) {
+  auto s = open();
+  commit_batch b;
+  b.instances = {make_instance("wf-1", 1)};
+  b.instances[0].state = {{"raw", std::string("\xff\xfe bytes")}};
+  commit_ok(*s, b);
+  auto got = s->get("wf-1");
+  ASSERT_TRUE(got.has_value());
+  EXPECT_TRUE(got->state["raw"].is_string());
+}
+
+TEST_F(sqlite_store_test, a_file_that_is_not_sqlite_is_refused_untouched) {
+  const std::string garbage =
+      "this is not a database, just some text that is long enough. " + std::string(200, 'x');
+  {
+    std::ofstream out(path_, std::ios::binary);
+    out << garbage;
+  }
+  const std::string message = open_error(path_);
+  EXPECT_NE(message.find(path_), std::string::npos) << message;
+  EXPECT_NE(message.find("not an SQLite database"), std::string::npos) << message;
+  std::ifstream in(path_, std::ios::binary);
+  EXPECT_EQ(std::string(std::istreambuf_iterator<char>(in), {}), garbage);
+}
+
+TEST_F(sqlite_store_test, an_sqlite_file_of_another_application_is_refused) {
+  raw_sql(path_, "CREATE TABLE accounts(id INTEGER PRIMARY KEY, owner TEXT)");
+  const std::string message = open_error(path_);
+  EXPECT_NE(message.find(path_), std::string::npos) << message;
+  EXPECT_NE(message.find("not an Ensemble store"), std::string::npos) << message;
+}
+
+TEST_F(sqlite_store_test, a_store_of_a_newer_schema_version_is_refused) {
+  open().reset();
+  raw_sql(path_, "PRAGMA user_version = 99");
+  const std::string message = open_error(path_);
+  EXPECT_NE(message.find(path_), std::string::npos) << message;
+  EXPECT_NE(message.find("schema version 99"), std::string::npos) << message;
+}
+
+TEST_F(sqlite_store_test, a_store_with_a_damaged_schema_is_refused) {
+  open().reset();
+  raw_sql(path_, "DROP TABLE triggers");
+  const std::string message = open_error(path_);
+  EXPECT_NE(message.find(path_), std::string::npos) << message;
+  EXPECT_NE(message.find("triggers"), std::string::npos) << message;
+}
+
+TEST_F(sqlite_store_test, a_missing_directory_is_named) {
+  const std::string missing = (dir_ / "no-such-dir").string();
+  const std::string path = missing + "/store.db";
+  const std::string message = open_error(path);
+  EXPECT_NE(message.find(path), std::string::npos) << message;
+  EXPECT_NE(message.find("'" + missing + "' does not exist"), std::string::npos) << message;
+  EXPECT_FALSE(fs::exists(missing));
+}
+
+TEST_F(sqlite_store_test, a_directory_is_not_a_store_file) {
+  const std::string message = open_error(dir_.string());
+  EXPECT_NE(message.find(dir_.string()), std::string::npos) << message;
+  EXPECT_NE(message.find("is a directory"), std::string::npos) << message;
+}
+
+// Enough data for many WAL checkpoints (in the background, and by commit() when the WAL grows
+// large): everything reads back, before and after reopening.
+TEST_F(sqlite_store_test, many_batches_survive_wal_checkpoints) {
+  constexpr int k_batches = 60;
+  constexpr int k_per_batch = 200;
+  const std::string padding(1500, 'p');
+  auto batch_of = [&](int batch) {
+    commit_batch b;
+    for (int i = 0; i < k_per_batch; ++i) {
+      const std::string id = "b" + std::to_string(batch) + "-" + std::to_string(i);
+      b.instances.push_back(make_instance(id, batch));
+      b.instances.back().state["padding"] = padding;
+      b.history.push_back(make_entry(id, 1, "started"));
+      b.history.push_back(make_entry(id, 2));
+    }
+    return b;
+  };
+  auto check = [&](store& s) {
+    EXPECT_EQ(s.load_active().size(), static_cast<std::size_t>(k_batches * k_per_batch));
+    for (int batch = 1; batch <= k_batches; batch += 7) {
+      const std::string id = "b" + std::to_string(batch) + "-" + std::to_string(batch % 200);
+      auto got = s.get(id);
+      ASSERT_TRUE(got.has_value()) << id;
+      EXPECT_EQ(got->state["padding"], padding);
+      EXPECT_EQ(s.history(id).size(), 2u) << id;
+    }
+  };
+  {
+    auto s = open();
+    for (int batch = 1; batch <= k_batches; ++batch) commit_ok(*s, batch_of(batch));
+    check(*s);
+  }
+  EXPECT_FALSE(fs::exists(path_ + "-wal"));  // closed cleanly: checkpointed and removed
+  auto s = open();
+  check(*s);
+}
+
+// Durability as promised: the process that committed is killed without closing anything; the
+// next process to open the file finds every committed batch (recovered from the WAL).
+TEST_F(sqlite_store_test, a_committed_batch_survives_sigkill) {
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    try {
+      auto s = open();
+      commit_batch b;
+      for (int i = 0; i < 50; ++i) {
+        const std::string id = "wf-" + std::to_string(i);
+        b.instances.push_back(make_instance(id, i));
+        b.history.push_back(make_entry(id, 1, "started"));
+      }
+      b.triggers = {{"OrderProcessing", "ev-1", "wf-0"}};
+      b.buffer_add = {make_event("ev-9", 9)};
+      if (!s->commit(b).ok()) ::_exit(3);
+      ::raise(SIGKILL);
+    } catch (...) {
+      ::_exit(4);
+    }
+    ::_exit(5);
+  }
+  int wstatus = 0;
+  ASSERT_EQ(::waitpid(child, &wstatus, 0), child);
+  ASSERT_TRUE(WIFSIGNALED(wstatus)) << "child exited with " << WEXITSTATUS(wstatus);
+  ASSERT_EQ(WTERMSIG(wstatus), SIGKILL);
+  // The store was not closed: the batch is in the WAL, not yet in the main file.
+  EXPECT_TRUE(fs::exists(path_ + "-wal"));
+
+  auto s = open();
+  EXPECT_EQ(s->load_active().size(), 50u);
+  EXPECT_EQ(s->history("wf-49").size(), 1u);
+  EXPECT_EQ(s->triggered_by("OrderProcessing", "ev-1"), "wf-0");
+  EXPECT_EQ(s->load_buffer().size(), 1u);
+}
+
+// Killed at an arbitrary point of a stream of commits (big enough for the WAL to be
+// checkpointed in the background meanwhile): every batch whose commit() returned is there, and
+// each batch is all there or not at all.
+TEST_F(sqlite_store_test, killed_while_committing_keeps_whole_acknowledged_batches) {
+  constexpr int k_per_batch = 200;
+  constexpr int k_acks_before_kill = 30;
+  int fds[2];
+  ASSERT_EQ(::pipe(fds), 0);
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    ::close(fds[0]);
+    try {
+      auto s = open();
+      for (int batch = 1; batch <= 100000; ++batch) {  // bounded, killed long before
+        commit_batch b;
+        for (int i = 0; i < k_per_batch; ++i) {
+          const std::string id = "b" + std::to_string(batch) + "-" + std::to_string(i);
+          b.instances.push_back(make_instance(id, batch));
+          b.instances.back().state["padding"] = std::string(1000, 'p');
+          b.history.push_back(make_entry(id, 1, "started"));
+        }
+        if (!s->commit(b).ok()) ::_exit(3);
+        if (::write(fds[1], &batch, sizeof batch) != sizeof batch) ::_exit(4);
+      }
+    } catch (...) {
+      ::_exit(5);
+    }
+    ::_exit(6);
+  }
+  ::close(fds[1]);
+  int acked = 0;
+  while (acked < k_acks_before_kill) {
+    int batch = 0;
+    const auto n = ::read(fds[0], &batch, sizeof batch);
+    if (n != static_cast<ssize_t>(sizeof batch)) break;
+    acked = batch;
+  }
+  ::kill(child, SIGKILL);
+  ::close(fds[0]);
+  int wstatus = 0;
+  ASSERT_EQ(::waitpid(child, &wstatus, 0), child);
+  ASSERT_TRUE(WIFSIGNALED(wstatus)) << "child exited with " << WEXITSTATUS(wstatus);
+  ASSERT_EQ(acked, k_acks_before_kill);
+
+  auto s = open();
+  std::map<std::int64_t, int> per_batch;  // created_us is the batch number
+  for (const auto& r : s->load_active()) ++per_batch[r.created_us];
+  ASSERT_FALSE(per_batch.empty());
+  const std::int64_t last = per_batch.rbegin()->first;
+  EXPECT_GE(last, acked);
+  for (std::int64_t batch = 1; batch <= last; ++batch) {
+    EXPECT_EQ(per_batch[batch], k_per_batch) << "batch " << batch;
+    const std::string id = "b" + std::to_string(batch) + "-" + std::to_string(k_per_batch - 1);
+    EXPECT_EQ(s->history(id).size(), 1u) << id;
+  }
+}
+
+}  // namespace
