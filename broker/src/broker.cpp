@@ -3,11 +3,10 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
-#include <nlohmann/json.hpp>
-
 #include <atomic>
 #include <cerrno>
 #include <map>
+#include <nlohmann/json.hpp>
 
 #include "ensemble/common/frames.hpp"
 #include "ensemble/common/ids.hpp"
@@ -129,6 +128,8 @@ struct broker::impl {
   void on_request(const peer_id& peer, const worker* w, common::parsed_message& m,
                   steady_clock::time_point now);
   void on_reply(const peer_id& peer, const worker* w, common::parsed_message& m);
+  void on_oversized_reply(const peer_id& peer, const worker* w, const header& reply,
+                          const error& refused);
   void on_publish(const peer_id& peer, const worker* w, common::parsed_message& m);
   void on_hello(const peer_id& peer, common::parsed_message& m, steady_clock::time_point now);
   void on_admin(const peer_id& peer, const header& request);
@@ -198,9 +199,9 @@ void broker::impl::run() {
     auto wake_at = next_heartbeat;
     if (auto d = reg.next_deadline(); d && *d < wake_at) wake_at = *d;
     if (stopping && stop_deadline < wake_at) wake_at = stop_deadline;
-    const auto timeout =
-        wake_at <= now ? std::chrono::milliseconds(0)
-                       : std::chrono::ceil<std::chrono::milliseconds>(wake_at - now);
+    const auto timeout = wake_at <= now
+                             ? std::chrono::milliseconds(0)
+                             : std::chrono::ceil<std::chrono::milliseconds>(wake_at - now);
     try {
       zmq::poll(items.data(), items.size(), timeout);
     } catch (const zmq::error_t& e) {
@@ -246,9 +247,10 @@ void broker::impl::run() {
 void broker::impl::begin_stop(steady_clock::time_point now) {
   stopping = true;
   stop_deadline = now + cfg.shutdown_grace;
-  log->info("stopping: answering {} queued requests shutting_down, waiting up to {} ms for {} "
-            "in flight",
-            reg.queued_total(), cfg.shutdown_grace.count(), reg.in_flight_total());
+  log->info(
+      "stopping: answering {} queued requests shutting_down, waiting up to {} ms for {} "
+      "in flight",
+      reg.queued_total(), cfg.shutdown_grace.count(), reg.in_flight_total());
   reg.fail_all(error::make(errc::shutting_down, "broker is shutting down"), false, decisions);
   execute_decisions(now);
 }
@@ -280,6 +282,11 @@ void broker::impl::handle_router(steady_clock::time_point now) {
   std::size_t bytes = 0;
   for (std::size_t i = 1; i < in.size(); ++i) bytes += in[i].size();
   stats.bytes_in += bytes;
+  // max_message_size limits what the peer chose to send, header + payload (docs/protocol.md,
+  // section 3); the fixed tag and command frames do not count. Read before parse_message moves
+  // the payload out.
+  std::size_t message_bytes = 0;
+  for (std::size_t i = 3; i < in.size(); ++i) message_bytes += in[i].size();
 
   common::parse_failure failure;
   auto parsed = common::parse_message(in, 1, &failure);
@@ -288,7 +295,8 @@ void broker::impl::handle_router(steady_clock::time_point now) {
   if (!parsed) {
     ++stats.malformed;
     log->warn("malformed message from {}: {}", peer_label(w, peer), failure.err.message);
-    if (failure.header_decoded && failure.command_byte == static_cast<std::uint8_t>(command::request) &&
+    if (failure.header_decoded &&
+        failure.command_byte == static_cast<std::uint8_t>(command::request) &&
         !failure.hdr.id.empty()) {
       reply_error(peer, failure.hdr, failure.err);
     } else {
@@ -297,16 +305,18 @@ void broker::impl::handle_router(steady_clock::time_point now) {
     return;
   }
   common::parsed_message& m = parsed.value();
-  if (bytes > cfg.max_message_size) {
+  if (message_bytes > cfg.max_message_size) {
     auto err = error::make(errc::too_large, common::command_name(static_cast<std::uint8_t>(m.cmd)) +
-                                                " is " + std::to_string(bytes) +
-                                                " bytes; the limit is " +
+                                                " is " + std::to_string(message_bytes) +
+                                                " bytes (header + payload); the limit is " +
                                                 std::to_string(cfg.max_message_size));
-    log->warn("{} from {}: {}", m.hdr.id, peer_label(w, peer), err.message);
+    log->warn("{} id={} from {}: {}", common::command_name(static_cast<std::uint8_t>(m.cmd)),
+              m.hdr.id, peer_label(w, peer), err.message);
     if (m.cmd == command::request && !m.hdr.id.empty()) {
       reply_error(peer, m.hdr, err);
     } else {
       send_error(peer, err, m.hdr.id);
+      if (m.cmd == command::reply && registered) on_oversized_reply(peer, w, m.hdr, err);
     }
     return;
   }
@@ -317,8 +327,10 @@ void broker::impl::handle_router(steady_clock::time_point now) {
       break;
     case command::reply:
       if (!registered) {
-        send_error(peer, error::make(errc::not_registered, "REPLY from a peer that is not "
-                                                           "registered; send HELLO again"),
+        send_error(peer,
+                   error::make(errc::not_registered,
+                               "REPLY from a peer that is not "
+                               "registered; send HELLO again"),
                    m.hdr.id);
         ++stats.unknown_replies;
         return;
@@ -333,8 +345,9 @@ void broker::impl::handle_router(steady_clock::time_point now) {
       break;
     case command::heartbeat:
       if (!registered) {
-        send_error(peer, error::make(errc::not_registered,
-                                     "heartbeat from a peer that is not registered; send HELLO"),
+        send_error(peer,
+                   error::make(errc::not_registered,
+                               "heartbeat from a peer that is not registered; send HELLO"),
                    {});
       }
       break;
@@ -350,11 +363,11 @@ void broker::impl::handle_router(steady_clock::time_point now) {
     case command::publish_ack:
     case command::error:
       ++stats.malformed;
-      send_error(peer,
-                 error::make(errc::bad_request,
-                             common::command_name(static_cast<std::uint8_t>(m.cmd)) +
-                                 " is sent by the broker, not to it"),
-                 m.hdr.id);
+      send_error(
+          peer,
+          error::make(errc::bad_request, common::command_name(static_cast<std::uint8_t>(m.cmd)) +
+                                             " is sent by the broker, not to it"),
+          m.hdr.id);
       break;
   }
 }
@@ -395,14 +408,14 @@ void broker::impl::on_request(const peer_id& peer, const worker* w, common::pars
   r.token = ++next_token;
   r.client = peer;
   r.received = now;
-  const auto budget = std::min<std::uint64_t>(h.deadline_ms, static_cast<std::uint64_t>(
-                                                                  cfg.max_deadline.count()));
+  const auto budget =
+      std::min<std::uint64_t>(h.deadline_ms, static_cast<std::uint64_t>(cfg.max_deadline.count()));
   r.deadline = now + std::chrono::milliseconds(budget);
   r.hdr = std::move(h);
   r.payload = std::move(m.payload);
   if (log->should_log(spdlog::level::debug)) {
-    log->debug("request {}.{} id={} correlation={} from {} token={}", r.hdr.service,
-               r.hdr.action, r.hdr.id, r.hdr.correlation_id, peer_label(w, peer), r.token);
+    log->debug("request {}.{} id={} correlation={} from {} token={}", r.hdr.service, r.hdr.action,
+               r.hdr.id, r.hdr.correlation_id, peer_label(w, peer), r.token);
   }
   reg.submit(std::move(r), decisions);
   execute_decisions(now);
@@ -473,6 +486,33 @@ void broker::impl::on_reply(const peer_id& peer, const worker* w, common::parsed
   execute_decisions(steady_clock::now());
 }
 
+// A worker's REPLY over max_message_size cannot be forwarded. The request is still answered
+// exactly once: the client gets too_large in its place, and the worker's slot is freed (the
+// worker has answered; nothing more will come for that token).
+void broker::impl::on_oversized_reply(const peer_id& peer, const worker* w, const header& reply,
+                                      const error& refused) {
+  pending_request* r = reg.reply_from(peer, reply.token);
+  if (r == nullptr) {
+    ++stats.unknown_replies;
+    return;
+  }
+  ++stats.replies;
+  auto& c = reg.counters_for(r->hdr.service);
+  ++c.replies;
+  if (r->state == request_state::abandoned) {
+    ++stats.late_replies;
+  } else {
+    ++c.errors;
+    ++c.errors_by_code[std::string(errc::too_large)];
+    reply_error(r->client, r->hdr,
+                error::make(errc::too_large, "the reply of worker '" + peer_label(w, peer) +
+                                                 "' to " + r->hdr.service + "." + r->hdr.action +
+                                                 " could not be forwarded: " + refused.message));
+  }
+  reg.finish(reply.token, decisions);
+  execute_decisions(steady_clock::now());
+}
+
 void broker::impl::on_publish(const peer_id& peer, const worker* w, common::parsed_message& m) {
   header& h = m.hdr;
   std::string problem;
@@ -523,6 +563,8 @@ void broker::impl::on_hello(const peer_id& peer, common::parsed_message& m,
   std::string agent = h.agent;
   if (agent.empty()) agent = peer_label(nullptr, peer);
   if (auto problem = common::check_name("'agent'", agent); !problem.empty()) {
+    ++stats.malformed;
+    log->warn("bad HELLO from {}: {}", peer_label(reg.find_worker(peer), peer), problem);
     send_error(peer, error::make(errc::bad_request, "HELLO: " + problem), {});
     return;
   }
@@ -589,9 +631,9 @@ json broker::impl::stats_json() const {
                          {"queued", s.queued}};
   }
   return {{"broker", broker_id},
-          {"uptime_ms", std::chrono::duration_cast<std::chrono::milliseconds>(
-                            steady_clock::now() - started)
-                            .count()},
+          {"uptime_ms",
+           std::chrono::duration_cast<std::chrono::milliseconds>(steady_clock::now() - started)
+               .count()},
           {"messages_in", stats.messages_in},
           {"messages_out", stats.messages_out},
           {"bytes_in", stats.bytes_in},
@@ -617,18 +659,18 @@ void broker::impl::on_admin(const peer_id& peer, const header& request) {
   if (request.action == "ping") {
     body = {{"broker", broker_id},
             {"protocol", common::k_protocol_version},
-            {"uptime_ms", std::chrono::duration_cast<std::chrono::milliseconds>(
-                              steady_clock::now() - started)
-                              .count()}};
+            {"uptime_ms",
+             std::chrono::duration_cast<std::chrono::milliseconds>(steady_clock::now() - started)
+                 .count()}};
   } else if (request.action == "services") {
     body = services_json();
   } else if (request.action == "stats") {
     body = stats_json();
   } else {
-    reply_error(peer, request,
-                error::make(errc::unknown_action, "service 'broker' has no action '" +
-                                                      request.action +
-                                                      "' (ping, services, stats)"));
+    reply_error(
+        peer, request,
+        error::make(errc::unknown_action, "service 'broker' has no action '" + request.action +
+                                              "' (ping, services, stats)"));
     return;
   }
   header h;
@@ -642,8 +684,12 @@ void broker::impl::on_admin(const peer_id& peer, const header& request) {
 
 broker::broker(config cfg) : impl_(std::make_unique<impl>(std::move(cfg))) {}
 broker::~broker() = default;
-const endpoints& broker::bound() const { return impl_->eps; }
-void broker::run() { impl_->run(); }
+const endpoints& broker::bound() const {
+  return impl_->eps;
+}
+void broker::run() {
+  impl_->run();
+}
 
 void broker::request_stop() {
   impl_->stop_requested.store(true);

@@ -1,0 +1,626 @@
+// The wire codec on its own: header encode/decode round-trips, the errors decode_header and
+// parse_message give for every kind of bad input (each must name the field or frame), and the
+// topic and name rules. No sockets are connected; zmq::message_t is only used as a frame.
+#include <gtest/gtest.h>
+
+#include <msgpack.hpp>
+
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "ensemble/common/frames.hpp"
+#include "ensemble/common/protocol.hpp"
+
+namespace ec = ensemble::common;
+using ec::command;
+using ec::header;
+
+namespace {
+
+// gtest without gmock: a substring check whose failure shows both strings.
+::testing::AssertionResult contains(const std::string& haystack, std::string_view needle) {
+  if (haystack.find(needle) != std::string::npos) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << "'" << haystack << "' does not contain '" << needle
+                                       << "'";
+}
+
+// Raw msgpack, for inputs encode_header would never produce.
+std::string pack(const std::function<void(msgpack::packer<msgpack::sbuffer>&)>& fill) {
+  msgpack::sbuffer buffer;
+  msgpack::packer<msgpack::sbuffer> p(buffer);
+  fill(p);
+  return {buffer.data(), buffer.size()};
+}
+
+void pack_str(msgpack::packer<msgpack::sbuffer>& p, std::string_view s) {
+  p.pack_str(static_cast<std::uint32_t>(s.size()));
+  p.pack_str_body(s.data(), static_cast<std::uint32_t>(s.size()));
+}
+
+// A one-entry map {key: <value written by fill>}.
+std::string one_field(std::string_view key,
+                      const std::function<void(msgpack::packer<msgpack::sbuffer>&)>& value) {
+  return pack([&](auto& p) {
+    p.pack_map(1);
+    pack_str(p, key);
+    value(p);
+  });
+}
+
+header full_header() {
+  header h;
+  h.id = "c1-1";
+  h.service = "PaymentService";
+  h.action = "charge";
+  h.topic = "order.created";
+  h.deadline_ms = 5000;
+  h.correlation_id = "wf-42";
+  h.causation_id = "c1-0";
+  h.trace_id = "t-9";
+  h.attempt = 3;
+  h.idempotency_key = "wf-42/charge/3";
+  h.retryable = true;
+  h.ack = true;
+  h.token = 0x1'0000'0001ULL;  // wider than 32 bits
+  h.worker = "payments";
+  h.seq = 12;
+  h.ts = 1764050000123456ULL;
+  h.publisher = "orders";
+  h.error_code = "card_declined";
+  h.error_message = "the card was declined";
+  h.agent = "payments";
+  h.services = {{"PaymentService", 4}, {"RefundService", 1}};
+  h.heartbeat_ms = 1000;
+  h.max_message_size = 1048576;
+  h.broker = "3f2a";
+  return h;
+}
+
+void expect_same(const header& a, const header& b) {
+  EXPECT_EQ(a.id, b.id);
+  EXPECT_EQ(a.service, b.service);
+  EXPECT_EQ(a.action, b.action);
+  EXPECT_EQ(a.topic, b.topic);
+  EXPECT_EQ(a.deadline_ms, b.deadline_ms);
+  EXPECT_EQ(a.correlation_id, b.correlation_id);
+  EXPECT_EQ(a.causation_id, b.causation_id);
+  EXPECT_EQ(a.trace_id, b.trace_id);
+  EXPECT_EQ(a.attempt, b.attempt);
+  EXPECT_EQ(a.idempotency_key, b.idempotency_key);
+  EXPECT_EQ(a.retryable, b.retryable);
+  EXPECT_EQ(a.ack, b.ack);
+  EXPECT_EQ(a.token, b.token);
+  EXPECT_EQ(a.worker, b.worker);
+  EXPECT_EQ(a.seq, b.seq);
+  EXPECT_EQ(a.ts, b.ts);
+  EXPECT_EQ(a.publisher, b.publisher);
+  EXPECT_EQ(a.error_code, b.error_code);
+  EXPECT_EQ(a.error_message, b.error_message);
+  EXPECT_EQ(a.agent, b.agent);
+  ASSERT_EQ(a.services.size(), b.services.size());
+  for (std::size_t i = 0; i < a.services.size(); ++i) {
+    EXPECT_EQ(a.services[i].name, b.services[i].name);
+    EXPECT_EQ(a.services[i].capacity, b.services[i].capacity);
+  }
+  EXPECT_EQ(a.heartbeat_ms, b.heartbeat_ms);
+  EXPECT_EQ(a.max_message_size, b.max_message_size);
+  EXPECT_EQ(a.broker, b.broker);
+  EXPECT_EQ(a.extra, b.extra);
+  EXPECT_EQ(a.extra_count, b.extra_count);
+}
+
+// Decodes `bytes`, expecting failure; returns the error message.
+std::string decode_error(std::string_view bytes) {
+  auto r = ec::decode_header(bytes);
+  EXPECT_FALSE(r.ok()) << "decoded what should have been refused";
+  if (r.ok()) return {};
+  EXPECT_EQ(r.err().code, ec::errc::bad_request);
+  EXPECT_FALSE(r.err().retryable);
+  return r.err().message;
+}
+
+// Keys of a msgpack map, in order.
+std::vector<std::string> keys_of(std::string_view bytes) {
+  auto handle = msgpack::unpack(bytes.data(), bytes.size());
+  const msgpack::object& o = handle.get();
+  EXPECT_EQ(o.type, msgpack::type::MAP);
+  std::vector<std::string> keys;
+  for (std::uint32_t i = 0; o.type == msgpack::type::MAP && i < o.via.map.size; ++i) {
+    keys.push_back(o.via.map.ptr[i].key.as<std::string>());
+  }
+  return keys;
+}
+
+std::vector<zmq::message_t> frames_of(const std::vector<std::string>& parts) {
+  std::vector<zmq::message_t> frames;
+  for (const auto& p : parts) frames.emplace_back(p.data(), p.size());
+  return frames;
+}
+
+const std::string k_tag(ec::k_protocol_tag);
+std::string cmd(std::uint8_t byte) { return std::string(1, static_cast<char>(byte)); }
+
+// Parses frames[first...], expecting failure; returns the failure.
+ec::parse_failure parse_error(std::vector<zmq::message_t> frames, std::size_t first = 0) {
+  ec::parse_failure failure;
+  auto r = ec::parse_message(frames, first, &failure);
+  EXPECT_FALSE(r.ok()) << "parsed what should have been refused";
+  if (!r.ok()) {
+    EXPECT_EQ(r.err().code, ec::errc::bad_request);
+    EXPECT_EQ(r.err().message, failure.err.message);
+  }
+  return failure;
+}
+
+// ---- header codec ---------------------------------------------------------------------------
+
+TEST(protocol_test, header_every_field_round_trips) {
+  const header h = full_header();
+  auto decoded = ec::decode_header(ec::encode_header(h));
+  ASSERT_TRUE(decoded.ok()) << decoded.err().message;
+  expect_same(*decoded, h);
+}
+
+TEST(protocol_test, header_encoding_is_stable_across_round_trips) {
+  const std::string once = ec::encode_header(full_header());
+  auto decoded = ec::decode_header(once);
+  ASSERT_TRUE(decoded.ok()) << decoded.err().message;
+  EXPECT_EQ(ec::encode_header(*decoded), once);
+}
+
+TEST(protocol_test, header_encode_appends_to_existing_bytes) {
+  std::string out = "prefix";
+  ec::encode_header(full_header(), out);
+  EXPECT_EQ(out.substr(0, 6), "prefix");
+  EXPECT_EQ(out.substr(6), ec::encode_header(full_header()));
+}
+
+TEST(protocol_test, header_each_field_alone_round_trips_and_is_the_only_key) {
+  // One header per field, so that a field written under the wrong key or read into the wrong
+  // member cannot hide behind another one.
+  struct field_case {
+    std::string key;
+    std::function<void(header&)> set;
+  };
+  const std::vector<field_case> cases = {
+      {"id", [](header& h) { h.id = "x"; }},
+      {"service", [](header& h) { h.service = "S"; }},
+      {"action", [](header& h) { h.action = "a"; }},
+      {"topic", [](header& h) { h.topic = "t.x"; }},
+      {"deadline_ms", [](header& h) { h.deadline_ms = 0xFFFF'FFFF'FFFFULL; }},
+      {"correlation_id", [](header& h) { h.correlation_id = "c"; }},
+      {"causation_id", [](header& h) { h.causation_id = "c"; }},
+      {"trace_id", [](header& h) { h.trace_id = "t"; }},
+      {"attempt", [](header& h) { h.attempt = 0xFFFF'FFFFu; }},
+      {"idempotency_key", [](header& h) { h.idempotency_key = "k"; }},
+      {"retryable", [](header& h) { h.retryable = true; }},
+      {"ack", [](header& h) { h.ack = true; }},
+      {"token", [](header& h) { h.token = ~0ULL; }},
+      {"worker", [](header& h) { h.worker = "w"; }},
+      {"seq", [](header& h) { h.seq = 1; }},
+      {"ts", [](header& h) { h.ts = 1; }},
+      {"publisher", [](header& h) { h.publisher = "p"; }},
+      {"error_code", [](header& h) { h.error_code = "e"; }},
+      {"error_message", [](header& h) { h.error_message = "m"; }},
+      {"agent", [](header& h) { h.agent = "a"; }},
+      {"services", [](header& h) { h.services = {{"S", 7}}; }},
+      {"heartbeat_ms", [](header& h) { h.heartbeat_ms = 250; }},
+      {"max_message_size", [](header& h) { h.max_message_size = 1ULL << 40; }},
+      {"broker", [](header& h) { h.broker = "b"; }},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.key);
+    header h;
+    c.set(h);
+    const std::string bytes = ec::encode_header(h);
+    EXPECT_EQ(keys_of(bytes), std::vector<std::string>{c.key});
+    auto decoded = ec::decode_header(bytes);
+    ASSERT_TRUE(decoded.ok()) << decoded.err().message;
+    expect_same(*decoded, h);
+  }
+}
+
+TEST(protocol_test, header_services_array_round_trips) {
+  header h;
+  h.agent = "multi";
+  h.services = {{"A", 1}, {"B", 1'000'000}, {"C.sub-service:v2", 17}};
+  auto decoded = ec::decode_header(ec::encode_header(h));
+  ASSERT_TRUE(decoded.ok()) << decoded.err().message;
+  expect_same(*decoded, h);
+}
+
+TEST(protocol_test, header_service_capacity_defaults_to_one) {
+  const std::string bytes = one_field("services", [](auto& p) {
+    p.pack_array(1);
+    p.pack_map(1);
+    pack_str(p, "name");
+    pack_str(p, "S");
+  });
+  auto decoded = ec::decode_header(bytes);
+  ASSERT_TRUE(decoded.ok()) << decoded.err().message;
+  ASSERT_EQ(decoded->services.size(), 1u);
+  EXPECT_EQ(decoded->services[0].capacity, 1u);
+}
+
+TEST(protocol_test, header_empty_is_an_empty_map_both_ways) {
+  EXPECT_EQ(ec::encode_header(header{}), std::string("\x80", 1));
+  auto decoded = ec::decode_header(std::string("\x80", 1));
+  ASSERT_TRUE(decoded.ok()) << decoded.err().message;
+  expect_same(*decoded, header{});
+}
+
+TEST(protocol_test, header_absent_fields_are_not_written) {
+  header h;
+  h.id = "only";
+  h.retryable = false;  // false and zero are "absent"
+  h.deadline_ms = 0;
+  EXPECT_EQ(keys_of(ec::encode_header(h)), std::vector<std::string>{"id"});
+}
+
+TEST(protocol_test, header_unknown_keys_are_preserved_verbatim) {
+  // Encoded with the same packer rules as the codec (smallest encodings), so "verbatim" can be
+  // checked byte for byte.
+  const std::string unknown_1 = pack([](auto& p) {
+    pack_str(p, "x_future");
+    p.pack_array(3);
+    p.pack_uint64(1);
+    p.pack_map(1);
+    pack_str(p, "nested");
+    pack_str(p, "value");
+    p.pack_nil();
+  });
+  const std::string unknown_2 = pack([](auto& p) {
+    pack_str(p, "z_flag");
+    p.pack_true();
+  });
+  const std::string input = pack([&](auto& p) {
+    p.pack_map(4);
+    pack_str(p, "id");
+    pack_str(p, "e-1");
+  }) + unknown_1 + pack([](auto& p) {
+    pack_str(p, "deadline_ms");
+    p.pack_uint64(10);
+  }) + unknown_2;
+
+  auto decoded = ec::decode_header(input);
+  ASSERT_TRUE(decoded.ok()) << decoded.err().message;
+  EXPECT_EQ(decoded->id, "e-1");
+  EXPECT_EQ(decoded->deadline_ms, 10u);
+  EXPECT_EQ(decoded->extra_count, 2u);
+  EXPECT_EQ(decoded->extra, unknown_1 + unknown_2);
+
+  // Re-encoded (e.g. forwarded in a DISPATCH with a token added): the unknown pairs are still
+  // there, byte for byte, and the map count includes them.
+  header forwarded = *decoded;
+  forwarded.token = 17;
+  const std::string out = ec::encode_header(forwarded);
+  EXPECT_NE(out.find(unknown_1 + unknown_2), std::string::npos);
+  EXPECT_EQ(keys_of(out), (std::vector<std::string>{"id", "deadline_ms", "token", "x_future",
+                                                    "z_flag"}));
+  auto again = ec::decode_header(out);
+  ASSERT_TRUE(again.ok()) << again.err().message;
+  EXPECT_EQ(again->extra, decoded->extra);
+  EXPECT_EQ(again->extra_count, 2u);
+  EXPECT_EQ(again->token, 17u);
+}
+
+// ---- header decode errors -------------------------------------------------------------------
+
+TEST(protocol_test, decode_error_wrong_type_names_the_field_and_the_types) {
+  auto msg = decode_error(one_field("deadline_ms", [](auto& p) { pack_str(p, "soon"); }));
+  EXPECT_TRUE(contains(msg, "'deadline_ms'"));
+  EXPECT_TRUE(contains(msg, "uint"));
+  EXPECT_TRUE(contains(msg, "str"));
+
+  msg = decode_error(one_field("id", [](auto& p) { p.pack_uint64(7); }));
+  EXPECT_TRUE(contains(msg, "'id'"));
+  EXPECT_TRUE(contains(msg, "must be str"));
+
+  msg = decode_error(one_field("retryable", [](auto& p) { p.pack_uint64(1); }));
+  EXPECT_TRUE(contains(msg, "'retryable'"));
+  EXPECT_TRUE(contains(msg, "bool"));
+
+  msg = decode_error(one_field("deadline_ms", [](auto& p) { p.pack_int64(-5); }));
+  EXPECT_TRUE(contains(msg, "'deadline_ms'"));
+  EXPECT_TRUE(contains(msg, "negative"));
+
+  msg = decode_error(one_field("token", [](auto& p) { p.pack_double(1.5); }));
+  EXPECT_TRUE(contains(msg, "'token'"));
+  EXPECT_TRUE(contains(msg, "float"));
+
+  msg = decode_error(one_field("ts", [](auto& p) { p.pack_nil(); }));
+  EXPECT_TRUE(contains(msg, "'ts'"));
+  EXPECT_TRUE(contains(msg, "nil"));
+}
+
+TEST(protocol_test, decode_error_out_of_range_integer_names_the_field) {
+  const auto msg = decode_error(one_field("attempt", [](auto& p) { p.pack_uint64(1ULL << 32); }));
+  EXPECT_TRUE(contains(msg, "'attempt'"));
+  EXPECT_TRUE(contains(msg, "out of range"));
+  const auto msg2 =
+      decode_error(one_field("heartbeat_ms", [](auto& p) { p.pack_uint64(1ULL << 33); }));
+  EXPECT_TRUE(contains(msg2, "'heartbeat_ms'"));
+}
+
+TEST(protocol_test, decode_error_bad_services_names_the_element) {
+  auto msg = decode_error(one_field("services", [](auto& p) { pack_str(p, "A"); }));
+  EXPECT_TRUE(contains(msg, "'services'"));
+  EXPECT_TRUE(contains(msg, "array"));
+
+  msg = decode_error(one_field("services", [](auto& p) {
+    p.pack_array(2);
+    p.pack_map(1);
+    pack_str(p, "name");
+    pack_str(p, "A");
+    pack_str(p, "B");  // not a map
+  }));
+  EXPECT_TRUE(contains(msg, "services[1]"));
+  EXPECT_TRUE(contains(msg, "map"));
+
+  msg = decode_error(one_field("services", [](auto& p) {
+    p.pack_array(1);
+    p.pack_map(2);
+    pack_str(p, "name");
+    pack_str(p, "A");
+    pack_str(p, "capacity");
+    p.pack_uint64(0);
+  }));
+  EXPECT_TRUE(contains(msg, "services[0].capacity"));
+
+  msg = decode_error(one_field("services", [](auto& p) {
+    p.pack_array(1);
+    p.pack_map(2);
+    pack_str(p, "name");
+    pack_str(p, "A");
+    pack_str(p, "capacity");
+    p.pack_uint64(1'000'001);
+  }));
+  EXPECT_TRUE(contains(msg, "services[0].capacity"));
+
+  msg = decode_error(one_field("services", [](auto& p) {
+    p.pack_array(1);
+    p.pack_map(1);
+    pack_str(p, "name");
+    pack_str(p, "has space");
+  }));
+  EXPECT_TRUE(contains(msg, "services[0].name"));
+
+  msg = decode_error(one_field("services", [](auto& p) {
+    p.pack_array(1);
+    p.pack_map(1);
+    pack_str(p, "capacity");
+    p.pack_uint64(2);
+  }));
+  EXPECT_TRUE(contains(msg, "services[0].name"));
+  EXPECT_TRUE(contains(msg, "empty"));
+
+  msg = decode_error(one_field("services", [](auto& p) {
+    p.pack_array(1);
+    p.pack_map(1);
+    p.pack_uint64(1);
+    pack_str(p, "A");
+  }));
+  EXPECT_TRUE(contains(msg, "services[0] key"));
+}
+
+TEST(protocol_test, decode_error_root_must_be_a_map) {
+  auto msg = decode_error(pack([](auto& p) {
+    p.pack_array(1);
+    pack_str(p, "id");
+  }));
+  EXPECT_TRUE(contains(msg, "must be a msgpack map"));
+  EXPECT_TRUE(contains(msg, "array"));
+  msg = decode_error(pack([](auto& p) { pack_str(p, "hello"); }));
+  EXPECT_TRUE(contains(msg, "must be a msgpack map"));
+  EXPECT_TRUE(contains(msg, "str"));
+}
+
+TEST(protocol_test, decode_error_empty_frame) {
+  EXPECT_TRUE(contains(decode_error(""), "empty"));
+}
+
+TEST(protocol_test, decode_error_truncated_bytes) {
+  const std::string whole = ec::encode_header(full_header());
+  for (std::size_t cut : {std::size_t{1}, std::size_t{5}, whole.size() / 2, whole.size() - 1}) {
+    SCOPED_TRACE(cut);
+    EXPECT_TRUE(contains(decode_error(whole.substr(0, cut)), "truncated"));
+  }
+}
+
+TEST(protocol_test, decode_error_trailing_bytes) {
+  const std::string bytes = ec::encode_header(full_header()) + std::string("\xc0\xc0", 2);
+  const auto msg = decode_error(bytes);
+  EXPECT_TRUE(contains(msg, "2 trailing bytes"));
+  // Two maps back to back are also "one map and trailing bytes".
+  EXPECT_TRUE(contains(decode_error(std::string("\x80\x80", 2)), "trailing"));
+}
+
+TEST(protocol_test, decode_error_keys_must_be_str) {
+  auto msg = decode_error(pack([](auto& p) {
+    p.pack_map(1);
+    p.pack_uint64(1);
+    pack_str(p, "x");
+  }));
+  EXPECT_TRUE(contains(msg, "keys must be str"));
+  EXPECT_TRUE(contains(msg, "uint"));
+  msg = decode_error(pack([](auto& p) {
+    p.pack_map(1);
+    p.pack_bin(2);
+    p.pack_bin_body("id", 2);
+    pack_str(p, "x");
+  }));
+  EXPECT_TRUE(contains(msg, "keys must be str"));
+  EXPECT_TRUE(contains(msg, "bin"));
+}
+
+TEST(protocol_test, decode_error_too_large) {
+  header h;
+  h.id = std::string(ec::k_max_header_bytes, 'x');  // the frame is a few bytes more than that
+  const std::string bytes = ec::encode_header(h);
+  ASSERT_GT(bytes.size(), ec::k_max_header_bytes);
+  const auto msg = decode_error(bytes);
+  EXPECT_TRUE(contains(msg, std::to_string(bytes.size()) + " bytes"));
+  EXPECT_TRUE(contains(msg, "limit"));
+
+  // Just under the limit is fine.
+  h.id = std::string(ec::k_max_header_bytes - 64, 'x');
+  EXPECT_TRUE(ec::decode_header(ec::encode_header(h)).ok());
+}
+
+TEST(protocol_test, decode_error_nesting_deeper_than_four_levels) {
+  const std::string bytes = one_field("x_deep", [](auto& p) {
+    p.pack_array(1);
+    p.pack_array(1);
+    p.pack_array(1);
+    p.pack_array(1);
+    p.pack_array(1);
+    p.pack_uint64(1);
+  });
+  EXPECT_TRUE(contains(decode_error(bytes), "msgpack"));
+}
+
+TEST(protocol_test, decode_error_not_msgpack_at_all) {
+  // 0xc1 is the one byte msgpack never uses.
+  EXPECT_TRUE(contains(decode_error(std::string("\xc1", 1)), "msgpack"));
+}
+
+// ---- parse_message / build_message -----------------------------------------------------------
+
+TEST(protocol_test, parse_build_then_parse_round_trips) {
+  std::vector<zmq::message_t> frames;
+  header h = full_header();
+  ec::build_message(frames, command::request, h, zmq::message_t(std::string_view("payload")));
+  ASSERT_EQ(frames.size(), 4u);
+  EXPECT_EQ(ec::as_view(frames[0]), ec::k_protocol_tag);
+  EXPECT_EQ(ec::as_view(frames[1]), cmd(0x10));
+
+  auto parsed = ec::parse_message(frames, 0);
+  ASSERT_TRUE(parsed.ok()) << parsed.err().message;
+  EXPECT_EQ(parsed->cmd, command::request);
+  expect_same(parsed->hdr, h);
+  EXPECT_EQ(ec::as_view(parsed->payload), "payload");
+}
+
+TEST(protocol_test, parse_routing_id_in_front_and_no_payload_frame) {
+  auto frames = frames_of({"routing-id", k_tag, cmd(0x30), std::string("\x80", 1)});
+  auto parsed = ec::parse_message(frames, 1);
+  ASSERT_TRUE(parsed.ok()) << parsed.err().message;
+  EXPECT_EQ(parsed->cmd, command::heartbeat);
+  EXPECT_EQ(parsed->payload.size(), 0u);
+  EXPECT_EQ(ec::as_view(frames[0]), "routing-id");  // untouched
+}
+
+TEST(protocol_test, parse_every_command_byte_is_accepted) {
+  for (command c : {command::hello, command::welcome, command::bye, command::request,
+                    command::dispatch, command::reply, command::publish, command::publish_ack,
+                    command::heartbeat, command::error}) {
+    const auto byte = static_cast<std::uint8_t>(c);
+    SCOPED_TRACE(ec::command_name(byte));
+    EXPECT_TRUE(ec::is_known_command(byte));
+    auto frames = frames_of({k_tag, cmd(byte), std::string("\x80", 1)});
+    auto parsed = ec::parse_message(frames, 0);
+    ASSERT_TRUE(parsed.ok()) << parsed.err().message;
+    EXPECT_EQ(parsed->cmd, c);
+  }
+  EXPECT_EQ(ec::command_name(0x12), "REPLY");
+  EXPECT_EQ(ec::command_name(0x42), "0x42");
+  EXPECT_FALSE(ec::is_known_command(0x00));
+  EXPECT_FALSE(ec::is_known_command(0x42));
+  EXPECT_FALSE(ec::is_known_command(0xff));
+}
+
+TEST(protocol_test, parse_wrong_tag) {
+  auto f = parse_error(frames_of({"ENS\x02", cmd(0x10), std::string("\x80", 1)}));
+  EXPECT_TRUE(contains(f.err.message, "frame 0"));
+  EXPECT_TRUE(contains(f.err.message, "protocol tag"));
+  EXPECT_FALSE(f.header_decoded);
+
+  // A garbage single frame fails on the tag too, with a hex preview of what came.
+  f = parse_error(frames_of({"garbage!"}));
+  EXPECT_TRUE(contains(f.err.message, "frame 0"));
+  EXPECT_TRUE(contains(f.err.message, "8 bytes"));
+  EXPECT_TRUE(contains(f.err.message, "67617262616765"));  // "garbage" in hex
+}
+
+TEST(protocol_test, parse_too_few_frames) {
+  auto f = parse_error(frames_of({k_tag, cmd(0x10)}));
+  EXPECT_TRUE(contains(f.err.message, "2 frames"));
+  EXPECT_TRUE(contains(f.err.message, "at least 3"));
+  f = parse_error(frames_of({k_tag}));
+  EXPECT_TRUE(contains(f.err.message, "1 frames"));
+  f = parse_error(frames_of({"routing-id"}), 1);
+  EXPECT_TRUE(contains(f.err.message, "no frames"));
+}
+
+TEST(protocol_test, parse_too_many_frames) {
+  auto f = parse_error(
+      frames_of({k_tag, cmd(0x10), std::string("\x80", 1), "payload", "one too many"}));
+  EXPECT_TRUE(contains(f.err.message, "REQUEST has 5 frames"));
+  EXPECT_TRUE(contains(f.err.message, "at most 4"));
+  EXPECT_EQ(f.command_byte, 0x10);
+}
+
+TEST(protocol_test, parse_unknown_command_byte) {
+  auto f = parse_error(frames_of({k_tag, cmd(0x42), std::string("\x80", 1)}));
+  EXPECT_TRUE(contains(f.err.message, "unknown command 0x42"));
+  EXPECT_EQ(f.command_byte, 0x42);
+  EXPECT_FALSE(f.header_decoded);
+}
+
+TEST(protocol_test, parse_command_frame_of_two_bytes) {
+  auto f = parse_error(frames_of({k_tag, std::string("\x10\x00", 2), std::string("\x80", 1)}));
+  EXPECT_TRUE(contains(f.err.message, "frame 1 (command)"));
+  EXPECT_TRUE(contains(f.err.message, "got 2"));
+  f = parse_error(frames_of({k_tag, std::string(), std::string("\x80", 1)}));
+  EXPECT_TRUE(contains(f.err.message, "got 0"));
+}
+
+TEST(protocol_test, parse_bad_header_names_the_command_and_the_field) {
+  auto f = parse_error(frames_of(
+      {k_tag, cmd(0x10), one_field("deadline_ms", [](auto& p) { pack_str(p, "soon"); })}));
+  EXPECT_TRUE(contains(f.err.message, "REQUEST"));
+  EXPECT_TRUE(contains(f.err.message, "'deadline_ms'"));
+  EXPECT_EQ(f.command_byte, 0x10);
+  EXPECT_FALSE(f.header_decoded);
+}
+
+// ---- topics and names -----------------------------------------------------------------------
+
+TEST(protocol_test, topic_valid) {
+  for (std::string_view t : {"a", "order.created", "workflow.OrderProcessing.completed",
+                             "a-b_c:d.E9", "_ensemble.sync.0123abcd"}) {
+    EXPECT_EQ(ec::check_topic(t), "") << t;
+  }
+  EXPECT_EQ(ec::check_topic(std::string(ec::k_max_topic_length, 'x')), "");
+}
+
+TEST(protocol_test, topic_invalid_says_why) {
+  EXPECT_TRUE(contains(ec::check_topic(""), "empty"));
+  EXPECT_TRUE(contains(ec::check_topic(".order"), "empty segment"));
+  EXPECT_TRUE(contains(ec::check_topic("order..created"), "empty segment"));
+  EXPECT_TRUE(contains(ec::check_topic("order."), "ends with '.'"));
+  EXPECT_TRUE(contains(ec::check_topic("order created"), "character outside"));
+  EXPECT_TRUE(contains(ec::check_topic("order/created"), "character outside"));
+  EXPECT_TRUE(contains(ec::check_topic("ordér"), "character outside"));
+  EXPECT_TRUE(contains(ec::check_topic(std::string(ec::k_max_topic_length + 1, 'x')), "257 bytes"));
+}
+
+TEST(protocol_test, name_valid) {
+  for (std::string_view n : {"PaymentService", "charge", "a", "x.y-z_1:2", "!~"}) {
+    EXPECT_EQ(ec::check_name("'service'", n), "") << n;
+  }
+  EXPECT_EQ(ec::check_name("'service'", std::string(ec::k_max_name_length, 'n')), "");
+}
+
+TEST(protocol_test, name_invalid_names_what_was_checked) {
+  EXPECT_EQ(ec::check_name("'service'", ""), "'service' is empty");
+  EXPECT_TRUE(contains(ec::check_name("'action'", "has space"), "'action' 'has space'"));
+  EXPECT_TRUE(contains(ec::check_name("'action'", "has space"), "printable ASCII"));
+  EXPECT_TRUE(contains(ec::check_name("'agent'", std::string("tab\there")), "printable"));
+  EXPECT_TRUE(contains(ec::check_name("'agent'", std::string("del\x7f")), "printable"));
+  EXPECT_TRUE(contains(ec::check_name("'agent'", "caf\xc3\xa9"), "printable"));
+  EXPECT_TRUE(contains(ec::check_name("'service'", std::string(ec::k_max_name_length + 1, 'n')), "longer than 128"));
+}
+
+}  // namespace
