@@ -49,6 +49,9 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(0, 600'000));
   app.add_option("--event-hwm", cfg.event_hwm, "events queued per subscriber before dropping")
       ->capture_default_str();
+  app.add_option("--journal", cfg.journal_size,
+                 "requests, replies and events kept for broker.trace (ensemble trace); 0: off")
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
 
   try {

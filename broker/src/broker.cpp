@@ -11,6 +11,7 @@
 #include "ensemble/common/frames.hpp"
 #include "ensemble/common/ids.hpp"
 #include "ensemble/common/logging.hpp"
+#include "journal.hpp"
 #include "registry.hpp"
 
 namespace ensemble::broker {
@@ -73,6 +74,7 @@ struct broker::impl {
         xpub(ctx, zmq::socket_type::xpub),
         reg(registry_limits{cfg.queue_per_service, cfg.queue_total, cfg.heartbeat, cfg.liveness}),
         broker_id(common::random_id().substr(0, 16)),
+        trace_journal(cfg.journal_size),
         log(common::component_logger("broker")) {
     if (cfg.heartbeat.count() <= 0) throw common::config_error("--heartbeat", "must be > 0 ms");
     if (cfg.liveness == 0) throw common::config_error("--liveness", "must be >= 1");
@@ -109,6 +111,7 @@ struct broker::impl {
   std::atomic<bool> stop_requested{false};
   registry reg;
   std::string broker_id;
+  journal trace_journal;
   std::shared_ptr<spdlog::logger> log;
   counters stats;
   std::unordered_map<std::string, std::uint64_t> topic_seq;
@@ -132,7 +135,9 @@ struct broker::impl {
                           const error& refused);
   void on_publish(const peer_id& peer, const worker* w, common::parsed_message& m);
   void on_hello(const peer_id& peer, common::parsed_message& m, steady_clock::time_point now);
-  void on_admin(const peer_id& peer, const header& request);
+  void on_admin(const peer_id& peer, const header& request, const zmq::message_t& payload);
+  void journal_reply(const header& request, const std::string& worker, const header& outcome,
+                     std::uint64_t duration_us);
   void execute_decisions(steady_clock::time_point now);
   void send_heartbeats();
   void begin_stop(steady_clock::time_point now);
@@ -172,6 +177,7 @@ void broker::impl::reply_error(const peer_id& peer, const header& request, const
   count_error(err.code);
   log->debug("{}.{} id={} correlation={} -> {}: {}", request.service, request.action, request.id,
              request.correlation_id, err.code, err.message);
+  journal_reply(request, "broker", h, 0);
   send_to(peer, command::reply, h);
 }
 
@@ -397,7 +403,7 @@ void broker::impl::on_request(const peer_id& peer, const worker* w, common::pars
     return;
   }
   if (h.service == k_broker_service) {
-    on_admin(peer, h);
+    on_admin(peer, h, m.payload);
     return;
   }
   if (stopping) {
@@ -411,6 +417,19 @@ void broker::impl::on_request(const peer_id& peer, const worker* w, common::pars
   const auto budget =
       std::min<std::uint64_t>(h.deadline_ms, static_cast<std::uint64_t>(cfg.max_deadline.count()));
   r.deadline = now + std::chrono::milliseconds(budget);
+  if (trace_journal.enabled() && !h.correlation_id.empty()) {
+    journal_entry e;
+    e.what = journal_entry::kind::request;
+    e.ts_us = common::wall_clock_us();
+    e.id = h.id;
+    e.correlation_id = h.correlation_id;
+    e.causation_id = h.causation_id;
+    e.service = h.service;
+    e.action = h.action;
+    e.from = w != nullptr ? w->agent : std::string();
+    e.attempt = h.attempt;
+    trace_journal.add(std::move(e));
+  }
   r.hdr = std::move(h);
   r.payload = std::move(m.payload);
   if (log->should_log(spdlog::level::debug)) {
@@ -480,6 +499,10 @@ void broker::impl::on_reply(const peer_id& peer, const worker* w, common::parsed
     }
     log->debug("reply {}.{} id={} token={} from {} {}", r->hdr.service, r->hdr.action, h.id,
                r->token, h.worker, h.is_error() ? std::string_view(h.error_code) : "ok");
+    journal_reply(r->hdr, h.worker, h,
+                  static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::microseconds>(
+                                                 steady_clock::now() - r->received)
+                                                 .count()));
     send_to(r->client, command::reply, h, std::move(m.payload));
   }
   reg.finish(token, decisions);
@@ -544,6 +567,18 @@ void broker::impl::on_publish(const peer_id& peer, const worker* w, common::pars
   out.push_back(std::move(m.payload));
   common::send_frames(xpub, out);
   ++stats.messages_out;
+  if (trace_journal.enabled() && !h.correlation_id.empty() && h.seq != 0) {
+    journal_entry e;
+    e.what = journal_entry::kind::event;
+    e.ts_us = h.ts;
+    e.id = h.id;
+    e.correlation_id = h.correlation_id;
+    e.causation_id = h.causation_id;
+    e.topic = h.topic;
+    e.from = h.publisher;
+    e.seq = h.seq;
+    trace_journal.add(std::move(e));
+  }
   if (log->should_log(spdlog::level::debug)) {
     log->debug("event {} seq={} id={} correlation={} from {}", h.topic, h.seq, h.id,
                h.correlation_id, peer_label(w, peer));
@@ -654,9 +689,54 @@ json broker::impl::stats_json() const {
           {"services", std::move(per_service)}};
 }
 
-void broker::impl::on_admin(const peer_id& peer, const header& request) {
+void broker::impl::journal_reply(const header& request, const std::string& worker,
+                                 const header& outcome, std::uint64_t duration_us) {
+  if (!trace_journal.enabled() || request.correlation_id.empty()) return;
+  journal_entry e;
+  e.what = journal_entry::kind::reply;
+  e.ts_us = common::wall_clock_us();
+  e.id = request.id;
+  e.correlation_id = request.correlation_id;
+  e.service = request.service;
+  e.action = request.action;
+  e.worker = worker;
+  e.error_code = outcome.error_code;
+  e.error_message = outcome.error_message;
+  e.duration_us = duration_us;
+  trace_journal.add(std::move(e));
+}
+
+void broker::impl::on_admin(const peer_id& peer, const header& request,
+                            const zmq::message_t& payload) {
   json body;
-  if (request.action == "ping") {
+  if (request.action == "trace") {
+    json args;
+    try {
+      args = payload.size() == 0
+                 ? json::object()
+                 : json::from_msgpack(
+                       static_cast<const std::uint8_t*>(payload.data()),
+                       static_cast<const std::uint8_t*>(payload.data()) + payload.size());
+    } catch (const json::exception& e) {
+      reply_error(peer, request,
+                  error::make(errc::bad_request,
+                              std::string("broker.trace: payload is not msgpack: ") + e.what()));
+      return;
+    }
+    if (!args.is_object() || !args.contains("correlation_id") ||
+        !args["correlation_id"].is_string()) {
+      reply_error(
+          peer, request,
+          error::make(errc::bad_request,
+                      "broker.trace needs {correlation_id: str, children?: bool, limit?: uint}"));
+      return;
+    }
+    const std::size_t limit = args.contains("limit") && args["limit"].is_number_unsigned()
+                                  ? args["limit"].get<std::size_t>()
+                                  : 10'000;
+    body = trace_journal.query(args["correlation_id"].get<std::string>(),
+                               args.value("children", false), limit);
+  } else if (request.action == "ping") {
     body = {{"broker", broker_id},
             {"protocol", common::k_protocol_version},
             {"uptime_ms",
@@ -670,7 +750,7 @@ void broker::impl::on_admin(const peer_id& peer, const header& request) {
     reply_error(
         peer, request,
         error::make(errc::unknown_action, "service 'broker' has no action '" + request.action +
-                                              "' (ping, services, stats)"));
+                                              "' (ping, services, stats, trace)"));
     return;
   }
   header h;
