@@ -480,5 +480,36 @@ TEST_F(orchestrator_test, a_restarted_orchestrator_resumes_timers_and_awaits_fro
   EXPECT_EQ(done["status"], "completed") << done.dump(2);
 }
 
+TEST_F(orchestrator_test, publish_steps_emit_correlated_events_and_on_error_continues_or_jumps) {
+  add_agent("svc", [](ea::agent& a) {
+    a.handle("Svc", "*", [](const ea::message& m) -> ea::handler_result {
+      if (m.action() == "broken") return ea::error{"nope", "broken by design", false};
+      return ea::to_json_payload({{"action", m.action()}});
+    });
+  });
+  event_recorder news(broker_->router(), broker_->events(), "news.");
+  const json def = json::parse(R"({"workflow": {"name": "Flow", "steps": [
+    {"name": "Announce", "kind": "publish", "topic": "news.started", "payload": {"who": "${workflow.input.who}"}},
+    {"name": "Optional", "service": "Svc", "action": "broken", "on_error": "continue"},
+    {"name": "Risky", "service": "Svc", "action": "broken", "on_error": {"goto": "Recover"}},
+    {"name": "Skipped", "service": "Svc", "action": "never"},
+    {"name": "Recover", "service": "Svc", "action": "recover"}],
+    "output": {"optional_error": "${steps.Optional.error.code}", "last": "${steps.Recover.output.action}"}}})");
+  start_orchestrator({write("flow.json", def)});
+  const auto id = start("Flow", {{"who", "ada"}});
+  const json done = wait_done(id);
+  ASSERT_EQ(done["status"], "completed") << done.dump(2);
+  EXPECT_EQ(done["output"], json({{"optional_error", "nope"}, {"last", "recover"}}));
+  EXPECT_EQ(done["steps"]["Optional"]["status"], "failed");
+  EXPECT_EQ(done["steps"]["Skipped"]["status"], "skipped");
+  ASSERT_TRUE(news.wait([](const std::vector<json>& evs) { return !evs.empty(); }, 5s));
+  const json ev = news.events().front();
+  EXPECT_EQ(ev["topic"], "news.started");
+  EXPECT_EQ(ev["payload"]["who"], "ada");
+  EXPECT_EQ(ev["correlation_id"], id);
+  EXPECT_EQ(ev["id"], id + "/Announce/1");  // the idempotency key doubles as the event id
+  EXPECT_EQ(done["steps"]["Announce"]["output"]["id"], ev["id"]);
+}
+
 }  // namespace
 }  // namespace ensemble::test

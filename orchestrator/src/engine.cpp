@@ -387,6 +387,8 @@ void engine::process(inbound& in) {
   if (s == nullptr || inst.status != instance_status::running) return;
   auto& rs = run_of(inst, s->name);
   if (rs.value("phase", "") != "calling" || rs.value("request_id", "") != in.request_id) return;
+  // The reply is what causes whatever the instance does next.
+  inst.run()["cause"] = in.request_id;
   if (r) {
     auto payload = agent::from_json_payload(r->payload());
     json output = payload ? std::move(*payload) : json();
@@ -856,6 +858,7 @@ void engine::start_attempt(instance& in, const step& s) {
                    {"until", s.until},
                    {"fail_on", s.fail_on},
                    {"attempt", attempt},
+                   {"topic", s.kind == step_kind::choreography ? json(s.event.topic) : json()},
                    {"event_id", s.kind == step_kind::choreography ? json(key) : json()}});
       register_await(in, s);
       arm(in, s.name, rs["due_us"]);
@@ -1026,7 +1029,10 @@ void engine::progress_compensation(instance& in) {
     comp["phase"] = "calling";
     comp["request_id"] = request_id;
     history(in, "compensation_started", name,
-            json{{"service", c.service}, {"action", c.action}, {"attempt", attempt}});
+            json{{"service", c.service},
+                 {"action", c.action},
+                 {"attempt", attempt},
+                 {"request_id", request_id}});
     send_call(in, "@comp", c.service, c.action, std::move(payload), c.timeout, request_id, key,
               attempt);
   } else {
