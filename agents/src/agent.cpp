@@ -62,7 +62,9 @@ struct current_scope {
   const message* previous;
 };
 
-bytes to_bytes(zmq::message_t& m) { return bytes(static_cast<const char*>(m.data()), m.size()); }
+bytes to_bytes(zmq::message_t& m) {
+  return bytes(static_cast<const char*>(m.data()), m.size());
+}
 
 // Starts a thread with SIGINT/SIGTERM blocked, so that process-directed signals reach the
 // application's main thread (wait_for_shutdown_signal) and not one of ours.
@@ -137,9 +139,9 @@ struct outbound {
   kind what = kind::request;
   header hdr;
   bytes payload;
-  call_callback done;                       // request; publish with ack
-  steady::time_point deadline{};            // request, publish with ack, sync
-  std::string prefix;                       // subscribe
+  call_callback done;                            // request; publish with ack
+  steady::time_point deadline{};                 // request, publish with ack, sync
+  std::string prefix;                            // subscribe
   std::shared_ptr<std::promise<status>> synced;  // sync
 };
 
@@ -182,6 +184,7 @@ struct agent::impl {
   // Outbox from user threads to the I/O thread.
   std::mutex out_mutex;
   std::vector<outbound> outbox;
+  std::vector<outbound> drained;  // I/O thread only: drain_outbox's batch
   bool wake_pending = false;
   bool outbox_closed = false;
 
@@ -256,7 +259,8 @@ struct agent::impl {
       outbox_closed = true;
       left.swap(outbox);
     }
-    for (auto& o : left) refuse(o, error{std::string(errc::broker_lost), "the agent stopped", false});
+    for (auto& o : left)
+      refuse(o, error{std::string(errc::broker_lost), "the agent stopped", false});
   }
   bool on_io_thread() const { return std::this_thread::get_id() == io_id; }
   // Runs `o` now if on the I/O thread (callbacks pipelining calls), else hands it over.
@@ -270,15 +274,15 @@ struct agent::impl {
   void fill_context(header& h, const send_options& so) {
     h.id = so.id.empty() ? ids.next() : so.id;
     const message* cur = t_current;
-    h.correlation_id = !so.correlation_id.empty() ? so.correlation_id
+    h.correlation_id = !so.correlation_id.empty()                         ? so.correlation_id
                        : cur != nullptr && !cur->correlation_id().empty() ? cur->correlation_id()
-                                                                           : h.id;
+                                                                          : h.id;
     h.causation_id = !so.causation_id.empty() ? so.causation_id
-                     : cur != nullptr            ? cur->id()
-                                                 : std::string();
-    h.trace_id = !so.trace_id.empty() ? so.trace_id
+                     : cur != nullptr         ? cur->id()
+                                              : std::string();
+    h.trace_id = !so.trace_id.empty()                         ? so.trace_id
                  : cur != nullptr && !cur->trace_id().empty() ? cur->trace_id()
-                                                               : h.id;
+                                                              : h.id;
     h.idempotency_key = so.idempotency_key;
     h.attempt = so.attempt;
     h.retryable = so.retryable;
@@ -375,15 +379,16 @@ void agent::impl::execute(outbound& o) {
     case outbound::kind::publish: {
       const bool is_request = o.what == outbound::kind::request;
       if (o.done) {
-        calls[o.hdr.id] = pending_call{std::move(o.done), o.deadline, generation,
-                                       is_request ? o.hdr.service + "." + o.hdr.action
-                                                  : "ack of " + o.hdr.topic};
+        calls[o.hdr.id] =
+            pending_call{std::move(o.done), o.deadline, generation,
+                         is_request ? o.hdr.service + "." + o.hdr.action : "ack of " + o.hdr.topic};
         // The broker answers at the deadline itself; the local timer is the backstop for a
         // broker that is gone, a little later so that the broker's own answer wins.
         call_deadlines.emplace(o.deadline + 20ms, o.hdr.id);
       }
       if (is_request) {
-        o.hdr.deadline_ms = std::max<std::uint64_t>(1, common::millis_until(o.deadline, steady::now()));
+        o.hdr.deadline_ms =
+            std::max<std::uint64_t>(1, common::millis_until(o.deadline, steady::now()));
       }
       send(is_request ? command::request : command::publish, o.hdr, std::move(o.payload));
       break;
@@ -417,13 +422,16 @@ void agent::impl::drain_outbox() {
   // signals again instead of waiting for the next timer.
   std::uint64_t value = 0;
   [[maybe_unused]] auto n = ::read(wake_fd, &value, sizeof value);
-  std::vector<outbound> batch;
+  // Two vectors trade places so that both keep their capacity: a busy caller (the
+  // orchestrator posts thousands of calls per second) does not reallocate on every post.
+  std::vector<outbound>& batch = drained;
   {
     std::lock_guard lock(out_mutex);
     batch.swap(outbox);
     wake_pending = false;
   }
   for (auto& o : batch) execute(o);
+  batch.clear();
 }
 
 void agent::impl::on_dispatch(header& h, bytes payload) {
@@ -460,7 +468,8 @@ void agent::impl::on_dispatch(header& h, bytes payload) {
                        false});
     return;
   }
-  auto m = std::make_shared<message>(message_access::make(message::kind::request, h, std::move(payload)));
+  auto m = std::make_shared<message>(
+      message_access::make(message::kind::request, h, std::move(payload)));
   auto job = [this, m, token, handler = std::move(handler)] {
     handler_result result = error{};
     {
@@ -493,7 +502,8 @@ void agent::impl::on_dispatch(header& h, bytes payload) {
     if (auto too_big = check_size(o.hdr, o.payload)) {
       o.payload.clear();
       o.hdr.error_code = too_big->code;
-      o.hdr.error_message = "reply of " + m->service() + "." + m->action() + ": " + too_big->message;
+      o.hdr.error_message =
+          "reply of " + m->service() + "." + m->action() + ": " + too_big->message;
       o.hdr.retryable = false;
     }
     submit(std::move(o));
@@ -677,7 +687,8 @@ void agent::impl::io_main() {
   while (running) {
     const auto now = steady::now();
     const auto wake = next_wakeup();
-    const auto timeout = wake <= now ? 0ms : std::chrono::ceil<std::chrono::milliseconds>(wake - now);
+    const auto timeout =
+        wake <= now ? 0ms : std::chrono::ceil<std::chrono::milliseconds>(wake - now);
     std::array<zmq::pollitem_t, 3> items{{
         {dealer->handle(), 0, ZMQ_POLLIN, 0},
         {sub->handle(), 0, ZMQ_POLLIN, 0},
@@ -715,11 +726,19 @@ void agent::impl::io_main() {
 
 agent::agent(options opts) : impl_(std::make_unique<impl>(std::move(opts))) {}
 
-agent::~agent() { stop(); }
+agent::~agent() {
+  stop();
+}
 
-const std::string& agent::name() const { return impl_->opts.name; }
-bool agent::registered() const { return impl_->is_registered.load(); }
-std::uint64_t agent::registrations() const { return impl_->registration_count.load(); }
+const std::string& agent::name() const {
+  return impl_->opts.name;
+}
+bool agent::registered() const {
+  return impl_->is_registered.load();
+}
+std::uint64_t agent::registrations() const {
+  return impl_->registration_count.load();
+}
 std::string agent::broker_id() const {
   std::lock_guard lock(impl_->state_mutex);
   return impl_->broker_id;
@@ -787,8 +806,8 @@ status agent::start() {
     d.heartbeat = d.opts.heartbeat;
     d.connect();
   } catch (const zmq::error_t& e) {
-    return error{"bad_request", "cannot connect to " + d.opts.broker + " / " + d.opts.events +
-                                    ": " + e.what(),
+    return error{"bad_request",
+                 "cannot connect to " + d.opts.broker + " / " + d.opts.events + ": " + e.what(),
                  false};
   }
   std::size_t threads = d.opts.handler_threads;
@@ -891,8 +910,7 @@ void agent::stop(std::chrono::milliseconds grace) {
 call_result agent::call(const std::string& service, const std::string& action, bytes payload,
                         std::chrono::milliseconds deadline, const send_options& opts) {
   if (impl_->on_io_thread()) {
-    return error{"bad_request", "call() would block the agent's I/O thread; use call_async",
-                 false};
+    return error{"bad_request", "call() would block the agent's I/O thread; use call_async", false};
   }
   return call_future(service, action, std::move(payload), deadline, opts).get();
 }
@@ -902,8 +920,9 @@ std::future<call_result> agent::call_future(const std::string& service, const st
                                             const send_options& opts) {
   auto promise = std::make_shared<std::promise<call_result>>();
   auto future = promise->get_future();
-  call_async(service, action, std::move(payload), deadline,
-             [promise](call_result r) { promise->set_value(std::move(r)); }, opts);
+  call_async(
+      service, action, std::move(payload), deadline,
+      [promise](call_result r) { promise->set_value(std::move(r)); }, opts);
   return future;
 }
 
@@ -916,8 +935,9 @@ void agent::call_async(const std::string& service, const std::string& action, by
   };
   if (!d.running) return refuse(std::string(errc::broker_lost), "agent is not started", false);
   if (deadline.count() <= 0) {
-    return refuse("bad_request", "deadline must be positive, got " +
-                                     std::to_string(deadline.count()) + " ms", false);
+    return refuse("bad_request",
+                  "deadline must be positive, got " + std::to_string(deadline.count()) + " ms",
+                  false);
   }
   for (const auto& [what, value] : {std::pair{"service", &service}, std::pair{"action", &action}}) {
     if (auto problem = common::check_name(what, *value); !problem.empty()) {
@@ -995,7 +1015,9 @@ result<published> agent::publish_acked(const std::string& topic, bytes payload,
   return published{r->id(), r->seq()};
 }
 
-const message* current_message() { return t_current; }
+const message* current_message() {
+  return t_current;
+}
 
 int wait_for_shutdown_signal() {
   sigset_t set;
