@@ -1,53 +1,66 @@
 #!/usr/bin/env bash
-# The README's demo: installs what is missing, builds, starts a broker and two example agents
-# on ephemeral ports, and shows a command, its reply and the event it caused flowing between
-# them. Everything it starts is stopped when it exits, however it exits.
+# The README's demo: installs what is missing, builds, launches the mixed example
+# (examples/order-fulfillment: broker + orchestrator + a C++ agent + three scriptable agents)
+# with `ensemble up`, runs one order that succeeds and one that fails and is compensated,
+# prints both traces, and shuts everything down — however this script exits.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/install-deps.sh
-cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo > /dev/null
-cmake --build build --target ensemble-broker ensemble-example-inventory ensemble-example-shop
+cmake -S . -B "${ENSEMBLE_BUILD_DIR:-build}" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo > /dev/null
+cmake --build "${ENSEMBLE_BUILD_DIR:-build}" --target ensemble ensemble-broker ensemble-orchestrator ensemble-example-order
 
-bin=build/bin
+ensemble="${ENSEMBLE_BUILD_DIR:-build}/bin/ensemble"
 work=$(mktemp -d)
-pids=()
+up_pid=""
 cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
+  if [ -n "$up_pid" ] && kill -0 "$up_pid" 2>/dev/null; then
+    kill -TERM "$up_pid" 2>/dev/null || true
+    wait "$up_pid" 2>/dev/null || true
+  fi
   rm -rf "$work"
 }
 trap cleanup EXIT
 
-# Waits (at most $3 seconds) until file $1 contains a line matching $2.
-wait_for_line() {
-  local deadline=$((SECONDS + $3))
-  until grep -q "$2" "$1" 2>/dev/null; do
-    if [ $SECONDS -ge $deadline ]; then
-      echo "demo: timed out waiting for '$2' in $1:" >&2
-      cat "$1" >&2
-      exit 1
-    fi
-    sleep 0.05
-  done
-}
+echo "== ensemble up examples/order-fulfillment"
+"$ensemble" up examples/order-fulfillment --no-color > "$work/up.log" 2>&1 &
+up_pid=$!
+deadline=$((SECONDS + 60))
+until grep -q "ensemble up: ready" "$work/up.log" 2>/dev/null; do
+  if ! kill -0 "$up_pid" 2>/dev/null || [ $SECONDS -ge $deadline ]; then
+    echo "demo: the deployment did not become ready:" >&2
+    cat "$work/up.log" >&2
+    exit 1
+  fi
+  sleep 0.1
+done
+sed -n '/^NAME /,/ensemble up: ready/p' "$work/up.log"
+read -r router events < <(sed -n 's/^ensemble up: ready router=\([^ ]*\) events=\([^ ]*\).*/\1 \2/p' "$work/up.log")
+cli=("$ensemble" --broker "$router" --events "$events")
 
-echo "== starting ensemble-broker"
-"$bin/ensemble-broker" --router 'tcp://127.0.0.1:*' --events 'tcp://127.0.0.1:*' \
-  > "$work/broker.out" 2> "$work/broker.err" &
-pids+=($!)
-wait_for_line "$work/broker.out" "ensemble-broker ready" 10
-read -r router events < <(sed -n 's/.*router=\([^ ]*\) events=\([^ ]*\).*/\1 \2/p' "$work/broker.out")
-echo "   router=$router events=$events"
+echo
+echo "== an order that succeeds: validate, charge (orchestrated), then the fulfillment choreography"
+"${cli[@]}" run OrderFulfillment --id order-ok --wait \
+  --input '{"orderId": "A-100", "amount": 42.5, "items": [{"sku": "BOOK", "qty": 1}]}'
 
-echo "== starting the inventory agent (serves InventoryService.reserve, publishes inventory.reserved)"
-"$bin/ensemble-example-inventory" --broker "$router" --events "$events" > "$work/inventory.out" 2>&1 &
-pids+=($!)
-wait_for_line "$work/inventory.out" "ready" 10
+echo
+echo "== an order whose fulfillment fails: the charge is refunded (compensation)"
+if "${cli[@]}" run OrderFulfillment --id order-out-of-stock --wait \
+  --input '{"orderId": "A-101", "amount": 10, "items": [{"sku": "OUT-OF-STOCK", "qty": 1}]}'; then
+  echo "demo: this order was expected to fail" >&2
+  exit 1
+fi
 
-echo "== the shop agent places 3 orders: command -> reply, and the event the command caused"
-"$bin/ensemble-example-shop" --broker "$router" --events "$events" --orders 3
+echo
+echo "== ensemble trace order-ok: commands and events, including the services' own events"
+"${cli[@]}" trace order-ok
+echo
+echo "== ensemble trace order-out-of-stock"
+"${cli[@]}" trace order-out-of-stock
 
-echo "== the broker's log"
-sed 's/^/   /' "$work/broker.err"
+echo
+echo "== stopping the deployment"
+kill -TERM "$up_pid"
+wait "$up_pid"
+up_pid=""
 echo "== demo finished"

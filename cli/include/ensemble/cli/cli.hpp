@@ -1,0 +1,38 @@
+#pragma once
+// The `ensemble` command line: one binary whose subcommands launch a local deployment (`up`),
+// run scriptable agents (`agent`), drive and inspect workflows (`validate`, `run`, `status`,
+// `list`, `cancel`, `trace`, `graph`) and talk to the broker (`services`, `events`,
+// `publish`, `call`).
+//
+// Each family of subcommands lives in its own source file and registers itself on the CLI11
+// app through one add_*_commands() function; main.cpp only calls run(). A subcommand reports
+// its outcome through context::exit_code: 0 for success, 1 when what was asked for did not
+// happen (a workflow that failed, a call answered with an error), 2 for bad input (arguments,
+// files) — always with a message on stderr naming what is wrong.
+
+#include <CLI/CLI.hpp>
+
+#include <string>
+
+namespace ensemble::cli {
+
+// Options every subcommand shares, filled before its callback runs.
+struct context {
+  std::string broker;     // --broker or ENSEMBLE_BROKER; default tcp://127.0.0.1:5555
+  std::string events;     // --events or ENSEMBLE_EVENTS; default: the broker's port + 1
+  std::string log_level;  // --log-level; default warn
+  int exit_code = 0;
+
+  // The events endpoint to use: `events` if given, else derived from `broker`.
+  std::string events_endpoint() const;
+};
+
+void add_up_commands(CLI::App& app, context& ctx);        // up
+void add_agent_commands(CLI::App& app, context& ctx);     // agent
+void add_workflow_commands(CLI::App& app, context& ctx);  // validate run status list cancel trace graph
+void add_broker_commands(CLI::App& app, context& ctx);    // services events publish call
+
+// Parses argv, runs the chosen subcommand, returns the process exit code.
+int run(int argc, char** argv);
+
+}  // namespace ensemble::cli

@@ -1,0 +1,92 @@
+#pragma once
+// A deployment file: what `ensemble up` starts — one broker, optionally an orchestrator, and
+// agents (programs or scriptable agent specs) with their arguments, environment, replicas,
+// readiness conditions and restart policies. The format is documented in docs/deployments.md.
+//
+//   auto d = ensemble::cli::load_deployment("examples/cart");   // DIR/deployment.yaml
+//   for (const auto& a : d.agents) ... a.program, a.args, a.replicas ...
+//
+// Loading validates everything that can be checked without starting a process: types, unknown
+// keys, durations, duplicate names. Relative paths (programs containing a '/', specs, stores,
+// workflow files, working directories) are made absolute against the file's directory.
+// Errors throw common::config_error whose where() is "<file>: <yaml path>" (for example
+// "deploy/deployment.yaml: agents[1].restart.backoff") and whose message says what is wrong,
+// with the line and column.
+//
+// Program names without a '/' are looked up when the deployment is launched, by
+// find_program(): so that a file can be validated on a machine that lacks the binaries.
+
+#include <chrono>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace ensemble::cli {
+
+struct restart_policy {
+  enum class mode { never, on_failure };
+  mode when = mode::never;
+  std::chrono::milliseconds backoff{500};         // before the first restart; doubles each time
+  std::chrono::milliseconds max_backoff{30'000};  // ... up to this
+  int max_restarts = 5;                           // then the process stays down
+};
+
+// What every launched process has. Arguments and environment values may contain the
+// placeholders {broker}, {events}, {name}, {replica} and {dir}, replaced at launch time.
+struct process_spec {
+  std::string program;                     // absolute path, or a name for find_program()
+  std::vector<std::string> args;           // after the ones `up` adds itself
+  std::map<std::string, std::string> env;  // added to the inherited environment
+  std::string workdir;                     // absolute
+  restart_policy restart;
+  std::string where;  // "<file>: <yaml path>" of the section, for messages
+};
+
+struct broker_section : process_spec {
+  std::string router = "tcp://127.0.0.1:5555";
+  std::string events = "tcp://127.0.0.1:5556";
+};
+
+struct orchestrator_section : process_spec {
+  std::string store = ":memory:";      // absolute path, or ":memory:"
+  std::vector<std::string> workflows;  // absolute paths of files and directories
+};
+
+struct agent_section : process_spec {
+  std::string name;
+  std::string spec;  // absolute path of a scriptable agent spec; then `program` is empty
+  int replicas = 1;
+  std::vector<std::string> services;  // ready once all of them are registered with the broker
+  std::string ready_line;             // ... and a line containing this text was printed
+};
+
+struct deployment {
+  std::string file;  // absolute path of the deployment file
+  std::string dir;   // its directory: relative paths and {dir} resolve against it
+  broker_section broker;
+  std::optional<orchestrator_section> orchestrator;
+  std::vector<agent_section> agents;
+};
+
+// `path` is a deployment file, or a directory holding deployment.yaml.
+deployment load_deployment(const std::string& path);
+// Parses YAML text; `file` names it in errors and its directory anchors relative paths.
+deployment parse_deployment(const std::string& yaml, const std::string& file);
+
+// Where a program is, and where it was looked for when it is not found.
+struct program_location {
+  std::optional<std::string> path;
+  std::vector<std::string> searched;  // directories, in order
+};
+// Absolute or relative (contains '/'): that file, if executable. A bare name: the directory of
+// the running executable, the build's bin directory (ENSEMBLE_BIN_DIR overrides it), then PATH.
+program_location find_program(const std::string& program);
+
+// The process names of an agent section: `name` for one replica, name-1 ... name-N otherwise.
+std::vector<std::string> replica_names(const agent_section& agent);
+
+// Replaces {key} for every key of `values`; other braces are left alone.
+std::string substitute(const std::string& text, const std::map<std::string, std::string>& values);
+
+}  // namespace ensemble::cli

@@ -1,0 +1,161 @@
+// Broker subcommands: services, events, publish, call.
+#include <condition_variable>
+#include <csignal>
+#include <cstdio>
+#include <iostream>
+#include <mutex>
+
+#include "client.hpp"
+#include "ensemble/agent/json.hpp"
+
+namespace ensemble::cli {
+
+using namespace std::chrono_literals;
+
+namespace {
+
+int cmd_services(const context& ctx, bool as_json) {
+  client c(ctx);
+  if (auto s = c.start(); !s) return report("services", s.err());
+  auto r = c.call("broker", "services", json::object(), 5s);
+  if (!r) return report("services", r.err());
+  if (as_json) {
+    std::printf("%s\n", r->dump(2).c_str());
+    return 0;
+  }
+  std::printf("%-28s %8s %9s %7s %9s  %s\n", "SERVICE", "CAPACITY", "IN FLIGHT", "QUEUED",
+              "REQUESTS", "WORKERS");
+  for (const auto& s : (*r)["services"]) {
+    std::string workers;
+    for (const auto& w : s.value("workers", json::array())) {
+      workers += (workers.empty() ? "" : ", ") + w.value("agent", std::string()) + " (" +
+                 std::to_string(w.value("in_flight", 0)) + "/" +
+                 std::to_string(w.value("capacity", 0)) + ")";
+    }
+    std::printf("%-28s %8d %9d %7d %9lld  %s\n", s.value("service", "").c_str(),
+                s.value("capacity", 0), s.value("in_flight", 0), s.value("queued", 0),
+                static_cast<long long>(s.value("requests", 0LL)), workers.c_str());
+  }
+  return 0;
+}
+
+int cmd_events(const context& ctx, const std::string& prefix, int count,
+               const std::string& duration_text) {
+  // Block the stop signals first, so every SDK thread inherits the mask.
+  sigset_t stop;
+  sigemptyset(&stop);
+  sigaddset(&stop, SIGINT);
+  sigaddset(&stop, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &stop, nullptr);
+  const auto duration =
+      duration_text.empty() ? std::chrono::milliseconds(0) : parse_duration_arg("--for", duration_text);
+  client c(ctx);
+  std::mutex m;
+  std::condition_variable cv;
+  int seen = 0;
+  auto status = c.sdk().subscribe(prefix, [&](const agent::message& e) {
+    auto payload = agent::from_json_payload(e.payload());
+    json line = {{"topic", e.topic()},       {"id", e.id()},
+                 {"seq", e.seq()},           {"ts", e.timestamp_us()},
+                 {"publisher", e.publisher()}, {"correlation_id", e.correlation_id()},
+                 {"causation_id", e.causation_id()},
+                 {"payload", payload ? *payload : json(e.payload())}};
+    std::lock_guard lock(m);
+    std::printf("%s\n", line.dump().c_str());
+    std::fflush(stdout);
+    ++seen;
+    cv.notify_all();
+  });
+  (void)status;  // before start(): active once start() returns
+  if (auto s = c.start(); !s) return report("events", s.err());
+  std::fprintf(stderr, "ensemble: listening to '%s' on %s (Ctrl-C to stop)\n", prefix.c_str(),
+               ctx.events_endpoint().c_str());
+  if (count > 0 || duration.count() > 0) {
+    std::unique_lock lock(m);
+    const auto until = duration.count() > 0 ? std::chrono::steady_clock::now() + duration
+                                            : std::chrono::steady_clock::time_point::max();
+    cv.wait_until(lock, until, [&] { return count > 0 && seen >= count; });
+    return count > 0 && seen < count ? 1 : 0;
+  }
+  agent::wait_for_shutdown_signal();
+  return 0;
+}
+
+int cmd_publish(const context& ctx, const std::string& topic, const std::string& payload_text,
+                const std::string& correlation) {
+  const json payload = parse_json_arg("payload", payload_text);
+  client c(ctx);
+  if (auto s = c.start(); !s) return report("publish", s.err());
+  agent::send_options opts;
+  opts.correlation_id = correlation;
+  auto r = c.sdk().publish_acked(topic, agent::to_json_payload(payload), 5s, opts);
+  if (!r) return report("publish " + topic, r.err());
+  std::printf("published %s id=%s seq=%llu\n", topic.c_str(), r->id.c_str(),
+              static_cast<unsigned long long>(r->seq));
+  return 0;
+}
+
+int cmd_call(const context& ctx, const std::string& service, const std::string& action,
+             const std::string& payload_text, const std::string& timeout_text) {
+  const json payload = payload_text.empty() ? json::object() : parse_json_arg("payload", payload_text);
+  const auto timeout = parse_duration_arg("--timeout", timeout_text);
+  client c(ctx);
+  if (auto s = c.start(); !s) return report("call", s.err());
+  auto r = c.call(service, action, payload, timeout, false);
+  if (!r) return report(service + "." + action, r.err());
+  std::printf("%s\n", r->dump(2).c_str());
+  return 0;
+}
+
+}  // namespace
+
+void add_broker_commands(CLI::App& app, context& ctx) {
+  {
+    auto* sub = app.add_subcommand("services", "services, workers, capacity, in flight, queue depth");
+    auto as_json = std::make_shared<bool>(false);
+    sub->add_flag("--json", *as_json, "the broker's JSON answer");
+    sub->callback([&ctx, as_json] { ctx.exit_code = cmd_services(ctx, *as_json); });
+  }
+  {
+    auto* sub = app.add_subcommand("events", "tail events live, one JSON line each");
+    struct args_t {
+      std::string prefix;
+      int count = 0;
+      std::string duration;
+    };
+    auto a = std::make_shared<args_t>();
+    sub->add_option("prefix", a->prefix, "topic prefix (all events if empty)");
+    sub->add_option("--count", a->count, "exit after this many events (1 if fewer arrive)");
+    sub->add_option("--for", a->duration, "exit after this long (e.g. 10s)");
+    sub->callback([&ctx, a] { ctx.exit_code = cmd_events(ctx, a->prefix, a->count, a->duration); });
+  }
+  {
+    auto* sub = app.add_subcommand("publish", "publish an event (waits for the broker's ack)");
+    struct args_t {
+      std::string topic, payload, correlation;
+    };
+    auto a = std::make_shared<args_t>();
+    sub->add_option("topic", a->topic, "dot-separated topic")->required();
+    sub->add_option("payload", a->payload, "JSON payload, or @file")->required();
+    sub->add_option("--correlation", a->correlation, "correlation id (e.g. an instance id)");
+    sub->callback([&ctx, a] {
+      ctx.exit_code = cmd_publish(ctx, a->topic, a->payload, a->correlation);
+    });
+  }
+  {
+    auto* sub = app.add_subcommand("call", "call SERVICE ACTION with a JSON payload, print the reply");
+    struct args_t {
+      std::string service, action, payload, timeout = "5s";
+    };
+    auto a = std::make_shared<args_t>();
+    sub->add_option("service", a->service, "service name")->required();
+    sub->add_option("action", a->action, "action name")->required();
+    sub->add_option("payload", a->payload, "JSON payload, or @file (default {})");
+    sub->add_option("--timeout", a->timeout, "deadline")->capture_default_str();
+    sub->callback([&ctx, a] {
+      ctx.exit_code = cmd_call(ctx, a->service, a->action, a->payload, a->timeout);
+    });
+  }
+}
+
+}  // namespace ensemble::cli
