@@ -7,6 +7,7 @@
 
 #include "ensemble/agent/agent.hpp"
 #include "ensemble/common/logging.hpp"
+#include "ensemble/common/signals.hpp"
 #include "ensemble/orchestrator/definition.hpp"
 #include "ensemble/orchestrator/orchestrator.hpp"
 
@@ -15,11 +16,7 @@ namespace eo = ensemble::orchestrator;
 int main(int argc, char** argv) {
   // Block the stop signals before any thread exists, so that every thread inherits the mask
   // and the main thread alone receives them in wait_for_shutdown_signal().
-  sigset_t stop_signals;
-  sigemptyset(&stop_signals);
-  sigaddset(&stop_signals, SIGINT);
-  sigaddset(&stop_signals, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  ensemble::common::block_stop_signals();
 
   eo::options opts;
   std::string log_level = "info";

@@ -14,6 +14,7 @@
 
 #include "ensemble/agent/agent.hpp"
 #include "ensemble/agent/json.hpp"
+#include "ensemble/common/signals.hpp"
 
 namespace ea = ensemble::agent;
 using nlohmann::json;
@@ -50,11 +51,7 @@ void say(const char* what, const ea::message& m, const std::string& detail) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  sigset_t stop;
-  sigemptyset(&stop);
-  sigaddset(&stop, SIGINT);
-  sigaddset(&stop, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &stop, nullptr);
+  ensemble::common::block_stop_signals();  // before any thread: all of them inherit it
 
   ea::options opts;
   opts.name = "orders";

@@ -17,6 +17,7 @@
 
 #include "ensemble/common/clock.hpp"
 #include "ensemble/common/frames.hpp"
+#include "ensemble/common/signals.hpp"
 #include "ensemble/common/ids.hpp"
 #include "ensemble/common/logging.hpp"
 
@@ -66,20 +67,8 @@ bytes to_bytes(zmq::message_t& m) {
   return bytes(static_cast<const char*>(m.data()), m.size());
 }
 
-// Starts a thread with SIGINT/SIGTERM blocked, so that process-directed signals reach the
-// application's main thread (wait_for_shutdown_signal) and not one of ours.
-template <class F>
-std::thread spawn_quiet(F&& f) {
-  sigset_t block;
-  sigset_t previous;
-  sigemptyset(&block);
-  sigaddset(&block, SIGINT);
-  sigaddset(&block, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &block, &previous);
-  std::thread t(std::forward<F>(f));
-  pthread_sigmask(SIG_SETMASK, &previous, nullptr);
-  return t;
-}
+// Library threads never take the application's stop signals (see signals.hpp).
+using common::spawn_quiet;
 
 // A FIFO of jobs served by a fixed set of threads.
 class job_queue {
@@ -1020,11 +1009,8 @@ const message* current_message() {
 }
 
 int wait_for_shutdown_signal() {
-  sigset_t set;
-  sigemptyset(&set);
-  sigaddset(&set, SIGINT);
-  sigaddset(&set, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  common::block_stop_signals();
+  const sigset_t set = common::stop_signals();
   int sig = 0;
   sigwait(&set, &sig);
   return sig;

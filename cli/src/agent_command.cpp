@@ -11,6 +11,7 @@
 #include "ensemble/cli/cli.hpp"
 #include "ensemble/cli/scriptable_agent.hpp"
 #include "ensemble/common/result.hpp"
+#include "ensemble/common/signals.hpp"
 
 namespace ensemble::cli {
 namespace {
@@ -36,11 +37,7 @@ int run_agent(const agent_args& args, const context& ctx) {
   }
   // SIGINT/SIGTERM are blocked before any thread starts, so that every thread inherits the mask
   // and the signal is taken by wait_for_shutdown_signal() below, on this thread.
-  sigset_t set;
-  sigemptyset(&set);
-  sigaddset(&set, SIGINT);
-  sigaddset(&set, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  common::block_stop_signals();
 
   scriptable_agent a(std::move(spec),
                      {.broker = ctx.broker, .events = ctx.events_endpoint(), .name = args.name});

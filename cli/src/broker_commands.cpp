@@ -7,6 +7,7 @@
 
 #include "client.hpp"
 #include "ensemble/agent/json.hpp"
+#include "ensemble/common/signals.hpp"
 
 namespace ensemble::cli {
 
@@ -42,22 +43,21 @@ int cmd_services(const context& ctx, bool as_json) {
 int cmd_events(const context& ctx, const std::string& prefix, int count,
                const std::string& duration_text) {
   // Block the stop signals first, so every SDK thread inherits the mask.
-  sigset_t stop;
-  sigemptyset(&stop);
-  sigaddset(&stop, SIGINT);
-  sigaddset(&stop, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &stop, nullptr);
-  const auto duration =
-      duration_text.empty() ? std::chrono::milliseconds(0) : parse_duration_arg("--for", duration_text);
+  common::block_stop_signals();
+  const auto duration = duration_text.empty() ? std::chrono::milliseconds(0)
+                                              : parse_duration_arg("--for", duration_text);
   client c(ctx);
   std::mutex m;
   std::condition_variable cv;
   int seen = 0;
   auto status = c.sdk().subscribe(prefix, [&](const agent::message& e) {
     auto payload = agent::from_json_payload(e.payload());
-    json line = {{"topic", e.topic()},       {"id", e.id()},
-                 {"seq", e.seq()},           {"ts", e.timestamp_us()},
-                 {"publisher", e.publisher()}, {"correlation_id", e.correlation_id()},
+    json line = {{"topic", e.topic()},
+                 {"id", e.id()},
+                 {"seq", e.seq()},
+                 {"ts", e.timestamp_us()},
+                 {"publisher", e.publisher()},
+                 {"correlation_id", e.correlation_id()},
                  {"causation_id", e.causation_id()},
                  {"payload", payload ? *payload : json(e.payload())}};
     std::lock_guard lock(m);
@@ -97,7 +97,8 @@ int cmd_publish(const context& ctx, const std::string& topic, const std::string&
 
 int cmd_call(const context& ctx, const std::string& service, const std::string& action,
              const std::string& payload_text, const std::string& timeout_text) {
-  const json payload = payload_text.empty() ? json::object() : parse_json_arg("payload", payload_text);
+  const json payload =
+      payload_text.empty() ? json::object() : parse_json_arg("payload", payload_text);
   const auto timeout = parse_duration_arg("--timeout", timeout_text);
   client c(ctx);
   if (auto s = c.start(); !s) return report("call", s.err());
@@ -111,7 +112,8 @@ int cmd_call(const context& ctx, const std::string& service, const std::string& 
 
 void add_broker_commands(CLI::App& app, context& ctx) {
   {
-    auto* sub = app.add_subcommand("services", "services, workers, capacity, in flight, queue depth");
+    auto* sub =
+        app.add_subcommand("services", "services, workers, capacity, in flight, queue depth");
     auto as_json = std::make_shared<bool>(false);
     sub->add_flag("--json", *as_json, "the broker's JSON answer");
     sub->callback([&ctx, as_json] { ctx.exit_code = cmd_services(ctx, *as_json); });
@@ -138,12 +140,12 @@ void add_broker_commands(CLI::App& app, context& ctx) {
     sub->add_option("topic", a->topic, "dot-separated topic")->required();
     sub->add_option("payload", a->payload, "JSON payload, or @file")->required();
     sub->add_option("--correlation", a->correlation, "correlation id (e.g. an instance id)");
-    sub->callback([&ctx, a] {
-      ctx.exit_code = cmd_publish(ctx, a->topic, a->payload, a->correlation);
-    });
+    sub->callback(
+        [&ctx, a] { ctx.exit_code = cmd_publish(ctx, a->topic, a->payload, a->correlation); });
   }
   {
-    auto* sub = app.add_subcommand("call", "call SERVICE ACTION with a JSON payload, print the reply");
+    auto* sub =
+        app.add_subcommand("call", "call SERVICE ACTION with a JSON payload, print the reply");
     struct args_t {
       std::string service, action, payload, timeout = "5s";
     };

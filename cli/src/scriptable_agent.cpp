@@ -31,6 +31,7 @@
 #include "ensemble/agent/json.hpp"
 #include "ensemble/common/logging.hpp"
 #include "ensemble/common/protocol.hpp"
+#include "ensemble/common/signals.hpp"
 #include "ensemble/orchestrator/definition.hpp"
 #include "ensemble/orchestrator/expression.hpp"
 
@@ -488,19 +489,8 @@ bool topic_matches(const std::string& on, const std::string& topic) {
   return topic == on;
 }
 
-// Blocks SIGINT/SIGTERM in threads we start, so that they reach the main thread's sigwait.
-template <class F>
-std::thread spawn_quiet(F&& f) {
-  sigset_t block;
-  sigset_t previous;
-  sigemptyset(&block);
-  sigaddset(&block, SIGINT);
-  sigaddset(&block, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &block, &previous);
-  std::thread t(std::forward<F>(f));
-  pthread_sigmask(SIG_SETMASK, &previous, nullptr);
-  return t;
-}
+// Threads we start never take the application's stop signals (see signals.hpp).
+using common::spawn_quiet;
 
 }  // namespace
 
