@@ -1,8 +1,8 @@
 // Durability: an ensemble-orchestrator process is SIGKILLed with 200 instances in flight and
 // started again on the same SQLite file. Every instance must end exactly once.
 #include <atomic>
+#include <condition_variable>
 #include <set>
-#include <thread>
 
 #include "support/orchestrator_fixture.hpp"
 
@@ -36,11 +36,22 @@ TEST_F(orchestrator_crash_test, sigkill_with_200_in_flight_then_restart_every_in
   // Agents dedupe by idempotency key, as the protocol asks of them: a command re-sent after the
   // restart must not repeat its effect.
   std::mutex m;
+  std::condition_variable changed;
   std::map<std::string, int> effects;  // idempotency key -> times seen
-  auto handler = [&](json reply) {
-    return [&, reply](const ea::message& msg) -> ea::handler_result {
-      std::this_thread::sleep_for(20ms);  // keep instances in flight while the kill happens
-      std::lock_guard lock(m);
+  // PaymentService holds every charge until the test opens the gate, so that the kill is sure
+  // to find instances in flight (commands outstanding, others queued behind them).
+  bool gate_open = false;
+  int held = 0;
+  auto handler = [&](const std::string& service, json reply) {
+    return [&, service, reply](const ea::message& msg) -> ea::handler_result {
+      std::unique_lock lock(m);
+      if (service == "PaymentService") {
+        ++held;
+        changed.notify_all();
+        if (!changed.wait_for(lock, 30s, [&] { return gate_open; })) {
+          return ea::error{"gate_timeout", "the test never opened the gate", false};
+        }
+      }
       ++effects[msg.idempotency_key()];
       return ea::to_json_payload(reply);
     };
@@ -50,7 +61,7 @@ TEST_F(orchestrator_crash_test, sigkill_with_200_in_flight_then_restart_every_in
                                                         {"PaymentService", "charge"},
                                                         {"NotificationService", "send"}}) {
     add_agent(service, [&](ea::agent& a) {
-      a.handle(service, action, handler({{"by", service}}));
+      a.handle(service, action, handler(service, {{"by", service}}));
       a.set_capacity(service, 8);
     });
   }
@@ -84,12 +95,22 @@ TEST_F(orchestrator_crash_test, sigkill_with_200_in_flight_then_restart_every_in
     }
     return by_instance;
   };
+  {
+    std::unique_lock lock(m);
+    ASSERT_TRUE(changed.wait_for(lock, 10s, [&] { return held >= 8; }))
+        << "PaymentService never got its 8 charges in flight";
+  }
   const std::size_t ended_before = terminal(lifecycle.events()).size();
   orch->kill();
   ASSERT_TRUE(orch->wait_exit(5s).has_value());
   ASSERT_LT(ended_before, ids.size()) << "every instance ended before the kill: nothing tested";
 
   orch = run_orchestrator(*broker_, workflows, store);
+  {
+    std::lock_guard lock(m);
+    gate_open = true;
+  }
+  changed.notify_all();
   const bool all_ended = lifecycle.wait(
       [&](const std::vector<json>& evs) { return terminal(evs).size() >= ids.size(); }, 60s);
   const auto events = lifecycle.events();

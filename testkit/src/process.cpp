@@ -1,9 +1,12 @@
 #include "ensemble/testkit/process.hpp"
 
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <poll.h>
 #include <pthread.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -40,9 +43,33 @@ constexpr std::size_t k_max_line_bytes = 1 << 20;
 // Used by wait_exit only where pidfd_open is unavailable (kernels before 5.3).
 constexpr auto k_exit_poll_interval = 2ms;
 // Between attempts to relaunch a broker whose port is still held by the killed one.
-constexpr auto k_rebind_retry_interval = 20ms;
+// How often a relaunch checks whether the old broker's ports are free again.
+constexpr auto k_port_poll_interval = 5ms;
 
-std::string errno_text(int err) { return std::strerror(err); }
+// Whether a tcp://HOST:PORT endpoint can be bound now (with SO_REUSEADDR, as libzmq binds).
+// Other transports have no port to wait for: true.
+bool endpoint_bindable(const std::string& endpoint) {
+  if (endpoint.rfind("tcp://", 0) != 0) return true;
+  const auto colon = endpoint.rfind(':');
+  if (colon == std::string::npos || colon < 6) return true;
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<std::uint16_t>(std::atoi(endpoint.c_str() + colon + 1)));
+  if (::inet_pton(AF_INET, endpoint.substr(6, colon - 6).c_str(), &addr.sin_addr) != 1) {
+    return true;  // not an IPv4 literal: let the broker itself try
+  }
+  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return true;
+  const int one = 1;
+  ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  const bool ok = ::bind(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof addr) == 0;
+  ::close(fd);
+  return ok;
+}
+
+std::string errno_text(int err) {
+  return std::strerror(err);
+}
 
 [[noreturn]] void throw_errno(const std::string& what, int err) {
   throw std::runtime_error(what + ": " + errno_text(err));
@@ -203,10 +230,10 @@ std::string base_name(const std::string& path) {
 struct process::impl {
   pid_t pid = -1;
   std::string name;
-  int output_fd = -1;   // read end of the child's stdout+stderr pipe; owned by the reader
+  int output_fd = -1;         // read end of the child's stdout+stderr pipe; owned by the reader
   int stop_fd[2] = {-1, -1};  // tells the reader to drain what is left and finish
-  int pidfd = -1;       // readable once the child has exited; -1 if the kernel lacks pidfd
-  bool echo = false;    // ENSEMBLE_TESTKIT_ECHO: copy the child's lines to our stderr
+  int pidfd = -1;             // readable once the child has exited; -1 if the kernel lacks pidfd
+  bool echo = false;          // ENSEMBLE_TESTKIT_ECHO: copy the child's lines to our stderr
   std::thread reader;
 
   // Output, filled by the reader thread.
@@ -389,14 +416,11 @@ std::unique_ptr<process> process::spawn(process_options opts) {
   }
   const int dev_null = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
 
-  const child_setup setup{path.c_str(),
-                          argv.data(),
-                          envp.data(),
-                          opts.working_dir.empty() ? nullptr : opts.working_dir.c_str(),
-                          dev_null,
-                          output[1],
-                          status[1],
-                          ::getpid()};
+  const child_setup setup{
+      path.c_str(), argv.data(),
+      envp.data(),  opts.working_dir.empty() ? nullptr : opts.working_dir.c_str(),
+      dev_null,     output[1],
+      status[1],    ::getpid()};
   const pid_t pid = fork_thread::instance().fork_child(setup);
   ::close(output[1]);
   ::close(status[1]);
@@ -427,9 +451,15 @@ std::unique_ptr<process> process::spawn(process_options opts) {
     }
     std::string what;
     switch (failure.step) {
-      case k_step_chdir: what = "cannot change to directory " + opts.working_dir; break;
-      case k_step_exec: what = "cannot execute " + path; break;
-      default: what = "cannot set up the child process"; break;
+      case k_step_chdir:
+        what = "cannot change to directory " + opts.working_dir;
+        break;
+      case k_step_exec:
+        what = "cannot execute " + path;
+        break;
+      default:
+        what = "cannot set up the child process";
+        break;
     }
     throw std::runtime_error("process: cannot start " + p->name + ": " + what + ": " +
                              errno_text(failure.err));
@@ -440,8 +470,12 @@ std::unique_ptr<process> process::spawn(process_options opts) {
   return std::unique_ptr<process>(new process(std::move(p)));
 }
 
-pid_t process::pid() const { return impl_->pid; }
-const std::string& process::name() const { return impl_->name; }
+pid_t process::pid() const {
+  return impl_->pid;
+}
+const std::string& process::name() const {
+  return impl_->name;
+}
 
 std::optional<std::string> process::wait_for_line(std::string_view text,
                                                   std::chrono::milliseconds deadline) {
@@ -483,10 +517,18 @@ std::string process::tail(std::size_t n) const {
   return out;
 }
 
-void process::signal(int sig) { impl_->send(sig); }
-void process::kill() { impl_->send(SIGKILL); }
-void process::stop() { impl_->send(SIGSTOP); }
-void process::resume() { impl_->send(SIGCONT); }
+void process::signal(int sig) {
+  impl_->send(sig);
+}
+void process::kill() {
+  impl_->send(SIGKILL);
+}
+void process::stop() {
+  impl_->send(SIGSTOP);
+}
+void process::resume() {
+  impl_->send(SIGCONT);
+}
 
 bool process::running() {
   std::lock_guard lock(impl_->reap_mutex);
@@ -508,8 +550,9 @@ std::optional<int> process::wait_exit(std::chrono::milliseconds deadline) {
     if (impl_->pidfd >= 0) {
       // Readable once the child has exited; the loop then reaps it.
       pollfd fd{impl_->pidfd, POLLIN, 0};
-      ::poll(&fd, 1, static_cast<int>(std::min<std::chrono::milliseconds::rep>(
-                         left.count(), std::numeric_limits<int>::max())));
+      ::poll(&fd, 1,
+             static_cast<int>(std::min<std::chrono::milliseconds::rep>(
+                 left.count(), std::numeric_limits<int>::max())));
     } else {
       std::this_thread::sleep_for(std::min<steady::duration>(left, k_exit_poll_interval));
     }
@@ -541,8 +584,8 @@ void broker_process::restart(std::chrono::milliseconds deadline) {
     proc_.reset();
   }
   launch(router_, events_,
-         std::chrono::ceil<std::chrono::milliseconds>(std::max(until - steady::now(),
-                                                               steady::duration::zero())));
+         std::chrono::ceil<std::chrono::milliseconds>(
+             std::max(until - steady::now(), steady::duration::zero())));
 }
 
 void broker_process::launch(const std::string& router, const std::string& events,
@@ -554,9 +597,8 @@ void broker_process::launch(const std::string& router, const std::string& events
 
   while (true) {
     auto proc = process::spawn({binary_path("ensemble-broker"), args, {}, {}, "ensemble-broker"});
-    const auto left =
-        std::chrono::ceil<std::chrono::milliseconds>(std::max(until - steady::now(),
-                                                              steady::duration::zero()));
+    const auto left = std::chrono::ceil<std::chrono::milliseconds>(
+        std::max(until - steady::now(), steady::duration::zero()));
     if (auto line = proc->wait_for_line(k_ready, left)) {
       std::string found_router;
       std::string found_events;
@@ -567,8 +609,8 @@ void broker_process::launch(const std::string& router, const std::string& events
         if (word.rfind("events=", 0) == 0) found_events = word.substr(7);
       }
       if (found_router.empty() || found_events.empty()) {
-        throw std::runtime_error("broker_process: cannot parse the ready line '" + *line +
-                                 "':\n" + proc->tail());
+        throw std::runtime_error("broker_process: cannot parse the ready line '" + *line + "':\n" +
+                                 proc->tail());
       }
       router_ = std::move(found_router);
       events_ = std::move(found_events);
@@ -577,14 +619,19 @@ void broker_process::launch(const std::string& router, const std::string& events
     }
     // Not ready. A relaunch on concrete endpoints can race the kernel releasing the old
     // broker's port: that is the one failure worth another try while time is left.
-    const auto code = proc->wait_exit(std::chrono::milliseconds(
-        std::max<std::chrono::milliseconds::rep>(
+    const auto code =
+        proc->wait_exit(std::chrono::milliseconds(std::max<std::chrono::milliseconds::rep>(
             0, std::chrono::ceil<std::chrono::milliseconds>(until - steady::now()).count())));
     const std::string output = proc->tail();
     const bool bind_failed = code.has_value() && output.find("cannot bind") != std::string::npos;
-    if (bind_failed && steady::now() + k_rebind_retry_interval < until) {
-      std::this_thread::sleep_for(k_rebind_retry_interval);
-      continue;
+    if (bind_failed) {
+      // Wait for the condition itself — both ports bindable — then relaunch.
+      const auto time_left = std::chrono::ceil<std::chrono::milliseconds>(until - steady::now());
+      if (time_left.count() > 0 &&
+          wait_until([&] { return endpoint_bindable(router) && endpoint_bindable(events); },
+                     time_left, k_port_poll_interval)) {
+        continue;
+      }
     }
     throw std::runtime_error(
         "broker_process: ensemble-broker " +
