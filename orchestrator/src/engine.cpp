@@ -128,7 +128,6 @@ engine::engine(options opts, std::vector<definition> defs, std::unique_ptr<store
     auto& latest = latest_[shared->name];
     if (!latest || latest->version < shared->version) latest = shared;
     defs_[{shared->name, shared->version}] = shared;
-    for (const auto& topic : shared->listened_topics()) await_topics_.insert(topic);
   }
   // Trigger topics are listened to but not buffered: nothing awaits them.
   std::set<std::string> awaited;
@@ -463,15 +462,7 @@ void engine::flush() {
     auto it = live_.find(id);
     if (it == live_.end()) continue;
     instance& in = *it->second;
-    instance_record r;
-    r.id = in.id;
-    r.workflow = in.def->name;
-    r.version = in.def->version;
-    r.status = in.status;
-    r.parent_id = in.parent_id;
-    r.created_us = in.created_us;
-    r.updated_us = in.updated_us;
-    r.active = !is_terminal(in.status) || !in.run()["outbox"].empty();
+    instance_record r = record_of(in);
     // Lent to the batch rather than copied (a deep copy per instance per iteration was the
     // engine's largest cost); given back right after the commit.
     r.state = std::move(in.state);
@@ -1416,6 +1407,19 @@ void engine::history(instance& in, const std::string& kind, const std::string& s
   batch_.history.push_back(history_entry{in.id, n, now_us(), kind, step, std::move(data)});
 }
 
+instance_record engine::record_of(instance& in) {
+  instance_record r;
+  r.id = in.id;
+  r.workflow = in.def->name;
+  r.version = in.def->version;
+  r.status = in.status;
+  r.parent_id = in.parent_id;
+  r.created_us = in.created_us;
+  r.updated_us = in.updated_us;
+  r.active = !is_terminal(in.status) || !in.run()["outbox"].empty();
+  return r;
+}
+
 void engine::touch(instance& in) {
   in.updated_us = now_us();
   dirty_.insert(in.id);
@@ -1516,15 +1520,8 @@ result<json> engine::admin(std::string_view action, const json& args, const orig
   };
   auto snapshot = [this](const std::string& id) -> std::optional<instance_record> {
     if (auto it = live_.find(id); it != live_.end()) {
-      const instance& in = *it->second;
-      instance_record r;
-      r.id = in.id;
-      r.workflow = in.def->name;
-      r.version = in.def->version;
-      r.status = in.status;
-      r.parent_id = in.parent_id;
-      r.created_us = in.created_us;
-      r.updated_us = in.updated_us;
+      instance& in = *it->second;
+      instance_record r = record_of(in);
       r.state = in.state;
       return r;
     }

@@ -130,6 +130,8 @@ class engine {
   void arm(instance& in, const std::string& tag, std::int64_t due_us);
   void history(instance& in, const std::string& kind, const std::string& step, json data);
   void touch(instance& in);
+  // Everything the store keeps of an instance except its state document.
+  static instance_record record_of(instance& in);
 
   // --- admin
   result<json> admin(std::string_view action, const json& args, const origin& from,
