@@ -12,9 +12,6 @@
 // re-executed from the orchestrator (harness.hpp describes the pipes between them).
 
 #include <CLI/CLI.hpp>
-#include <nlohmann/json.hpp>
-#include <zmq.hpp>
-
 #include <atomic>
 #include <cinttypes>
 #include <cmath>
@@ -22,6 +19,8 @@
 #include <cstdio>
 #include <future>
 #include <mutex>
+#include <nlohmann/json.hpp>
+#include <zmq.hpp>
 
 #include "ensemble/agent/agent.hpp"
 #include "ensemble/common/clock.hpp"
@@ -54,7 +53,8 @@ struct options {
   std::size_t window = 100;
   std::size_t warmup = 0;
   std::vector<std::size_t> sizes{64, 1024};
-  int hwm = 0;  // 0: messages + 10%, so that no queue bound drops an event by design
+  int hwm = 0;        // 0: messages + 10%, so that no queue bound drops an event by design
+  long journal = -1;  // the broker's --journal; -1: its default (10,000)
   int repeat = 0;
   std::string only = "all";
   double event_rate = 0;  // events/s per publisher; 0: unpaced
@@ -67,8 +67,8 @@ struct options {
 
   // Role plumbing.
   std::string role;
-  std::string endpoint;   // raw: where to connect (or bind, with --bind)
-  std::string router;     // Ensemble: broker endpoints
+  std::string endpoint;  // raw: where to connect (or bind, with --bind)
+  std::string router;    // Ensemble: broker endpoints
   std::string events;
   bool bind = false;
   std::size_t size = 64;
@@ -128,7 +128,7 @@ std::string representative_request_header() {
 struct event_tally {
   std::uint64_t received = 0;
   std::uint64_t next_index = 0;
-  std::uint64_t gaps = 0;         // events skipped (an index jumped ahead)
+  std::uint64_t gaps = 0;          // events skipped (an index jumped ahead)
   std::uint64_t out_of_order = 0;  // an index at or below one already seen
   std::int64_t first_ns = 0;
   std::int64_t last_ns = 0;
@@ -150,8 +150,8 @@ struct event_tally {
   void report(const char* extra = "") const {
     const double span = static_cast<double>(last_ns - first_ns) / 1e9;
     const double rate = received > 1 && span > 0 ? static_cast<double>(received - 1) / span : 0;
-    say("result received=%" PRIu64 " span_s=%.6f rate=%.1f gaps=%" PRIu64
-        " out_of_order=%" PRIu64 " last_ns=%" PRId64 "%s",
+    say("result received=%" PRIu64 " span_s=%.6f rate=%.1f gaps=%" PRIu64 " out_of_order=%" PRIu64
+        " last_ns=%" PRId64 "%s",
         received, span, rate, gaps, out_of_order, last_ns, extra);
   }
 };
@@ -167,8 +167,8 @@ class pacer {
   explicit pacer(double rate) : rate_(rate), t0_(clock_type::now()) {}
   void wait_turn(std::uint64_t i) const {
     if (rate_ <= 0 || (i & 15) != 0) return;
-    const auto due = t0_ + std::chrono::nanoseconds(static_cast<std::int64_t>(
-                               static_cast<double>(i) * 1e9 / rate_));
+    const auto due = t0_ + std::chrono::nanoseconds(
+                               static_cast<std::int64_t>(static_cast<double>(i) * 1e9 / rate_));
     if (clock_type::now() < due) std::this_thread::sleep_until(due);
   }
 
@@ -314,7 +314,8 @@ int role_ens_pub(const options& o) {
   line_reader in(STDIN_FILENO);
   const std::string probe_topic(k_probe_topic);
   const std::string topic(k_event_topic);
-  const long probes = probe_until_go(in, [&] { (void)a.publish(probe_topic, make_payload(o.size, 0)); });
+  const long probes =
+      probe_until_go(in, [&] { (void)a.publish(probe_topic, make_payload(o.size, 0)); });
   if (probes < 0) return 1;
   std::string payload = make_payload(o.size, 0);
   std::size_t failed = 0;
@@ -370,7 +371,7 @@ int role_ens_sub(const options& o) {
     seen = now_seen;
   }
   say("drained");  // before stop(): the orchestrator reads our threads' CPU while they exist
-  a.stop(1s);  // joins the event thread: the tally is final and safe to read
+  a.stop(1s);      // joins the event thread: the tally is final and safe to read
   tally.report();
   return 0;
 }
@@ -422,9 +423,9 @@ latency_summary summarize(std::vector<std::int64_t>& ns) {
 }
 
 // Both clients print the same result line, so that the orchestrator treats them alike.
-void report_commands(latency_summary rtt, std::size_t rtt_ok, std::size_t rtt_failed,
-                     double tput, latency_summary loaded, std::size_t tput_ok,
-                     std::size_t tput_failed, const std::string& first_error) {
+void report_commands(latency_summary rtt, std::size_t rtt_ok, std::size_t rtt_failed, double tput,
+                     latency_summary loaded, std::size_t tput_ok, std::size_t tput_failed,
+                     const std::string& first_error) {
   say("result rtt_p50=%.2f rtt_p99=%.2f rtt_mean=%.2f rtt_ok=%zu rtt_failed=%zu tput=%.1f "
       "tput_p50=%.2f tput_p99=%.2f tput_ok=%zu tput_failed=%zu first_error=%s",
       rtt.p50, rtt.p99, rtt.mean, rtt_ok, rtt_failed, tput, loaded.p50, loaded.p99, tput_ok,
@@ -578,7 +579,8 @@ class call_pipeline {
     }
     sent_at_[i] = clock_type::now();
     agent_.call_async(std::string(k_service), std::string(k_action), make_payload(size_, i),
-                      k_call_deadline, [this, i](agent::call_result r) { on_reply(i, std::move(r)); });
+                      k_call_deadline,
+                      [this, i](agent::call_result r) { on_reply(i, std::move(r)); });
   }
   void on_reply(std::size_t i, agent::call_result r) {
     const auto now = clock_type::now();
@@ -693,9 +695,9 @@ constexpr auto k_run_timeout = 300s;
 
 std::unique_ptr<child> spawn_role(const options& o, const std::string& label,
                                   const std::string& role, std::vector<std::string> args) {
-  args.insert(args.begin(), {"--role", role, "--log-level", o.log_level, "--size",
-                             std::to_string(o.size), "--hwm", std::to_string(o.hwm),
-                             "--event-rate", std::to_string(o.event_rate)});
+  args.insert(args.begin(),
+              {"--role", role, "--log-level", o.log_level, "--size", std::to_string(o.size),
+               "--hwm", std::to_string(o.hwm), "--event-rate", std::to_string(o.event_rate)});
   return child::spawn(label, self_exe(), args);
 }
 
@@ -707,10 +709,11 @@ struct broker_handle {
 
 broker_handle start_broker(const options& o) {
   broker_handle b;
-  b.proc = child::spawn("broker", sibling_exe("ensemble-broker"),
-                        {"--router", "tcp://127.0.0.1:*", "--events", "tcp://127.0.0.1:*",
-                         "--log-level", o.log_level == "error" ? "warn" : o.log_level,
-                         "--event-hwm", std::to_string(o.hwm)});
+  b.proc = child::spawn(
+      "broker", sibling_exe("ensemble-broker"),
+      {"--router", "tcp://127.0.0.1:*", "--events", "tcp://127.0.0.1:*", "--log-level",
+       o.log_level == "error" ? "warn" : o.log_level, "--event-hwm", std::to_string(o.hwm),
+       "--journal", o.journal < 0 ? std::string("10000") : std::to_string(o.journal)});
   auto fields = parse_fields(b.proc->expect("ensemble-broker ready", k_start_timeout));
   b.router = fields["router"];
   b.events = fields["events"];
@@ -755,13 +758,14 @@ std::string wait_sampling(child& c, std::string_view prefix, cpu_window& cpu) {
 enum class event_kind { raw_direct, raw_proxy, ensemble_sdk, ensemble_plain };
 constexpr int k_event_kinds = 4;
 constexpr int k_command_kinds = 2;
-bool is_raw(event_kind k) { return k == event_kind::raw_direct || k == event_kind::raw_proxy; }
+bool is_raw(event_kind k) {
+  return k == event_kind::raw_direct || k == event_kind::raw_proxy;
+}
 enum class command_kind { raw_proxy, ensemble };
 
 struct event_run {
-  double sent = 0, failed = 0, received = 0, rate = 0, publish_rate = 0, gaps = 0,
-         out_of_order = 0;
-  double broker_in = -1;  // Ensemble: events the broker received (stats delta, probes removed)
+  double sent = 0, failed = 0, received = 0, rate = 0, publish_rate = 0, gaps = 0, out_of_order = 0;
+  double broker_in = -1;    // Ensemble: events the broker received (stats delta, probes removed)
   double header_bytes = 0;  // header frame size seen by a plain SUB (0: SDK subscriber)
   std::string cpu;
   double others = 0;  // cores other processes used meanwhile
@@ -795,7 +799,8 @@ event_run run_events(const options& o, event_kind kind) {
     middle = spawn_role(o, "proxy", "raw_event_proxy", {});
     auto f = parse_fields(middle->expect("endpoints", k_start_timeout));
     sub = spawn_role(o, "sub", "raw_sub", {"--endpoint", f["xpub"]});
-    pub = spawn_role(o, "pub", "raw_pub", std::vector<std::string>{"--endpoint", f["xsub"]} + count);
+    pub =
+        spawn_role(o, "pub", "raw_pub", std::vector<std::string>{"--endpoint", f["xsub"]} + count);
   } else {
     auto b = start_broker(o);
     middle = std::move(b.proc);
@@ -850,10 +855,9 @@ event_run run_events(const options& o, event_kind kind) {
 }
 
 command_run run_commands(const options& o, command_kind kind) {
-  const std::vector<std::string> load{"--rtt-calls", std::to_string(o.rtt_calls), "--pipelined",
-                                      std::to_string(o.pipelined), "--window",
-                                      std::to_string(o.window), "--warmup",
-                                      std::to_string(o.warmup)};
+  const std::vector<std::string> load{
+      "--rtt-calls", std::to_string(o.rtt_calls), "--pipelined", std::to_string(o.pipelined),
+      "--window",    std::to_string(o.window),    "--warmup",    std::to_string(o.warmup)};
   std::unique_ptr<child> middle;
   std::unique_ptr<child> worker;
   std::unique_ptr<child> client;
@@ -935,7 +939,9 @@ std::string fixed(double v, int digits = 1) {
   return buf;
 }
 
-std::string ratio(double ens, double raw) { return raw > 0 ? fixed(ens / raw, 2) + "x" : "-"; }
+std::string ratio(double ens, double raw) {
+  return raw > 0 ? fixed(ens / raw, 2) + "x" : "-";
+}
 
 // One table row: a label column, value columns of the given width, then free text.
 void print_row(const std::string& size, const std::string& metric,
@@ -996,13 +1002,13 @@ void print_event_line(const char* name, std::size_t size, int rep, const event_r
 
 void print_command_line(const char* name, std::size_t size, int rep, const command_run& r) {
   const bool error = !r.first_error.empty() && r.first_error != "-";
-  std::printf("  commands %-7s %-13s run %d: rtt p50 %s us p99 %s us; %s req/s (p50 %s us, "
-              "p99 %s us); failed %s%s%s\n           cpu in cores, rtt: %s | pipelined: %s\n",
-              size_label(size).c_str(), name, rep + 1, fixed(r.rtt_p50).c_str(),
-              fixed(r.rtt_p99).c_str(), thousands(r.tput).c_str(), fixed(r.tput_p50).c_str(),
-              fixed(r.tput_p99).c_str(), thousands(r.rtt_failed + r.tput_failed).c_str(),
-              error ? ", first error: " : "", error ? r.first_error.c_str() : "",
-              r.cpu_rtt.c_str(), r.cpu_tput.c_str());
+  std::printf(
+      "  commands %-7s %-13s run %d: rtt p50 %s us p99 %s us; %s req/s (p50 %s us, "
+      "p99 %s us); failed %s%s%s\n           cpu in cores, rtt: %s | pipelined: %s\n",
+      size_label(size).c_str(), name, rep + 1, fixed(r.rtt_p50).c_str(), fixed(r.rtt_p99).c_str(),
+      thousands(r.tput).c_str(), fixed(r.tput_p50).c_str(), fixed(r.tput_p99).c_str(),
+      thousands(r.rtt_failed + r.tput_failed).c_str(), error ? ", first error: " : "",
+      error ? r.first_error.c_str() : "", r.cpu_rtt.c_str(), r.cpu_tput.c_str());
   std::fflush(stdout);
 }
 
@@ -1048,15 +1054,15 @@ int orchestrate(options o) {
               std::thread::hardware_concurrency(), load_average().c_str());
   std::printf("events: %s per run, %s, HWM %s on the raw sockets and the broker's XPUB\n",
               thousands(static_cast<double>(o.messages)).c_str(),
-              o.event_rate > 0 ? ("paced at " + thousands(o.event_rate) + "/s").c_str()
-                               : "unpaced",
+              o.event_rate > 0 ? ("paced at " + thousands(o.event_rate) + "/s").c_str() : "unpaced",
               thousands(o.hwm).c_str());
-  std::printf("commands: %s round trips 1 in flight, %s requests %zu in flight (after %zu "
-              "warm-up); echo agent capacity %u, handlers %s\n",
-              thousands(static_cast<double>(o.rtt_calls)).c_str(),
-              thousands(static_cast<double>(o.pipelined)).c_str(), o.window, o.warmup, o.capacity,
-              o.handler_pool ? ("on a pool of " + std::to_string(o.handler_threads) + " thread(s)").c_str()
-                             : "inline on the SDK's I/O thread");
+  std::printf(
+      "commands: %s round trips 1 in flight, %s requests %zu in flight (after %zu "
+      "warm-up); echo agent capacity %u, handlers %s\n",
+      thousands(static_cast<double>(o.rtt_calls)).c_str(),
+      thousands(static_cast<double>(o.pipelined)).c_str(), o.window, o.warmup, o.capacity,
+      o.handler_pool ? ("on a pool of " + std::to_string(o.handler_threads) + " thread(s)").c_str()
+                     : "inline on the SDK's I/O thread");
   std::printf("%d run(s) of each; figures are medians, loss is summed over runs\n\n", o.repeat);
   std::fflush(stdout);
 
@@ -1109,12 +1115,13 @@ int orchestrate(options o) {
   bool all_pass = true;
   std::printf("\n");
   if (events) {
-    std::printf("EVENTS: rate delivered to the subscriber (first to last event), median of %d; "
-                "ratio = Ensemble (SDK subscriber / plain SUB) / raw proxy\n",
-                o.repeat);
-    print_row("size", "metric", {"raw PUB->SUB", "raw proxy", "Ens SDK sub", "Ens plain SUB",
-                                 "Ens/proxy"},
-              13, "target", "verdict (SDK subscriber)");
+    std::printf(
+        "EVENTS: rate delivered to the subscriber (first to last event), median of %d; "
+        "ratio = Ensemble (SDK subscriber / plain SUB) / raw proxy\n",
+        o.repeat);
+    print_row("size", "metric",
+              {"raw PUB->SUB", "raw proxy", "Ens SDK sub", "Ens plain SUB", "Ens/proxy"}, 13,
+              "target", "verdict (SDK subscriber)");
     for (auto size : o.sizes) {
       const auto& s = ev[size];
       const double proxy = s[1].rate();
@@ -1135,7 +1142,8 @@ int orchestrate(options o) {
       const double ens_lost = s[2].lost() + s[3].lost();
       print_row("", "lost (all runs)", lost, 13, "0",
                 no_loss ? "PASS"
-                        : "MISS (" + fixed(100 * ens_lost / std::max(1.0, s[2].sent() + s[3].sent()), 3) +
+                        : "MISS (" +
+                              fixed(100 * ens_lost / std::max(1.0, s[2].sent() + s[3].sent()), 3) +
                               "% of events)");
     }
     std::printf("\n");
@@ -1156,8 +1164,8 @@ int orchestrate(options o) {
       const double r50 = raw50 > 0 ? ens50 / raw50 : 0;
       const bool rtt_pass = r50 > 0 && r50 <= 1.2;
       print_row(size_label(size), "RTT p50 us, 1 in flight",
-                {or_dash(no_raw, fixed(raw50)), fixed(ens50), ratio(ens50, raw50)}, 15,
-                "<= 1.20x", verdict(rtt_pass, (r50 / 1.2 - 1) * 100, "over"));
+                {or_dash(no_raw, fixed(raw50)), fixed(ens50), ratio(ens50, raw50)}, 15, "<= 1.20x",
+                verdict(rtt_pass, (r50 / 1.2 - 1) * 100, "over"));
       print_row("", "RTT p99 us, 1 in flight",
                 {or_dash(no_raw, fixed(s[0].med(p99))), fixed(s[1].med(p99)),
                  ratio(s[1].med(p99), s[0].med(p99))},
@@ -1165,10 +1173,10 @@ int orchestrate(options o) {
       const double raw_tput = s[0].med(tput);
       const double ens_tput = s[1].med(tput);
       const bool tput_pass = ens_tput >= 100'000;
-      print_row("", "req/s, " + std::to_string(o.window) + " in flight",
-                {or_dash(no_raw, thousands(raw_tput)), thousands(ens_tput),
-                 ratio(ens_tput, raw_tput)},
-                15, ">= 100,000", verdict(tput_pass, (1 - ens_tput / 100'000) * 100, "short"));
+      print_row(
+          "", "req/s, " + std::to_string(o.window) + " in flight",
+          {or_dash(no_raw, thousands(raw_tput)), thousands(ens_tput), ratio(ens_tput, raw_tput)},
+          15, ">= 100,000", verdict(tput_pass, (1 - ens_tput / 100'000) * 100, "short"));
       print_row("", "p50/p99 us, " + std::to_string(o.window) + " in flight",
                 {or_dash(no_raw, fixed(s[0].med(lp50)) + "/" + fixed(s[0].med(lp99))),
                  fixed(s[1].med(lp50)) + "/" + fixed(s[1].med(lp99)), ""},
@@ -1182,10 +1190,11 @@ int orchestrate(options o) {
     std::printf("\n");
   }
   const double others_max = others.empty() ? 0 : *std::max_element(others.begin(), others.end());
-  std::printf("other processes on the machine used %.2f cores (median of the measured windows), "
-              "%.2f at most%s\n",
-              median(others), others_max,
-              others_max > 0.25 ? ": the machine was not quiet, figures are pessimistic" : "");
+  std::printf(
+      "other processes on the machine used %.2f cores (median of the measured windows), "
+      "%.2f at most%s\n",
+      median(others), others_max,
+      others_max > 0.25 ? ": the machine was not quiet, figures are pessimistic" : "");
   std::printf("%s; bench wall time %.1f s\n", all_pass ? "all targets met" : "some targets missed",
               wall);
   return 0;
@@ -1196,8 +1205,9 @@ int orchestrate(options o) {
 
 int main(int argc, char** argv) {
   ensemble::bench::options o;
-  CLI::App app{"bench_all: raw libzmq vs Ensemble, events and commands, over TCP loopback. "
-               "See docs/benchmarks.md."};
+  CLI::App app{
+      "bench_all: raw libzmq vs Ensemble, events and commands, over TCP loopback. "
+      "See docs/benchmarks.md."};
   app.add_flag("--quick", o.quick, "small counts, one run: a smoke test");
   app.add_option("--messages", o.messages, "events per run and payload size (default 200000)");
   app.add_option("--event-rate", o.event_rate,
@@ -1207,14 +1217,19 @@ int main(int argc, char** argv) {
   app.add_option("--window", o.window, "requests in flight in the pipelined phase")
       ->capture_default_str();
   app.add_option("--warmup", o.warmup, "round trips before measuring (default 2000)");
-  app.add_option("--sizes", o.sizes, "payload sizes in bytes")->delimiter(',')->capture_default_str();
+  app.add_option("--sizes", o.sizes, "payload sizes in bytes")
+      ->delimiter(',')
+      ->capture_default_str();
+  app.add_option("--journal", o.journal,
+                 "the broker's trace journal size (0: off), to measure what it costs");
   app.add_option("--hwm", o.hwm, "high-water mark of every event queue (default messages+10%)");
   app.add_option("--repeat", o.repeat, "runs of each scenario (default 3)");
   app.add_option("--only", o.only, "all, events or commands")
       ->check(CLI::IsMember({"all", "events", "commands"}))
       ->capture_default_str();
   app.add_flag("--only-ensemble", o.only_ensemble, "skip the raw scenarios (for profiling)");
-  app.add_option("--capacity", o.capacity, "capacity the echo agent declares")->capture_default_str();
+  app.add_option("--capacity", o.capacity, "capacity the echo agent declares")
+      ->capture_default_str();
   app.add_flag("--handler-pool", o.handler_pool,
                "run the echo handler on the SDK's thread pool, not inline on its I/O thread");
   app.add_option("--handler-threads", o.handler_threads, "threads of that pool")

@@ -418,7 +418,7 @@ void broker::impl::on_request(const peer_id& peer, const worker* w, common::pars
       std::min<std::uint64_t>(h.deadline_ms, static_cast<std::uint64_t>(cfg.max_deadline.count()));
   r.deadline = now + std::chrono::milliseconds(budget);
   if (trace_journal.enabled() && !h.correlation_id.empty()) {
-    journal_entry e;
+    journal_entry& e = trace_journal.claim();
     e.what = journal_entry::kind::request;
     e.ts_us = common::wall_clock_us();
     e.id = h.id;
@@ -426,9 +426,8 @@ void broker::impl::on_request(const peer_id& peer, const worker* w, common::pars
     e.causation_id = h.causation_id;
     e.service = h.service;
     e.action = h.action;
-    e.from = w != nullptr ? w->agent : std::string();
+    e.from = w != nullptr ? w->agent : std::string_view();
     e.attempt = h.attempt;
-    trace_journal.add(std::move(e));
   }
   r.hdr = std::move(h);
   r.payload = std::move(m.payload);
@@ -568,7 +567,7 @@ void broker::impl::on_publish(const peer_id& peer, const worker* w, common::pars
   common::send_frames(xpub, out);
   ++stats.messages_out;
   if (trace_journal.enabled() && !h.correlation_id.empty() && h.seq != 0) {
-    journal_entry e;
+    journal_entry& e = trace_journal.claim();
     e.what = journal_entry::kind::event;
     e.ts_us = h.ts;
     e.id = h.id;
@@ -577,7 +576,6 @@ void broker::impl::on_publish(const peer_id& peer, const worker* w, common::pars
     e.topic = h.topic;
     e.from = h.publisher;
     e.seq = h.seq;
-    trace_journal.add(std::move(e));
   }
   if (log->should_log(spdlog::level::debug)) {
     log->debug("event {} seq={} id={} correlation={} from {}", h.topic, h.seq, h.id,
@@ -692,18 +690,18 @@ json broker::impl::stats_json() const {
 void broker::impl::journal_reply(const header& request, const std::string& worker,
                                  const header& outcome, std::uint64_t duration_us) {
   if (!trace_journal.enabled() || request.correlation_id.empty()) return;
-  journal_entry e;
+  journal_entry& e = trace_journal.claim();
   e.what = journal_entry::kind::reply;
   e.ts_us = common::wall_clock_us();
   e.id = request.id;
   e.correlation_id = request.correlation_id;
+  e.causation_id.clear();
   e.service = request.service;
   e.action = request.action;
   e.worker = worker;
   e.error_code = outcome.error_code;
   e.error_message = outcome.error_message;
   e.duration_us = duration_us;
-  trace_journal.add(std::move(e));
 }
 
 void broker::impl::on_admin(const peer_id& peer, const header& request,

@@ -2,15 +2,12 @@
 
 namespace ensemble::broker {
 
-void journal::add(journal_entry e) {
-  if (capacity_ == 0) return;
+journal_entry& journal::claim() {
   ++written_;
-  if (ring_.size() < capacity_) {
-    ring_.push_back(std::move(e));
-    return;
-  }
-  ring_[next_] = std::move(e);
+  if (ring_.size() < capacity_) return ring_.emplace_back();
+  journal_entry& slot = ring_[next_];
   next_ = (next_ + 1) % capacity_;
+  return slot;
 }
 
 nlohmann::json journal::query(std::string_view correlation_id, bool children,

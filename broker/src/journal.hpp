@@ -37,7 +37,10 @@ class journal {
  public:
   explicit journal(std::size_t capacity) : capacity_(capacity) { ring_.reserve(capacity); }
   bool enabled() const { return capacity_ > 0; }
-  void add(journal_entry e);
+  // The slot the next entry goes into (the oldest once the ring is full), for the caller to
+  // overwrite field by field: assigning into strings that already have capacity allocates
+  // nothing, which keeps the journal cheap on the broker's message loop. Only when enabled().
+  journal_entry& claim();
   // Entries whose correlation id is `correlation_id` (and, with `children`, those of its
   // sub-workflows: ids starting with "<correlation_id>/"), oldest first, at most `limit`.
   // {"entries": [...], "truncated": bool, "capacity": n}

@@ -29,7 +29,7 @@ struct config {
   std::chrono::milliseconds shutdown_grace{2000};     // for in-flight requests at shutdown
   int event_hwm = 100'000;                       // per-subscriber queue on the XPUB
   int peer_hwm = 100'000;                        // per-peer queue on the ROUTER
-  std::size_t journal_size = 100'000;            // trace journal records (broker.trace); 0: off
+  std::size_t journal_size = 10'000;             // trace journal records (broker.trace); 0: off
 };
 
 struct endpoints {
