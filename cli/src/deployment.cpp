@@ -13,8 +13,11 @@
 #include <set>
 #include <sstream>
 
+#include "ensemble/cli/scriptable_agent.hpp"
 #include "ensemble/common/result.hpp"
 #include "ensemble/orchestrator/definition.hpp"
+
+extern char** environ;  // NOLINT(readability-redundant-declaration)
 
 namespace ensemble::cli {
 
@@ -449,6 +452,140 @@ std::string substitute(const std::string& text, const std::map<std::string, std:
     out += text[i++];
   }
   return out;
+}
+
+namespace {
+
+std::string resolve_program(const std::string& program, const std::string& where) {
+  const auto found = find_program(program);
+  if (found.path) return *found.path;
+  if (program.find('/') != std::string::npos) {
+    throw common::config_error(where + ".program",
+                               "program " + program + " not found (or not executable)");
+  }
+  std::string searched;
+  for (const auto& dir : found.searched) searched += (searched.empty() ? "" : ", ") + dir;
+  throw common::config_error(where + ".program",
+                             "program '" + program + "' not found; looked in: " + searched);
+}
+
+}  // namespace
+
+std::vector<planned_process> plan_processes(const deployment& d, const std::string& ensemble_exe) {
+  std::vector<planned_process> out;
+
+  planned_process b;
+  b.name = "broker";
+  b.kind = process_role::broker;
+  b.spec = &d.broker;
+  b.program = resolve_program(d.broker.program, d.broker.where);
+  b.services = {"broker"};
+  b.ready_text = broker_ready_text;
+  out.push_back(std::move(b));
+
+  if (d.orchestrator) {
+    planned_process o;
+    o.name = "orchestrator";
+    o.kind = process_role::orchestrator;
+    o.spec = &*d.orchestrator;
+    o.program = resolve_program(d.orchestrator->program, d.orchestrator->where);
+    o.ready_text = orchestrator_ready_text;
+    out.push_back(std::move(o));
+  }
+
+  for (const auto& a : d.agents) {
+    const std::string program =
+        a.spec.empty() ? resolve_program(a.program, a.where) : std::string();
+    std::vector<std::string> spec_services;
+    if (!a.spec.empty()) {
+      std::error_code exists_ec;
+      if (!fs::is_regular_file(a.spec, exists_ec)) {
+        throw common::config_error(a.where + ".spec", "no such agent spec file " + a.spec);
+      }
+      if (ensemble_exe.empty()) {
+        throw common::config_error(
+            a.where + ".spec", "cannot find the ensemble executable to run the scriptable agent");
+      }
+      // Validated now, before anything starts; its services are what readiness waits for.
+      try {
+        spec_services = load_agent_spec(a.spec).service_names();
+      } catch (const common::config_error& e) {
+        throw common::config_error(a.where + ".spec", e.what());
+      }
+    }
+    const auto names = replica_names(a);
+    for (std::size_t i = 0; i < names.size(); ++i) {
+      planned_process c;
+      c.name = names[i];
+      c.kind = process_role::agent;
+      c.spec = &a;
+      c.replica = static_cast<int>(i + 1);
+      c.services = a.services;
+      if (a.spec.empty()) {
+        c.program = program;
+        c.ready_text = a.ready_line;
+      } else {
+        c.program = ensemble_exe;
+        c.extra = {"agent", a.spec, "--name", c.name};
+        if (c.services.empty()) c.services = spec_services;
+        c.ready_text = a.ready_line.empty() ? std::string(agent_ready_text) : a.ready_line;
+      }
+      out.push_back(std::move(c));
+    }
+  }
+  return out;
+}
+
+exec_plan command_for(const planned_process& c, const deployment& d, const std::string& router,
+                      const std::string& events) {
+  const process_spec& s = *c.spec;
+  std::map<std::string, std::string> values{{"name", c.name},
+                                            {"replica", std::to_string(c.replica)},
+                                            {"dir", d.dir},
+                                            {"broker", router.empty() ? d.broker.router : router},
+                                            {"events", events.empty() ? d.broker.events : events}};
+  const std::string& r = values["broker"];
+  const std::string& e = values["events"];
+
+  exec_plan p;
+  p.path = c.program;
+  p.workdir = s.workdir;
+  p.argv.push_back(c.program);
+  switch (c.kind) {
+    case process_role::broker:
+      p.argv.insert(p.argv.end(), {"--router", r, "--events", e});
+      break;
+    case process_role::orchestrator:
+      p.argv.insert(p.argv.end(), {"--broker", r, "--events", e, "--store", d.orchestrator->store});
+      for (const auto& w : d.orchestrator->workflows)
+        p.argv.insert(p.argv.end(), {"--workflows", w});
+      break;
+    case process_role::agent:
+      if (!c.extra.empty()) {
+        // The scriptable agent: `ensemble --broker B --events E agent SPEC [args]`.
+        p.argv.insert(p.argv.end(), {"--broker", r, "--events", e});
+      }
+      break;
+  }
+  p.argv.insert(p.argv.end(), c.extra.begin(), c.extra.end());
+  for (const auto& a : s.args) p.argv.push_back(substitute(a, values));
+
+  std::map<std::string, std::string> env;
+  for (char** entry = environ; entry != nullptr && *entry != nullptr; ++entry) {
+    std::string_view text(*entry);
+    const auto eq = text.find('=');
+    if (eq != std::string_view::npos) {
+      env[std::string(text.substr(0, eq))] = std::string(text.substr(eq + 1));
+    }
+  }
+  if (c.kind != process_role::broker) {
+    env["ENSEMBLE_BROKER"] = r;
+    env["ENSEMBLE_EVENTS"] = e;
+  }
+  if (c.kind == process_role::agent) env["ENSEMBLE_AGENT_NAME"] = c.name;
+  for (const auto& [k, v] : s.env) env[k] = substitute(v, values);
+  for (const auto& [k, v] : env) p.env.push_back(k + "=" + v);
+  return p;
 }
 
 }  // namespace ensemble::cli

@@ -59,8 +59,6 @@
 #include "ensemble/cli/scriptable_agent.hpp"
 #include "ensemble/common/ids.hpp"
 
-extern char** environ;  // NOLINT(readability-redundant-declaration)
-
 namespace ensemble::cli {
 
 namespace {
@@ -70,9 +68,9 @@ using steady = std::chrono::steady_clock;
 using millis = std::chrono::milliseconds;
 using namespace std::chrono_literals;
 
-constexpr std::string_view k_broker_ready = "ensemble-broker ready ";
-constexpr std::string_view k_orchestrator_ready = "ensemble-orchestrator ready";
-constexpr std::string_view k_agent_ready = "ensemble-agent ready";
+constexpr std::string_view k_broker_ready = broker_ready_text;
+constexpr std::string_view k_orchestrator_ready = orchestrator_ready_text;
+constexpr std::string_view k_agent_ready = agent_ready_text;
 constexpr std::size_t k_recent_lines = 20;           // kept per child for error reports
 constexpr std::size_t k_max_line_bytes = 64 * 1024;  // longer "lines" are cut
 constexpr auto k_services_poll = 100ms;              // while waiting for registrations
@@ -93,14 +91,9 @@ struct up_options {
 // ---------------------------------------------------------------------------------------------
 // Spawning
 
-// Everything the child needs, prepared before fork(): in the child of a multithreaded process
-// only async-signal-safe calls are allowed, so nothing after fork may allocate.
-struct exec_plan {
-  std::string path;
-  std::vector<std::string> argv;
-  std::vector<std::string> env;  // KEY=VALUE
-  std::string workdir;
-};
+// Everything the child needs is prepared before fork() (exec_plan, from command_for()): in the
+// child of a multithreaded process only async-signal-safe calls are allowed, so nothing after
+// fork may allocate.
 
 struct child_failure {
   int step;  // 1 setup, 2 chdir, 3 exec
@@ -277,19 +270,11 @@ void write_all(int fd, const std::string& text) {
 // ---------------------------------------------------------------------------------------------
 // The launcher
 
-enum class role { broker, orchestrator, agent };
+using role = process_role;
 
-// One process of the deployment (a replica is its own child). It lives for the whole run; a
-// restart reuses it with a new pid and a new output pipe.
-struct child {
-  std::string name;
-  role kind = role::agent;
-  const process_spec* spec = nullptr;
-  std::string program;             // resolved
-  std::vector<std::string> extra;  // arguments `up` puts before the section's own args
-  std::vector<std::string> services;
-  std::string ready_text;  // a line containing it means ready; empty: no line to wait for
-  int replica = 1;
+// One process of the deployment (a replica is its own child): its plan, then its run state. It
+// lives for the whole run; a restart reuses it with a new pid and a new output pipe.
+struct child : planned_process {
   std::string color;
 
   // Current run.
@@ -330,7 +315,6 @@ class launcher {
 
  private:
   void plan_children();
-  std::string resolve(const std::string& program, const std::string& where) const;
 
   asio::awaitable<void> main_flow();
   // Says so and returns true if a process that was started has exited before `up` was ready.
@@ -386,7 +370,6 @@ class launcher {
   std::map<std::string, std::size_t> registered_;  // service -> workers, from the last probe
   std::string router_;
   std::string events_;
-  std::string self_exe_;
   bool color_ = false;
   std::size_t name_width_ = 0;
   bool ready_ = false;
@@ -395,144 +378,34 @@ class launcher {
   int exit_code_ = 0;
 };
 
-std::string launcher::resolve(const std::string& program, const std::string& where) const {
-  const auto found = find_program(program);
-  if (found.path) return *found.path;
-  if (program.find('/') != std::string::npos) {
-    throw common::config_error(where + ".program",
-                               "program " + program + " not found (or not executable)");
-  }
-  throw common::config_error(
-      where + ".program",
-      "program '" + program + "' not found; looked in: " + join(found.searched, ", "));
-}
-
 void launcher::plan_children() {
   std::error_code ec;
-  self_exe_ = std::filesystem::read_symlink("/proc/self/exe", ec).string();
+  const std::string self_exe = std::filesystem::read_symlink("/proc/self/exe", ec).string();
   static const std::array<const char*, 9> k_palette = {"32", "33", "34", "91", "92",
                                                        "93", "94", "95", "96"};
   std::size_t next_color = 0;
-
-  auto b = std::make_unique<child>();
-  b->name = "broker";
-  b->kind = role::broker;
-  b->spec = &d_.broker;
-  b->program = resolve(d_.broker.program, d_.broker.where);
-  b->services = {"broker"};
-  b->ready_text = k_broker_ready;
-  b->color = "36";
-  children_.push_back(std::move(b));
-
-  if (d_.orchestrator) {
-    auto o = std::make_unique<child>();
-    o->name = "orchestrator";
-    o->kind = role::orchestrator;
-    o->spec = &*d_.orchestrator;
-    o->program = resolve(d_.orchestrator->program, d_.orchestrator->where);
-    o->ready_text = k_orchestrator_ready;
-    o->color = "35";
-    children_.push_back(std::move(o));
-  }
-
-  for (const auto& a : d_.agents) {
-    const auto names = replica_names(a);
-    const std::string program = a.spec.empty() ? resolve(a.program, a.where) : std::string();
-    std::vector<std::string> spec_services;
-    if (!a.spec.empty()) {
-      std::error_code exists_ec;
-      if (!std::filesystem::is_regular_file(a.spec, exists_ec)) {
-        throw common::config_error(a.where + ".spec", "no such agent spec file " + a.spec);
-      }
-      if (self_exe_.empty()) {
-        throw common::config_error(a.where + ".spec",
-                                   "cannot find the ensemble executable (/proc/self/exe) to run "
-                                   "the scriptable agent");
-      }
-      // Validated now, before anything starts; its services are what readiness waits for.
-      try {
-        spec_services = load_agent_spec(a.spec).service_names();
-      } catch (const common::config_error& e) {
-        throw common::config_error(a.where + ".spec", e.what());
-      }
+  for (auto& p : plan_processes(d_, self_exe)) {
+    auto c = std::make_unique<child>();
+    static_cast<planned_process&>(*c) = std::move(p);
+    switch (c->kind) {
+      case role::broker:
+        c->color = "36";
+        break;
+      case role::orchestrator:
+        c->color = "35";
+        break;
+      case role::agent:
+        c->color = k_palette[next_color++ % k_palette.size()];
+        break;
     }
-    for (std::size_t i = 0; i < names.size(); ++i) {
-      auto c = std::make_unique<child>();
-      c->name = names[i];
-      c->kind = role::agent;
-      c->spec = &a;
-      c->replica = static_cast<int>(i + 1);
-      c->services = a.services;
-      c->color = k_palette[next_color++ % k_palette.size()];
-      if (a.spec.empty()) {
-        c->program = program;
-        c->ready_text = a.ready_line;
-      } else {
-        c->program = self_exe_;
-        c->extra = {"agent", a.spec, "--name", c->name};
-        if (c->services.empty()) c->services = spec_services;
-        c->ready_text = a.ready_line.empty() ? std::string(k_agent_ready) : a.ready_line;
-      }
-      children_.push_back(std::move(c));
-    }
+    name_width_ = std::max(name_width_, c->name.size());
+    children_.push_back(std::move(c));
   }
-  for (const auto& c : children_) name_width_ = std::max(name_width_, c->name.size());
 }
 
 exec_plan launcher::plan_for(const child& c) const {
-  const process_spec& s = *c.spec;
-  std::map<std::string, std::string> values{
-      {"name", c.name}, {"replica", std::to_string(c.replica)}, {"dir", d_.dir}};
-  if (c.kind == role::broker) {
-    values["broker"] = router_.empty() ? d_.broker.router : router_;
-    values["events"] = events_.empty() ? d_.broker.events : events_;
-  } else {
-    values["broker"] = router_;
-    values["events"] = events_;
-  }
-
-  exec_plan p;
-  p.path = c.program;
-  p.workdir = s.workdir;
-  p.argv.push_back(c.program);
-  switch (c.kind) {
-    case role::broker:
-      // A restart binds the endpoints the first run resolved, so that peers find it again.
-      p.argv.insert(p.argv.end(), {"--router", values["broker"], "--events", values["events"]});
-      break;
-    case role::orchestrator:
-      p.argv.insert(p.argv.end(),
-                    {"--broker", router_, "--events", events_, "--store", d_.orchestrator->store});
-      for (const auto& w : d_.orchestrator->workflows) {
-        p.argv.insert(p.argv.end(), {"--workflows", w});
-      }
-      break;
-    case role::agent:
-      if (!c.extra.empty()) {
-        // The scriptable agent: `ensemble --broker B --events E agent SPEC [args]`.
-        p.argv.insert(p.argv.end(), {"--broker", router_, "--events", events_});
-      }
-      break;
-  }
-  p.argv.insert(p.argv.end(), c.extra.begin(), c.extra.end());
-  for (const auto& a : s.args) p.argv.push_back(substitute(a, values));
-
-  std::map<std::string, std::string> env;
-  for (char** e = environ; e != nullptr && *e != nullptr; ++e) {
-    std::string_view entry(*e);
-    const auto eq = entry.find('=');
-    if (eq != std::string_view::npos) {
-      env[std::string(entry.substr(0, eq))] = std::string(entry.substr(eq + 1));
-    }
-  }
-  if (c.kind != role::broker) {
-    env["ENSEMBLE_BROKER"] = router_;
-    env["ENSEMBLE_EVENTS"] = events_;
-  }
-  if (c.kind == role::agent) env["ENSEMBLE_AGENT_NAME"] = c.name;
-  for (const auto& [k, v] : s.env) env[k] = substitute(v, values);
-  for (const auto& [k, v] : env) p.env.push_back(k + "=" + v);
-  return p;
+  // A broker restart binds the endpoints its first run resolved, so that peers find it again.
+  return command_for(c, d_, router_, events_);
 }
 
 // ----- output

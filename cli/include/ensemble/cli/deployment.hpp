@@ -20,6 +20,7 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace ensemble::cli {
@@ -88,5 +89,46 @@ std::vector<std::string> replica_names(const agent_section& agent);
 
 // Replaces {key} for every key of `values`; other braces are left alone.
 std::string substitute(const std::string& text, const std::map<std::string, std::string>& values);
+
+// ----- Launch plans: what `ensemble up` and the testkit's deployments start, and how.
+
+// The lines the project's programs print when they are ready.
+inline constexpr std::string_view broker_ready_text = "ensemble-broker ready ";
+inline constexpr std::string_view orchestrator_ready_text = "ensemble-orchestrator ready";
+inline constexpr std::string_view agent_ready_text = "ensemble-agent ready";
+
+enum class process_role { broker, orchestrator, agent };
+
+// One process of a deployment (each replica is its own).
+struct planned_process {
+  std::string name;  // "broker", "orchestrator", or the agent's replica name
+  process_role kind = process_role::agent;
+  const process_spec* spec = nullptr;  // its section, inside the deployment it was planned from
+  int replica = 1;
+  std::string program;                // resolved, absolute
+  std::vector<std::string> extra;     // arguments put before the section's own
+  std::vector<std::string> services;  // ready once all of them are registered with the broker
+  std::string ready_text;             // ... and a line containing this was printed (if not empty)
+};
+
+// Plans every process of `d`, in start order: broker, orchestrator, agents. Resolves programs
+// with find_program() and loads scriptable agent specs (their services are what readiness
+// waits for); `ensemble_exe` is the `ensemble` executable that runs scriptable agents. Throws
+// common::config_error naming the section when a program or spec is missing or invalid.
+std::vector<planned_process> plan_processes(const deployment& d, const std::string& ensemble_exe);
+
+// A command line, ready to exec: nothing left to compute between fork and exec.
+struct exec_plan {
+  std::string path;
+  std::vector<std::string> argv;
+  std::vector<std::string> env;  // KEY=VALUE: the inherited environment plus the section's
+  std::string workdir;
+};
+
+// The command line of one planned process, for a broker at `router`/`events` (for the broker
+// itself: the endpoints to bind; empty: the deployment's). Placeholders are substituted, and
+// ENSEMBLE_BROKER / ENSEMBLE_EVENTS / ENSEMBLE_AGENT_NAME are set for everything but the broker.
+exec_plan command_for(const planned_process& p, const deployment& d, const std::string& router,
+                      const std::string& events);
 
 }  // namespace ensemble::cli
