@@ -42,7 +42,6 @@ constexpr std::size_t k_max_lines = 200'000;
 constexpr std::size_t k_max_line_bytes = 1 << 20;
 // Used by wait_exit only where pidfd_open is unavailable (kernels before 5.3).
 constexpr auto k_exit_poll_interval = 2ms;
-// Between attempts to relaunch a broker whose port is still held by the killed one.
 // How often a relaunch checks whether the old broker's ports are free again.
 constexpr auto k_port_poll_interval = 5ms;
 
@@ -590,32 +589,43 @@ void broker_process::restart(std::chrono::milliseconds deadline) {
 
 void broker_process::launch(const std::string& router, const std::string& events,
                             std::chrono::milliseconds deadline) {
+  auto launched = launch_broker(
+      [this](const std::string& r, const std::string& e) {
+        std::vector<std::string> args{"--router", r, "--events", e};
+        args.insert(args.end(), extra_args_.begin(), extra_args_.end());
+        return process_options{binary_path("ensemble-broker"), args, {}, {}, "ensemble-broker"};
+      },
+      router, events, deadline);
+  proc_ = std::move(launched.proc);
+  router_ = std::move(launched.router);
+  events_ = std::move(launched.events);
+}
+
+launched_broker launch_broker(const std::function<process_options(const std::string& router,
+                                                                  const std::string& events)>& make,
+                              const std::string& router, const std::string& events,
+                              std::chrono::milliseconds deadline) {
   const auto until = steady::now() + deadline;
-  std::vector<std::string> args{"--router", router, "--events", events};
-  args.insert(args.end(), extra_args_.begin(), extra_args_.end());
   constexpr std::string_view k_ready = "ensemble-broker ready ";
 
   while (true) {
-    auto proc = process::spawn({binary_path("ensemble-broker"), args, {}, {}, "ensemble-broker"});
+    auto proc = process::spawn(make(router, events));
     const auto left = std::chrono::ceil<std::chrono::milliseconds>(
         std::max(until - steady::now(), steady::duration::zero()));
     if (auto line = proc->wait_for_line(k_ready, left)) {
-      std::string found_router;
-      std::string found_events;
+      launched_broker out;
       std::istringstream words(line->substr(line->find(k_ready) + k_ready.size()));
       std::string word;
       while (words >> word) {
-        if (word.rfind("router=", 0) == 0) found_router = word.substr(7);
-        if (word.rfind("events=", 0) == 0) found_events = word.substr(7);
+        if (word.rfind("router=", 0) == 0) out.router = word.substr(7);
+        if (word.rfind("events=", 0) == 0) out.events = word.substr(7);
       }
-      if (found_router.empty() || found_events.empty()) {
-        throw std::runtime_error("broker_process: cannot parse the ready line '" + *line + "':\n" +
+      if (out.router.empty() || out.events.empty()) {
+        throw std::runtime_error("broker: cannot parse the ready line '" + *line + "':\n" +
                                  proc->tail());
       }
-      router_ = std::move(found_router);
-      events_ = std::move(found_events);
-      proc_ = std::move(proc);
-      return;
+      out.proc = std::move(proc);
+      return out;
     }
     // Not ready. A relaunch on concrete endpoints can race the kernel releasing the old
     // broker's port: that is the one failure worth another try while time is left.
@@ -634,7 +644,7 @@ void broker_process::launch(const std::string& router, const std::string& events
       }
     }
     throw std::runtime_error(
-        "broker_process: ensemble-broker " +
+        "broker " + proc->name() + " " +
         std::string(code ? "exited with " + std::to_string(*code) : "was not ready in time") +
         " (router " + router + ", events " + events + "):\n" + output);
   }

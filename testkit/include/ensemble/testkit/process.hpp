@@ -70,6 +70,19 @@ class process {
 // from the ENSEMBLE_BIN_DIR environment variable if set, else the build tree's.
 std::string binary_path(const std::string& name);
 
+// Starts a broker — the command line `make(router, endpoints)` returns — and waits for its ready
+// line; returns the process and the endpoints it bound (a `*` port resolved). A relaunch on
+// concrete endpoints can race the kernel releasing the previous broker's port: that bind
+// failure is retried until `deadline`. Throws std::runtime_error with the process's output.
+struct launched_broker {
+  std::unique_ptr<process> proc;
+  std::string router;
+  std::string events;
+};
+launched_broker launch_broker(
+    const std::function<process_options(const std::string& router, const std::string& events)>& make,
+    const std::string& router, const std::string& events, std::chrono::milliseconds deadline);
+
 // A real ensemble-broker process on ephemeral 127.0.0.1 ports (or given endpoints).
 class broker_process {
  public:
