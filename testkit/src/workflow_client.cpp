@@ -1,0 +1,109 @@
+#include "ensemble/testkit/workflow_client.hpp"
+
+#include <stdexcept>
+#include <thread>
+
+#include "ensemble/agent/agent.hpp"
+#include "ensemble/agent/json.hpp"
+#include "ensemble/common/ids.hpp"
+
+namespace ensemble::testkit {
+
+namespace {
+
+using steady = std::chrono::steady_clock;
+using json = nlohmann::json;
+using namespace std::chrono_literals;
+
+// Between retries of a call that failed for a retryable reason (nobody serves the orchestrator
+// service while it restarts), and between polls of an instance that has not ended.
+constexpr auto k_retry_interval = 20ms;
+constexpr auto k_poll_interval = 20ms;
+
+std::chrono::milliseconds left_until(steady::time_point until) {
+  return std::chrono::ceil<std::chrono::milliseconds>(
+      std::max(until - steady::now(), steady::duration::zero()));
+}
+
+}  // namespace
+
+workflow_client::workflow_client(const std::string& router, const std::string& events,
+                                 std::string service, std::chrono::milliseconds deadline)
+    : service_(std::move(service)) {
+  agent::options o;
+  o.name = "testkit-client-" + common::random_id().substr(0, 8);
+  o.broker = router;
+  o.events = events;
+  o.start_timeout = deadline;
+  agent_ = std::make_unique<agent::agent>(o);
+  auto started = agent_->start();
+  if (!started) throw std::runtime_error("workflow_client: " + started.err().to_string());
+}
+
+workflow_client::~workflow_client() {
+  agent_->stop(0ms);
+}
+
+bool workflow_client::ended(const std::string& status) {
+  return status == "completed" || status == "failed" || status == "cancelled" ||
+         status == "timed_out";
+}
+
+common::result<json> workflow_client::call(const std::string& action, const json& args,
+                                           std::chrono::milliseconds deadline) {
+  const auto until = steady::now() + deadline;
+  while (true) {
+    auto r = agent_->call(service_, action, agent::to_json_payload(args), left_until(until));
+    if (r) {
+      auto body = agent::from_json_payload(r->payload());
+      if (!body) return body.err();
+      return std::move(*body);
+    }
+    const bool again = r.err().retryable && steady::now() + k_retry_interval < until;
+    if (!again) return r.err();
+    std::this_thread::sleep_for(k_retry_interval);  // the service is coming back: try again
+  }
+}
+
+common::result<json> workflow_client::start(const std::string& workflow, const json& input,
+                                            const std::string& id,
+                                            std::chrono::milliseconds deadline) {
+  json args = {{"workflow", workflow}, {"input", input}};
+  if (!id.empty()) args["id"] = id;
+  return call("start", args, deadline);
+}
+
+common::result<json> workflow_client::get(const std::string& id,
+                                          std::chrono::milliseconds deadline) {
+  return call("get", {{"id", id}}, deadline);
+}
+
+common::result<json> workflow_client::wait(const std::string& id,
+                                           std::chrono::milliseconds deadline) {
+  const auto until = steady::now() + deadline;
+  std::string last = "unknown";
+  while (true) {
+    auto r = get(id, std::max(left_until(until), 1ms));
+    if (r) {
+      last = r->value("status", "");
+      if (ended(last)) return r;
+    } else if (!r.err().retryable) {
+      return r.err();
+    }
+    if (steady::now() + k_poll_interval >= until) {
+      return common::error::make("deadline_exceeded",
+                                 "instance " + id + " has not ended; last status: " + last);
+    }
+    std::this_thread::sleep_for(k_poll_interval);
+  }
+}
+
+common::result<json> workflow_client::run(const std::string& workflow, const json& input,
+                                          std::chrono::milliseconds deadline) {
+  const auto until = steady::now() + deadline;
+  auto started = start(workflow, input, {}, deadline);
+  if (!started) return started.err();
+  return wait(started->value("id", ""), left_until(until));
+}
+
+}  // namespace ensemble::testkit
