@@ -8,6 +8,8 @@
 #include <atomic>
 #include <csignal>
 #include <cstdio>
+#include <functional>
+#include <future>
 #include <iostream>
 #include <map>
 #include <mutex>
@@ -21,30 +23,42 @@ using nlohmann::json;
 
 namespace {
 
-// Answers a repeated idempotency key with the first answer.
+// Answers a repeated idempotency key with the first answer. A duplicate that arrives while the
+// first is still being handled (the broker can deliver both at once, to two handler threads)
+// waits for that answer instead of running the effect a second time.
 class dedupe {
  public:
   ea::handler_result run(const ea::message& m, const std::function<ea::handler_result()>& f) {
     const std::string& key = m.idempotency_key();
-    if (!key.empty()) {
+    if (key.empty()) return f();
+    std::promise<ea::handler_result> mine;
+    std::shared_future<ea::handler_result> answer;
+    bool first = false;
+    {
       std::lock_guard lock(mutex_);
-      if (auto it = seen_.find(key); it != seen_.end()) return it->second;
+      auto [it, inserted] = seen_.try_emplace(key);
+      if (inserted) it->second = mine.get_future().share();
+      answer = it->second;
+      first = inserted;
     }
-    auto r = f();
-    if (!key.empty()) {
-      std::lock_guard lock(mutex_);
-      seen_.emplace(key, r);
+    if (first) {
+      try {
+        mine.set_value(f());
+      } catch (...) {
+        mine.set_exception(std::current_exception());  // the SDK answers handler_failed
+      }
     }
-    return r;
+    return answer.get();
   }
 
  private:
   std::mutex mutex_;
-  std::map<std::string, ea::handler_result> seen_;
+  std::map<std::string, std::shared_future<ea::handler_result>> seen_;
 };
 
 void say(const char* what, const ea::message& m, const std::string& detail) {
-  std::printf("[orders] %s %s (instance %s)\n", what, detail.c_str(), m.correlation_id().c_str());
+  std::printf("[orders] %s %s (instance %s, key %s)\n", what, detail.c_str(),
+              m.correlation_id().c_str(), m.idempotency_key().c_str());
   std::fflush(stdout);
 }
 
