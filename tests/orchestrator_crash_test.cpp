@@ -65,7 +65,7 @@ TEST_F(orchestrator_crash_test, sigkill_with_200_in_flight_then_restart_every_in
       a.set_capacity(service, 8);
     });
   }
-  event_recorder lifecycle(broker_->router(), broker_->events(), "workflow.OrderProcessing.");
+  tk::event_recorder lifecycle(broker_->router(), broker_->events(), {"workflow.OrderProcessing."});
   const auto workflows =
       write("seed.json", json::parse(R"({"workflow": {"name": "OrderProcessing", "steps": [
     {"name": "ValidateOrder", "service": "OrderService", "action": "validate"},
@@ -85,12 +85,11 @@ TEST_F(orchestrator_crash_test, sigkill_with_200_in_flight_then_restart_every_in
   }
   ASSERT_EQ(ids.size(), static_cast<std::size_t>(k_instances));
 
-  auto terminal = [&](const std::vector<json>& evs) {
+  auto terminal = [&](const std::vector<tk::recorded_event>& evs) {
     std::map<std::string, std::set<std::string>> by_instance;  // instance -> terminal event ids
     for (const auto& e : evs) {
-      const std::string t = e["topic"];
-      if (t.ends_with(".completed") || t.ends_with(".failed")) {
-        by_instance[e["correlation_id"].get<std::string>()].insert(e["id"].get<std::string>());
+      if (e.topic.ends_with(".completed") || e.topic.ends_with(".failed")) {
+        by_instance[e.correlation_id].insert(e.id);
       }
     }
     return by_instance;
@@ -112,18 +111,20 @@ TEST_F(orchestrator_crash_test, sigkill_with_200_in_flight_then_restart_every_in
   }
   changed.notify_all();
   const bool all_ended = lifecycle.wait(
-      [&](const std::vector<json>& evs) { return terminal(evs).size() >= ids.size(); }, 60s);
+      [&](const std::vector<tk::recorded_event>& evs) {
+        return terminal(evs).size() >= ids.size();
+      },
+      60s);
   const auto events = lifecycle.events();
   const auto ended = terminal(events);
   std::size_t completed = 0, failed = 0, redelivered = 0;
   for (const auto& e : events) {
-    const std::string t = e["topic"];
-    completed += t.ends_with(".completed") ? 1 : 0;
-    failed += t.ends_with(".failed") ? 1 : 0;
+    completed += e.topic.ends_with(".completed") ? 1 : 0;
+    failed += e.topic.ends_with(".failed") ? 1 : 0;
   }
   std::set<std::string> distinct_ids;
   for (const auto& e : events) {
-    if (!distinct_ids.insert(e["id"].get<std::string>()).second) ++redelivered;
+    if (!distinct_ids.insert(e.id).second) ++redelivered;
   }
   std::size_t repeated_effects = 0;
   {

@@ -48,7 +48,7 @@ TEST_F(orchestrator_test, seed_workflow_runs_unchanged_and_steps_see_input_and_e
   add_agent("notifications", [&](ea::agent& a) {
     a.handle("NotificationService", "send", record("NotificationService", {{"sent", true}}));
   });
-  event_recorder lifecycle(broker_->router(), broker_->events(), "workflow.");
+  tk::event_recorder lifecycle(broker_->router(), broker_->events(), {"workflow."});
   start_orchestrator({write("seed.json", k_seed)}, dir_ + "/state.db");
 
   const auto id = start("OrderProcessing", {{"orderId", "o-1"}, {"amount", 25}});
@@ -71,15 +71,9 @@ TEST_F(orchestrator_test, seed_workflow_runs_unchanged_and_steps_see_input_and_e
                 "started", "step_started:ValidateOrder", "step_completed:ValidateOrder",
                 "step_started:ChargePayment", "step_completed:ChargePayment",
                 "step_started:SendConfirmation", "step_completed:SendConfirmation", "completed"}));
-  ASSERT_TRUE(lifecycle.wait(
-      [&](const std::vector<json>& evs) {
-        return std::count_if(evs.begin(), evs.end(), [&](const json& e) {
-                 return e["topic"] == "workflow.OrderProcessing.completed" &&
-                        e["correlation_id"] == id;
-               }) == 1;
-      },
-      5s));
-  EXPECT_EQ(lifecycle.count("workflow.OrderProcessing.started"), 1u);
+  ASSERT_TRUE(lifecycle.expect(tk::topic("workflow.OrderProcessing.completed").correlated(id), 5s));
+  EXPECT_EQ(lifecycle.count(tk::topic("workflow.OrderProcessing.completed").correlated(id)), 1u);
+  EXPECT_EQ(lifecycle.count(tk::topic("workflow.OrderProcessing.started")), 1u);
 }
 
 TEST_F(orchestrator_test, input_and_output_mappings_substitute_whole_values_and_strings) {
@@ -361,7 +355,7 @@ TEST_F(orchestrator_test, a_trigger_starts_one_instance_per_event_id_even_when_r
     });
   });
   auto& publisher = add_agent("shop", [](ea::agent&) {});
-  event_recorder lifecycle(broker_->router(), broker_->events(), "workflow.OnOrder.");
+  tk::event_recorder lifecycle(broker_->router(), broker_->events(), {"workflow.OnOrder."});
   const json def = json::parse(R"({"workflow": {"name": "OnOrder",
     "triggers": [{"topic": "order.placed", "input": {"order": "${event.payload.id}"}}],
     "steps": [{"name": "Ack", "service": "Svc", "action": "ack", "input": {"order": "${workflow.input.order}"}}]}})");
@@ -377,9 +371,9 @@ TEST_F(orchestrator_test, a_trigger_starts_one_instance_per_event_id_even_when_r
   ASSERT_TRUE(
       publisher.publish_acked("order.placed", ea::to_json_payload({{"id", "o-10"}}), 2s, other_id));
   ASSERT_TRUE(lifecycle.wait(
-      [](const std::vector<json>& evs) {
-        return std::count_if(evs.begin(), evs.end(), [](const json& e) {
-                 return e["topic"] == "workflow.OnOrder.completed";
+      [](const std::vector<tk::recorded_event>& evs) {
+        return std::count_if(evs.begin(), evs.end(), [](const tk::recorded_event& e) {
+                 return e.topic == "workflow.OnOrder.completed";
                }) >= 2;
       },
       10s));
@@ -390,7 +384,7 @@ TEST_F(orchestrator_test, a_trigger_starts_one_instance_per_event_id_even_when_r
   EXPECT_EQ((*list)["instances"].size(), 2u) << list->dump(2);
   std::set<json> orders;
   for (const auto& e : lifecycle.events()) {
-    if (e["topic"] == "workflow.OnOrder.completed") orders.insert(e["payload"]["output"]["order"]);
+    if (e.topic == "workflow.OnOrder.completed") orders.insert(e.payload["output"]["order"]);
   }
   EXPECT_EQ(orders, (std::set<json>{"o-9", "o-10"}));
 }
@@ -487,7 +481,7 @@ TEST_F(orchestrator_test, publish_steps_emit_correlated_events_and_on_error_cont
       return ea::to_json_payload({{"action", m.action()}});
     });
   });
-  event_recorder news(broker_->router(), broker_->events(), "news.");
+  tk::event_recorder news(broker_->router(), broker_->events(), {"news."});
   const json def = json::parse(R"({"workflow": {"name": "Flow", "steps": [
     {"name": "Announce", "kind": "publish", "topic": "news.started", "payload": {"who": "${workflow.input.who}"}},
     {"name": "Optional", "service": "Svc", "action": "broken", "on_error": "continue"},
@@ -502,13 +496,13 @@ TEST_F(orchestrator_test, publish_steps_emit_correlated_events_and_on_error_cont
   EXPECT_EQ(done["output"], json({{"optional_error", "nope"}, {"last", "recover"}}));
   EXPECT_EQ(done["steps"]["Optional"]["status"], "failed");
   EXPECT_EQ(done["steps"]["Skipped"]["status"], "skipped");
-  ASSERT_TRUE(news.wait([](const std::vector<json>& evs) { return !evs.empty(); }, 5s));
-  const json ev = news.events().front();
-  EXPECT_EQ(ev["topic"], "news.started");
-  EXPECT_EQ(ev["payload"]["who"], "ada");
-  EXPECT_EQ(ev["correlation_id"], id);
-  EXPECT_EQ(ev["id"], id + "/Announce/1");  // the idempotency key doubles as the event id
-  EXPECT_EQ(done["steps"]["Announce"]["output"]["id"], ev["id"]);
+  ASSERT_TRUE(news.expect(tk::topic("news."), 5s));
+  const auto ev = news.events().front();
+  EXPECT_EQ(ev.topic, "news.started");
+  EXPECT_EQ(ev.payload["who"], "ada");
+  EXPECT_EQ(ev.correlation_id, id);
+  EXPECT_EQ(ev.id, id + "/Announce/1");  // the idempotency key doubles as the event id
+  EXPECT_EQ(done["steps"]["Announce"]["output"]["id"], ev.id);
 }
 
 }  // namespace

@@ -1,7 +1,8 @@
 #pragma once
 // Shared set-up for the orchestrator's integration tests: a real broker process, definition
 // files in a fresh temp dir, in-process SDK agents and an in-process orchestrator (or the
-// ensemble-orchestrator executable, for crash tests), and a recorder of lifecycle events.
+// ensemble-orchestrator executable, for crash tests). Events are recorded with
+// testkit::event_recorder.
 #include <gtest/gtest.h>
 
 #include <condition_variable>
@@ -16,6 +17,7 @@
 #include "ensemble/agent/agent.hpp"
 #include "ensemble/agent/json.hpp"
 #include "ensemble/orchestrator/orchestrator.hpp"
+#include "ensemble/testkit/event_recorder.hpp"
 #include "ensemble/testkit/process.hpp"
 
 namespace ensemble::test {
@@ -25,49 +27,6 @@ namespace eo = ensemble::orchestrator;
 namespace tk = ensemble::testkit;
 using json = nlohmann::json;
 using namespace std::chrono_literals;
-
-// Records every event under a prefix; waits on conditions with deadlines.
-class event_recorder {
- public:
-  event_recorder(const std::string& broker, const std::string& events, const std::string& prefix)
-      : agent_(ea::options{.name = "recorder-" + prefix, .broker = broker, .events = events}) {
-    (void)agent_.subscribe(prefix, [this](const ea::message& m) {
-      auto payload = ea::from_json_payload(m.payload());
-      json e = {{"id", m.id()},
-                {"topic", m.topic()},
-                {"correlation_id", m.correlation_id()},
-                {"causation_id", m.causation_id()},
-                {"payload", payload ? *payload : json()}};
-      std::lock_guard lock(mutex_);
-      events_.push_back(std::move(e));
-      changed_.notify_all();
-    });
-    auto s = agent_.start();
-    if (!s) throw std::runtime_error("recorder: " + s.err().to_string());
-  }
-  std::vector<json> events() const {
-    std::lock_guard lock(mutex_);
-    return events_;
-  }
-  // Waits until `pred(events)` holds; false at the deadline.
-  template <class Pred>
-  bool wait(Pred pred, std::chrono::milliseconds deadline) {
-    std::unique_lock lock(mutex_);
-    return changed_.wait_for(lock, deadline, [&] { return pred(events_); });
-  }
-  std::size_t count(const std::string& topic) const {
-    std::lock_guard lock(mutex_);
-    std::size_t n = 0;
-    for (const auto& e : events_) n += e["topic"] == topic ? 1 : 0;
-    return n;
-  }
-
- private:
-  ea::agent agent_;
-  mutable std::mutex mutex_;
-  std::condition_variable changed_;
-  std::vector<json> events_;
-};
 
 class orchestrator_fixture : public ::testing::Test {
  protected:
