@@ -48,7 +48,8 @@ int main(int argc, char** argv) {
       ->capture_default_str()
       ->check(CLI::Range(0, 600'000));
   app.add_option("--event-hwm", cfg.event_hwm, "events queued per subscriber before dropping")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(CLI::Range(1, 10'000'000));  // 0 would mean "no limit" to libzmq
   app.add_option("--journal", cfg.journal_size,
                  "requests, replies and events kept for broker.trace (ensemble trace); 0: off")
       ->capture_default_str();

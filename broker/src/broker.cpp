@@ -90,6 +90,9 @@ struct broker::impl {
     router.set(zmq::sockopt::maxmsgsize,
                static_cast<int64_t>(cfg.max_message_size * 4 + k_max_header_slack));
     xpub.set(zmq::sockopt::sndhwm, cfg.event_hwm);
+    // Every subscribe and unsubscribe (also a disconnected subscriber's) reaches us, not only a
+    // prefix's first and last: stats.subscriptions counts subscribers per prefix.
+    xpub.set(zmq::sockopt::xpub_verboser, 1);
     xpub.set(zmq::sockopt::linger, 500);
     eps.router = bind_or_throw(router, cfg.router_endpoint, "--router");
     eps.events = bind_or_throw(xpub, cfg.events_endpoint, "--events");
