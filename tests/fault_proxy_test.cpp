@@ -180,6 +180,39 @@ TEST_F(fault_proxy_test, dropped_dispatches_never_reach_the_worker_and_the_calls
   EXPECT_EQ(proxy_->stats().dropped, 2u);
 }
 
+// A worker of capacity 1 whose DISPATCH is lost keeps heartbeating: the broker takes its slot
+// back heartbeat x liveness (here 3 x 200 ms) after the request's deadline, and the next
+// request reaches it.
+TEST_F(fault_proxy_test, a_lost_dispatch_gives_the_workers_slot_back_after_its_deadline) {
+  ea::agent worker(proxied("worker"));
+  std::atomic<int> handled{0};
+  worker.handle("Echo", "ping", [&](const ea::message& m) -> ea::handler_result {
+    ++handled;
+    return echo("worker")(m);
+  });
+  ASSERT_TRUE(worker.start().ok());  // capacity 1
+  ea::agent client(direct("client"));
+  ASSERT_TRUE(client.start().ok());
+
+  std::atomic<int> to_drop{1};
+  proxy_->add_rule({.chan = tk::channel::commands,
+                    .dir = tk::direction::from_broker,
+                    .commands = tk::command_bytes({command::dispatch}),
+                    .match = [&](const tk::message_view&) { return to_drop.fetch_sub(1) > 0; },
+                    .drop = 1.0});
+  auto lost = client.call("Echo", "ping", {}, 300ms);
+  ASSERT_FALSE(lost.ok());
+  EXPECT_EQ(lost.err().code, "deadline_exceeded");
+
+  // Queued behind the lost one until the broker gives the slot back, then handled.
+  auto r = client.call("Echo", "ping", {}, 10s);
+  ASSERT_TRUE(r.ok()) << r.err().to_string();
+  EXPECT_EQ(handled.load(), 1);
+  auto stats = client.call("broker", "stats", {}, 5s);
+  ASSERT_TRUE(stats.ok());
+  EXPECT_EQ((*ea::from_json_payload(stats->payload()))["abandoned_released"], 1);
+}
+
 TEST_F(fault_proxy_test, duplicated_events_reach_the_proxied_subscriber_twice_and_others_once) {
   proxy_->add_rule({.chan = tk::channel::events, .topic_prefix = "dup.", .duplicate = 1.0});
   event_log behind_proxy, direct_seen;

@@ -679,6 +679,7 @@ json broker::impl::stats_json() const {
           {"malformed", stats.malformed},
           {"late_replies", stats.late_replies},
           {"unknown_replies", stats.unknown_replies},
+          {"abandoned_released", reg.abandoned_released()},
           {"undeliverable", stats.undeliverable},
           {"workers_lost", stats.workers_lost},
           {"redispatched", stats.redispatched},

@@ -134,11 +134,11 @@ void registry::submit(pending_request request, std::vector<decision>& out) {
     d.what = decision::kind::fail;
     d.token = request.token;
     d.client = std::move(request.client);
-    d.err = error::make(errc::queue_full,
-                        per_service ? "queue of service '" + s.name + "' is full (" +
-                                          std::to_string(limits_.queue_per_service) + " waiting)"
-                                    : "broker queue is full (" +
-                                          std::to_string(limits_.queue_total) + " waiting)");
+    d.err = error::make(
+        errc::queue_full,
+        per_service ? "queue of service '" + s.name + "' is full (" +
+                          std::to_string(limits_.queue_per_service) + " waiting)"
+                    : "broker queue is full (" + std::to_string(limits_.queue_total) + " waiting)");
     d.hdr = std::move(request.hdr);
     out.push_back(std::move(d));
     ++s.counters.errors;
@@ -250,9 +250,12 @@ void registry::fail(std::uint64_t token, error err, std::vector<decision>& out) 
   }
   if (r.assigned != nullptr) {
     // The worker is still busy with it: keep the record until it replies or is lost, so its
-    // capacity is accounted for, but never answer the client again.
+    // capacity is accounted for, but never answer the client again. A worker that never
+    // received the DISPATCH (lost on the way) would hold the slot for ever while it keeps
+    // heartbeating: the slot is given back at abandon_release() at the latest.
     r.state = request_state::abandoned;
     r.payload = zmq::message_t{};
+    deadlines_.emplace(abandon_release(r), token);
   } else {
     const std::string name = r.hdr.service;
     pending_.erase(it);
@@ -260,12 +263,25 @@ void registry::fail(std::uint64_t token, error err, std::vector<decision>& out) 
   }
 }
 
+time_point registry::abandon_release(const pending_request& r) const {
+  return r.deadline + limits_.heartbeat * limits_.liveness;
+}
+
 void registry::expire(time_point now, std::vector<decision>& out) {
   while (!deadlines_.empty() && deadlines_.top().first <= now) {
     const std::uint64_t token = deadlines_.top().second;
     deadlines_.pop();
     pending_request* r = find(token);
-    if (r == nullptr || r->state == request_state::abandoned) continue;
+    if (r == nullptr) continue;
+    if (r->state == request_state::abandoned) {
+      // Its release timer (an earlier timer of the request is stale): the worker has had the
+      // request's whole deadline and heartbeat x liveness more to answer; take the slot back.
+      if (now >= abandon_release(*r)) {
+        ++abandoned_released_;
+        finish(token, out);
+      }
+      continue;
+    }
     const std::string& name = r->hdr.service;
     const auto sit = services_.find(name);
     const bool has_workers = sit != services_.end() && !sit->second.offers.empty();
@@ -298,8 +314,10 @@ void registry::expire(time_point now, std::vector<decision>& out) {
 std::optional<time_point> registry::next_deadline() {
   // Drop timers of requests that are already answered so they do not cause idle wake-ups.
   while (!deadlines_.empty()) {
-    const pending_request* r = find(deadlines_.top().second);
-    if (r != nullptr && r->state != request_state::abandoned) break;
+    const auto& [when, token] = deadlines_.top();
+    const pending_request* r = find(token);
+    if (r != nullptr && (r->state != request_state::abandoned || when >= abandon_release(*r)))
+      break;
     deadlines_.pop();
   }
   if (deadlines_.empty()) return std::nullopt;

@@ -11,8 +11,6 @@
 // still has capacity. When none has capacity, requests wait in a bounded per-service FIFO
 // until an offer frees up or their deadline passes.
 
-#include <zmq.hpp>
-
 #include <cstdint>
 #include <deque>
 #include <map>
@@ -23,6 +21,7 @@
 #include <unordered_map>
 #include <unordered_set>
 #include <vector>
+#include <zmq.hpp>
 
 #include "ensemble/common/clock.hpp"
 #include "ensemble/common/protocol.hpp"
@@ -72,7 +71,7 @@ struct service_counters {
 struct service_entry {
   std::string name;
   std::vector<offer*> offers;
-  std::deque<offer*> idle;         // offers with free capacity, least recently used first
+  std::deque<offer*> idle;          // offers with free capacity, least recently used first
   std::deque<std::uint64_t> queue;  // tokens; may hold stale ones (already answered)
   std::size_t queued = 0;           // live tokens in `queue`
   bool ever_offered = false;
@@ -84,8 +83,8 @@ enum class request_state { queued, dispatched, abandoned };
 struct pending_request {
   std::uint64_t token = 0;
   peer_id client;
-  common::header hdr;        // as the client sent it
-  zmq::message_t payload;    // kept while queued, and for retryable requests while in flight
+  common::header hdr;      // as the client sent it
+  zmq::message_t payload;  // kept while queued, and for retryable requests while in flight
   time_point received;
   time_point deadline;
   request_state state = request_state::queued;
@@ -145,12 +144,18 @@ class registry {
   std::size_t pending_count() const { return pending_.size(); }
   std::size_t queued_total() const { return queued_total_; }
   std::size_t in_flight_total() const;
+  // Slots given back because a worker never answered a request past its deadline plus
+  // heartbeat x liveness (its DISPATCH was probably lost on the way).
+  std::uint64_t abandoned_released() const { return abandoned_released_; }
 
  private:
   service_entry& service(const std::string& name);
   void try_dispatch(service_entry& s, std::vector<decision>& out);
   void assign(pending_request& r, offer& o, std::vector<decision>& out);
   void release(offer& o);
+  // When the slot of an abandoned request (answered to its client, still on its worker) is
+  // taken back if the worker has not replied.
+  time_point abandon_release(const pending_request& r) const;
   void fail(std::uint64_t token, common::error err, std::vector<decision>& out);
   void enqueue(service_entry& s, pending_request& r, bool front);
   void compact(service_entry& s);
@@ -161,6 +166,7 @@ class registry {
   std::unordered_map<std::string, service_entry> services_;
   std::unordered_map<std::uint64_t, pending_request> pending_;
   std::size_t queued_total_ = 0;
+  std::uint64_t abandoned_released_ = 0;
 
   using timer = std::pair<time_point, std::uint64_t>;
   std::priority_queue<timer, std::vector<timer>, std::greater<>> deadlines_;
