@@ -177,6 +177,35 @@ TEST(testkit_deployment, LogsNameEachProcess) {
   EXPECT_NE(logs.find("ensemble-agent ready"), std::string::npos) << logs;
 }
 
+// Fails on purpose, in a child test process (see the next test): a deployment held by a fixture
+// member must print its processes' logs when the test fails.
+class failing_with_deployment : public ::testing::Test {
+ protected:
+  tk::deployment d_ =
+      tk::deployment::from_file(std::string(ENSEMBLE_SOURCE_DIR) + "/examples/cart");
+};
+TEST_F(failing_with_deployment, DISABLED_FailsOnPurpose) {
+  if (std::getenv("ENSEMBLE_TESTKIT_FAIL") == nullptr) GTEST_SKIP() << "helper";
+  d_.start();
+  ADD_FAILURE() << "failing on purpose";
+}
+
+TEST(testkit_deployment, AFailedTestPrintsEachProcesssLog) {
+  tk::process_options o;
+  o.program = std::filesystem::read_symlink("/proc/self/exe").string();
+  o.args = {"--gtest_filter=failing_with_deployment.DISABLED_FailsOnPurpose",
+            "--gtest_also_run_disabled_tests"};
+  o.env = {{"ENSEMBLE_TESTKIT_FAIL", "1"}};
+  auto child = tk::process::spawn(o);
+  ASSERT_TRUE(child->wait_for_line("FAILED TEST", 60s)) << child->tail();
+  ASSERT_TRUE(child->wait_exit(30s).has_value());
+  const std::string out = child->tail(200);
+  EXPECT_NE(out.find("the test failed; each process's log:"), std::string::npos) << out;
+  EXPECT_NE(out.find("----- broker (pid"), std::string::npos) << out;
+  EXPECT_NE(out.find("----- recommendation (pid"), std::string::npos) << out;
+  EXPECT_NE(out.find("ensemble-broker ready"), std::string::npos) << out;
+}
+
 // The body of the next test, run in a child test process (this binary, re-executed): it starts
 // a deployment, prints the pids, and waits to be killed.
 TEST(testkit_deployment, DISABLED_HolderForOrphanTest) {
