@@ -15,24 +15,20 @@
 
 #include "ensemble/agent/agent.hpp"
 #include "ensemble/agent/json.hpp"
-#include "ensemble/common/ids.hpp"
 #include "ensemble/common/result.hpp"
+#include "own_agent.hpp"
 
 namespace ensemble::testkit {
 
 namespace {
 
+using detail::left_until;
 using steady = std::chrono::steady_clock;
 using json = nlohmann::json;
 using namespace std::chrono_literals;
 
 constexpr auto k_services_poll = 20ms;  // while waiting for registrations
 constexpr auto k_probe_call = 2s;
-
-std::chrono::milliseconds left_until(steady::time_point until) {
-  return std::chrono::ceil<std::chrono::milliseconds>(
-      std::max(until - steady::now(), steady::duration::zero()));
-}
 
 std::string make_temp_dir() {
   std::string tmpl = (std::filesystem::temp_directory_path() / "ensemble-testkit-XXXXXX").string();
@@ -315,15 +311,7 @@ void deployment::start() {
 
   try {
     d.launch_broker_member(d.members.front(), broker.router, broker.events, until);
-    agent::options o;
-    o.name = "testkit-probe-" + common::random_id().substr(0, 8);
-    o.broker = d.router;
-    o.events = d.events;
-    o.start_timeout = left_until(until);
-    d.probe = std::make_unique<agent::agent>(o);
-    if (auto s = d.probe->start(); !s) {
-      throw std::runtime_error("deployment: the broker does not answer: " + s.err().to_string());
-    }
+    d.probe = detail::start_own_agent("probe", d.router, d.events, left_until(until));
     // The orchestrator before the agents (it must not miss their first events), each group
     // started together and then awaited.
     for (auto role : {cli::process_role::orchestrator, cli::process_role::agent}) {

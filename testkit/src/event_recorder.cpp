@@ -5,7 +5,7 @@
 
 #include "ensemble/agent/agent.hpp"
 #include "ensemble/agent/json.hpp"
-#include "ensemble/common/ids.hpp"
+#include "own_agent.hpp"
 
 namespace ensemble::testkit {
 
@@ -38,14 +38,7 @@ std::string event_match::describe() const {
 event_recorder::event_recorder(const std::string& router, const std::string& events,
                                std::vector<std::string> prefixes,
                                std::chrono::milliseconds deadline) {
-  agent::options o;
-  o.name = "testkit-recorder-" + common::random_id().substr(0, 8);
-  o.broker = router;
-  o.events = events;
-  o.start_timeout = deadline;
-  agent_ = std::make_unique<agent::agent>(o);
-  auto started = agent_->start();
-  if (!started) throw std::runtime_error("event_recorder: " + started.err().to_string());
+  agent_ = detail::start_own_agent("recorder", router, events, deadline);
   for (const auto& prefix : prefixes) {
     // After start(), subscribe() returns once the broker fans the prefix out to us.
     auto s = agent_->subscribe(

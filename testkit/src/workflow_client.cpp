@@ -5,12 +5,13 @@
 
 #include "ensemble/agent/agent.hpp"
 #include "ensemble/agent/json.hpp"
-#include "ensemble/common/ids.hpp"
+#include "own_agent.hpp"
 
 namespace ensemble::testkit {
 
 namespace {
 
+using detail::left_until;
 using steady = std::chrono::steady_clock;
 using json = nlohmann::json;
 using namespace std::chrono_literals;
@@ -20,24 +21,12 @@ using namespace std::chrono_literals;
 constexpr auto k_retry_interval = 20ms;
 constexpr auto k_poll_interval = 20ms;
 
-std::chrono::milliseconds left_until(steady::time_point until) {
-  return std::chrono::ceil<std::chrono::milliseconds>(
-      std::max(until - steady::now(), steady::duration::zero()));
-}
-
 }  // namespace
 
 workflow_client::workflow_client(const std::string& router, const std::string& events,
                                  std::string service, std::chrono::milliseconds deadline)
     : service_(std::move(service)) {
-  agent::options o;
-  o.name = "testkit-client-" + common::random_id().substr(0, 8);
-  o.broker = router;
-  o.events = events;
-  o.start_timeout = deadline;
-  agent_ = std::make_unique<agent::agent>(o);
-  auto started = agent_->start();
-  if (!started) throw std::runtime_error("workflow_client: " + started.err().to_string());
+  agent_ = detail::start_own_agent("client", router, events, deadline);
 }
 
 workflow_client::~workflow_client() {
