@@ -72,9 +72,10 @@ struct tally {
   int lost = 0;         // started but unknown to the orchestrator
   int unexplained = 0;  // failed without a stated reason
   std::size_t redelivered = 0;
+  double seconds = 0;                  // from the first start to the last end
   std::map<std::string, int> reasons;  // failure reasons, first line, for the printout
 
-  void print(const std::string& scenario, double seconds, const std::string& faults) const {
+  void print(const std::string& scenario, const std::string& faults) const {
     std::printf(
         "[chaos] %s: started %d, completed %d, compensated %d, failed %d, other %d, "
         "duplicates %d, stuck %d, lost %d, unexplained %d (lifecycle redeliveries %zu; %s; %.1f "
@@ -99,11 +100,11 @@ class chaos : public ::testing::Test {
   // retried across a restart is not started twice. Starts are spread over the run (one every
   // `pace`: 500 take 10 s), so that the faults hit instances at every stage.
   void start_all(const tk::deployment& d, std::chrono::milliseconds pace = 20ms) {
+    t0_ = steady::now();
     starter_ = std::thread([this, pace, router = d.router(), events = d.events()] {
       tk::workflow_client wf(router, events);
-      const auto t0 = steady::now();
       for (int i = 0; i < k_instances; ++i) {
-        std::this_thread::sleep_until(t0 + i * pace);  // the load's rate, not a synchronisation
+        std::this_thread::sleep_until(t0_ + i * pace);  // the load's rate, not a synchronisation
         auto r = wf.start("OrderFulfillment", order(i), id_of(i), 60s);
         if (r) {
           ++started_;
@@ -172,9 +173,21 @@ class chaos : public ::testing::Test {
       }
     }
     t.redelivered = ends.redelivered;
+    t.seconds = std::chrono::duration<double>(steady::now() - t0_).count();
     return t;
   }
 
+  // What every scenario demands: each instance started, ended, exactly once, failures explained.
+  static void expect_each_ended_once(const tally& t) {
+    EXPECT_EQ(t.started, k_instances);
+    EXPECT_EQ(t.completed + t.compensated + t.failed + t.other, k_instances);
+    EXPECT_EQ(t.duplicates, 0);
+    EXPECT_EQ(t.stuck, 0);
+    EXPECT_EQ(t.lost, 0);
+    EXPECT_EQ(t.unexplained, 0);
+  }
+
+  steady::time_point t0_;
   std::thread starter_;
   std::atomic<int> started_{0};
   std::atomic<bool> starting_done_{false};
@@ -190,7 +203,6 @@ TEST_F(chaos, PaymentAgentKilledEvery200ms) {
   d.model().agents.at(0).replicas = 2;  // orders-1 and orders-2 serve PaymentService
   d.start();
   tk::event_recorder rec(d.router(), d.events(), {k_lifecycle});
-  const auto t0 = steady::now();
   start_all(d);
 
   int kills = 0;
@@ -205,18 +217,13 @@ TEST_F(chaos, PaymentAgentKilledEvery200ms) {
     ++kills;
   }
   const auto t = settle(d, rec, 60s);
-  t.print("payment agent SIGKILLed every 200 ms",
-          std::chrono::duration<double>(steady::now() - t0).count(),
-          std::to_string(kills) + " kills");
+  t.print("payment agent SIGKILLed every 200 ms", std::to_string(kills) + " kills");
 
   EXPECT_GT(kills, 0);
-  EXPECT_EQ(t.started, k_instances);
+  expect_each_ended_once(t);
   EXPECT_EQ(t.completed + t.compensated, k_instances)
       << "some ended neither completed nor compensated";
   EXPECT_EQ(t.compensated, k_instances / k_out_of_stock_every);
-  EXPECT_EQ(t.duplicates, 0);
-  EXPECT_EQ(t.stuck, 0);
-  EXPECT_EQ(t.lost, 0);
 }
 
 // 2. The orchestrator is SIGKILLed three times while 500 instances run, and restarted on its
@@ -226,7 +233,6 @@ TEST_F(chaos, OrchestratorKilledThreeTimes) {
   d.model().orchestrator->store = d.dir() + "/orchestrator.db";
   d.start();
   tk::event_recorder rec(d.router(), d.events(), {k_lifecycle});
-  const auto t0 = steady::now();
   start_all(d);
 
   int kills = 0;
@@ -238,17 +244,10 @@ TEST_F(chaos, OrchestratorKilledThreeTimes) {
     ++kills;
   }
   const auto t = settle(d, rec, 120s);
-  t.print("orchestrator SIGKILLed 3 times",
-          std::chrono::duration<double>(steady::now() - t0).count(),
-          std::to_string(kills) + " kills");
+  t.print("orchestrator SIGKILLed 3 times", std::to_string(kills) + " kills");
 
   EXPECT_EQ(kills, 3);
-  EXPECT_EQ(t.started, k_instances);
-  EXPECT_EQ(t.completed + t.compensated + t.failed + t.other, k_instances);
-  EXPECT_EQ(t.duplicates, 0);
-  EXPECT_EQ(t.stuck, 0);
-  EXPECT_EQ(t.lost, 0);
-  EXPECT_EQ(t.unexplained, 0);
+  expect_each_ended_once(t);
 }
 
 // 3. The broker is restarted while 500 instances run. It keeps no state: requests and events in
@@ -258,21 +257,14 @@ TEST_F(chaos, BrokerRestarted) {
   auto d = example();
   d.start();
   tk::event_recorder rec(d.router(), d.events(), {k_lifecycle});
-  const auto t0 = steady::now();
   start_all(d);
 
   ASSERT_TRUE(rec.wait([&](const auto& events) { return ended(events) >= 150; }, 120s));
   d.restart("broker");
   const auto t = settle(d, rec, 120s);
-  t.print("broker restarted once", std::chrono::duration<double>(steady::now() - t0).count(),
-          "1 restart");
+  t.print("broker restarted once", "1 restart");
 
-  EXPECT_EQ(t.started, k_instances);
-  EXPECT_EQ(t.completed + t.compensated + t.failed + t.other, k_instances);
-  EXPECT_EQ(t.duplicates, 0);
-  EXPECT_EQ(t.stuck, 0);
-  EXPECT_EQ(t.lost, 0);
-  EXPECT_EQ(t.unexplained, 0);
+  expect_each_ended_once(t);
   tk::workflow_client wf(d.router(), d.events());
   auto running = wf.call("list", {{"status", "running"}});
   ASSERT_TRUE(running) << running.err().to_string();
@@ -304,14 +296,12 @@ TEST_F(chaos, DuplicatedAndDelayedMessages) {
   proxy.add_rule(events);
 
   tk::event_recorder rec(d.router(), d.events(), {k_lifecycle});
-  const auto t0 = steady::now();
   start_all(d);
   const auto t = settle(d, rec, 120s);
   const auto c = proxy.stats();
-  t.print("duplicated and delayed messages",
-          std::chrono::duration<double>(steady::now() - t0).count(),
-          "proxy: " + std::to_string(c.duplicated) + " duplicated, " + std::to_string(c.delayed) +
-              " delayed of " + std::to_string(c.forwarded));
+  t.print("duplicated and delayed messages", "proxy: " + std::to_string(c.duplicated) +
+                                                 " duplicated, " + std::to_string(c.delayed) +
+                                                 " delayed of " + std::to_string(c.forwarded));
 
   // The payment service's effects, from its own log: one charge per idempotency key.
   std::map<std::string, int> charges;
@@ -334,11 +324,9 @@ TEST_F(chaos, DuplicatedAndDelayedMessages) {
 
   EXPECT_GT(c.duplicated, 0U);
   EXPECT_GT(c.delayed, 0U);
-  EXPECT_EQ(t.started, k_instances);
+  expect_each_ended_once(t);
   EXPECT_EQ(t.completed + t.compensated, k_instances);
   EXPECT_EQ(t.compensated, k_instances / k_out_of_stock_every);
-  EXPECT_EQ(t.duplicates, 0);
-  EXPECT_EQ(t.stuck, 0);
   EXPECT_EQ(charged_twice, 0);
   EXPECT_GE(charges.size(), static_cast<std::size_t>(k_instances));
 }
