@@ -8,10 +8,10 @@
 // stop signals. The only other threads belong to the probe, an SDK agent that asks the
 // broker whether it answers and which services are registered; its callbacks post back here.
 //
-// No orphans: every child gets its own process group (signals go to the group, so whatever a
-// child started goes with it) and PR_SET_PDEATHSIG(SIGKILL), so that it dies with us even if
-// we are SIGKILLed. Children are forked from this (main) thread, which lives as long as the
-// process: PDEATHSIG fires when the forking thread ends.
+// No orphans: every child (common::spawn_child) gets its own process group (signals go to the
+// group, so whatever a child started goes with it) and PR_SET_PDEATHSIG(SIGKILL), so that it dies
+// with us even if we are SIGKILLed. Children are forked from this (main) thread, which lives as
+// long as the process: PDEATHSIG fires when the forking thread ends.
 // clang-format off
 #include <utility>  // first: boost 1.74's asio/awaitable.hpp uses std::exchange without it
 // clang-format on
@@ -19,8 +19,6 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
-#include <sys/prctl.h>
-#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -58,6 +56,7 @@
 #include "ensemble/cli/deployment.hpp"
 #include "ensemble/cli/scriptable_agent.hpp"
 #include "ensemble/common/ids.hpp"
+#include "ensemble/common/spawn.hpp"
 
 namespace ensemble::cli {
 
@@ -87,118 +86,6 @@ struct up_options {
   millis timeout{30'000};
   millis grace{5'000};
 };
-
-// ---------------------------------------------------------------------------------------------
-// Spawning
-
-// Everything the child needs is prepared before fork() (exec_plan, from command_for()): in the
-// child of a multithreaded process only async-signal-safe calls are allowed, so nothing after
-// fork may allocate.
-
-struct child_failure {
-  int step;  // 1 setup, 2 chdir, 3 exec
-  int err;
-};
-
-[[noreturn]] void run_child(const char* path, char* const* argv, char* const* envp,
-                            const char* workdir, int null_fd, int output_fd, int status_fd,
-                            pid_t parent) {
-  auto fail = [status_fd](int step, int err) {
-    const child_failure f{step, err};
-    [[maybe_unused]] auto n = ::write(status_fd, &f, sizeof f);
-    ::_exit(127);
-  };
-  ::setpgid(0, 0);
-  if (::prctl(PR_SET_PDEATHSIG, SIGKILL) != 0) fail(1, errno);
-  if (::getppid() != parent) ::_exit(127);  // the launcher died before prctl took effect
-  // A clean signal state: masks and ignored signals survive exec.
-  sigset_t none;
-  sigemptyset(&none);
-  ::sigprocmask(SIG_SETMASK, &none, nullptr);
-  struct sigaction dfl {};
-  dfl.sa_handler = SIG_DFL;
-  for (int sig = 1; sig < NSIG; ++sig) {
-    if (sig != SIGKILL && sig != SIGSTOP) ::sigaction(sig, &dfl, nullptr);
-  }
-  if (::chdir(workdir) != 0) fail(2, errno);
-  if (::dup2(null_fd, STDIN_FILENO) < 0 || ::dup2(output_fd, STDOUT_FILENO) < 0 ||
-      ::dup2(output_fd, STDERR_FILENO) < 0) {
-    fail(1, errno);
-  }
-#if defined(SYS_close_range)
-  // Nothing of ours (sockets of the probe, epoll) leaks into the child.
-  ::syscall(SYS_close_range, 3U, ~0U, 4U /* CLOSE_RANGE_CLOEXEC */);
-#endif
-  ::execve(path, argv, envp);
-  fail(3, errno);
-  ::_exit(127);
-}
-
-struct spawned {
-  pid_t pid = -1;
-  int output_fd = -1;  // read end of the child's stdout+stderr
-};
-
-// Forks and execs; throws std::runtime_error saying why the program could not start.
-spawned spawn(const exec_plan& plan) {
-  std::vector<std::string> args = plan.argv;
-  std::vector<std::string> env = plan.env;
-  std::vector<char*> argv;
-  for (auto& a : args) argv.push_back(a.data());
-  argv.push_back(nullptr);
-  std::vector<char*> envp;
-  for (auto& e : env) envp.push_back(e.data());
-  envp.push_back(nullptr);
-
-  int output[2];
-  int status[2];
-  if (::pipe2(output, O_CLOEXEC) != 0) {
-    throw std::runtime_error(std::string("pipe: ") + std::strerror(errno));
-  }
-  if (::pipe2(status, O_CLOEXEC) != 0) {
-    const int err = errno;
-    ::close(output[0]);
-    ::close(output[1]);
-    throw std::runtime_error(std::string("pipe: ") + std::strerror(err));
-  }
-  const int null_fd = ::open("/dev/null", O_RDWR | O_CLOEXEC);
-  const pid_t parent = ::getpid();
-  const pid_t pid = ::fork();
-  if (pid == 0) {
-    run_child(plan.path.c_str(), argv.data(), envp.data(), plan.workdir.c_str(), null_fd, output[1],
-              status[1], parent);
-  }
-  const int fork_errno = errno;
-  ::close(output[1]);
-  ::close(status[1]);
-  if (null_fd >= 0) ::close(null_fd);
-  if (pid < 0) {
-    ::close(output[0]);
-    ::close(status[0]);
-    throw std::runtime_error(std::string("fork: ") + std::strerror(fork_errno));
-  }
-  // Also from here, so that a group kill cannot miss a child that has not run setpgid yet.
-  ::setpgid(pid, pid);
-
-  child_failure failure{};
-  ssize_t n;
-  do {
-    n = ::read(status[0], &failure, sizeof failure);
-  } while (n < 0 && errno == EINTR);
-  ::close(status[0]);
-  if (n > 0) {
-    int ignored = 0;
-    while (::waitpid(pid, &ignored, 0) < 0 && errno == EINTR) {
-    }
-    ::close(output[0]);
-    const std::string why = failure.step == 2   ? "cannot change to directory " + plan.workdir
-                            : failure.step == 3 ? "cannot execute " + plan.path
-                                                : std::string("cannot set up the child process");
-    throw std::runtime_error(why + ": " + std::strerror(failure.err));
-  }
-  ::fcntl(output[0], F_SETFL, ::fcntl(output[0], F_GETFL) | O_NONBLOCK);
-  return {pid, output[0]};
-}
 
 std::string describe_status(int status) {
   if (status >= 0) return "exited with code " + std::to_string(status);
@@ -495,7 +382,9 @@ void launcher::close_output(child& c) {
 
 bool launcher::launch(child& c) {
   try {
-    const auto sp = spawn(plan_for(c));
+    // From this (main) thread, for PR_SET_PDEATHSIG: see the top of this file.
+    const auto sp = common::spawn_child(plan_for(c));
+    ::fcntl(sp.output_fd, F_SETFL, ::fcntl(sp.output_fd, F_GETFL) | O_NONBLOCK);  // for Asio
     c.pid = sp.pid;
     c.started_at = steady::now();
     c.running = true;

@@ -5,7 +5,6 @@
 #include <netinet/in.h>
 #include <poll.h>
 #include <pthread.h>
-#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -19,6 +18,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <exception>
+#include <functional>
 #include <iostream>
 #include <limits>
 #include <map>
@@ -26,6 +27,8 @@
 #include <sstream>
 #include <stdexcept>
 #include <thread>
+
+#include "ensemble/common/spawn.hpp"
 
 extern char** environ;  // NOLINT(readability-redundant-declaration)
 
@@ -114,56 +117,6 @@ std::string resolve_program(const std::string& program, const std::string& path_
   throw std::runtime_error("process: '" + program + "' not found on PATH");
 }
 
-// Everything the child needs, prepared before fork(): afterwards the child of a multithreaded
-// process may only make async-signal-safe calls, so nothing in run_child may allocate.
-struct child_setup {
-  const char* path;
-  char* const* argv;
-  char* const* envp;
-  const char* working_dir;  // nullptr: the parent's
-  int stdin_fd;             // /dev/null, or -1
-  int output_fd;            // write end of the stdout+stderr pipe
-  int status_fd;            // write end of the CLOEXEC status pipe
-  pid_t parent;
-};
-
-// What the child writes to the status pipe when it cannot exec.
-enum child_step : int { k_step_setup = 1, k_step_chdir, k_step_exec };
-struct child_failure {
-  int step;
-  int err;
-};
-
-[[noreturn]] void run_child(const child_setup& s) {
-  auto fail = [&s](int step, int err) {
-    const child_failure f{step, err};
-    [[maybe_unused]] auto n = ::write(s.status_fd, &f, sizeof f);
-    ::_exit(127);
-  };
-  ::setpgid(0, 0);
-  if (::prctl(PR_SET_PDEATHSIG, SIGKILL) != 0) fail(k_step_setup, errno);
-  // The parent may have died before prctl took effect; then nobody would ever kill us.
-  if (::getppid() != s.parent) ::_exit(127);
-  // Start from a clean signal state: a blocked mask and ignored signals survive exec, and a
-  // test that blocks or ignores SIGTERM must not produce a broker that cannot be stopped.
-  sigset_t none;
-  sigemptyset(&none);
-  ::sigprocmask(SIG_SETMASK, &none, nullptr);
-  struct sigaction dfl {};
-  dfl.sa_handler = SIG_DFL;
-  for (int sig = 1; sig < NSIG; ++sig) {
-    if (sig != SIGKILL && sig != SIGSTOP) ::sigaction(sig, &dfl, nullptr);
-  }
-  if (s.working_dir != nullptr && ::chdir(s.working_dir) != 0) fail(k_step_chdir, errno);
-  if (s.stdin_fd >= 0) ::dup2(s.stdin_fd, STDIN_FILENO);
-  if (::dup2(s.output_fd, STDOUT_FILENO) < 0 || ::dup2(s.output_fd, STDERR_FILENO) < 0) {
-    fail(k_step_setup, errno);
-  }
-  ::execve(s.path, s.argv, s.envp);
-  fail(k_step_exec, errno);
-  ::_exit(127);  // not reached
-}
-
 // PR_SET_PDEATHSIG fires when the *thread* that forked the child ends, not the process. A
 // child forked from a short-lived thread (std::async, a helper that starts agents in
 // parallel) would be killed as soon as that thread returned. So every fork happens on this
@@ -176,15 +129,16 @@ class fork_thread {
     return *instance;
   }
 
-  // Forks on the dedicated thread; the child runs `s`. Returns the pid, or -errno.
-  pid_t fork_child(const child_setup& s) {
+  // Runs `job` (which forks) on the dedicated thread; rethrows what it throws.
+  void run(const std::function<void()>& job) {
     std::lock_guard one_at_a_time(call_mutex_);
     std::unique_lock lock(mutex_);
-    job_ = &s;
+    job_ = &job;
+    error_ = nullptr;
     done_ = false;
     changed_.notify_all();
     changed_.wait(lock, [this] { return done_; });
-    return result_;
+    if (error_) std::rethrow_exception(error_);
   }
 
  private:
@@ -202,9 +156,11 @@ class fork_thread {
     std::unique_lock lock(mutex_);
     while (true) {
       changed_.wait(lock, [this] { return job_ != nullptr; });
-      const pid_t pid = ::fork();
-      if (pid == 0) run_child(*job_);
-      result_ = pid < 0 ? -errno : pid;
+      try {
+        (*job_)();
+      } catch (...) {
+        error_ = std::current_exception();
+      }
       job_ = nullptr;
       done_ = true;
       changed_.notify_all();
@@ -214,9 +170,9 @@ class fork_thread {
   std::mutex call_mutex_;
   std::mutex mutex_;
   std::condition_variable changed_;
-  const child_setup* job_ = nullptr;
+  const std::function<void()>* job_ = nullptr;
+  std::exception_ptr error_;
   bool done_ = false;
-  pid_t result_ = -1;
 };
 
 std::string base_name(const std::string& path) {
@@ -375,7 +331,8 @@ std::unique_ptr<process> process::spawn(process_options opts) {
   const char* echo = std::getenv("ENSEMBLE_TESTKIT_ECHO");
   p->echo = echo != nullptr && *echo != '\0' && std::string_view(echo) != "0";
 
-  // The child's environment, path and arguments are built here, before fork (see run_child).
+  // The child's environment, path and arguments are built here: common::spawn_child execs
+  // them as they are.
   std::map<std::string, std::string> env;
   for (char** e = environ; e != nullptr && *e != nullptr; ++e) {
     std::string_view entry(*e);
@@ -384,85 +341,31 @@ std::unique_ptr<process> process::spawn(process_options opts) {
     env[std::string(entry.substr(0, eq))] = std::string(entry.substr(eq + 1));
   }
   for (const auto& [k, v] : opts.env) env[k] = v;
-  const std::string path = resolve_program(opts.program, env.count("PATH") ? env["PATH"] : "");
+  common::spawn_plan plan;
+  plan.path = resolve_program(opts.program, env.count("PATH") ? env["PATH"] : "");
+  plan.argv.push_back(opts.program);
+  plan.argv.insert(plan.argv.end(), opts.args.begin(), opts.args.end());
+  plan.env.reserve(env.size());
+  for (const auto& [k, v] : env) plan.env.push_back(k + "=" + v);
+  plan.workdir = opts.working_dir;
 
-  std::vector<std::string> env_strings;
-  env_strings.reserve(env.size());
-  for (const auto& [k, v] : env) env_strings.push_back(k + "=" + v);
-  std::vector<char*> envp;
-  for (auto& s : env_strings) envp.push_back(s.data());
-  envp.push_back(nullptr);
-
-  std::string argv0 = opts.program;
-  std::vector<char*> argv;
-  argv.push_back(argv0.data());
-  for (auto& a : opts.args) argv.push_back(a.data());
-  argv.push_back(nullptr);
-
-  int output[2];
-  int status[2];  // CLOEXEC: closed by a successful exec, carries a child_failure otherwise
-  if (::pipe2(output, O_CLOEXEC) != 0) throw_errno("process: pipe", errno);
-  if (::pipe2(status, O_CLOEXEC) != 0) {
-    const int err = errno;
-    ::close(output[0]);
-    ::close(output[1]);
-    throw_errno("process: pipe", err);
-  }
-  if (::pipe2(p->stop_fd, O_CLOEXEC) != 0) {
-    const int err = errno;
-    for (int fd : {output[0], output[1], status[0], status[1]}) ::close(fd);
-    throw_errno("process: pipe", err);
-  }
-  const int dev_null = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
-
-  const child_setup setup{
-      path.c_str(), argv.data(),
-      envp.data(),  opts.working_dir.empty() ? nullptr : opts.working_dir.c_str(),
-      dev_null,     output[1],
-      status[1],    ::getpid()};
-  const pid_t pid = fork_thread::instance().fork_child(setup);
-  ::close(output[1]);
-  ::close(status[1]);
-  if (dev_null >= 0) ::close(dev_null);
-  if (pid < 0) {
-    ::close(output[0]);
-    ::close(status[0]);
-    throw_errno("process: fork for " + p->name, -pid);
-  }
-  // Also set the group from here, so that the destructor's group kill cannot miss a child that
-  // has not run its own setpgid yet (EACCES once it has exec'd is harmless).
-  ::setpgid(pid, pid);
-  p->pid = pid;
-  p->pidfd = open_pidfd(pid);
-  p->output_fd = output[0];
-
-  child_failure failure{};
-  ssize_t n;
-  do {
-    n = ::read(status[0], &failure, sizeof failure);
-  } while (n < 0 && errno == EINTR);
-  ::close(status[0]);
-  if (n > 0) {
-    // The child reported a failure and exits with 127: reap it before throwing.
-    {
-      std::lock_guard lock(p->reap_mutex);
-      p->try_reap_locked(0);
-    }
-    std::string what;
-    switch (failure.step) {
-      case k_step_chdir:
-        what = "cannot change to directory " + opts.working_dir;
-        break;
-      case k_step_exec:
-        what = "cannot execute " + path;
-        break;
+  if (::pipe2(p->stop_fd, O_CLOEXEC) != 0) throw_errno("process: pipe", errno);
+  common::spawned_child child;
+  try {
+    fork_thread::instance().run([&] { child = common::spawn_child(plan); });
+  } catch (const common::spawn_error& e) {
+    switch (e.step()) {
+      case common::spawn_step::prepare:
+        throw std::runtime_error(std::string("process: ") + e.what());
+      case common::spawn_step::fork:
+        throw_errno("process: fork for " + p->name, e.error_number());
       default:
-        what = "cannot set up the child process";
-        break;
+        throw std::runtime_error("process: cannot start " + p->name + ": " + e.what());
     }
-    throw std::runtime_error("process: cannot start " + p->name + ": " + what + ": " +
-                             errno_text(failure.err));
   }
+  p->pid = child.pid;
+  p->pidfd = open_pidfd(child.pid);
+  p->output_fd = child.output_fd;
 
   impl* raw = p.get();
   p->reader = std::thread([raw] { raw->read_output(); });

@@ -23,6 +23,8 @@
 #include <string_view>
 #include <vector>
 
+#include "ensemble/common/spawn.hpp"
+
 namespace ensemble::cli {
 
 struct restart_policy {
@@ -118,16 +120,12 @@ struct planned_process {
 std::vector<planned_process> plan_processes(const deployment& d, const std::string& ensemble_exe);
 
 // A command line, ready to exec: nothing left to compute between fork and exec.
-struct exec_plan {
-  std::string path;
-  std::vector<std::string> argv;
-  std::vector<std::string> env;  // KEY=VALUE: the inherited environment plus the section's
-  std::string workdir;
-};
+using exec_plan = common::spawn_plan;
 
 // The command line of one planned process, for a broker at `router`/`events` (for the broker
-// itself: the endpoints to bind; empty: the deployment's). Placeholders are substituted, and
-// ENSEMBLE_BROKER / ENSEMBLE_EVENTS / ENSEMBLE_AGENT_NAME are set for everything but the broker.
+// itself: the endpoints to bind; empty: the deployment's). Placeholders are substituted, the
+// environment is the inherited one plus the section's, and ENSEMBLE_BROKER / ENSEMBLE_EVENTS /
+// ENSEMBLE_AGENT_NAME are set for everything but the broker.
 exec_plan command_for(const planned_process& p, const deployment& d, const std::string& router,
                       const std::string& events);
 
