@@ -4,6 +4,7 @@
 #include <condition_variable>
 #include <set>
 
+#include "ensemble/testkit/workflow_client.hpp"
 #include "support/orchestrator_fixture.hpp"
 
 namespace ensemble::test {
@@ -156,6 +157,44 @@ TEST_F(orchestrator_crash_test, sigkill_with_200_in_flight_then_restart_every_in
                              5s, retryable);
   ASSERT_TRUE(running);
   EXPECT_TRUE(ea::from_json_payload(running->payload()).value()["instances"].empty());
+}
+
+// An event an await is waiting for is published while the orchestrator is down: after the
+// restart, the orchestrator finds it in the broker's journal and the instance completes (the
+// await's timeout is an hour: only the catch-up can end it).
+TEST_F(orchestrator_crash_test, an_event_published_while_down_is_caught_up_from_the_journal) {
+  const auto workflows = write("wait.json", json::parse(R"({"workflow": {"name": "WaitForIt",
+    "steps": [{"name": "Done", "kind": "await", "topic": "thing.done", "timeout": "1h"}],
+    "output": {"answer": "${steps.Done.output.answer}"}}})"));
+  const auto store = dir_ + "/store.db";
+  auto orch = run_orchestrator(*broker_, workflows, store);
+  tk::workflow_client wf(broker_->router(), broker_->events());
+  ea::agent publisher(
+      ea::options{.name = "publisher", .broker = broker_->router(), .events = broker_->events()});
+  ASSERT_TRUE(publisher.start());
+  auto started = wf.start("WaitForIt", json::object(), "w-1");
+  ASSERT_TRUE(started) << started.err().to_string();
+  ASSERT_TRUE(tk::wait_until(
+      [&] {
+        auto v = wf.get("w-1");
+        return v && v->value("/steps/Done/status"_json_pointer, "") == "running";
+      },
+      10s, 10ms));
+
+  orch->kill();
+  ASSERT_TRUE(orch->wait_exit(5s).has_value());
+  ea::send_options correlated;
+  correlated.correlation_id = "w-1";
+  ASSERT_TRUE(
+      publisher.publish_acked("thing.done", ea::to_json_payload({{"answer", 42}}), 5s, correlated));
+  orch = run_orchestrator(*broker_, workflows, store);
+  auto done = wf.wait("w-1", 20s);
+  ASSERT_TRUE(done) << done.err().to_string();
+  EXPECT_EQ(done->at("status"), "completed");
+  EXPECT_EQ(done->at("output").at("answer"), 42);
+  auto stats = wf.call("stats", json::object());
+  ASSERT_TRUE(stats) << stats.err().to_string();
+  EXPECT_EQ(stats->value("events_caught_up", 0), 1);
 }
 
 TEST_F(orchestrator_crash_test, validate_flag_checks_files_and_names_the_problem) {

@@ -566,9 +566,6 @@ void broker::impl::on_publish(const peer_id& peer, const worker* w, common::pars
   buffer.clear();
   common::encode_header(h, buffer);
   out.emplace_back(buffer.data(), buffer.size());
-  out.push_back(std::move(m.payload));
-  common::send_frames(xpub, out);
-  ++stats.messages_out;
   if (trace_journal.enabled() && !h.correlation_id.empty() && h.seq != 0) {
     journal_entry& e = trace_journal.claim();
     e.what = journal_entry::kind::event;
@@ -579,7 +576,19 @@ void broker::impl::on_publish(const peer_id& peer, const worker* w, common::pars
     e.topic = h.topic;
     e.from = h.publisher;
     e.seq = h.seq;
+    // Kept (small ones) so that a subscriber that was down can catch up: broker.trace with
+    // payloads (the orchestrator does, after a restart).
+    const auto payload = common::as_view(m.payload);
+    e.payload_kept = payload.size() <= k_journal_payload_max;
+    if (e.payload_kept) {
+      e.payload.assign(payload);
+    } else {
+      e.payload.clear();
+    }
   }
+  out.push_back(std::move(m.payload));
+  common::send_frames(xpub, out);
+  ++stats.messages_out;
   if (log->should_log(spdlog::level::debug)) {
     log->debug("event {} seq={} id={} correlation={} from {}", h.topic, h.seq, h.id,
                h.correlation_id, peer_label(w, peer));
@@ -730,14 +739,18 @@ void broker::impl::on_admin(const peer_id& peer, const header& request,
       reply_error(
           peer, request,
           error::make(errc::bad_request,
-                      "broker.trace needs {correlation_id: str, children?: bool, limit?: uint}"));
+                      "broker.trace needs {correlation_id: str, children?: bool, limit?: uint, "
+                      "payloads?: bool}"));
       return;
     }
     const std::size_t limit = args.contains("limit") && args["limit"].is_number_unsigned()
                                   ? args["limit"].get<std::size_t>()
                                   : 10'000;
-    body = trace_journal.query(args["correlation_id"].get<std::string>(),
-                               args.value("children", false), limit);
+    const auto flag = [&](const char* name) {
+      return args.contains(name) && args[name].is_boolean() && args[name].get<bool>();
+    };
+    body = trace_journal.query(args["correlation_id"].get<std::string>(), flag("children"), limit,
+                               flag("payloads"));
   } else if (request.action == "ping") {
     body = {{"broker", broker_id},
             {"protocol", common::k_protocol_version},

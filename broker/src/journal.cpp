@@ -10,8 +10,8 @@ journal_entry& journal::claim() {
   return slot;
 }
 
-nlohmann::json journal::query(std::string_view correlation_id, bool children,
-                              std::size_t limit) const {
+nlohmann::json journal::query(std::string_view correlation_id, bool children, std::size_t limit,
+                              bool payloads) const {
   using nlohmann::json;
   json entries = json::array();
   const std::string child_prefix = std::string(correlation_id) + "/";
@@ -48,6 +48,14 @@ nlohmann::json journal::query(std::string_view correlation_id, bool children,
         j["topic"] = e.topic;
         j["from"] = e.from;
         j["seq"] = e.seq;
+        if (payloads) {
+          if (e.payload_kept) {
+            j["payload"] =
+                json::binary(std::vector<std::uint8_t>(e.payload.begin(), e.payload.end()));
+          } else {
+            j["payload_omitted"] = true;  // larger than k_journal_payload_max
+          }
+        }
         break;
     }
     entries.push_back(std::move(j));

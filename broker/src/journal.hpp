@@ -31,7 +31,12 @@ struct journal_entry {
   std::uint64_t duration_us = 0;  // reply: since the request arrived
   std::uint64_t seq = 0;          // event
   std::uint32_t attempt = 0;      // request
+  std::string payload;            // event, when at most k_journal_payload_max bytes
+  bool payload_kept = false;
 };
+
+// Event payloads up to this size are kept in the journal (10,000 entries: 40 MiB at most).
+inline constexpr std::size_t k_journal_payload_max = 4096;
 
 class journal {
  public:
@@ -44,7 +49,9 @@ class journal {
   // Entries whose correlation id is `correlation_id` (and, with `children`, those of its
   // sub-workflows: ids starting with "<correlation_id>/"), oldest first, at most `limit`.
   // {"entries": [...], "truncated": bool, "capacity": n}
-  nlohmann::json query(std::string_view correlation_id, bool children, std::size_t limit) const;
+  // With `payloads`, events carry their payload (msgpack bin) when it was kept.
+  nlohmann::json query(std::string_view correlation_id, bool children, std::size_t limit,
+                       bool payloads = false) const;
 
  private:
   std::size_t capacity_;

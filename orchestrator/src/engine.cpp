@@ -89,6 +89,7 @@ struct engine::instance {
 
 struct engine::inbound {
   enum class kind { reply, ack, event, admin, stop } what = kind::reply;
+  bool replayed = false;  // an event from the broker's journal (catch_up)
   std::string instance_id;
   std::string tag;  // step name, or "@comp"
   std::string request_id;
@@ -202,6 +203,57 @@ void engine::run(agent::agent& ag) {
     pthread_setname_np(pthread_self(), "orch-engine");
     loop();
   });
+  if (!catch_up_from_.empty()) {
+    catch_up_thread_ =
+        std::thread([this, waiting = std::move(catch_up_from_), topics = await_topics_]() mutable {
+          pthread_setname_np(pthread_self(), "orch-catch-up");
+          catch_up(std::move(waiting), std::move(topics));
+        });
+  }
+}
+
+void engine::catch_up(std::map<std::string, std::int64_t> waiting, std::set<std::string> topics) {
+  std::size_t found = 0;
+  std::size_t asked = 0;
+  for (const auto& [id, since_us] : waiting) {
+    {
+      std::lock_guard lock(mutex_);
+      if (stopping_) return;
+    }
+    ++asked;
+    auto r = agent_->call("broker", "trace",
+                          agent::to_json_payload({{"correlation_id", id}, {"payloads", true}}),
+                          std::chrono::seconds(5));
+    auto body = r ? agent::from_json_payload(r->payload()) : result<json>(r.err());
+    if (!body) {
+      log_->warn("catch-up: cannot read the broker's journal for instance {}: {}", id,
+                 body.err().to_string());
+      continue;
+    }
+    for (const auto& e : body->value("entries", json::array())) {
+      if (e.value("kind", "") != "event" || topics.count(e.value("topic", "")) == 0) continue;
+      if (e.value("ts_us", std::int64_t{0}) < since_us || !e.contains("payload")) continue;
+      const auto& bin = e["payload"].get_binary();
+      auto payload = agent::from_json_payload(agent::bytes(bin.begin(), bin.end()));
+      json ev = {{"id", e.value("id", "")},
+                 {"topic", e.value("topic", "")},
+                 {"correlation_id", e.value("correlation_id", "")},
+                 {"causation_id", e.value("causation_id", "")},
+                 {"trace_id", ""},
+                 {"seq", e.value("seq", std::uint64_t{0})},
+                 {"ts", e.value("ts_us", std::int64_t{0})},
+                 {"publisher", e.value("from", "")},
+                 {"payload", payload ? std::move(*payload) : json()}};
+      inbound in;
+      in.what = inbound::kind::event;
+      in.replayed = true;
+      in.event = std::move(ev);
+      post(std::move(in));
+      ++found;
+    }
+  }
+  log_->info("catch-up: asked the broker's journal for {} waiting instance(s), found {} event(s)",
+             asked, found);
 }
 
 void engine::stop() {
@@ -211,6 +263,7 @@ void engine::stop() {
     stopping_ = true;
   }
   wake_.notify_all();
+  if (catch_up_thread_.joinable()) catch_up_thread_.join();
   if (thread_.joinable()) thread_.join();
   // Fail what is still waiting for an answer.
   std::vector<inbound> left;
@@ -282,7 +335,7 @@ void engine::loop() {
 void engine::process(inbound& in) {
   switch (in.what) {
     case inbound::kind::event:
-      handle_event(std::move(in.event));
+      handle_event(std::move(in.event), in.replayed);
       return;
     case inbound::kind::admin: {
       std::function<result<json>()> later;
@@ -653,6 +706,10 @@ void engine::resume(instance& in) {
     } else if (phase == "awaiting") {
       register_await(in, *s);
       arm(in, name, rs["due_us"].get<std::int64_t>());
+      // What arrived for it while we were down is in the broker's journal: catch_up().
+      const auto since = rs.value("since_us", std::int64_t{0});
+      auto [it, first] = catch_up_from_.try_emplace(in.id, since);
+      if (!first) it->second = std::min(it->second, since);
     }
   }
   for (auto& [name, rs] : in.run()["steps"].items()) {
@@ -851,6 +908,7 @@ void engine::start_attempt(instance& in, const step& s) {
         add_outbox(in, s.event.topic, std::move(*payload), key, "start", s.name);
       }
       rs["phase"] = "awaiting";
+      rs["since_us"] = now_us();  // events older than this attempt are not its answer
       rs["due_us"] = now_us() + s.timeout.value_or(opts_.default_timeout).count() * 1000;
       history(in, "step_started", s.name,
               json{{"kind", to_string(s.kind)},
@@ -1223,11 +1281,11 @@ void engine::on_event(const agent::message& m) {
   post(std::move(in));
 }
 
-void engine::handle_event(json ev) {
+void engine::handle_event(json ev, bool replayed) {
   const std::string topic = ev["topic"];
   const std::string event_id = ev.value("id", "");
   // Triggers: one instance per (workflow, event id), ever.
-  if (auto t = triggers_.find(topic); t != triggers_.end()) {
+  if (auto t = triggers_.find(topic); !replayed && t != triggers_.end()) {
     for (const auto& def : t->second) {
       for (const auto& trig : def->triggers) {
         if (trig.topic != topic) continue;
@@ -1269,6 +1327,7 @@ void engine::handle_event(json ev) {
     if (inst != live_.end()) {
       const step* s = inst->second->def->find(it->second);
       if (s != nullptr) {
+        if (replayed) count_caught_up();
         deliver(*inst->second, *s, ev);
         advance(*inst->second);
         return;
@@ -1283,12 +1342,18 @@ void engine::handle_event(json ev) {
       if (inst == live_.end()) continue;
       const step* s = inst->second->def->find(step_name);
       if (s == nullptr || !matches(*inst->second, *s, ev)) continue;
+      if (replayed) count_caught_up();
       deliver(*inst->second, *s, ev);
       advance(*inst->second);
       return;
     }
   }
-  buffer_event(std::move(ev));
+  if (!replayed) buffer_event(std::move(ev));
+}
+
+void engine::count_caught_up() {
+  std::lock_guard lock(stats_mutex_);
+  ++stats_.events_caught_up;
 }
 
 void engine::buffer_event(json ev) {
@@ -1678,6 +1743,7 @@ result<json> engine::admin(std::string_view action, const json& args, const orig
                 {"commands_sent", s.commands_sent},
                 {"events_published", s.events_published},
                 {"events_matched", s.events_matched},
+                {"events_caught_up", s.events_caught_up},
                 {"commits", s.commits},
                 {"active", live_.size()},
                 {"buffered_events", buffer_.size()}};

@@ -116,7 +116,14 @@ class engine {
   bool try_buffer(instance& in, const step& s);
   bool matches(instance& in, const step& s, const json& ev);
   void deliver(instance& in, const step& s, const json& ev);
-  void handle_event(json ev);
+  // `replayed`: found in the broker's journal by the catch-up after a restart. Only delivered to
+  // an await that is waiting for it: never starts an instance, never buffered.
+  void handle_event(json ev, bool replayed = false);
+  void count_caught_up();
+  // After a restart: asks the broker's journal for the events that the awaits of `waiting`
+  // (instance id -> since when, wall clock µs) missed while the orchestrator was down, and posts
+  // them. Runs on its own thread: the broker answers while the engine goes on.
+  void catch_up(std::map<std::string, std::int64_t> waiting, std::set<std::string> topics);
   void buffer_event(json ev);
   void purge_buffer();
 
@@ -174,6 +181,8 @@ class engine {
   std::vector<inbound> inbox_;
   bool stopping_ = false;
   std::thread thread_;
+  std::thread catch_up_thread_;
+  std::map<std::string, std::int64_t> catch_up_from_;  // filled by resume()
 
   mutable std::mutex stats_mutex_;
   stats stats_;

@@ -50,6 +50,7 @@ struct options {
 struct stats {
   std::uint64_t started = 0, completed = 0, failed = 0, cancelled = 0, timed_out = 0;
   std::uint64_t commands_sent = 0, events_published = 0, events_matched = 0;
+  std::uint64_t events_caught_up = 0;  // awaited events found in the broker's journal after a restart
   std::uint64_t commits = 0, committed_instances = 0;
   std::size_t active = 0, buffered_events = 0;
 };
