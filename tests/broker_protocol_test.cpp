@@ -15,11 +15,15 @@
 #include "ensemble/common/frames.hpp"
 #include "ensemble/common/protocol.hpp"
 #include "ensemble/testkit/process.hpp"
+#include "support/raw_peer.hpp"
 
 namespace ec = ensemble::common;
 namespace tk = ensemble::testkit;
 using ec::command;
 using ec::header;
+using ensemble::test::raw_peer;
+using ensemble::test::to_string;
+using ensemble::test::wire_message;
 using nlohmann::json;
 using namespace std::chrono_literals;
 
@@ -32,89 +36,6 @@ constexpr auto k_wait = 5s;  // generous: only reached when something is broken
   return ::testing::AssertionFailure()
          << "'" << haystack << "' does not contain '" << needle << "'";
 }
-
-struct wire_message {
-  command cmd = command::heartbeat;
-  header hdr;
-  std::string payload;
-};
-
-std::string to_string(const zmq::message_t& m) {
-  return std::string(ec::as_view(m));
-}
-
-// One DEALER speaking the protocol by hand.
-class raw_peer {
- public:
-  raw_peer(zmq::context_t& ctx, const std::string& endpoint)
-      : socket_(ctx, zmq::socket_type::dealer) {
-    socket_.set(zmq::sockopt::linger, 0);
-    socket_.connect(endpoint);
-  }
-
-  void send(command cmd, const header& h, std::string_view payload = {}) {
-    std::vector<zmq::message_t> frames;
-    ec::build_message(frames, cmd, h, zmq::message_t(payload.data(), payload.size()));
-    send_frames(frames);
-  }
-  void send_raw(const std::vector<std::string>& parts) {
-    std::vector<zmq::message_t> frames;
-    for (const auto& p : parts) frames.emplace_back(p.data(), p.size());
-    send_frames(frames);
-  }
-
-  // The next message, or nullopt at the deadline. HEARTBEATs are answered (a registered peer
-  // stays alive while a test waits on it) and skipped unless `want_heartbeats`.
-  std::optional<wire_message> next(std::chrono::milliseconds deadline = k_wait,
-                                   bool want_heartbeats = false) {
-    const auto until = std::chrono::steady_clock::now() + deadline;
-    while (true) {
-      const auto left =
-          std::chrono::ceil<std::chrono::milliseconds>(until - std::chrono::steady_clock::now());
-      if (left.count() <= 0) return std::nullopt;
-      zmq::pollitem_t item{socket_.handle(), 0, ZMQ_POLLIN, 0};
-      zmq::poll(&item, 1, left);
-      if ((item.revents & ZMQ_POLLIN) == 0) continue;
-      std::vector<zmq::message_t> frames;
-      if (!ec::recv_frames(socket_, frames)) continue;
-      auto parsed = ec::parse_message(frames, 0);
-      if (!parsed) {
-        ADD_FAILURE() << "the broker sent a malformed message: " << parsed.err().message;
-        continue;
-      }
-      wire_message m{parsed->cmd, std::move(parsed->hdr), to_string(parsed->payload)};
-      if (m.cmd == command::heartbeat && !want_heartbeats) {
-        send(command::heartbeat, header{});
-        continue;
-      }
-      return m;
-    }
-  }
-
-  // The next message, which must be `cmd`.
-  wire_message expect(command cmd, std::chrono::milliseconds deadline = k_wait) {
-    auto m = next(deadline, cmd == command::heartbeat);
-    if (!m) {
-      ADD_FAILURE() << "no " << ec::command_name(static_cast<std::uint8_t>(cmd)) << " within "
-                    << deadline.count() << " ms";
-      return {};
-    }
-    EXPECT_EQ(m->cmd, cmd) << "got " << ec::command_name(static_cast<std::uint8_t>(m->cmd))
-                           << " error_code=" << m->hdr.error_code << " " << m->hdr.error_message;
-    return std::move(*m);
-  }
-
-  zmq::socket_t& socket() { return socket_; }
-
- private:
-  void send_frames(std::vector<zmq::message_t>& frames) {
-    for (std::size_t i = 0; i < frames.size(); ++i) {
-      socket_.send(frames[i],
-                   i + 1 < frames.size() ? zmq::send_flags::sndmore : zmq::send_flags::none);
-    }
-  }
-  zmq::socket_t socket_;
-};
 
 // A registered worker offering one service.
 class raw_worker : public raw_peer {

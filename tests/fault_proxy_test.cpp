@@ -18,11 +18,13 @@
 #include "ensemble/common/frames.hpp"
 #include "ensemble/common/protocol.hpp"
 #include "ensemble/testkit/process.hpp"
+#include "support/raw_peer.hpp"
 
 namespace ea = ensemble::agent;
 namespace ec = ensemble::common;
 namespace tk = ensemble::testkit;
 using ec::command;
+using ensemble::test::raw_peer;
 using namespace std::chrono_literals;
 
 namespace {
@@ -407,40 +409,6 @@ TEST_F(fault_proxy_test, peers_behind_the_proxy_recover_from_a_broker_restart) {
       << "events did not flow through the proxy after the restart";
 }
 
-// A DEALER speaking (or not) the protocol by hand.
-class raw_peer {
- public:
-  raw_peer(zmq::context_t& ctx, const std::string& endpoint)
-      : socket_(ctx, zmq::socket_type::dealer) {
-    socket_.set(zmq::sockopt::linger, 0);
-    socket_.connect(endpoint);
-  }
-  void send_raw(const std::vector<std::string>& parts) {
-    std::vector<zmq::message_t> frames;
-    for (const auto& p : parts) frames.emplace_back(p.data(), p.size());
-    ASSERT_TRUE(ec::send_frames(socket_, frames, zmq::send_flags::none));
-  }
-  // The next ERROR or REPLY; nullopt at the deadline.
-  std::optional<ec::header> next_answer(std::chrono::milliseconds deadline = k_wait) {
-    const auto until = std::chrono::steady_clock::now() + deadline;
-    while (std::chrono::steady_clock::now() < until) {
-      zmq::pollitem_t item{socket_.handle(), 0, ZMQ_POLLIN, 0};
-      zmq::poll(
-          &item, 1,
-          std::chrono::ceil<std::chrono::milliseconds>(until - std::chrono::steady_clock::now()));
-      std::vector<zmq::message_t> frames;
-      if (!ec::recv_frames(socket_, frames)) continue;
-      auto parsed = ec::parse_message(frames, 0);
-      if (!parsed) continue;
-      if (parsed->cmd == command::error || parsed->cmd == command::reply) return parsed->hdr;
-    }
-    return std::nullopt;
-  }
-
- private:
-  zmq::socket_t socket_;
-};
-
 TEST_F(fault_proxy_test, garbage_is_forwarded_unchanged_and_the_proxy_keeps_working) {
   // A predicate that throws does not match (and does not stop the proxy); the rule after it
   // matches everything parseable, and garbage must get past it unharmed.
@@ -462,7 +430,7 @@ TEST_F(fault_proxy_test, garbage_is_forwarded_unchanged_and_the_proxy_keeps_work
   };
   for (const auto& g : garbage) {
     raw.send_raw(g);
-    auto answer = raw.next_answer();
+    auto answer = raw.next_answer(k_wait);
     ASSERT_TRUE(answer.has_value())
         << "no answer through the proxy to garbage #" << (&g - garbage.data());
     EXPECT_EQ(answer->error_code, "bad_request") << answer->error_message;
