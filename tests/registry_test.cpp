@@ -2,14 +2,14 @@
 // sockets: least-recently-used spreading, capacity, queueing, queue limits, deadlines, worker
 // loss and re-dispatch, liveness, and shutdown. Each test feeds the registry what the broker
 // loop would and checks the decisions it returns.
+#include "registry.hpp"
+
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <map>
 #include <string>
 #include <vector>
-
-#include "registry.hpp"
 
 namespace eb = ensemble::broker;
 namespace errc = ensemble::common::errc;
@@ -21,9 +21,15 @@ namespace ensemble::broker {
 // Readable gtest output for state comparisons.
 void PrintTo(request_state s, std::ostream* os) {
   switch (s) {
-    case request_state::queued: *os << "queued"; return;
-    case request_state::dispatched: *os << "dispatched"; return;
-    case request_state::abandoned: *os << "abandoned"; return;
+    case request_state::queued:
+      *os << "queued";
+      return;
+    case request_state::dispatched:
+      *os << "dispatched";
+      return;
+    case request_state::abandoned:
+      *os << "abandoned";
+      return;
   }
 }
 }  // namespace ensemble::broker
@@ -32,8 +38,8 @@ namespace {
 
 ::testing::AssertionResult contains(const std::string& haystack, std::string_view needle) {
   if (haystack.find(needle) != std::string::npos) return ::testing::AssertionSuccess();
-  return ::testing::AssertionFailure() << "'" << haystack << "' does not contain '" << needle
-                                       << "'";
+  return ::testing::AssertionFailure()
+         << "'" << haystack << "' does not contain '" << needle << "'";
 }
 
 class registry_test : public ::testing::Test {
@@ -368,6 +374,45 @@ TEST_F(registry_test, in_flight_request_expires_abandoned_and_keeps_its_slot_unt
   t = take();
   EXPECT_EQ(t.dispatched, (std::vector<std::uint64_t>{b}));
   EXPECT_EQ(reg().find(a), nullptr);
+}
+
+TEST_F(registry_test, an_abandoned_slot_is_taken_back_heartbeat_times_liveness_after_the_deadline) {
+  make(eb::registry_limits{});  // heartbeat 1 s, liveness 3
+  hello("w1", "S", 1);
+  const auto a = submit("S", 100ms);  // its DISPATCH is lost: w1 never replies
+  const auto b = submit("S", 10s);
+  (void)take();
+  reg().expire(t0_ + 100ms, out_);  // a: deadline_exceeded, abandoned, slot kept
+  (void)take();
+  reg().touch("w1", t0_ + 3000ms);  // w1 keeps heartbeating
+  reg().expire(t0_ + 3099ms, out_);
+  EXPECT_TRUE(take().dispatched.empty());
+  EXPECT_EQ(reg().abandoned_released(), 0u);
+  reg().expire(t0_ + 3100ms, out_);  // deadline + 3 x 1 s
+  EXPECT_EQ(take().dispatched, (std::vector<std::uint64_t>{b}));
+  EXPECT_EQ(reg().find(a), nullptr);
+  EXPECT_EQ(reg().abandoned_released(), 1u);
+  EXPECT_EQ(reg().reply_from("w1", a), nullptr);  // a reply after that is unknown
+}
+
+TEST_F(registry_test, a_lost_peers_own_requests_are_dropped_with_it) {
+  hello("w1", "S", 1);
+  hello("c", "Other", 1);  // the client of submit() is a registered peer too
+  const auto in_flight = submit("S");
+  const auto queued = submit("S");
+  (void)take();
+  reg().remove_worker("c", out_);
+  auto t = take();
+  EXPECT_TRUE(t.failed.empty());  // nobody to answer
+  EXPECT_EQ(reg().find(queued), nullptr);
+  ASSERT_NE(reg().find(in_flight), nullptr);
+  EXPECT_EQ(reg().find(in_flight)->state, request_state::abandoned);
+  EXPECT_EQ(reg().queued_total(), 0u);
+  EXPECT_EQ(reg().requests_of_lost_peers(), 2u);
+  // The worker's reply frees its slot, and the dropped request is not dispatched after it.
+  reply("w1", in_flight);
+  EXPECT_TRUE(take().dispatched.empty());
+  EXPECT_EQ(offer_of("w1", "S")->in_flight, 0u);
 }
 
 // ---- worker loss ---------------------------------------------------------------------------

@@ -689,6 +689,7 @@ json broker::impl::stats_json() const {
           {"late_replies", stats.late_replies},
           {"unknown_replies", stats.unknown_replies},
           {"abandoned_released", reg.abandoned_released()},
+          {"requests_of_lost_peers", reg.requests_of_lost_peers()},
           {"undeliverable", stats.undeliverable},
           {"workers_lost", stats.workers_lost},
           {"redispatched", stats.redispatched},

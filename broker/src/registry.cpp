@@ -99,9 +99,36 @@ void registry::remove_worker(const peer_id& peer, std::vector<decision>& out) {
            out);
     }
   }
+  drop_requests_of(peer);
   for (const auto& name : touched) {
     try_dispatch(service(name), out);
     maybe_forget_service(name);
+  }
+}
+
+void registry::drop_requests_of(const peer_id& client) {
+  // The lost peer's own calls: nobody is left to answer. Queued ones are dropped before a
+  // worker spends time on them (an orchestrator that restarts re-sends its commands under a new
+  // identity); those in flight are abandoned, so the worker's reply is dropped.
+  std::vector<std::uint64_t> tokens;
+  for (const auto& [token, r] : pending_) {
+    if (r.client == client && r.state != request_state::abandoned) tokens.push_back(token);
+  }
+  for (std::uint64_t token : tokens) {
+    auto it = pending_.find(token);
+    pending_request& r = it->second;
+    ++requests_of_lost_peers_;
+    if (r.state == request_state::queued) {
+      --service(r.hdr.service).queued;
+      --queued_total_;
+      const std::string name = r.hdr.service;
+      pending_.erase(it);
+      maybe_forget_service(name);
+    } else {
+      r.state = request_state::abandoned;
+      r.payload = zmq::message_t{};
+      deadlines_.emplace(abandon_release(r), token);
+    }
   }
 }
 

@@ -147,6 +147,8 @@ class registry {
   // Slots given back because a worker never answered a request past its deadline plus
   // heartbeat x liveness (its DISPATCH was probably lost on the way).
   std::uint64_t abandoned_released() const { return abandoned_released_; }
+  // Requests dropped because the peer that sent them was lost (queued or in flight).
+  std::uint64_t requests_of_lost_peers() const { return requests_of_lost_peers_; }
 
  private:
   service_entry& service(const std::string& name);
@@ -156,6 +158,7 @@ class registry {
   // When the slot of an abandoned request (answered to its client, still on its worker) is
   // taken back if the worker has not replied.
   time_point abandon_release(const pending_request& r) const;
+  void drop_requests_of(const peer_id& client);
   void fail(std::uint64_t token, common::error err, std::vector<decision>& out);
   void enqueue(service_entry& s, pending_request& r, bool front);
   void compact(service_entry& s);
@@ -167,6 +170,7 @@ class registry {
   std::unordered_map<std::uint64_t, pending_request> pending_;
   std::size_t queued_total_ = 0;
   std::uint64_t abandoned_released_ = 0;
+  std::uint64_t requests_of_lost_peers_ = 0;
 
   using timer = std::pair<time_point, std::uint64_t>;
   std::priority_queue<timer, std::vector<timer>, std::greater<>> deadlines_;
