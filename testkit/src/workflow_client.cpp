@@ -1,10 +1,10 @@
 #include "ensemble/testkit/workflow_client.hpp"
 
 #include <stdexcept>
-#include <thread>
 
 #include "ensemble/agent/agent.hpp"
 #include "ensemble/agent/json.hpp"
+#include "ensemble/testkit/process.hpp"
 #include "own_agent.hpp"
 
 namespace ensemble::testkit {
@@ -41,17 +41,22 @@ bool workflow_client::ended(const std::string& status) {
 common::result<json> workflow_client::call(const std::string& action, const json& args,
                                            std::chrono::milliseconds deadline) {
   const auto until = steady::now() + deadline;
-  while (true) {
-    auto r = agent_->call(service_, action, agent::to_json_payload(args), left_until(until));
-    if (r) {
-      auto body = agent::from_json_payload(r->payload());
-      if (!body) return body.err();
-      return std::move(*body);
-    }
-    const bool again = r.err().retryable && steady::now() + k_retry_interval < until;
-    if (!again) return r.err();
-    std::this_thread::sleep_for(k_retry_interval);  // the service is coming back: try again
-  }
+  // The condition: an answer, or a failure worth no retry (a retryable one — the orchestrator
+  // or the broker coming back — is asked again until the deadline).
+  common::result<json> last = common::error::make("deadline_exceeded", "not asked yet");
+  wait_until(
+      [&] {
+        auto r = agent_->call(service_, action, agent::to_json_payload(args),
+                              std::max(left_until(until), 1ms));
+        if (!r) {
+          last = r.err();
+          return !r.err().retryable;
+        }
+        last = agent::from_json_payload(r->payload());
+        return true;
+      },
+      deadline, k_retry_interval);
+  return last;
 }
 
 common::result<json> workflow_client::start(const std::string& workflow, const json& input,
@@ -70,21 +75,19 @@ common::result<json> workflow_client::get(const std::string& id,
 common::result<json> workflow_client::wait(const std::string& id,
                                            std::chrono::milliseconds deadline) {
   const auto until = steady::now() + deadline;
-  std::string last = "unknown";
-  while (true) {
-    auto r = get(id, std::max(left_until(until), 1ms));
-    if (r) {
-      last = r->value("status", "");
-      if (ended(last)) return r;
-    } else if (!r.err().retryable) {
-      return r.err();
-    }
-    if (steady::now() + k_poll_interval >= until) {
-      return common::error::make("deadline_exceeded",
-                                 "instance " + id + " has not ended; last status: " + last);
-    }
-    std::this_thread::sleep_for(k_poll_interval);
-  }
+  std::string status = "unknown";
+  common::result<json> last = common::error::make("deadline_exceeded", "not asked yet");
+  const bool done = wait_until(
+      [&] {
+        last = get(id, std::max(left_until(until), 1ms));
+        if (!last) return !last.err().retryable;
+        status = last->value("status", "");
+        return ended(status);
+      },
+      deadline, k_poll_interval);
+  if (done) return last;
+  return common::error::make("deadline_exceeded",
+                             "instance " + id + " has not ended; last status: " + status);
 }
 
 common::result<json> workflow_client::run(const std::string& workflow, const json& input,
