@@ -461,6 +461,7 @@ common::result<bool> consumer::read_more(const fetch_fn& fetch) {
     next_seq_ = last_seq_ + 1;
     return true;
   }
+  const sequence before = next_seq_;
   for (record& r : *got) {
     if (r.seq < next_seq_) continue;  // not asked for
     last_seq_ = std::max(last_seq_, r.seq);
@@ -477,7 +478,7 @@ common::result<bool> consumer::read_more(const fetch_fn& fetch) {
     make_ready(r.seq, e);
     if (pending_.size() >= config_.max_ack_pending) break;
   }
-  return true;
+  return next_seq_ != before;  // a store that answers below `from` must not spin the caller
 }
 
 common::status consumer::next_deliveries(time_point now, const fetch_fn& fetch,
