@@ -553,6 +553,32 @@ TEST_F(consumer_test, TopicFilterSkipsRecordsAndTheFloorPassesThem) {
   EXPECT_EQ(floor_in(ack("m1", 5)), 6u);
 }
 
+TEST_F(consumer_test, ALongRunOfSkippedRecordsIsReadOverSeveralCalls) {
+  auto cfg = config();
+  cfg.topic_filter = {"order."};
+  make(cfg);
+  for (int i = 0; i < 20'000; ++i) append("audit.login");
+  const es::sequence wanted = append("order.created");
+  join("m1", 1);
+
+  // Each call reads a bounded share of the stream and says whether there is more to read.
+  int calls = 0;
+  std::vector<es::deliver> got;
+  es::sequence floor = 0;
+  do {
+    ASSERT_LT(++calls, 100);
+    const int fetches_before = fetches_;
+    auto out = pump();
+    EXPECT_LE(fetches_ - fetches_before, 20) << "call " << calls;
+    floor = std::max(floor, floor_in(out));
+    got = only<es::deliver>(out);
+  } while (got.empty() && c().more_to_read());
+  EXPECT_GT(calls, 1);
+  ASSERT_EQ(seqs(got), (std::vector<es::sequence>{wanted}));
+  EXPECT_EQ(floor, wanted - 1);
+  EXPECT_FALSE(c().more_to_read());
+}
+
 TEST_F(consumer_test, RestoredStateRedeliversWhatWasPendingWithItsCounts) {
   auto cfg = config();
   cfg.ordered_by = "correlation_id";

@@ -15,6 +15,9 @@ namespace {
 
 // Records asked of the store at once; the room left under max_ack_pending caps it further.
 constexpr std::size_t k_fetch_batch = 256;
+// Records one next_deliveries() call reads at most, so that skipping a long run of records for
+// other topics is spread over several turns of the broker loop.
+constexpr std::size_t k_scan_budget = 16 * k_fetch_batch;
 constexpr std::uint8_t k_state_version = 1;
 constexpr std::uint8_t k_flag_before_start_time = 0x01;
 
@@ -453,9 +456,14 @@ common::status consumer::resolve(const fetch_fn& fetch, std::vector<decision>& o
 
 common::result<bool> consumer::read_more(const fetch_fn& fetch) {
   if (pending_.size() >= config_.max_ack_pending || next_seq_ > last_seq_) return false;
+  if (scanned_ >= k_scan_budget) {
+    more_to_read_ = true;
+    return false;
+  }
   const std::size_t room = config_.max_ack_pending - pending_.size();
   auto got = fetch(next_seq_, std::min(room, k_fetch_batch));
   if (!got.ok()) return read_error(next_seq_, got.err());
+  scanned_ += got->size();
   if (got->empty()) {
     // Nothing at or after next_seq_: retention removed what was left of the stream.
     next_seq_ = last_seq_ + 1;
@@ -484,6 +492,8 @@ common::result<bool> consumer::read_more(const fetch_fn& fetch) {
 common::status consumer::next_deliveries(time_point now, const fetch_fn& fetch,
                                          std::vector<decision>& out) {
   common::status result = common::ok_status();
+  scanned_ = 0;
+  more_to_read_ = false;
   if (unresolved_ > 0) result = resolve(fetch, out);
   while (result.ok() && unresolved_ == 0) {
     const member_id* member = next_member_with_room();

@@ -166,6 +166,11 @@ class consumer {
   // error is a failed fetch (what was decided before it stands, in `out`).
   common::status next_deliveries(time_point now, const fetch_fn& fetch, std::vector<decision>& out);
 
+  // The last next_deliveries() stopped at its read budget while members still had room: call
+  // it again on the next turn of the loop (skipping a long run of records for other topics is
+  // spread over several turns instead of holding up the loop).
+  bool more_to_read() const { return more_to_read_; }
+
   // Saved state: the ack floor, the read position and every pending sequence with its delivery
   // count. restore() replaces the consumer's state (members stay); what was in flight is
   // delivered again, its count kept. Errors name what is wrong with the bytes.
@@ -219,6 +224,8 @@ class consumer {
   sequence last_seq_ = 0;           // the stream's last sequence, as last told
   bool before_start_time_ = false;  // from_time: still skipping older records
   std::size_t unresolved_ = 0;
+  std::size_t scanned_ = 0;  // records read by the current next_deliveries()
+  bool more_to_read_ = false;
 
   std::map<sequence, pending_entry> pending_;  // (floor_, next_seq_) minus what is done
   std::set<sequence> ready_;                   // deliverable now, lowest first
