@@ -223,6 +223,42 @@ TEST_F(consumer_test, AckWaitExpiryRedeliversWithTheCountRaised) {
   EXPECT_EQ(floor_in(ack("m1", 1)), 1u);
 }
 
+TEST_F(consumer_test, ProgressFromTheHolderPostponesTheAckDeadline) {
+  auto cfg = config();
+  cfg.ack_wait = 10s;
+  make(cfg);
+  append();
+  join("m1", 1);
+  join("m2", 1);
+  ASSERT_EQ(deliveries().at(0).member, "m1");
+
+  now_ += 8s;
+  ASSERT_TRUE(c().on_progress("m1", 1, now_).ok());
+  EXPECT_EQ(c().next_deadline(), t0_ + 18s);
+  auto foreign = c().on_progress("m2", 1, now_);
+  ASSERT_FALSE(foreign.ok());
+  EXPECT_EQ(foreign.err().code, es::consumer_errc::not_held);
+
+  tick(9s);  // past the first deadline, within the new one
+  EXPECT_TRUE(deliveries().empty());
+  tick(1s);
+  auto again = deliveries();
+  ASSERT_EQ(again.size(), 1u);
+  EXPECT_EQ(again[0].delivery_count, 2u);
+}
+
+TEST_F(consumer_test, ARecordRemovedByRetentionWhilePendingIsForgotten) {
+  append_n(2);
+  join("m1", 2);
+  ASSERT_EQ(deliveries().size(), 2u);
+  std::vector<es::decision> out;
+  c().on_record_gone(1, out);  // the broker found it gone when it went to redeliver it
+  EXPECT_EQ(floor_in(out), 1u);
+  EXPECT_EQ(c().in_flight_of("m1"), 1u);
+  EXPECT_EQ(c().counters().gone, 1u);
+  EXPECT_FALSE(c().on_ack("m1", 1, now_, out).ok());
+}
+
 TEST_F(consumer_test, MaxDeliverDeadLettersWithTheLastReasonAndCount) {
   auto cfg = config();
   cfg.max_deliver = 3;

@@ -107,8 +107,8 @@ struct pending_entry {
   std::uint32_t delivery_count = 0;
   member_id member;
   time_point due{};
-  std::string key;  // ordered_by value; empty = unordered
-  std::string last_reason;
+  std::string key;          // ordered_by value; empty = unordered
+  std::string last_reason;  // why its last attempt failed, for views of the consumer
 };
 
 struct consumer_counters {
