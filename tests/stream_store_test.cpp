@@ -279,6 +279,34 @@ TEST_F(stream_store_test, a_torn_last_record_is_cut_off_and_counted) {
   expect_records("orders", 1, 11);
 }
 
+TEST_F(stream_store_test, zeros_or_a_half_written_last_frame_are_a_torn_tail) {
+  open();
+  create(config("orders"));
+  append_range("orders", 1, 4);
+  store_.reset();
+  const std::string seg = segment_files("orders").back();
+  const auto whole = fs::file_size(seg);
+  {
+    // What a power loss can leave: the file extended with zeros.
+    std::ofstream f(seg, std::ios::binary | std::ios::app);
+    f << std::string(300, '\0');
+  }
+  open();
+  EXPECT_EQ(store_->stats().torn_bytes, 300u);
+  EXPECT_EQ(fs::file_size(seg), whole);
+  expect_records("orders", 1, 4);
+  store_.reset();
+  {
+    // The last frame complete in length but not in content.
+    std::fstream f(seg, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(static_cast<std::streamoff>(whole - 3));
+    f.put('\x55');
+  }
+  open();
+  EXPECT_EQ(store_->stats().torn_records, 1u);
+  expect_records("orders", 1, 3);
+}
+
 TEST_F(stream_store_test, a_damaged_record_in_the_middle_is_reported_not_skipped) {
   open();
   create(config("orders"));
@@ -574,7 +602,6 @@ TEST_F(stream_store_test, a_full_tmpfs_refuses_appends_until_space_returns) {
   auto st = store->flush();
   ASSERT_TRUE(st.ok()) << st.err().to_string();
   check(stored + 1);
-  opened = streams::open_file_store(mnt + "/other", options());  // releases the first
   store.reset();
   auto reopened = streams::open_file_store(mnt + "/store", options());
   ASSERT_TRUE(reopened.ok());
