@@ -10,6 +10,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <chrono>
@@ -20,6 +21,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -401,6 +403,11 @@ TEST_F(stream_store_test, a_missing_or_truncated_segment_file_is_reported) {
 
 // A child appends with sync::os and reports each flushed (acknowledgeable) sequence on a pipe
 // until it is killed; every reported sequence must be there afterwards, whole, with no gap.
+// Every 64th record is 1 MiB, so that the kill often lands inside a write (a torn tail).
+std::size_t sigkill_record_size(std::uint64_t n) {
+  return n % 64 == 0 ? std::size_t{1} << 20 : 1 + (n * 37) % 3000;
+}
+
 TEST_F(stream_store_test, every_acknowledged_record_survives_sigkill) {
   int fds[2];
   ASSERT_EQ(::pipe(fds), 0);
@@ -412,7 +419,7 @@ TEST_F(stream_store_test, every_acknowledged_record_survives_sigkill) {
     if (!opened || !(*opened)->create_stream(config("orders"))) ::_exit(2);
     auto& store = *opened;
     for (std::uint64_t n = 1;; ++n) {
-      const record r = make_record(n, 1 + (n * 37) % 3000);
+      const record r = make_record(n, sigkill_record_size(n));
       auto res = store->append("orders", std::span(&r, 1));
       if (!res || res->at(0).seq != n || !store->flush()) ::_exit(3);
       const std::string line = std::to_string(n) + "\n";
@@ -453,7 +460,7 @@ TEST_F(stream_store_test, every_acknowledged_record_survives_sigkill) {
   ASSERT_GE(recs.size(), acked);
   for (std::size_t i = 0; i < recs.size(); ++i) {
     ASSERT_EQ(recs[i].seq, i + 1);
-    ASSERT_TRUE(same_content(recs[i], make_record(i + 1, 1 + ((i + 1) * 37) % 3000)))
+    ASSERT_TRUE(same_content(recs[i], make_record(i + 1, sigkill_record_size(i + 1))))
         << "seq " << i + 1;
   }
   EXPECT_EQ(info("orders").last_seq, recs.size());
