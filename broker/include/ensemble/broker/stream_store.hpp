@@ -99,7 +99,8 @@ class stream_store {
   virtual common::status flush() = 0;
 
   // Records from `from` (or first_seq, if `from` is below it) in order: at most max_records,
-  // and at most max_bytes of payload+header except that the first record is always returned.
+  // and at most max_bytes as stored (stream_info::bytes counts the same way), except that the
+  // first record is always returned.
   // Empty past last_seq.
   virtual common::result<std::vector<record>> read(std::string_view stream, sequence from,
                                                    std::size_t max_records,
