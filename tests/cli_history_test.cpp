@@ -17,6 +17,7 @@
 #include <string_view>
 #include <vector>
 
+#include "../cli/src/history_text.hpp"  // the CLI's formatter, private to it
 #include "ensemble/testkit/deployment.hpp"
 #include "ensemble/testkit/process.hpp"
 
@@ -437,6 +438,194 @@ TEST_F(cli_history, list_json_includes_each_instances_input) {
     EXPECT_FALSE(v.contains("steps")) << "list stays a summary: " << v.dump(2);
   }
   EXPECT_TRUE(found) << list;
+}
+
+// The formatter itself, on every entry shape the engine writes, each field also missing, null
+// or of another type: a line, never an exception. (A history written by another version of
+// the orchestrator, or damaged, must still print.)
+TEST(cli_history_text, every_entry_shape_prints_even_with_fields_missing_or_of_another_type) {
+  const std::vector<json> entries = {
+      {{"kind", "started"}, {"data", {{"input", json::object()}, {"parent", ""}}}},
+      {{"kind", "step_started"},
+       {"step", "C"},
+       {"data",
+        {{"kind", "command"},
+         {"service", "S"},
+         {"action", "a"},
+         {"attempt", 2},
+         {"request_id", "r"}}}},
+      {{"kind", "step_started"},
+       {"step", "P"},
+       {"data", {{"kind", "publish"}, {"topic", "t"}, {"event_id", "e"}}}},
+      {{"kind", "step_started"},
+       {"step", "A"},
+       {"data",
+        {{"kind", "await"},
+         {"until", {"t"}},
+         {"fail_on", json::array()},
+         {"attempt", 1},
+         {"topic", nullptr},
+         {"event_id", nullptr}}}},
+      {{"kind", "step_started"},
+       {"step", "Ch"},
+       {"data",
+        {{"kind", "choreography"},
+         {"until", {"ok"}},
+         {"fail_on", {"no"}},
+         {"attempt", 1},
+         {"topic", "go"},
+         {"event_id", "e"}}}},
+      {{"kind", "step_started"}, {"step", "Pa"}, {"data", {{"kind", "parallel"}}}},
+      {{"kind", "step_started"}, {"step", "Sw"}, {"data", {{"kind", "switch"}, {"case", -1}}}},
+      {{"kind", "step_started"}, {"step", "W"}, {"data", {{"kind", "wait"}, {"ms", 1500}}}},
+      {{"kind", "step_started"},
+       {"step", "Sub"},
+       {"data", {{"kind", "workflow"}, {"workflow", "Child"}, {"child", "x/Sub/1"}}}},
+      {{"kind", "step_completed"},
+       {"step", "C"},
+       {"data", {{"attempts", 2}, {"output", 1}, {"worker", "w"}}}},
+      {{"kind", "attempt_failed"},
+       {"step", "C"},
+       {"data", {{"code", "c"}, {"message", "m"}, {"attempts", 1}}}},
+      {{"kind", "retry_scheduled"}, {"step", "C"}, {"data", {{"attempt", 2}, {"delay_ms", 200}}}},
+      {{"kind", "step_failed"},
+       {"step", "C"},
+       {"data", {{"step", "C"}, {"code", "c"}, {"message", "m"}, {"attempts", 3}}}},
+      {{"kind", "step_skipped"}, {"step", "D"}, {"data", {{"goto", "E"}}}},
+      {{"kind", "step_cancelled"}, {"step", "D"}, {"data", nullptr}},
+      {{"kind", "event_matched"},
+       {"step", "A"},
+       {"data", {{"id", "e"}, {"topic", "t"}, {"publisher", "p"}, {"seq", 3}}}},
+      {{"kind", "compensating"},
+       {"data", {{"reason", {{"code", "c"}, {"message", "m"}}}, {"steps", {"C"}}}}},
+      {{"kind", "compensation_started"},
+       {"step", "C"},
+       {"data", {{"service", "S"}, {"action", "undo"}, {"attempt", 1}, {"request_id", "r"}}}},
+      {{"kind", "compensation_started"},
+       {"step", "P"},
+       {"data", {{"topic", "t.undo"}, {"event_id", "e"}}}},
+      {{"kind", "compensation_attempt_failed"},
+       {"step", "C"},
+       {"data", {{"code", "c"}, {"message", "m"}, {"attempts", 1}}}},
+      {{"kind", "compensation_failed"},
+       {"step", "C"},
+       {"data", {{"code", "c"}, {"message", "m"}, {"attempts", 5}}}},
+      {{"kind", "compensated"}, {"step", "C"}, {"data", {{"worker", "w"}}}},
+      {{"kind", "completed"}, {"data", {{"output", {{"ok", true}}}}}},
+      {{"kind", "failed"}, {"data", {{"error", {{"code", "c"}, {"message", "m"}}}}}},
+      {{"kind", "timed_out"}, {"data", {{"error", {{"code", "timeout"}, {"message", "m"}}}}}},
+  };
+  const std::vector<json> odd_values = {
+      nullptr, 7, -1.5, true, "text", json::array({1, "a"}), json::object({{"x", 1}})};
+  std::size_t printed = 0;
+  for (const auto& entry : entries) {
+    // As written: a line that starts with its kind and step.
+    const std::string line = ensemble::cli::describe_entry(entry);
+    std::string head = entry["kind"].get<std::string>();
+    if (entry.contains("step")) head += " " + entry["step"].get<std::string>();
+    EXPECT_EQ(line.rfind(head, 0), 0u) << line;
+    ++printed;
+    // Each field of the entry and of its data missing, or replaced by each odd value.
+    std::vector<json> variants;
+    for (const auto& [key, value] : entry.items()) {
+      json without = entry;
+      without.erase(key);
+      variants.push_back(without);
+      for (const auto& odd : odd_values) {
+        json changed = entry;
+        changed[key] = odd;
+        variants.push_back(changed);
+      }
+    }
+    if (entry["data"].is_object()) {
+      for (const auto& [key, value] : entry["data"].items()) {
+        json without = entry;
+        without["data"].erase(key);
+        variants.push_back(without);
+        for (const auto& odd : odd_values) {
+          json changed = entry;
+          changed["data"][key] = odd;
+          variants.push_back(changed);
+        }
+      }
+    }
+    for (const auto& v : variants) {
+      EXPECT_NO_THROW({
+        const std::string odd_line = ensemble::cli::describe_entry(v);
+        EXPECT_FALSE(odd_line.empty()) << v.dump();
+      }) << v.dump();
+      ++printed;
+    }
+  }
+  EXPECT_GT(printed, entries.size());
+  // And the lines a user reads for the await that used to abort `run --wait`.
+  EXPECT_EQ(ensemble::cli::describe_entry(entries[3]), "step_started A (await t, attempt 1)");
+  EXPECT_EQ(ensemble::cli::describe_entry(entries[4]),
+            "step_started Ch (choreography: publish go, await ok, fails on no, attempt 1)");
+  EXPECT_EQ(ensemble::cli::describe_entry(entries[12]), "step_failed C: c: m (after 3 attempt(s))");
+  EXPECT_EQ(ensemble::cli::describe_entry(entries[16]), "compensating: c: m (compensating C)");
+}
+
+// What a running step waits on, for each phase, and with fields missing or of another type.
+TEST(cli_history_text, waiting_is_described_for_every_phase_and_tolerates_odd_fields) {
+  const std::int64_t now = 1'800'000'000'000'000;
+  const std::vector<json> waits = {
+      {{"kind", "command"},
+       {"phase", "calling"},
+       {"service", "S"},
+       {"action", "a"},
+       {"attempt", 1},
+       {"request_id", "r"},
+       {"deadline_us", now + 2'000'000}},
+      {{"kind", "command"},
+       {"phase", "backoff"},
+       {"service", "S"},
+       {"action", "a"},
+       {"attempt", 2},
+       {"due_us", now + 500'000}},
+      {{"kind", "await"},
+       {"phase", "awaiting"},
+       {"until", {"t"}},
+       {"fail_on", json::array()},
+       {"correlation_id", "i"},
+       {"attempt", 1},
+       {"since_us", now},
+       {"deadline_us", now + 90'000'000}},
+      {{"kind", "wait"}, {"phase", "waiting"}, {"due_us", now - 1000}},
+      {{"kind", "publish"}, {"phase", "publishing"}, {"topic", "t"}, {"event_id", "e"}},
+      {{"kind", "workflow"}, {"phase", "child"}, {"workflow", "C"}, {"child_id", "i/S/1"}},
+      {{"kind", "parallel"}, {"phase", "branches"}},
+  };
+  const std::vector<std::string> expected = {
+      "waits for the reply of S.a (attempt 1, request r), deadline ",
+      "retry: attempt 2 of S.a, due ",
+      "waits for an event on t with correlation_id i (attempt 1), deadline ",
+      "waits until ",
+      "publishes t (event e), waits for the broker's acknowledgement",
+      "waits for sub-workflow C instance i/S/1",
+      "waits for the steps inside it",
+  };
+  for (std::size_t i = 0; i < waits.size(); ++i) {
+    const std::string line = ensemble::cli::describe_waiting(waits[i], now);
+    EXPECT_EQ(line.rfind(expected[i], 0), 0u) << line;
+    for (const auto& [key, value] : waits[i].items()) {
+      for (const json& odd : {json(), json(3), json("x"), json::array({1}), json::object()}) {
+        json changed = waits[i];
+        changed[key] = odd;
+        EXPECT_NO_THROW((void)ensemble::cli::describe_waiting(changed, now)) << changed.dump();
+      }
+    }
+  }
+  EXPECT_EQ(ensemble::cli::describe_waiting(waits[0], now),
+            "waits for the reply of S.a (attempt 1, request r), deadline 08:00:02.000 UTC (in "
+            "2.00s)");
+  EXPECT_EQ(ensemble::cli::describe_waiting(waits[2], now),
+            "waits for an event on t with correlation_id i (attempt 1), deadline 08:01:30.000 UTC "
+            "(in 1m30s)");
+  EXPECT_EQ(ensemble::cli::describe_waiting(waits[3], now),
+            "waits until 07:59:59.999 UTC (1.0ms ago)");
+  EXPECT_EQ(ensemble::cli::describe_waiting(json(), now), "");
+  EXPECT_EQ(ensemble::cli::describe_waiting(json::array(), now), "");
 }
 
 }  // namespace
