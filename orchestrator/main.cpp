@@ -38,28 +38,24 @@ int main(int argc, char** argv) {
   app.add_option("--default-timeout", timeout_ms, "ms per attempt of command steps without one")
       ->capture_default_str()
       ->check(CLI::Range(1, 86'400'000));
-  app.add_option("--validate", validate, "check these definition files, print problems, exit")
+  app.add_option("--validate", validate,
+                 "check these definition files (and --workflows), print every problem, exit")
       ->expected(1, -1);
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error, off")
       ->capture_default_str();
-  CLI11_PARSE(app, argc, argv);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    // --help is 0; a bad command line is 2, as for `ensemble` (docs/workflows.md, exit codes).
+    return app.exit(e) == 0 ? 0 : eo::k_usage_error;
+  }
 
   try {
     ensemble::common::set_log_level(log_level);
     if (!validate.empty()) {
-      int bad = 0;
-      for (const auto& file : validate) {
-        try {
-          auto def = eo::load_definition_file(file);
-          std::printf("%s: ok (%s v%u, %zu top-level step(s))\n", file.c_str(), def.name.c_str(),
-                      def.version, def.steps.size());
-        } catch (const ensemble::common::config_error& e) {
-          std::fprintf(stderr, "%s\n", e.what());
-          ++bad;
-        }
-      }
-      if (bad == 0 && validate.size() > 1) eo::load_definitions(validate);  // cross-file checks
-      return bad == 0 ? 0 : 1;
+      // Sub-workflows may also come from --workflows. Exit codes: docs/workflows.md.
+      validate.insert(validate.end(), opts.workflows.begin(), opts.workflows.end());
+      return eo::validate_definition_files(validate, stdout, stderr);
     }
     opts.default_timeout = std::chrono::milliseconds(timeout_ms);
     eo::orchestrator o(opts);

@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <condition_variable>
 #include <csignal>
 #include <deque>
@@ -563,8 +564,9 @@ std::string load_error(const std::string& yaml, const std::string& source = "pay
 
 TEST(scriptable_agent_spec, unknown_keys_are_named_with_file_and_path) {
   EXPECT_EQ(load_error("services:\n  P:\n    actions:\n      charge:\n        latncy: 20ms\n"),
-            "payments.yaml: services.P.actions.charge.latncy: unknown key \"latncy\"; expected "
-            "one of: reply, latency, fail, crash_after, publish (line 5)");
+            "payments.yaml: services.P.actions.charge.latncy: unknown key \"latncy\" in an action "
+            "(did you mean \"latency\"?); allowed keys: reply, latency, fail, crash_after, "
+            "publish (line 5, column 9)");
   EXPECT_NE(load_error("nme: x\nservices: {P: {actions: {a: {}}}}\n")
                 .find("payments.yaml: nme: unknown key"),
             std::string::npos);
@@ -575,6 +577,34 @@ TEST(scriptable_agent_spec, unknown_keys_are_named_with_file_and_path) {
   EXPECT_NE(load_error("reactions:\n  - on: a.b\n    publish: x.y\n    fail: {code: x}\n")
                 .find("payments.yaml: reactions[0].fail.code: unknown key"),
             std::string::npos);
+}
+
+TEST(scriptable_agent_spec, every_problem_is_reported_in_one_run_in_file_order) {
+  const std::string text = load_error(
+      "services:\n"
+      "  P:\n"
+      "    capacity: many\n"
+      "    actions:\n"
+      "      charge:\n"
+      "        latency: soon\n"
+      "      refund:\n"
+      "        latncy: 20ms\n"
+      "reactions:\n"
+      "  - on: a.b\n");
+  const std::vector<std::string> expected = {
+      "payments.yaml: services.P.capacity: must be a whole number of at least 1, got \"many\" "
+      "(line 3, column 5)",
+      "payments.yaml: services.P.actions.charge.latency: must be a duration",
+      "payments.yaml: services.P.actions.refund.latncy: unknown key \"latncy\" in an action (did "
+      "you mean \"latency\"?)",
+      "payments.yaml: reactions[0]: a reaction needs `publish`"};
+  std::size_t at = 0;
+  for (const auto& line : expected) {
+    const auto found = text.find(line, at);
+    ASSERT_NE(found, std::string::npos) << "missing or out of order: " << line << "\nin:\n" << text;
+    at = found + line.size();
+  }
+  EXPECT_EQ(std::count(text.begin(), text.end(), '\n'), 3) << text;  // four lines
 }
 
 TEST(scriptable_agent_spec, bad_values_are_named_with_file_and_path) {

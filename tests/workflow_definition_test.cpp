@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <filesystem>
 #include <fstream>
@@ -13,6 +14,7 @@
 #include <string_view>
 #include <vector>
 
+#include "ensemble/common/config_reader.hpp"
 #include "ensemble/common/result.hpp"
 #include "ensemble/orchestrator/definition.hpp"
 
@@ -47,7 +49,8 @@ std::string with_steps(std::string_view steps, std::string_view extra = "") {
   return doc + R"("steps": )" + std::string(steps) + "}}";
 }
 
-// Parses `text` expecting a config_error at `pointer` whose message has every one of `words`.
+// Parses `text` expecting a config_error with a problem at `pointer` whose message has every
+// one of `words` (other problems of the document may be reported too).
 void expect_error(std::string_view text, const std::string& pointer,
                   const std::vector<std::string_view>& words) {
   try {
@@ -55,8 +58,11 @@ void expect_error(std::string_view text, const std::string& pointer,
     ADD_FAILURE() << "no error for " << text;
   } catch (const config_error& e) {
     const std::string expected_where = pointer.empty() ? "orders.json" : "orders.json: " + pointer;
-    EXPECT_EQ(e.where(), expected_where) << e.what();
-    for (std::string_view w : words) EXPECT_TRUE(contains(e.what(), w));
+    const auto all = ensemble::common::diagnostics_of(e);
+    const auto at = std::find_if(all.begin(), all.end(),
+                                 [&](const auto& d) { return d.where == expected_where; });
+    ASSERT_NE(at, all.end()) << "no problem at " << expected_where << " in:\n" << e.what();
+    for (std::string_view w : words) EXPECT_TRUE(contains(at->message, w));
   }
 }
 
@@ -843,6 +849,111 @@ TEST_F(DefinitionFiles, SubWorkflowsMustExistAndNotLoop) {
   const auto c = eo::parse_definition(json::parse(named("Child")), "<inline>");
   EXPECT_NO_THROW(eo::check_definition_set({p, c}));
   EXPECT_THROW(eo::check_definition_set({p}), config_error);
+}
+
+// ---- every problem in one pass --------------------------------------------------------------
+
+// The problems a definition has, as "<where>: <message>" lines, in file order.
+std::vector<ensemble::common::diagnostic> problems_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const config_error& e) {
+    return ensemble::common::diagnostics_of(e);
+  }
+  ADD_FAILURE() << "no config_error";
+  return {};
+}
+
+TEST(DefinitionErrors, EveryProblemOfADocumentIsReportedInOneRun) {
+  // A duplicate step name and a bad duration in another step: both, in document order.
+  const auto both = problems_of([] {
+    parse(with_steps(R"([{"name": "A", "service": "S", "action": "a"},
+                         {"name": "A", "service": "S", "action": "b"},
+                         {"name": "B", "kind": "wait", "duration": "soon"}])"));
+  });
+  ASSERT_EQ(both.size(), 2u);
+  EXPECT_EQ(both[0].where, "orders.json: /workflow/steps/1/name");
+  EXPECT_TRUE(contains(both[0].message, "duplicate step name \"A\""));
+  EXPECT_EQ(both[1].where, "orders.json: /workflow/steps/2/duration");
+  EXPECT_TRUE(contains(both[1].message, "got \"soon\""));
+
+  // In one step too, and the exception's message has one line per problem.
+  const std::string text = error_of([] {
+    parse(with_steps(R"([{"name": "A", "service": "S", "action": "a"},
+        {"name": "A", "service": "S", "action": "b", "timeout": "-1s", "retri": {}}])"));
+  });
+  EXPECT_TRUE(contains(text, "orders.json: /workflow/steps/1/name: duplicate step name"));
+  EXPECT_TRUE(contains(text, "\norders.json: /workflow/steps/1/retri: unknown key \"retri\""));
+  EXPECT_TRUE(contains(text, "did you mean \"retry\""));
+  EXPECT_TRUE(contains(text, "\norders.json: /workflow/steps/1/timeout: must be a duration"));
+
+  // Problems of the first pass and of the expressions, sorted by path (indexes as numbers).
+  const auto sorted = problems_of([] {
+    parse(with_steps(R"([{"name": "A", "service": "S", "action": "a"},
+        {"name": "B", "service": "S", "action": "a"},
+        {"name": "C", "service": "S", "action": "a", "input": "${steps.Z}"},
+        {"name": "D", "service": "S", "action": "a"}, {"name": "E", "service": "S", "action": "a"},
+        {"name": "F", "service": "S", "action": "a"}, {"name": "G", "service": "S", "action": "a"},
+        {"name": "H", "service": "S", "action": "a"}, {"name": "I", "service": "S", "action": "a"},
+        {"name": "J", "service": "S", "action": "a"}, {"name": "K", "kind": "wait"}])",
+                     R"("timeout": 0)"));
+  });
+  ASSERT_EQ(sorted.size(), 3u);
+  EXPECT_EQ(sorted[0].where, "orders.json: /workflow/steps/2/input");
+  EXPECT_EQ(sorted[1].where, "orders.json: /workflow/steps/10");
+  EXPECT_EQ(sorted[2].where, "orders.json: /workflow/timeout");
+}
+
+TEST(DefinitionErrors, ATypoIsNamedEvenWhenItLeavesTheStepWithoutAKind) {
+  // "servce": without "service" the step has no kind, but the typo is what to fix.
+  const auto typo =
+      problems_of([] { parse(with_steps(R"([{"name": "A", "servce": "S", "action": "a"}])")); });
+  ASSERT_EQ(typo.size(), 1u);
+  EXPECT_EQ(typo[0].where, "orders.json: /workflow/steps/0/servce");
+  EXPECT_TRUE(contains(typo[0].message, "unknown key \"servce\""));
+  EXPECT_TRUE(contains(typo[0].message, "did you mean \"service\"?"));
+  EXPECT_FALSE(contains(typo[0].message, "missing required key \"kind\""));
+  // "knd" too; with nothing close, the missing kind is the problem.
+  expect_error(with_steps(R"([{"name": "A", "knd": "wait", "duration": 5}])"),
+               "/workflow/steps/0/knd", {"did you mean \"kind\"?"});
+  expect_error(with_steps(R"([{"name": "A", "topic": "a.b"}])"), "/workflow/steps/0",
+               {"missing required key \"kind\""});
+  // A misspelt kind is suggested, too.
+  expect_error(with_steps(R"([{"name": "A", "kind": "wiat", "duration": 5}])"),
+               "/workflow/steps/0/kind", {"unknown step kind \"wiat\"", "did you mean \"wait\"?"});
+}
+
+TEST_F(DefinitionFiles, ProblemsOfAFileNameTheirLineAndColumnInFileOrder) {
+  const std::string path = write("two.json",
+                                 "{\"workflow\": {\"name\": \"W\", \"timeout\": \"soon\",\n"
+                                 "  \"steps\": [\n"
+                                 "    {\"name\": \"A\", \"kind\": \"wait\", \"duration\": 0},\n"
+                                 "    {\"name\": \"A\", \"kind\": \"wait\", \"duration\": 5}]}}\n");
+  const auto found = problems_of([&] { eo::load_definition_file(path); });
+  ASSERT_EQ(found.size(), 3u);
+  EXPECT_EQ(found[0].where, path + ": /workflow/timeout");
+  EXPECT_TRUE(contains(found[0].message, "(line 1, column 28)"));
+  EXPECT_EQ(found[1].where, path + ": /workflow/steps/0/duration");
+  EXPECT_TRUE(contains(found[1].message, "(line 3, column 35)"));
+  EXPECT_EQ(found[2].where, path + ": /workflow/steps/1/name");
+  EXPECT_TRUE(contains(found[2].message, "(line 4, column 6)"));
+}
+
+TEST_F(DefinitionFiles, AMissingSubWorkflowIsAProblemOfASingleFile) {
+  const auto p = eo::parse_definition(
+      json::parse(
+          named("Parent", 1, R"({"name": "Kid", "kind": "workflow", "workflow": "Shiping"})")),
+      "p.json");
+  const auto alone = eo::definition_set_problems({p});
+  ASSERT_EQ(alone.size(), 1u);
+  EXPECT_EQ(alone[0].where, "p.json: /workflow/steps/0/workflow");
+  EXPECT_TRUE(contains(alone[0].message, "no definition provides workflow \"Shiping\""));
+  // Provided elsewhere (a deployment's workflows): no problem.
+  EXPECT_TRUE(eo::definition_set_problems({p}, {"Shiping"}).empty());
+  const auto s = eo::parse_definition(json::parse(named("Shipping")), "s.json");
+  const auto close = eo::definition_set_problems({p, s});
+  ASSERT_EQ(close.size(), 1u);
+  EXPECT_TRUE(contains(close[0].message, "did you mean \"Shipping\"?"));
 }
 
 // ---- the reference ----------------------------------------------------------------------------

@@ -1,21 +1,21 @@
 #include "ensemble/cli/deployment.hpp"
 
 #include <unistd.h>
-#include <yaml-cpp/yaml.h>
 
 #include <algorithm>
 #include <cctype>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
-#include <initializer_list>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
 
 #include "ensemble/cli/scriptable_agent.hpp"
+#include "ensemble/common/config_reader.hpp"
 #include "ensemble/common/result.hpp"
 #include "ensemble/orchestrator/definition.hpp"
+#include "yaml_json.hpp"
 
 extern char** environ;  // NOLINT(readability-redundant-declaration)
 
@@ -25,96 +25,79 @@ namespace fs = std::filesystem;
 
 namespace {
 
+using json = nlohmann::json;
+
 constexpr int k_max_replicas = 100;
 constexpr int k_max_restarts_limit = 1'000'000;
 constexpr const char* k_default_file = "deployment.yaml";
 
-// Walks a YAML document keeping the path of each node, so that every error names the file,
-// the YAML path (agents[1].restart.backoff) and the line and column.
+// The deployment's reading helpers over common::config_reader. Every scalar of the document is
+// a string (yaml_scalars::strings): numbers and durations are read from their text.
 class reader {
  public:
-  reader(std::string file, std::string dir) : file_(std::move(file)), dir_(std::move(dir)) {}
+  reader(common::config_reader& r, std::string dir) : r_(r), dir_(std::move(dir)) {}
 
-  [[noreturn]] void fail(const YAML::Node& node, const std::string& path,
-                         const std::string& what) const {
-    std::string message = what;
-    const auto mark = node.Mark();
-    if (mark.line >= 0) {
-      message += " (line " + std::to_string(mark.line + 1) + ", column " +
-                 std::to_string(mark.column + 1) + ")";
-    }
-    throw common::config_error(where(path), message);
+  common::config_reader& base() const { return r_; }
+  [[noreturn]] void fail(const std::string& path, const std::string& what) const {
+    r_.fail(path, what);
+  }
+  std::string where(const std::string& path) const { return r_.where(path); }
+  std::string child(const std::string& path, std::string_view key) const {
+    return r_.child(path, key);
+  }
+  std::string child(const std::string& path, std::size_t i) const { return r_.child(path, i); }
+  template <class F>
+  bool with_key(const json& v, const std::string& path, std::string_view key, F&& f) const {
+    return r_.with_key(v, path, key, std::forward<F>(f));
   }
 
-  std::string where(const std::string& path) const {
-    return path.empty() ? file_ : file_ + ": " + path;
+  // A mapping whose keys are all in `allowed` (unknown ones are reported); null counts as an
+  // empty mapping.
+  void expect_map(const json& node, const std::string& path,
+                  const std::vector<std::string_view>& allowed, std::string_view what) const {
+    if (node.is_null()) return;
+    if (!node.is_object()) fail(path, "must be a mapping, got " + r_.got(node));
+    r_.check_keys(node, path, allowed, what);
   }
 
-  static std::string join(const std::string& path, const std::string& key) {
-    return path.empty() ? key : path + "." + key;
-  }
-  static std::string index(const std::string& path, std::size_t i) {
-    return path + "[" + std::to_string(i) + "]";
+  std::string string(const json& node, const std::string& path) const {
+    return r_.string_at(node, path);
   }
 
-  // A map whose keys are all in `allowed`; null counts as an empty map.
-  void expect_map(const YAML::Node& node, const std::string& path,
-                  std::initializer_list<const char*> allowed) const {
-    if (node.IsNull()) return;
-    if (!node.IsMap()) fail(node, path, "expected a map, found " + kind(node));
-    for (auto it = node.begin(); it != node.end(); ++it) {
-      if (!it->first.IsScalar()) fail(it->first, path, "keys must be strings");
-      const auto key = it->first.Scalar();
-      if (std::none_of(allowed.begin(), allowed.end(), [&](const char* k) { return key == k; })) {
-        std::string list;
-        for (const char* k : allowed) list += (list.empty() ? "" : ", ") + std::string(k);
-        fail(it->first, join(path, key), "unknown key (expected one of: " + list + ")");
-      }
-    }
-  }
-
-  std::string string(const YAML::Node& node, const std::string& path) const {
-    if (node.IsMap() && node.size() == 1 && node.begin()->second.IsNull() &&
-        node.begin()->first.IsScalar()) {
-      // [--broker, {broker}] is YAML for a map: the placeholder needs quotes.
-      fail(node, path,
-           "expected a string, found a map; write placeholders in quotes: \"{" +
-               node.begin()->first.Scalar() + "}\"");
-    }
-    if (!node.IsScalar()) fail(node, path, "expected a string, found " + kind(node));
-    return node.Scalar();
-  }
-
-  std::string nonempty_string(const YAML::Node& node, const std::string& path) const {
+  std::string nonempty_string(const json& node, const std::string& path) const {
     auto s = string(node, path);
-    if (s.empty()) fail(node, path, "must not be empty");
+    if (s.empty()) fail(path, "must not be empty");
     return s;
   }
 
-  std::vector<std::string> strings(const YAML::Node& node, const std::string& path) const {
-    if (node.IsNull()) return {};
-    if (!node.IsSequence()) fail(node, path, "expected a list of strings, found " + kind(node));
+  std::vector<std::string> strings(const json& node, const std::string& path) const {
+    if (node.is_null()) return {};
+    if (!node.is_array()) fail(path, "must be a list of strings, got " + r_.got(node));
     std::vector<std::string> out;
-    for (std::size_t i = 0; i < node.size(); ++i) out.push_back(string(node[i], index(path, i)));
-    return out;
-  }
-
-  std::map<std::string, std::string> string_map(const YAML::Node& node,
-                                                const std::string& path) const {
-    std::map<std::string, std::string> out;
-    if (node.IsNull()) return out;
-    if (!node.IsMap()) fail(node, path, "expected a map of strings, found " + kind(node));
-    for (auto it = node.begin(); it != node.end(); ++it) {
-      const auto key = string(it->first, path);
-      if (key.empty() || key.find('=') != std::string::npos) {
-        fail(it->first, path, "invalid environment variable name '" + key + "'");
-      }
-      out[key] = it->second.IsNull() ? std::string() : string(it->second, join(path, key));
+    for (std::size_t i = 0; i < node.size(); ++i) {
+      r_.attempt([&] { out.push_back(string(node[i], child(path, i))); });
     }
     return out;
   }
 
-  int integer(const YAML::Node& node, const std::string& path, int min, int max) const {
+  std::map<std::string, std::string> string_map(const json& node, const std::string& path) const {
+    std::map<std::string, std::string> out;
+    if (node.is_null()) return out;
+    if (!node.is_object()) fail(path, "must be a mapping of strings, got " + r_.got(node));
+    for (const auto& [key, value] : node.items()) {
+      const std::string at = child(path, key);
+      if (key.empty() || key.find('=') != std::string::npos) {
+        r_.report(at, "invalid environment variable name \"" + key + "\"");
+        continue;
+      }
+      r_.attempt([&, &key = key, &value = value] {
+        out[key] = value.is_null() ? std::string() : string(value, at);
+      });
+    }
+    return out;
+  }
+
+  int integer(const json& node, const std::string& path, int min, int max) const {
     const auto text = string(node, path);
     int value = 0;
     std::size_t used = 0;
@@ -123,24 +106,22 @@ class reader {
     } catch (const std::exception&) {
       used = 0;
     }
-    if (used == 0 || used != text.size())
-      fail(node, path, "expected an integer, found '" + text + "'");
-    if (value < min || value > max) {
-      fail(node, path,
-           "must be between " + std::to_string(min) + " and " + std::to_string(max) + ", found " +
-               text);
+    if (used == 0 || used != text.size() || value < min || value > max) {
+      fail(path, "must be an integer from " + std::to_string(min) + " to " + std::to_string(max) +
+                     ", got \"" + text + "\"");
     }
     return value;
   }
 
-  std::chrono::milliseconds duration(const YAML::Node& node, const std::string& path) const {
+  std::chrono::milliseconds duration(const json& node, const std::string& path) const {
     const auto text = string(node, path);
-    nlohmann::json value = text;
-    if (!text.empty() && std::all_of(text.begin(), text.end(), ::isdigit)) {
+    json value = text;
+    if (!text.empty() && text.size() < 16 &&
+        std::all_of(text.begin(), text.end(), [](char c) { return c >= '0' && c <= '9'; })) {
       value = std::stoll(text);
     }
     auto d = orchestrator::parse_duration(value);
-    if (!d) fail(node, path, "'" + text + "' is not a duration (e.g. 500ms, 2s, 1m)");
+    if (!d) fail(path, "\"" + text + "\" is not a duration (e.g. 500ms, 2s, 1m)");
     return *d;
   }
 
@@ -151,85 +132,71 @@ class reader {
                                      : (fs::path(dir_) / p).lexically_normal().string();
   }
 
-  static std::string kind(const YAML::Node& node) {
-    switch (node.Type()) {
-      case YAML::NodeType::Null:
-        return "nothing";
-      case YAML::NodeType::Scalar:
-        return "'" + node.Scalar() + "'";
-      case YAML::NodeType::Sequence:
-        return "a list";
-      case YAML::NodeType::Map:
-        return "a map";
-      default:
-        return "an undefined value";
-    }
-  }
-
-  const std::string& file() const { return file_; }
   const std::string& dir() const { return dir_; }
 
  private:
-  std::string file_;
+  common::config_reader& r_;
   std::string dir_;
 };
 
-restart_policy parse_restart(const reader& r, const YAML::Node& node, const std::string& path) {
+restart_policy parse_restart(const reader& r, const json& node, const std::string& path) {
   restart_policy p;
-  auto parse_mode = [&](const YAML::Node& n, const std::string& at) {
+  auto parse_mode = [&](const json& n, const std::string& at) {
     const auto text = r.string(n, at);
     if (text == "never" || text == "no") return restart_policy::mode::never;
     if (text == "on-failure" || text == "on_failure") return restart_policy::mode::on_failure;
-    r.fail(n, at, "unknown restart policy '" + text + "' (expected never or on-failure)");
+    r.fail(at, "unknown restart policy \"" + text + "\" (expected never or on-failure)");
   };
-  if (node.IsScalar()) {
+  if (node.is_string()) {
     p.when = parse_mode(node, path);
     return p;
   }
-  r.expect_map(node, path, {"policy", "backoff", "max_backoff", "max_restarts"});
-  if (node.IsNull()) return p;
-  if (node["policy"]) p.when = parse_mode(node["policy"], reader::join(path, "policy"));
-  if (node["backoff"]) p.backoff = r.duration(node["backoff"], reader::join(path, "backoff"));
-  if (node["max_backoff"]) {
-    p.max_backoff = r.duration(node["max_backoff"], reader::join(path, "max_backoff"));
-  }
-  if (node["max_restarts"]) {
-    p.max_restarts = r.integer(node["max_restarts"], reader::join(path, "max_restarts"), 0,
-                               k_max_restarts_limit);
-  }
+  r.expect_map(node, path, {"policy", "backoff", "max_backoff", "max_restarts"},
+               "a restart policy");
+  if (node.is_null()) return p;
+  r.with_key(node, path, "policy",
+             [&](const json& v, const std::string& at) { p.when = parse_mode(v, at); });
+  r.with_key(node, path, "backoff",
+             [&](const json& v, const std::string& at) { p.backoff = r.duration(v, at); });
+  r.with_key(node, path, "max_backoff",
+             [&](const json& v, const std::string& at) { p.max_backoff = r.duration(v, at); });
+  r.with_key(node, path, "max_restarts", [&](const json& v, const std::string& at) {
+    p.max_restarts = r.integer(v, at, 0, k_max_restarts_limit);
+  });
   if (p.max_backoff < p.backoff) p.max_backoff = p.backoff;
   return p;
 }
 
 // The keys every process section shares (program, args, env, workdir, restart).
-void parse_process(const reader& r, const YAML::Node& node, const std::string& path,
-                   process_spec& out) {
+void parse_process(const reader& r, const json& node, const std::string& path, process_spec& out) {
   out.where = r.where(path);
   out.workdir = r.dir();
-  if (node.IsNull()) return;
-  if (node["program"]) {
-    out.program = r.nonempty_string(node["program"], reader::join(path, "program"));
+  if (!node.is_object()) return;
+  r.with_key(node, path, "program", [&](const json& v, const std::string& at) {
+    out.program = r.nonempty_string(v, at);
     // A path (not a bare name) is relative to the deployment file.
     if (out.program.find('/') != std::string::npos) out.program = r.path_in_dir(out.program);
-  }
-  if (node["args"]) out.args = r.strings(node["args"], reader::join(path, "args"));
-  if (node["env"]) out.env = r.string_map(node["env"], reader::join(path, "env"));
-  if (node["workdir"]) {
-    out.workdir = r.path_in_dir(r.nonempty_string(node["workdir"], reader::join(path, "workdir")));
-  }
-  if (node["restart"])
-    out.restart = parse_restart(r, node["restart"], reader::join(path, "restart"));
+  });
+  r.with_key(node, path, "args",
+             [&](const json& v, const std::string& at) { out.args = r.strings(v, at); });
+  r.with_key(node, path, "env",
+             [&](const json& v, const std::string& at) { out.env = r.string_map(v, at); });
+  r.with_key(node, path, "workdir", [&](const json& v, const std::string& at) {
+    out.workdir = r.path_in_dir(r.nonempty_string(v, at));
+  });
+  r.with_key(node, path, "restart",
+             [&](const json& v, const std::string& at) { out.restart = parse_restart(r, v, at); });
 }
 
-void check_endpoint(const reader& r, const YAML::Node& node, const std::string& path,
-                    const std::string& endpoint) {
-  const auto sep = endpoint.find("://");
-  if (sep == std::string::npos || sep == 0 || sep + 3 >= endpoint.size()) {
-    r.fail(node, path,
-           "'" + endpoint +
-               "' is not a ZeroMQ endpoint (e.g. tcp://127.0.0.1:5555, "
-               "tcp://127.0.0.1:* for a free port, ipc:///tmp/ensemble.sock)");
+std::string endpoint(const reader& r, const json& node, const std::string& path) {
+  std::string e = r.nonempty_string(node, path);
+  const auto sep = e.find("://");
+  if (sep == std::string::npos || sep == 0 || sep + 3 >= e.size()) {
+    r.fail(path, "\"" + e +
+                     "\" is not a ZeroMQ endpoint (e.g. tcp://127.0.0.1:5555, "
+                     "tcp://127.0.0.1:* for a free port, ipc:///tmp/ensemble.sock)");
   }
+  return e;
 }
 
 bool valid_name(const std::string& name) {
@@ -239,6 +206,107 @@ bool valid_name(const std::string& name) {
          });
 }
 
+void parse_broker(const reader& r, const json& root, deployment& d) {
+  d.broker.program = "ensemble-broker";
+  const json b = root.value("broker", json());
+  r.expect_map(b, "broker", {"router", "events", "program", "args", "env", "workdir", "restart"},
+               "the broker");
+  parse_process(r, b, "broker", d.broker);
+  const bool router_ok = r.with_key(
+      b, "broker", "router",
+      [&](const json& v, const std::string& at) { d.broker.router = endpoint(r, v, at); });
+  const bool events_ok = r.with_key(
+      b, "broker", "events",
+      [&](const json& v, const std::string& at) { d.broker.events = endpoint(r, v, at); });
+  if (router_ok && events_ok && d.broker.router == d.broker.events &&
+      d.broker.router.find('*') == std::string::npos) {
+    r.base().report("broker.events", "must differ from broker.router");
+  }
+}
+
+void parse_orchestrator(const reader& r, const json& o, deployment& d) {
+  r.expect_map(o, "orchestrator",
+               {"store", "workflows", "program", "args", "env", "workdir", "restart"},
+               "the orchestrator");
+  orchestrator_section os;
+  os.program = "ensemble-orchestrator";
+  parse_process(r, o, "orchestrator", os);
+  r.with_key(o, "orchestrator", "store", [&](const json& v, const std::string& at) {
+    os.store = r.nonempty_string(v, at);
+    if (os.store != ":memory:") os.store = r.path_in_dir(os.store);
+  });
+  r.with_key(o, "orchestrator", "workflows", [&](const json& v, const std::string& at) {
+    // One path or a list of paths.
+    const bool one = v.is_string();
+    const auto list = one ? std::vector<std::string>{r.string(v, at)} : r.strings(v, at);
+    for (std::size_t i = 0; i < list.size(); ++i) {
+      if (list[i].empty()) {
+        r.base().report(one ? at : r.child(at, i), "must not be empty");
+        continue;
+      }
+      os.workflows.push_back(r.path_in_dir(list[i]));
+    }
+  });
+  d.orchestrator = std::move(os);
+}
+
+agent_section parse_agent(const reader& r, const json& node, const std::string& path,
+                          std::set<std::string>& names) {
+  r.expect_map(node, path,
+               {"name", "program", "spec", "args", "env", "workdir", "replicas", "services",
+                "ready_line", "restart"},
+               "an agent");
+  if (node.is_null()) r.fail(path, "an agent needs at least a name and a program or spec");
+  agent_section a;
+  const std::string name_path = r.child(path, "name");
+  bool named = false;
+  if (!node.contains("name")) {
+    r.base().report(path, "missing required key \"name\"");
+  } else {
+    named = r.base().attempt([&] {
+      a.name = r.nonempty_string(node["name"], name_path);
+      if (!valid_name(a.name)) {
+        r.fail(name_path, "\"" + a.name +
+                              "\" is not a valid name (letters, digits, '-', '_', '.'; at most "
+                              "64)");
+      }
+    });
+  }
+  parse_process(r, node, path, a);
+  if (node.contains("spec")) {
+    r.with_key(node, path, "spec", [&](const json& v, const std::string& at) {
+      if (node.contains("program")) {
+        r.fail(at, "give either \"program\" or \"spec\" (a scriptable agent), not both");
+      }
+      a.spec = r.path_in_dir(r.nonempty_string(v, at));
+    });
+  } else if (!node.contains("program")) {
+    r.base().report(path, "agent \"" + a.name + "\" needs \"program\" or \"spec\"");
+  }
+  r.with_key(node, path, "replicas", [&](const json& v, const std::string& at) {
+    a.replicas = r.integer(v, at, 1, k_max_replicas);
+  });
+  r.with_key(node, path, "services", [&](const json& v, const std::string& at) {
+    a.services = r.strings(v, at);
+    for (std::size_t s = 0; s < a.services.size(); ++s) {
+      if (a.services[s].empty()) r.base().report(r.child(at, s), "must not be empty");
+    }
+  });
+  r.with_key(node, path, "ready_line", [&](const json& v, const std::string& at) {
+    a.ready_line = r.nonempty_string(v, at);
+  });
+  if (named) {
+    for (const auto& n : replica_names(a)) {
+      if (!names.insert(n).second) {
+        r.base().report(name_path, "the name \"" + n + "\" is already taken" +
+                                       (n == "broker" || n == "orchestrator" ? " (reserved)" : "") +
+                                       "; every process needs its own name");
+      }
+    }
+  }
+  return a;
+}
+
 }  // namespace
 
 deployment parse_deployment(const std::string& yaml, const std::string& file) {
@@ -246,129 +314,30 @@ deployment parse_deployment(const std::string& yaml, const std::string& file) {
   deployment d;
   d.file = file_path.string();
   d.dir = file_path.parent_path().string();
-  reader r(file, d.dir);
-
-  YAML::Node loaded;
-  try {
-    loaded = YAML::Load(yaml);
-  } catch (const YAML::Exception& e) {
-    std::string what = "not valid YAML: " + e.msg;
-    if (e.mark.line >= 0) {
-      what += " (line " + std::to_string(e.mark.line + 1) + ", column " +
-              std::to_string(e.mark.column + 1) + ")";
-    }
-    throw common::config_error(file, what);
-  }
-  const YAML::Node root = loaded;  // const: lookups of absent keys must not add them
-  if (!root || root.IsNull()) {
+  common::config_reader base(file, common::path_style::dotted);
+  const json root = yaml_to_json(yaml, base, yaml_scalars::strings);
+  if (root.is_null()) {
     throw common::config_error(file,
-                               "the deployment is empty (expected a map with broker, "
+                               "the deployment is empty (expected a mapping with broker, "
                                "orchestrator and agents)");
   }
-  r.expect_map(root, "", {"broker", "orchestrator", "agents"});
-
-  // broker
-  d.broker.program = "ensemble-broker";
-  if (const auto b = root["broker"]) {
-    r.expect_map(b, "broker", {"router", "events", "program", "args", "env", "workdir", "restart"});
-    parse_process(r, b, "broker", d.broker);
-    if (b["router"]) {
-      d.broker.router = r.nonempty_string(b["router"], "broker.router");
-      check_endpoint(r, b["router"], "broker.router", d.broker.router);
-    }
-    if (b["events"]) {
-      d.broker.events = r.nonempty_string(b["events"], "broker.events");
-      check_endpoint(r, b["events"], "broker.events", d.broker.events);
-    }
-  } else {
-    parse_process(r, YAML::Node(), "broker", d.broker);
-  }
-  if (d.broker.router == d.broker.events && d.broker.router.find('*') == std::string::npos) {
-    r.fail(root["broker"], "broker.events", "must differ from broker.router");
-  }
-
-  // orchestrator
-  if (const auto o = root["orchestrator"]) {
-    r.expect_map(o, "orchestrator",
-                 {"store", "workflows", "program", "args", "env", "workdir", "restart"});
-    orchestrator_section os;
-    os.program = "ensemble-orchestrator";
-    parse_process(r, o, "orchestrator", os);
-    if (o["store"]) {
-      os.store = r.nonempty_string(o["store"], "orchestrator.store");
-      if (os.store != ":memory:") os.store = r.path_in_dir(os.store);
-    }
-    if (o["workflows"]) {
-      // One path or a list of paths.
-      auto list = o["workflows"].IsScalar()
-                      ? std::vector<std::string>{r.string(o["workflows"], "orchestrator.workflows")}
-                      : r.strings(o["workflows"], "orchestrator.workflows");
-      for (std::size_t i = 0; i < list.size(); ++i) {
-        if (list[i].empty()) {
-          r.fail(o["workflows"], reader::index("orchestrator.workflows", i), "must not be empty");
-        }
-        os.workflows.push_back(r.path_in_dir(list[i]));
+  const reader r(base, d.dir);
+  base.attempt([&] {
+    r.expect_map(root, "", {"broker", "orchestrator", "agents"}, "a deployment");
+    base.attempt([&] { parse_broker(r, root, d); });
+    r.with_key(root, "", "orchestrator",
+               [&](const json& o, const std::string&) { parse_orchestrator(r, o, d); });
+    r.with_key(root, "", "agents", [&](const json& agents, const std::string& at) {
+      if (!agents.is_null() && !agents.is_array()) {
+        r.fail(at, "must be a list of agents, got " + base.got(agents));
       }
-    }
-    d.orchestrator = std::move(os);
-  }
-
-  // agents
-  std::set<std::string> names{"broker", "orchestrator"};
-  if (const auto agents = root["agents"]) {
-    if (!agents.IsNull() && !agents.IsSequence()) {
-      r.fail(agents, "agents", "expected a list of agents, found " + reader::kind(agents));
-    }
-    for (std::size_t i = 0; i < agents.size(); ++i) {
-      const auto node = agents[i];
-      const auto path = reader::index("agents", i);
-      r.expect_map(node, path,
-                   {"name", "program", "spec", "args", "env", "workdir", "replicas", "services",
-                    "ready_line", "restart"});
-      if (node.IsNull()) r.fail(node, path, "an agent needs at least a name and a program or spec");
-      agent_section a;
-      if (!node["name"]) r.fail(node, path, "missing key 'name'");
-      a.name = r.nonempty_string(node["name"], reader::join(path, "name"));
-      if (!valid_name(a.name)) {
-        r.fail(node["name"], reader::join(path, "name"),
-               "'" + a.name + "' is not a valid name (letters, digits, '-', '_', '.'; at most 64)");
+      std::set<std::string> names{"broker", "orchestrator"};
+      for (std::size_t i = 0; i < agents.size(); ++i) {
+        base.attempt([&] { d.agents.push_back(parse_agent(r, agents[i], r.child(at, i), names)); });
       }
-      parse_process(r, node, path, a);
-      if (node["spec"]) {
-        if (node["program"]) {
-          r.fail(node["spec"], reader::join(path, "spec"),
-                 "give either 'program' or 'spec' (a scriptable agent), not both");
-        }
-        a.spec = r.path_in_dir(r.nonempty_string(node["spec"], reader::join(path, "spec")));
-      } else if (!node["program"]) {
-        r.fail(node, path, "agent '" + a.name + "' needs 'program' or 'spec'");
-      }
-      if (node["replicas"]) {
-        a.replicas = r.integer(node["replicas"], reader::join(path, "replicas"), 1, k_max_replicas);
-      }
-      if (node["services"]) {
-        a.services = r.strings(node["services"], reader::join(path, "services"));
-        for (std::size_t s = 0; s < a.services.size(); ++s) {
-          if (a.services[s].empty()) {
-            r.fail(node["services"][s], reader::index(reader::join(path, "services"), s),
-                   "must not be empty");
-          }
-        }
-      }
-      if (node["ready_line"]) {
-        a.ready_line = r.nonempty_string(node["ready_line"], reader::join(path, "ready_line"));
-      }
-      for (const auto& n : replica_names(a)) {
-        if (!names.insert(n).second) {
-          r.fail(node["name"], reader::join(path, "name"),
-                 "the name '" + n + "' is already taken" +
-                     (n == "broker" || n == "orchestrator" ? " (reserved)" : "") +
-                     "; every process needs its own name");
-        }
-      }
-      d.agents.push_back(std::move(a));
-    }
-  }
+    });
+  });
+  base.throw_if_any();
   return d;
 }
 
@@ -384,6 +353,30 @@ deployment load_deployment(const std::string& path) {
   std::stringstream text;
   text << in.rdbuf();
   return parse_deployment(text.str(), file);
+}
+
+std::vector<common::diagnostic> check_deployment(const std::string& path,
+                                                 std::vector<std::string>& workflows) {
+  deployment d;
+  try {
+    d = load_deployment(path);
+  } catch (const common::config_error& e) {
+    return common::diagnostics_of(e);
+  }
+  std::vector<common::diagnostic> problems;
+  if (d.orchestrator) {
+    workflows.insert(workflows.end(), d.orchestrator->workflows.begin(),
+                     d.orchestrator->workflows.end());
+  }
+  for (const auto& a : d.agents) {
+    if (a.spec.empty()) continue;
+    try {
+      (void)load_agent_spec(a.spec);
+    } catch (const common::config_error& e) {
+      for (auto& p : common::diagnostics_of(e)) problems.push_back(std::move(p));
+    }
+  }
+  return problems;
 }
 
 program_location find_program(const std::string& program) {

@@ -3,7 +3,6 @@
 #include "ensemble/cli/scriptable_agent.hpp"
 
 #include <pthread.h>
-#include <yaml-cpp/yaml.h>
 
 #include <algorithm>
 #include <atomic>
@@ -29,11 +28,13 @@
 #include <utility>
 
 #include "ensemble/agent/json.hpp"
+#include "ensemble/common/config_reader.hpp"
 #include "ensemble/common/logging.hpp"
 #include "ensemble/common/protocol.hpp"
 #include "ensemble/common/signals.hpp"
 #include "ensemble/orchestrator/definition.hpp"
 #include "ensemble/orchestrator/expression.hpp"
+#include "yaml_json.hpp"
 
 namespace ensemble::cli {
 namespace {
@@ -43,7 +44,6 @@ namespace ea = ensemble::agent;
 using common::config_error;
 using steady = std::chrono::steady_clock;
 
-constexpr std::size_t k_max_yaml_depth = 64;
 constexpr std::size_t k_dedupe_keep = 10'000;  // idempotency keys remembered, oldest forgotten
 constexpr std::uint32_t k_max_capacity = 1'000;
 
@@ -56,107 +56,8 @@ std::string join(const std::vector<std::string>& items, std::string_view sep = "
   return out;
 }
 
-std::string got(const json& v) {
-  if (v.is_object()) return "a mapping";
-  if (v.is_array()) return v.empty() ? "an empty list" : "a list";
-  std::string s = v.dump(-1, ' ', false, json::error_handler_t::replace);
-  if (s.size() > 60) s = s.substr(0, 57) + "...";
-  return s;
-}
-
-std::string child(const std::string& path, std::string_view key) {
-  return path.empty() ? std::string(key) : path + "." + std::string(key);
-}
-std::string child(const std::string& path, std::size_t index) {
-  return path + "[" + std::to_string(index) + "]";
-}
-
 // ---------------------------------------------------------------------------------------------
-// YAML -> JSON, once, at load. Plain scalars are typed the YAML 1.2 core way (null, booleans,
-// integers, floats, else strings); quoted scalars are always strings. Lines are kept by path so
-// that errors can point into the file.
-
-class yaml_converter {
- public:
-  explicit yaml_converter(std::string source) : source_(std::move(source)) {}
-
-  json convert(const YAML::Node& node, const std::string& path, std::size_t depth) {
-    if (node.Mark().line >= 0) lines_.emplace(path, node.Mark().line + 1);
-    if (depth > k_max_yaml_depth) fail(path, "nested too deeply");
-    switch (node.Type()) {
-      case YAML::NodeType::Undefined:
-      case YAML::NodeType::Null:
-        return nullptr;
-      case YAML::NodeType::Scalar:
-        return scalar(node);
-      case YAML::NodeType::Sequence: {
-        json out = json::array();
-        std::size_t i = 0;
-        for (const auto& item : node) out.push_back(convert(item, child(path, i++), depth + 1));
-        return out;
-      }
-      case YAML::NodeType::Map: {
-        json out = json::object();
-        for (const auto& kv : node) {
-          if (!kv.first.IsScalar()) fail(path, "keys must be plain names, not lists or mappings");
-          const std::string key = kv.first.Scalar();
-          const std::string key_path = child(path, key);
-          if (out.contains(key)) fail(key_path, "duplicate key \"" + key + "\"");
-          out[key] = convert(kv.second, key_path, depth + 1);
-        }
-        return out;
-      }
-    }
-    return nullptr;
-  }
-
-  std::map<std::string, int> take_lines() { return std::move(lines_); }
-
- private:
-  [[noreturn]] void fail(const std::string& path, const std::string& what) {
-    const auto it = lines_.find(path);
-    const std::string line = it == lines_.end() ? "" : " (line " + std::to_string(it->second) + ")";
-    throw config_error(path.empty() ? source_ : source_ + ": " + path, what + line);
-  }
-
-  static json scalar(const YAML::Node& node) {
-    const std::string& text = node.Scalar();
-    const std::string& tag = node.Tag();
-    if (tag == "!" || tag == "tag:yaml.org,2002:str") return text;  // quoted or !!str
-    if (text.empty() || text == "~" || text == "null" || text == "Null" || text == "NULL") {
-      return nullptr;
-    }
-    if (text == "true" || text == "True" || text == "TRUE") return true;
-    if (text == "false" || text == "False" || text == "FALSE") return false;
-    const char* begin = text.data();
-    const char* end = text.data() + text.size();
-    const char* digits = begin + ((text[0] == '-' || text[0] == '+') ? 1 : 0);
-    if (digits < end && std::all_of(digits, end, [](char c) { return c >= '0' && c <= '9'; })) {
-      const char* from = text[0] == '+' ? begin + 1 : begin;
-      std::int64_t i = 0;
-      if (auto [p, ec] = std::from_chars(from, end, i); ec == std::errc() && p == end) return i;
-      std::uint64_t u = 0;
-      if (auto [p, ec] = std::from_chars(from, end, u); ec == std::errc() && p == end) return u;
-      return text;
-    }
-    // Floats: digits with a '.' and/or an exponent, nothing else.
-    const bool float_chars = std::all_of(digits, end, [](char c) {
-      return (c >= '0' && c <= '9') || c == '.' || c == 'e' || c == 'E' || c == '-' || c == '+';
-    });
-    if (digits < end && float_chars && ((*digits >= '0' && *digits <= '9') || *digits == '.')) {
-      double d = 0;
-      const char* from = text[0] == '+' ? begin + 1 : begin;
-      if (auto [p, ec] = std::from_chars(from, end, d); ec == std::errc() && p == end) return d;
-    }
-    return text;
-  }
-
-  std::string source_;
-  std::map<std::string, int> lines_;
-};
-
-// ---------------------------------------------------------------------------------------------
-// Validation of the converted document.
+// Validation of the document (the YAML converted to JSON, yaml_json.hpp).
 
 const std::vector<std::string> k_request_roots = {"request", "message", "n", "agent"};
 const std::vector<std::string> k_publish_roots = {"request", "message", "n", "agent", "reply"};
@@ -168,85 +69,75 @@ const std::string k_duration_help =
 
 class spec_parser {
  public:
-  spec_parser(std::string source, std::map<std::string, int> lines)
-      : source_(std::move(source)), lines_(std::move(lines)) {}
+  explicit spec_parser(common::config_reader& r) : r_(r) {}
 
+  // Whatever could be read; every problem is in the reader.
   agent_spec parse(const json& doc) {
     agent_spec spec;
-    spec.source = source_;
-    if (doc.is_null()) {
-      fail("", "the spec is empty; an agent spec needs `services` and/or `reactions`");
-    }
-    if (!doc.is_object()) fail("", "the spec must be a mapping, got " + got(doc));
-    check_keys(doc, "", {"name", "dedupe", "seed", "services", "reactions"});
-    if (doc.contains("name")) {
-      spec.name = string_at(doc["name"], "name");
-      if (auto problem = common::check_name("agent name", spec.name); !problem.empty()) {
-        fail("name", problem);
-      }
-    }
-    if (doc.contains("dedupe")) spec.dedupe = bool_at(doc["dedupe"], "dedupe");
-    if (doc.contains("seed")) spec.seed = count_at(doc["seed"], "seed", 0);
-    if (doc.contains("services")) {
-      const json& services = doc["services"];
-      if (!services.is_object() || services.empty()) {
-        fail("services", "must be a mapping of service names to services, got " + got(services));
-      }
-      for (const auto& [name, value] : services.items()) {
-        spec.services.push_back(parse_service(name, value, child("services", name)));
-      }
-    }
-    if (doc.contains("reactions")) {
-      const json& reactions = doc["reactions"];
-      if (!reactions.is_array() || reactions.empty()) {
-        fail("reactions", "must be a non-empty list of reactions, got " + got(reactions));
-      }
-      for (std::size_t i = 0; i < reactions.size(); ++i) {
-        spec.reactions.push_back(parse_reaction(reactions[i], child("reactions", i)));
-      }
-    }
-    if (spec.services.empty() && spec.reactions.empty()) {
-      fail("", "an agent spec needs `services` and/or `reactions`");
-    }
+    spec.source = r_.file();
+    r_.attempt([&] { parse_document(doc, spec); });
     return spec;
   }
 
  private:
   [[noreturn]] void fail(const std::string& path, const std::string& what) const {
-    const auto it = lines_.find(path);
-    const std::string line = it == lines_.end() ? "" : " (line " + std::to_string(it->second) + ")";
-    throw config_error(path.empty() ? source_ : source_ + ": " + path, what + line);
+    r_.fail(path, what);
+  }
+  std::string child(const std::string& path, std::string_view key) const {
+    return r_.child(path, key);
+  }
+  std::string child(const std::string& path, std::size_t index) const {
+    return r_.child(path, index);
+  }
+  std::string got(const json& v) const { return r_.got(v); }
+  template <class F>
+  void with_key(const json& v, const std::string& path, std::string_view key, F&& f) const {
+    r_.with_key(v, path, key, std::forward<F>(f));
   }
 
-  void check_keys(const json& v, const std::string& path,
-                  const std::vector<std::string>& allowed) const {
-    for (const auto& [key, value] : v.items()) {
-      if (std::find(allowed.begin(), allowed.end(), key) == allowed.end()) {
-        fail(child(path, key), "unknown key \"" + key + "\"; expected one of: " + join(allowed));
-      }
+  void parse_document(const json& doc, agent_spec& spec) const {
+    if (doc.is_null()) {
+      fail("", "the spec is empty; an agent spec needs `services` and/or `reactions`");
     }
-  }
-
-  std::string string_at(const json& v, const std::string& path) const {
-    if (!v.is_string()) fail(path, "must be a string, got " + got(v));
-    return v.get<std::string>();
-  }
-
-  bool bool_at(const json& v, const std::string& path) const {
-    if (!v.is_boolean()) fail(path, "must be true or false, got " + got(v));
-    return v.get<bool>();
+    if (!doc.is_object()) fail("", "the spec must be a mapping, got " + got(doc));
+    r_.check_keys(doc, "", {"name", "dedupe", "seed", "services", "reactions"}, "an agent spec");
+    with_key(doc, "", "name", [&](const json& v, const std::string& at) {
+      spec.name = r_.string_at(v, at);
+      if (auto problem = common::check_name("agent name", spec.name); !problem.empty()) {
+        fail(at, problem);
+      }
+    });
+    with_key(doc, "", "dedupe",
+             [&](const json& v, const std::string& at) { spec.dedupe = r_.bool_at(v, at); });
+    with_key(doc, "", "seed",
+             [&](const json& v, const std::string& at) { spec.seed = count_at(v, at, 0); });
+    with_key(doc, "", "services", [&](const json& services, const std::string& at) {
+      if (!services.is_object() || services.empty()) {
+        fail(at, "must be a mapping of service names to services, got " + got(services));
+      }
+      for (const auto& [name, value] : services.items()) {
+        r_.attempt([&] { spec.services.push_back(parse_service(name, value, child(at, name))); });
+      }
+    });
+    with_key(doc, "", "reactions", [&](const json& reactions, const std::string& at) {
+      if (!reactions.is_array() || reactions.empty()) {
+        fail(at, "must be a non-empty list of reactions, got " + got(reactions));
+      }
+      for (std::size_t i = 0; i < reactions.size(); ++i) {
+        r_.attempt([&] { spec.reactions.push_back(parse_reaction(reactions[i], child(at, i))); });
+      }
+    });
+    if (!doc.contains("services") && !doc.contains("reactions")) {
+      fail("", "an agent spec needs `services` and/or `reactions`");
+    }
   }
 
   std::uint64_t count_at(const json& v, const std::string& path, std::uint64_t min) const {
-    if (!v.is_number_integer() ||
-        (v.is_number_integer() && !v.is_number_unsigned() && v.get<std::int64_t>() < 0)) {
+    if (!v.is_number_integer() || (!v.is_number_unsigned() && v.get<std::int64_t>() < 0) ||
+        v.get<std::uint64_t>() < min) {
       fail(path, "must be a whole number of at least " + std::to_string(min) + ", got " + got(v));
     }
-    const auto n = v.get<std::uint64_t>();
-    if (n < min) {
-      fail(path, "must be a whole number of at least " + std::to_string(min) + ", got " + got(v));
-    }
-    return n;
+    return v.get<std::uint64_t>();
   }
 
   double rate_at(const json& v, const std::string& path) const {
@@ -264,7 +155,7 @@ class spec_parser {
 
   duration_range duration_at(const json& v, const std::string& path) const {
     if (v.is_object()) {
-      check_keys(v, path, {"min", "max"});
+      r_.check_keys(v, path, {"min", "max"}, "a random duration");
       if (!v.contains("min") || !v.contains("max")) {
         fail(path, "a random duration needs both min and max, e.g. {min: 10ms, max: 50ms}");
       }
@@ -296,24 +187,25 @@ class spec_parser {
   }
   std::string condition_at(const json& v, const std::string& path,
                            const std::vector<std::string>& roots) const {
-    const std::string text = string_at(v, path);
+    const std::string text = r_.string_at(v, path);
     check_refs(orchestrator::check_condition(text), path, roots);
     return text;
   }
 
-  service_spec parse_service(const std::string& name, const json& v, const std::string& path) {
-    if (auto problem = common::check_name("service", name); !problem.empty()) fail(path, problem);
+  service_spec parse_service(const std::string& name, const json& v,
+                             const std::string& path) const {
+    if (auto problem = common::check_name("service", name); !problem.empty()) {
+      r_.report(path, problem);
+    }
     if (!v.is_object()) fail(path, "a service must be a mapping with `actions`, got " + got(v));
-    check_keys(v, path, {"capacity", "actions"});
+    r_.check_keys(v, path, {"capacity", "actions"}, "a service");
     service_spec s;
     s.name = name;
-    if (v.contains("capacity")) {
-      const auto c = count_at(v["capacity"], child(path, "capacity"), 1);
-      if (c > k_max_capacity) {
-        fail(child(path, "capacity"), "must be at most " + std::to_string(k_max_capacity));
-      }
-      s.capacity = static_cast<std::uint32_t>(c);
-    }
+    with_key(v, path, "capacity", [&](const json& c, const std::string& at) {
+      const auto n = count_at(c, at, 1);
+      if (n > k_max_capacity) fail(at, "must be at most " + std::to_string(k_max_capacity));
+      s.capacity = static_cast<std::uint32_t>(n);
+    });
     const std::string apath = child(path, "actions");
     if (!v.contains("actions")) fail(apath, "is required: the actions this service handles");
     const json& actions = v["actions"];
@@ -321,16 +213,16 @@ class spec_parser {
       fail(apath, "must be a mapping of action names to actions, got " + got(actions));
     }
     for (const auto& [action, a] : actions.items()) {
-      s.actions.push_back(parse_action(name, action, a, child(apath, action)));
+      r_.attempt([&] { s.actions.push_back(parse_action(name, action, a, child(apath, action))); });
     }
     return s;
   }
 
   action_spec parse_action(const std::string& service, const std::string& action, const json& v,
-                           const std::string& path) {
+                           const std::string& path) const {
     if (action != "*") {
       if (auto problem = common::check_name("action", action); !problem.empty()) {
-        fail(path, problem);
+        r_.report(path, problem);
       }
     }
     action_spec a;
@@ -339,27 +231,31 @@ class spec_parser {
     a.action = action;
     if (v.is_null()) return a;  // `charge:` alone: replies null
     if (!v.is_object()) fail(path, "an action must be a mapping, got " + got(v));
-    check_keys(v, path, {"reply", "latency", "fail", "crash_after", "publish"});
-    if (v.contains("reply"))
-      a.reply = template_at(v["reply"], child(path, "reply"), k_request_roots);
-    if (v.contains("latency")) a.latency = duration_at(v["latency"], child(path, "latency"));
-    if (v.contains("fail")) a.fail = parse_fail_rules(v["fail"], child(path, "fail"), false);
-    if (v.contains("crash_after")) {
-      a.crash_after = count_at(v["crash_after"], child(path, "crash_after"), 1);
-    }
-    if (v.contains("publish")) {
-      a.publish = parse_publishes(v["publish"], child(path, "publish"), k_publish_roots);
-    }
+    r_.check_keys(v, path, {"reply", "latency", "fail", "crash_after", "publish"}, "an action");
+    with_key(v, path, "reply", [&](const json& x, const std::string& at) {
+      a.reply = template_at(x, at, k_request_roots);
+    });
+    with_key(v, path, "latency",
+             [&](const json& x, const std::string& at) { a.latency = duration_at(x, at); });
+    with_key(v, path, "fail", [&](const json& x, const std::string& at) {
+      a.fail = parse_fail_rules(x, at, false);
+    });
+    with_key(v, path, "crash_after",
+             [&](const json& x, const std::string& at) { a.crash_after = count_at(x, at, 1); });
+    with_key(v, path, "publish", [&](const json& x, const std::string& at) {
+      a.publish = parse_publishes(x, at, k_publish_roots);
+    });
     return a;
   }
 
-  std::vector<fail_rule> parse_fail_rules(const json& v, const std::string& path, bool reaction) {
+  std::vector<fail_rule> parse_fail_rules(const json& v, const std::string& path,
+                                          bool reaction) const {
     std::vector<fail_rule> rules;
     if (v.is_object()) {
       rules.push_back(parse_fail_rule(v, path, reaction));
     } else if (v.is_array() && !v.empty()) {
       for (std::size_t i = 0; i < v.size(); ++i) {
-        rules.push_back(parse_fail_rule(v[i], child(path, i), reaction));
+        r_.attempt([&] { rules.push_back(parse_fail_rule(v[i], child(path, i), reaction)); });
       }
     } else {
       fail(path, "must be a failure rule (a mapping such as {first: 2}) or a list of them, got " +
@@ -368,43 +264,46 @@ class spec_parser {
     return rules;
   }
 
-  fail_rule parse_fail_rule(const json& v, const std::string& path, bool reaction) {
+  fail_rule parse_fail_rule(const json& v, const std::string& path, bool reaction) const {
     if (!v.is_object()) fail(path, "a failure rule must be a mapping, got " + got(v));
     const auto& roots = reaction ? k_event_roots : k_request_roots;
     if (reaction) {
-      check_keys(v, path, {"first", "rate", "when", "publish"});
+      r_.check_keys(v, path, {"first", "rate", "when", "publish"}, "a reaction's failure rule");
     } else {
-      check_keys(v, path, {"first", "rate", "when", "code", "message", "retryable", "publish"});
+      r_.check_keys(v, path, {"first", "rate", "when", "code", "message", "retryable", "publish"},
+                    "a failure rule");
     }
     fail_rule r;
     r.path = path;
-    if (v.contains("first")) r.first = count_at(v["first"], child(path, "first"), 0);
-    if (v.contains("rate")) r.rate = rate_at(v["rate"], child(path, "rate"));
-    if (v.contains("when")) r.when = condition_at(v["when"], child(path, "when"), roots);
-    if (v.contains("code")) {
-      r.code = string_at(v["code"], child(path, "code"));
-      if (r.code.empty()) fail(child(path, "code"), "must not be empty");
-    }
-    if (v.contains("message")) {
-      if (!v["message"].is_string()) {
-        fail(child(path, "message"), "must be a string, got " + got(v["message"]));
-      }
-      r.message = template_at(v["message"], child(path, "message"), roots);
-    }
-    if (v.contains("retryable")) r.retryable = bool_at(v["retryable"], child(path, "retryable"));
-    if (v.contains("publish")) {
-      r.publish = parse_publishes(v["publish"], child(path, "publish"), roots);
-    }
+    with_key(v, path, "first",
+             [&](const json& x, const std::string& at) { r.first = count_at(x, at, 0); });
+    with_key(v, path, "rate",
+             [&](const json& x, const std::string& at) { r.rate = rate_at(x, at); });
+    with_key(v, path, "when",
+             [&](const json& x, const std::string& at) { r.when = condition_at(x, at, roots); });
+    with_key(v, path, "code", [&](const json& x, const std::string& at) {
+      r.code = r_.string_at(x, at);
+      if (r.code.empty()) fail(at, "must not be empty");
+    });
+    with_key(v, path, "message", [&](const json& x, const std::string& at) {
+      r_.string_at(x, at);
+      r.message = template_at(x, at, roots);
+    });
+    with_key(v, path, "retryable",
+             [&](const json& x, const std::string& at) { r.retryable = r_.bool_at(x, at); });
+    with_key(v, path, "publish", [&](const json& x, const std::string& at) {
+      r.publish = parse_publishes(x, at, roots);
+    });
     return r;
   }
 
   std::vector<publish_spec> parse_publishes(const json& v, const std::string& path,
-                                            const std::vector<std::string>& roots) {
+                                            const std::vector<std::string>& roots) const {
     std::vector<publish_spec> out;
     if (v.is_array()) {
       if (v.empty()) fail(path, "must not be an empty list");
       for (std::size_t i = 0; i < v.size(); ++i) {
-        out.push_back(parse_publish(v[i], child(path, i), roots));
+        r_.attempt([&] { out.push_back(parse_publish(v[i], child(path, i), roots)); });
       }
     } else {
       out.push_back(parse_publish(v, path, roots));
@@ -413,7 +312,7 @@ class spec_parser {
   }
 
   publish_spec parse_publish(const json& v, const std::string& path,
-                             const std::vector<std::string>& roots) {
+                             const std::vector<std::string>& roots) const {
     publish_spec p;
     p.path = path;
     // Default payload: what caused it (the request, or the event's payload).
@@ -427,57 +326,68 @@ class spec_parser {
       fail(path,
            "must be an event {topic: T, payload: ...}, a topic, or a list of them, got " + got(v));
     }
-    check_keys(v, path, {"topic", "payload", "when"});
+    r_.check_keys(v, path, {"topic", "payload", "when"}, "an event");
     if (!v.contains("topic")) fail(child(path, "topic"), "is required");
-    p.topic = topic_at(v["topic"], child(path, "topic"), roots);
-    if (v.contains("payload")) p.payload = template_at(v["payload"], child(path, "payload"), roots);
-    if (v.contains("when")) p.when = condition_at(v["when"], child(path, "when"), roots);
+    with_key(v, path, "topic",
+             [&](const json& x, const std::string& at) { p.topic = topic_at(x, at, roots); });
+    with_key(v, path, "payload",
+             [&](const json& x, const std::string& at) { p.payload = template_at(x, at, roots); });
+    with_key(v, path, "when",
+             [&](const json& x, const std::string& at) { p.when = condition_at(x, at, roots); });
     return p;
   }
 
-  json topic_at(const json& v, const std::string& path, const std::vector<std::string>& roots) {
-    const std::string topic = string_at(v, path);
+  json topic_at(const json& v, const std::string& path,
+                const std::vector<std::string>& roots) const {
+    const std::string topic = r_.string_at(v, path);
     if (topic.find("${") == std::string::npos) {
       if (auto problem = common::check_topic(topic); !problem.empty()) fail(path, problem);
     }
     return template_at(v, path, roots);
   }
 
-  reaction_spec parse_reaction(const json& v, const std::string& path) {
+  reaction_spec parse_reaction(const json& v, const std::string& path) const {
     if (!v.is_object()) fail(path, "a reaction must be a mapping with `on`, got " + got(v));
-    check_keys(v, path, {"on", "when", "delay", "publish", "fail"});
+    r_.check_keys(v, path, {"on", "when", "delay", "publish", "fail"}, "a reaction");
     reaction_spec r;
     r.path = path;
     const std::string on_path = child(path, "on");
-    if (!v.contains("on"))
-      fail(on_path, "is required: the topic (or prefix ending in '.') to react to");
-    const json& on = v["on"];
-    auto add_topic = [&](const json& t, const std::string& tpath) {
-      std::string topic = string_at(t, tpath);
-      const std::string bare =
-          !topic.empty() && topic.back() == '.' ? topic.substr(0, topic.size() - 1) : topic;
-      if (auto problem = common::check_topic(bare); !problem.empty()) fail(tpath, problem);
-      r.on.push_back(std::move(topic));
-    };
-    if (on.is_array() && !on.empty()) {
-      for (std::size_t i = 0; i < on.size(); ++i) add_topic(on[i], child(on_path, i));
-    } else {
-      add_topic(on, on_path);
+    if (!v.contains("on")) {
+      r_.report(on_path, "is required: the topic (or prefix ending in '.') to react to");
     }
-    if (v.contains("when")) r.when = condition_at(v["when"], child(path, "when"), k_event_roots);
-    if (v.contains("delay")) r.delay = duration_at(v["delay"], child(path, "delay"));
-    if (v.contains("publish")) {
-      r.publish = parse_publishes(v["publish"], child(path, "publish"), k_event_roots);
-    }
-    if (v.contains("fail")) r.fail = parse_fail_rules(v["fail"], child(path, "fail"), true);
-    if (r.publish.empty() && r.fail.empty()) {
-      fail(path, "a reaction needs `publish` (and/or `fail` with its own publish)");
+    with_key(v, path, "on", [&](const json& on, const std::string& at) {
+      auto add_topic = [&](const json& t, const std::string& tpath) {
+        std::string topic = r_.string_at(t, tpath);
+        const std::string bare =
+            !topic.empty() && topic.back() == '.' ? topic.substr(0, topic.size() - 1) : topic;
+        if (auto problem = common::check_topic(bare); !problem.empty()) fail(tpath, problem);
+        r.on.push_back(std::move(topic));
+      };
+      if (on.is_array() && !on.empty()) {
+        for (std::size_t i = 0; i < on.size(); ++i) {
+          r_.attempt([&] { add_topic(on[i], child(at, i)); });
+        }
+      } else {
+        add_topic(on, at);
+      }
+    });
+    with_key(v, path, "when", [&](const json& x, const std::string& at) {
+      r.when = condition_at(x, at, k_event_roots);
+    });
+    with_key(v, path, "delay",
+             [&](const json& x, const std::string& at) { r.delay = duration_at(x, at); });
+    with_key(v, path, "publish", [&](const json& x, const std::string& at) {
+      r.publish = parse_publishes(x, at, k_event_roots);
+    });
+    with_key(v, path, "fail",
+             [&](const json& x, const std::string& at) { r.fail = parse_fail_rules(x, at, true); });
+    if (!v.contains("publish") && !v.contains("fail")) {
+      r_.report(path, "a reaction needs `publish` (and/or `fail` with its own publish)");
     }
     return r;
   }
 
-  std::string source_;
-  std::map<std::string, int> lines_;
+  common::config_reader& r_;
 };
 
 std::string file_stem(const std::string& source) {
@@ -502,24 +412,10 @@ std::vector<std::string> agent_spec::service_names() const {
 }
 
 agent_spec parse_agent_spec(std::string_view yaml, const std::string& source) {
-  YAML::Node root;
-  try {
-    root = YAML::Load(std::string(yaml));
-  } catch (const YAML::ParserException& e) {
-    throw config_error(source, "invalid YAML at line " + std::to_string(e.mark.line + 1) +
-                                   ", column " + std::to_string(e.mark.column + 1) + ": " + e.msg);
-  } catch (const YAML::Exception& e) {
-    throw config_error(source, std::string("invalid YAML: ") + e.what());
-  }
-  yaml_converter converter(source);
-  json doc;
-  try {
-    doc = converter.convert(root, "", 0);
-  } catch (const YAML::Exception& e) {
-    throw config_error(source, std::string("invalid YAML: ") + e.what());
-  }
-  spec_parser parser(source, converter.take_lines());
-  agent_spec spec = parser.parse(doc);
+  common::config_reader r(source, common::path_style::dotted);
+  const json doc = yaml_to_json(yaml, r, yaml_scalars::typed);
+  agent_spec spec = spec_parser(r).parse(doc);
+  r.throw_if_any();
   if (spec.name.empty()) spec.name = file_stem(source);
   return spec;
 }

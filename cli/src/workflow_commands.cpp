@@ -8,6 +8,7 @@
 #include <thread>
 
 #include "client.hpp"
+#include "ensemble/cli/deployment.hpp"
 #include "ensemble/cli/graph.hpp"
 #include "ensemble/orchestrator/definition.hpp"
 #include "history_text.hpp"
@@ -50,27 +51,11 @@ void print_view(const json& v) {
   if (v.contains("output")) std::printf("\noutput %s\n", v["output"].dump(2).c_str());
 }
 
-int cmd_validate(const std::vector<std::string>& files) {
-  int bad = 0;
-  for (const auto& file : files) {
-    try {
-      auto def = eo::load_definition_file(file);
-      std::printf("%s: ok (%s v%u, %zu top-level step(s))\n", file.c_str(), def.name.c_str(),
-                  def.version, def.steps.size());
-    } catch (const common::config_error& e) {
-      std::fprintf(stderr, "%s\n", e.what());
-      ++bad;
-    }
-  }
-  if (bad == 0 && files.size() > 1) {
-    try {
-      eo::load_definitions(files);
-    } catch (const common::config_error& e) {
-      std::fprintf(stderr, "%s\n", e.what());
-      return 1;
-    }
-  }
-  return bad == 0 ? 0 : 1;
+int cmd_validate(const std::vector<std::string>& files, const std::string& deployment_path) {
+  std::vector<std::string> paths = files;
+  std::vector<common::diagnostic> problems;
+  if (!deployment_path.empty()) problems = check_deployment(deployment_path, paths);
+  return eo::validate_definition_files(paths, stdout, stderr, std::move(problems));
 }
 
 bool terminal(const std::string& status) {
@@ -195,10 +180,20 @@ int cmd_graph(const context& ctx, const std::string& file, const std::string& in
 
 void add_workflow_commands(CLI::App& app, context& ctx) {
   {
+    // Exit codes: docs/workflows.md, "Validating".
     auto* sub = app.add_subcommand("validate", "check workflow definition files");
     auto files = std::make_shared<std::vector<std::string>>();
-    sub->add_option("files", *files, "definition files")->required()->check(CLI::ExistingFile);
-    sub->callback([&ctx, files] { ctx.exit_code = cmd_validate(*files); });
+    auto deployment_path = std::make_shared<std::string>();
+    sub->add_option("files", *files, "definition files and directories");
+    sub->add_option("--deployment", *deployment_path,
+                    "also check this deployment, its agent specs and its workflows (which the "
+                    "files' sub-workflows may use)");
+    sub->callback([&ctx, files, deployment_path] {
+      if (files->empty() && deployment_path->empty()) {
+        throw CLI::ValidationError("validate", "give definition files, --deployment, or both");
+      }
+      ctx.exit_code = cmd_validate(*files, *deployment_path);
+    });
   }
   {
     auto* sub = app.add_subcommand("run", "start a workflow instance (and follow it with --wait)");

@@ -14,6 +14,7 @@
 #include <cerrno>
 #include <charconv>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -27,6 +28,7 @@
 #include <utility>
 #include <vector>
 
+#include "ensemble/common/config_reader.hpp"
 #include "ensemble/common/protocol.hpp"
 #include "ensemble/common/result.hpp"
 #include "ensemble/orchestrator/expression.hpp"
@@ -61,6 +63,17 @@ const std::array<std::vector<std::string_view>, 8> k_kind_keys{{
     {"workflow", "input", "timeout", "retry"},                   // workflow
 }};
 
+// Every key a step of some kind may have: what a key is compared with when "kind" is missing.
+const std::vector<std::string_view> k_all_step_keys = [] {
+  std::vector<std::string_view> keys(k_common_keys.begin(), k_common_keys.end());
+  for (const auto& kind_keys : k_kind_keys) {
+    for (std::string_view key : kind_keys) {
+      if (std::find(keys.begin(), keys.end(), key) == keys.end()) keys.push_back(key);
+    }
+  }
+  return keys;
+}();
+
 retry_policy default_retry(step_kind kind) {
   retry_policy r;
   if (kind == step_kind::command) r.max_attempts = 3;
@@ -74,37 +87,6 @@ retry_policy default_command_retry() {
 // ---------------------------------------------------------------------------------------------
 // Small helpers for messages
 
-std::string pointer_token(std::string_view key) {
-  std::string out;
-  out.reserve(key.size());
-  for (char c : key) {
-    if (c == '~') {
-      out += "~0";
-    } else if (c == '/') {
-      out += "~1";
-    } else {
-      out += c;
-    }
-  }
-  return out;
-}
-
-std::string child(const std::string& ptr, std::string_view key) {
-  return ptr + "/" + pointer_token(key);
-}
-std::string child(const std::string& ptr, std::size_t index) {
-  return ptr + "/" + std::to_string(index);
-}
-
-// The value as it would appear in the file, shortened: "\"fast\"", "3", "an object".
-std::string got(const json& v) {
-  if (v.is_object()) return "an object";
-  if (v.is_array()) return v.empty() ? "an empty array" : "an array";
-  std::string s = v.dump(-1, ' ', false, json::error_handler_t::replace);
-  if (s.size() > 60) s = s.substr(0, 57) + "...";
-  return s;
-}
-
 std::string in_quotes(std::string_view s) {
   return "\"" + std::string(s) + "\"";
 }
@@ -117,23 +99,6 @@ std::string join(const List& items, std::string_view sep = ", ") {
     out += item;
   }
   return out;
-}
-
-std::size_t edit_distance(std::string_view a, std::string_view b) {
-  std::vector<std::size_t> row(b.size() + 1);
-  for (std::size_t j = 0; j <= b.size(); ++j) row[j] = j;
-  for (std::size_t i = 1; i <= a.size(); ++i) {
-    std::size_t diag = row[0];
-    row[0] = i;
-    for (std::size_t j = 1; j <= b.size(); ++j) {
-      const std::size_t up = row[j];
-      const bool same = std::tolower(static_cast<unsigned char>(a[i - 1])) ==
-                        std::tolower(static_cast<unsigned char>(b[j - 1]));
-      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diag + (same ? 0 : 1)});
-      diag = up;
-    }
-  }
-  return row[b.size()];
 }
 
 std::string format_duration(millis d) {
@@ -182,48 +147,91 @@ struct scope {
 
 class parser {
  public:
-  explicit parser(const std::string& source) : source_(source) {}
+  explicit parser(common::config_reader& r) : r_(r) {}
 
+  // Whatever could be read; every problem is in the reader.
   definition parse(const json& doc) {
+    definition def;
+    def.source = r_.file();
+    def.raw = doc;
+    r_.attempt([&] { parse_document(doc, def); });
+    return def;
+  }
+
+ private:
+  [[noreturn]] void fail(const std::string& ptr, const std::string& what) const {
+    r_.fail(ptr, what);
+  }
+  void report(const std::string& ptr, const std::string& what) const { r_.report(ptr, what); }
+  template <class F>
+  bool attempt(F&& f) const {
+    return r_.attempt(std::forward<F>(f));
+  }
+  std::string child(const std::string& ptr, std::string_view key) const {
+    return r_.child(ptr, key);
+  }
+  std::string child(const std::string& ptr, std::size_t index) const {
+    return r_.child(ptr, index);
+  }
+  std::string got(const json& v) const { return r_.got(v); }
+  const json& require(const json& obj, const std::string& ptr, std::string_view key,
+                      std::string_view why) const {
+    return r_.require(obj, ptr, key, why);
+  }
+  std::string string_at(const json& v, const std::string& ptr) const {
+    return r_.string_at(v, ptr);
+  }
+  void check_keys(const json& obj, const std::string& ptr,
+                  const std::vector<std::string_view>& allowed, std::string_view what,
+                  const std::map<std::string_view, std::string_view>& hints = {}) const {
+    r_.check_keys(obj, ptr, allowed, what, hints);
+  }
+  template <class F>
+  bool optional_key(const json& obj, const std::string& ptr, std::string_view key, F&& f) const {
+    return r_.with_key(obj, ptr, key, std::forward<F>(f));
+  }
+
+  void parse_document(const json& doc, definition& def) {
     if (!doc.is_object()) {
       fail("",
            "a workflow definition must be a JSON object of the form {\"workflow\": {\"name\": "
            "..., \"steps\": [...]}}, got " +
                got(doc));
     }
-    check_keys(doc, "", {"workflow"}, "the document", {});
-    require(doc, "", "workflow",
-            "a definition has the form {\"workflow\": {\"name\": ..., \"steps\": [...]}}");
-    const json& w = doc["workflow"];
+    check_keys(doc, "", {"workflow"}, "the document");
+    const json& w = require(doc, "", "workflow",
+                            "a definition has the form {\"workflow\": {\"name\": ..., \"steps\": "
+                            "[...]}}");
     const std::string ptr = "/workflow";
     if (!w.is_object()) fail(ptr, "must be an object, got " + got(w));
-    check_keys(w, ptr,
-               std::vector<std::string_view>{"name", "version", "steps", "output", "timeout",
-                                             "triggers", "description"},
-               "the workflow", {});
+    check_keys(w, ptr, {"name", "version", "steps", "output", "timeout", "triggers", "description"},
+               "the workflow");
 
-    definition def;
-    def.source = source_;
-    def.raw = doc;
-    def.name =
-        workflow_name(require(w, ptr, "name", "every workflow needs a name"), child(ptr, "name"));
-    if (w.contains("version")) {
-      const json& v = w["version"];
+    attempt([&] {
+      def.name =
+          workflow_name(require(w, ptr, "name", "every workflow needs a name"), child(ptr, "name"));
+    });
+    optional_key(w, ptr, "version", [&](const json& v, const std::string& at) {
       if (!v.is_number_integer() || v.get<std::int64_t>() < 1 ||
           v.get<std::int64_t>() > std::numeric_limits<std::uint32_t>::max()) {
-        fail(child(ptr, "version"), "must be an integer ≥ 1, got " + got(v));
+        fail(at, "must be an integer ≥ 1, got " + got(v));
       }
       def.version = v.get<std::uint32_t>();
-    }
-    def.steps = parse_sequence(require(w, ptr, "steps", "a workflow needs at least one step"),
-                               child(ptr, "steps"));
+    });
+    attempt([&] {
+      def.steps = parse_sequence(require(w, ptr, "steps", "a workflow needs at least one step"),
+                                 child(ptr, "steps"));
+    });
     if (w.contains("output") && !w["output"].is_null()) def.output = w["output"];
-    if (w.contains("timeout")) def.timeout = duration(w["timeout"], child(ptr, "timeout"), true);
-    if (w.contains("triggers"))
-      def.triggers = parse_triggers(w["triggers"], child(ptr, "triggers"));
-    if (w.contains("description") && !w["description"].is_string()) {
-      fail(child(ptr, "description"), "must be a string, got " + got(w["description"]));
-    }
+    optional_key(w, ptr, "timeout", [&](const json& v, const std::string& at) {
+      def.timeout = duration(v, at, true);
+    });
+    optional_key(w, ptr, "triggers", [&](const json& v, const std::string& at) {
+      def.triggers = parse_triggers(v, at);
+    });
+    optional_key(w, ptr, "description", [&](const json& v, const std::string& at) {
+      if (!v.is_string()) fail(at, "must be a string, got " + got(v));
+    });
 
     // Second pass: expressions and jumps, now that every step is known.
     std::vector<std::string_view> visible;
@@ -245,74 +253,32 @@ class parser {
       if (def.triggers[i].input)
         check_template_at(*def.triggers[i].input, child(tptr, "input"), sc);
     }
-    return def;
   }
 
- private:
-  [[noreturn]] void fail(const std::string& ptr, const std::string& what) const {
-    throw config_error(ptr.empty() ? source_ : source_ + ": " + ptr, what);
-  }
-
-  // ---- generic checks ------------------------------------------------------------------------
-
-  void check_keys(const json& obj, const std::string& ptr,
-                  const std::vector<std::string_view>& allowed, std::string_view what,
-                  const std::map<std::string_view, std::string_view>& hints) const {
-    for (const auto& [key, value] : obj.items()) {
-      if (std::find(allowed.begin(), allowed.end(), key) != allowed.end()) continue;
-      std::string msg = "unknown key " + in_quotes(key) + " in " + std::string(what);
-      if (const auto hint = hints.find(key); hint != hints.end()) {
-        msg += " (" + std::string(hint->second) + ")";
-      } else {
-        std::string_view best;
-        std::size_t best_distance = 3;
-        for (std::string_view candidate : allowed) {
-          const std::size_t d = edit_distance(key, candidate);
-          if (d < best_distance) {
-            best_distance = d;
-            best = candidate;
-          }
-        }
-        if (!best.empty()) msg += " (did you mean " + in_quotes(best) + "?)";
-      }
-      std::vector<std::string> names(allowed.begin(), allowed.end());
-      fail(child(ptr, key), msg + "; allowed keys: " + join(names));
-    }
-  }
-
-  const json& require(const json& obj, const std::string& ptr, std::string_view key,
-                      std::string_view why) const {
-    const auto it = obj.find(key);
-    if (it == obj.end())
-      fail(ptr, "missing required key " + in_quotes(key) + " (" + std::string(why) + ")");
-    return *it;
-  }
-
-  std::string string_at(const json& v, const std::string& ptr) const {
-    if (!v.is_string()) fail(ptr, "must be a string, got " + got(v));
-    return v.get<std::string>();
-  }
+  // ---- values --------------------------------------------------------------------------------
 
   std::string workflow_name(const json& v, const std::string& ptr) const {
     std::string name = string_at(v, ptr);
     if (name.empty() || name.size() > k_max_step_name_length ||
         !std::all_of(name.begin(), name.end(), is_step_name_char)) {
-      fail(ptr, "workflow name " + in_quotes(name) +
-                    " must be 1 to 128 characters from [A-Za-z0-9_-] (it is part of the lifecycle "
-                    "topics workflow.<name>.started, ...)");
+      report(ptr, "workflow name " + in_quotes(name) +
+                      " must be 1 to 128 characters from [A-Za-z0-9_-] (it is part of the "
+                      "lifecycle topics workflow.<name>.started, ...)");
     }
     return name;
   }
 
   std::string service_name(const json& v, const std::string& ptr, std::string_view what) const {
     std::string name = string_at(v, ptr);
-    if (std::string problem = common::check_name(what, name); !problem.empty()) fail(ptr, problem);
+    if (std::string problem = common::check_name(what, name); !problem.empty()) {
+      report(ptr, problem);
+    }
     return name;
   }
 
   std::string topic(const json& v, const std::string& ptr) const {
     std::string t = string_at(v, ptr);
-    if (std::string problem = common::check_topic(t); !problem.empty()) fail(ptr, problem);
+    if (std::string problem = common::check_topic(t); !problem.empty()) report(ptr, problem);
     return t;
   }
 
@@ -322,11 +288,13 @@ class parser {
     }
     std::vector<std::string> topics;
     for (std::size_t i = 0; i < v.size(); ++i) {
-      std::string t = topic(v[i], child(ptr, i));
-      if (std::find(topics.begin(), topics.end(), t) != topics.end()) {
-        fail(child(ptr, i), "topic " + in_quotes(t) + " is listed twice");
-      }
-      topics.push_back(std::move(t));
+      attempt([&] {
+        std::string t = topic(v[i], child(ptr, i));
+        if (std::find(topics.begin(), topics.end(), t) != topics.end()) {
+          fail(child(ptr, i), "topic " + in_quotes(t) + " is listed twice");
+        }
+        topics.push_back(std::move(t));
+      });
     }
     return topics;
   }
@@ -358,26 +326,22 @@ class parser {
     return seq;
   }
 
+  // Always returns the step, with what could be read of it: so that the steps after it do not
+  // also report references to it.
   step parse_step(const json& j, const std::string& ptr) {
-    if (!j.is_object()) fail(ptr, "a step must be a JSON object, got " + got(j));
     step s;
     s.path = ptr;
-    s.name = string_at(require(j, ptr, "name", "every step needs a name"), child(ptr, "name"));
-    if (s.name.empty() || s.name.size() > k_max_step_name_length ||
-        !std::all_of(s.name.begin(), s.name.end(), is_step_name_char)) {
-      fail(child(ptr, "name"), "step name " + in_quotes(s.name) +
-                                   " must be 1 to 128 characters from [A-Za-z0-9_-], so that "
-                                   "${steps.<name>...} can refer to it");
-    }
-    if (const auto it = step_paths_.find(s.name); it != step_paths_.end()) {
-      fail(child(ptr, "name"), "duplicate step name " + in_quotes(s.name) + ": the step at " +
-                                   it->second +
-                                   " has it too (step names must be unique in the whole workflow, "
-                                   "nested steps included)");
-    }
-    step_paths_.emplace(s.name, ptr);
+    attempt([&] { read_step(j, ptr, s); });
+    return s;
+  }
 
-    s.kind = kind_of(j, ptr);
+  void read_step(const json& j, const std::string& ptr, step& s) {
+    if (!j.is_object()) fail(ptr, "a step must be a JSON object, got " + got(j));
+    attempt([&] { s.name = step_name(j, ptr); });
+
+    const auto kind = kind_of(j, ptr);
+    if (!kind) return;
+    s.kind = *kind;
     const auto k = static_cast<std::size_t>(s.kind);
     std::vector<std::string_view> allowed(k_common_keys.begin(), k_common_keys.end());
     allowed.insert(allowed.begin() + 2, k_kind_keys[k].begin(), k_kind_keys[k].end());
@@ -397,127 +361,192 @@ class parser {
 
     s.retry = default_retry(s.kind);
     switch (s.kind) {
-      case step_kind::command:
-        s.service =
-            service_name(require(j, ptr, "service", "a command step needs a service and an action"),
-                         child(ptr, "service"), "service");
-        s.action =
-            service_name(require(j, ptr, "action", "a command step needs a service and an action"),
-                         child(ptr, "action"), "action");
+      case step_kind::command: {
+        const std::string why = "a command step needs a service and an action";
+        attempt([&] {
+          s.service =
+              service_name(require(j, ptr, "service", why), child(ptr, "service"), "service");
+        });
+        attempt([&] {
+          s.action = service_name(require(j, ptr, "action", why), child(ptr, "action"), "action");
+        });
         if (j.contains("input")) s.input = j["input"];
         break;
+      }
       case step_kind::publish:
-        s.event.topic =
-            topic(require(j, ptr, "topic", "a publish step needs the topic of its event"),
-                  child(ptr, "topic"));
+        attempt([&] {
+          s.event.topic =
+              topic(require(j, ptr, "topic", "a publish step needs the topic of its event"),
+                    child(ptr, "topic"));
+        });
         if (j.contains("payload")) s.event.payload = j["payload"];
         break;
       case step_kind::await:
-        s.until.push_back(
-            topic(require(j, ptr, "topic", "an await step needs the topic to wait for"),
-                  child(ptr, "topic")));
-        if (j.contains("match")) s.match = condition_at(j["match"], child(ptr, "match"));
-        require(j, ptr, "timeout",
-                "an await step must say how long to wait, e.g. \"timeout\": \"30s\"");
+        attempt([&] {
+          s.until.push_back(
+              topic(require(j, ptr, "topic", "an await step needs the topic to wait for"),
+                    child(ptr, "topic")));
+        });
+        optional_key(j, ptr, "match",
+                     [&](const json& v, const std::string& at) { s.match = condition_at(v, at); });
+        attempt([&] {
+          require(j, ptr, "timeout",
+                  "an await step must say how long to wait, e.g. \"timeout\": \"30s\"");
+        });
         break;
       case step_kind::choreography:
         parse_choreography(j, ptr, s);
         break;
-      case step_kind::parallel: {
-        const json& b = require(j, ptr, "branches", "a parallel step needs its branches");
-        const std::string bptr = child(ptr, "branches");
-        if (!b.is_array() || b.empty()) {
-          fail(bptr,
-               "must be a non-empty array of branches, each a non-empty array of steps, got " +
-                   got(b));
-        }
-        for (std::size_t i = 0; i < b.size(); ++i) {
-          s.branches.push_back(parse_sequence(b[i], child(bptr, i)));
-        }
+      case step_kind::parallel:
+        attempt([&] {
+          const json& b = require(j, ptr, "branches", "a parallel step needs its branches");
+          const std::string bptr = child(ptr, "branches");
+          if (!b.is_array() || b.empty()) {
+            fail(bptr,
+                 "must be a non-empty array of branches, each a non-empty array of steps, got " +
+                     got(b));
+          }
+          for (std::size_t i = 0; i < b.size(); ++i) {
+            s.branches.emplace_back();
+            attempt([&] { s.branches.back() = parse_sequence(b[i], child(bptr, i)); });
+          }
+        });
         break;
-      }
       case step_kind::switch_:
         parse_switch(j, ptr, s);
         break;
       case step_kind::wait:
-        s.duration =
-            duration(require(j, ptr, "duration", "a wait step needs a duration, e.g. \"5s\""),
-                     child(ptr, "duration"), true);
+        attempt([&] {
+          s.duration =
+              duration(require(j, ptr, "duration", "a wait step needs a duration, e.g. \"5s\""),
+                       child(ptr, "duration"), true);
+        });
         break;
       case step_kind::workflow:
-        s.workflow = workflow_name(
-            require(j, ptr, "workflow", "a workflow step needs the name of the workflow to start"),
-            child(ptr, "workflow"));
+        attempt([&] {
+          s.workflow = workflow_name(require(j, ptr, "workflow",
+                                             "a workflow step needs the name of the workflow to "
+                                             "start"),
+                                     child(ptr, "workflow"));
+        });
         if (j.contains("input")) s.input = j["input"];
         break;
     }
 
-    if (j.contains("timeout")) s.timeout = duration(j["timeout"], child(ptr, "timeout"), true);
-    if (j.contains("retry")) s.retry = parse_retry(j["retry"], child(ptr, "retry"), s.retry);
-    if (j.contains("compensate")) {
-      s.compensate = parse_compensation(j["compensate"], child(ptr, "compensate"));
-    }
-    if (j.contains("on_error")) s.on_error = parse_on_error(j["on_error"], child(ptr, "on_error"));
-    if (j.contains("description") && !j["description"].is_string()) {
-      fail(child(ptr, "description"), "must be a string, got " + got(j["description"]));
-    }
-    return s;
+    optional_key(j, ptr, "timeout",
+                 [&](const json& v, const std::string& at) { s.timeout = duration(v, at, true); });
+    optional_key(j, ptr, "retry", [&](const json& v, const std::string& at) {
+      s.retry = parse_retry(v, at, s.retry);
+    });
+    optional_key(j, ptr, "compensate", [&](const json& v, const std::string& at) {
+      s.compensate = parse_compensation(v, at);
+    });
+    optional_key(j, ptr, "on_error",
+                 [&](const json& v, const std::string& at) { s.on_error = parse_on_error(v, at); });
+    optional_key(j, ptr, "description", [&](const json& v, const std::string& at) {
+      if (!v.is_string()) fail(at, "must be a string, got " + got(v));
+    });
   }
 
-  step_kind kind_of(const json& j, const std::string& ptr) const {
-    const std::vector<std::string> kinds(k_kind_names.begin(), k_kind_names.end());
+  std::string step_name(const json& j, const std::string& ptr) {
+    const std::string nptr = child(ptr, "name");
+    std::string name = string_at(require(j, ptr, "name", "every step needs a name"), nptr);
+    if (name.empty() || name.size() > k_max_step_name_length ||
+        !std::all_of(name.begin(), name.end(), is_step_name_char)) {
+      report(nptr, "step name " + in_quotes(name) +
+                       " must be 1 to 128 characters from [A-Za-z0-9_-], so that "
+                       "${steps.<name>...} can refer to it");
+    }
+    if (const auto it = step_paths_.find(name); it != step_paths_.end()) {
+      report(nptr, "duplicate step name " + in_quotes(name) + ": the step at " + it->second +
+                       " has it too (step names must be unique in the whole workflow, nested "
+                       "steps included)");
+    } else {
+      step_paths_.emplace(name, ptr);
+    }
+    return name;
+  }
+
+  // The step's kind, or nullopt (reported) when it cannot be known.
+  std::optional<step_kind> kind_of(const json& j, const std::string& ptr) const {
+    const std::vector<std::string_view> kinds(k_kind_names.begin(), k_kind_names.end());
     if (!j.contains("kind")) {
       if (j.contains("service")) return step_kind::command;
-      fail(ptr,
-           "missing required key \"kind\" (one of " + join(kinds) +
-               "); only a step with \"service\" and \"action\" may leave it out, and is then a "
-               "command");
+      // Without a kind the allowed keys are unknown; a key close to a known one is likelier the
+      // problem than the missing kind ("servce": a command whose "service" is misspelt).
+      bool typo = false;
+      for (const auto& [key, value] : j.items()) {
+        if (std::find(k_all_step_keys.begin(), k_all_step_keys.end(), key) !=
+            k_all_step_keys.end()) {
+          continue;
+        }
+        if (const auto best = common::closest_word(key, k_all_step_keys)) {
+          typo = true;
+          report(child(ptr, key),
+                 "unknown key " + in_quotes(key) + " in a step (did you mean " + in_quotes(*best) +
+                     "?); a step without \"kind\" is a command, and needs \"service\" and "
+                     "\"action\"");
+        }
+      }
+      if (!typo) {
+        report(ptr, "missing required key \"kind\" (one of " + join(kinds) +
+                        "); only a step with \"service\" and \"action\" may leave it out, and is "
+                        "then a command");
+      }
+      return std::nullopt;
     }
     const std::string kind = string_at(j["kind"], child(ptr, "kind"));
     for (std::size_t i = 0; i < k_kind_names.size(); ++i) {
       if (kind == k_kind_names[i]) return static_cast<step_kind>(i);
     }
-    fail(child(ptr, "kind"),
-         "unknown step kind " + in_quotes(kind) + "; valid kinds: " + join(kinds));
+    std::string hint;
+    if (const auto best = common::closest_word(kind, kinds)) {
+      hint = " (did you mean " + in_quotes(*best) + "?)";
+    }
+    report(child(ptr, "kind"),
+           "unknown step kind " + in_quotes(kind) + hint + "; valid kinds: " + join(kinds));
+    return std::nullopt;
   }
 
   void parse_choreography(const json& j, const std::string& ptr, step& s) {
     const std::string why =
         "a choreography step publishes a start event and waits for one of the "
         "\"until\" or \"fail_on\" topics";
-    const json& start = require(j, ptr, "start", why);
-    const std::string sptr = child(ptr, "start");
-    s.event = parse_event(start, sptr);
-    s.until = topic_list(require(j, ptr, "until", why), child(ptr, "until"));
-    if (j.contains("fail_on")) s.fail_on = topic_list(j["fail_on"], child(ptr, "fail_on"));
+    attempt([&] { s.event = parse_event(require(j, ptr, "start", why), child(ptr, "start")); });
+    attempt([&] { s.until = topic_list(require(j, ptr, "until", why), child(ptr, "until")); });
+    optional_key(j, ptr, "fail_on",
+                 [&](const json& v, const std::string& at) { s.fail_on = topic_list(v, at); });
     for (std::size_t i = 0; i < s.until.size(); ++i) {
       if (s.until[i] == s.event.topic) {
-        fail(child(child(ptr, "until"), i),
-             "topic " + in_quotes(s.until[i]) +
-                 " is also the start topic: the start event itself would end the step");
+        report(child(child(ptr, "until"), i),
+               "topic " + in_quotes(s.until[i]) +
+                   " is also the start topic: the start event itself would end the step");
       }
       if (std::find(s.fail_on.begin(), s.fail_on.end(), s.until[i]) != s.fail_on.end()) {
-        fail(child(child(ptr, "until"), i),
-             "topic " + in_quotes(s.until[i]) + " is in both \"until\" and \"fail_on\"");
+        report(child(child(ptr, "until"), i),
+               "topic " + in_quotes(s.until[i]) + " is in both \"until\" and \"fail_on\"");
       }
     }
     for (std::size_t i = 0; i < s.fail_on.size(); ++i) {
       if (s.fail_on[i] == s.event.topic) {
-        fail(child(child(ptr, "fail_on"), i),
-             "topic " + in_quotes(s.fail_on[i]) +
-                 " is also the start topic: the start event itself would fail the step");
+        report(child(child(ptr, "fail_on"), i),
+               "topic " + in_quotes(s.fail_on[i]) +
+                   " is also the start topic: the start event itself would fail the step");
       }
     }
-    if (j.contains("match")) s.match = condition_at(j["match"], child(ptr, "match"));
-    require(j, ptr, "timeout",
-            "a choreography step must say how long to wait for its outcome, e.g. \"timeout\": "
-            "\"30s\"");
+    optional_key(j, ptr, "match",
+                 [&](const json& v, const std::string& at) { s.match = condition_at(v, at); });
+    attempt([&] {
+      require(j, ptr, "timeout",
+              "a choreography step must say how long to wait for its outcome, e.g. "
+              "\"timeout\": \"30s\"");
+    });
   }
 
   event_spec parse_event(const json& v, const std::string& ptr) const {
     if (!v.is_object())
       fail(ptr, "must be an object {\"topic\": ..., \"payload\": ...}, got " + got(v));
-    check_keys(v, ptr, {"topic", "payload"}, "an event", {});
+    check_keys(v, ptr, {"topic", "payload"}, "an event");
     event_spec e;
     e.topic = topic(require(v, ptr, "topic", "an event needs a topic"), child(ptr, "topic"));
     if (v.contains("payload")) e.payload = v["payload"];
@@ -525,80 +554,77 @@ class parser {
   }
 
   void parse_switch(const json& j, const std::string& ptr, step& s) {
-    const json& cases = require(j, ptr, "cases", "a switch step needs its cases");
-    const std::string cptr = child(ptr, "cases");
-    if (!cases.is_array() || cases.empty()) {
-      fail(cptr, "must be a non-empty array of {\"when\": condition, \"steps\": [...]}, got " +
-                     got(cases));
-    }
-    for (std::size_t i = 0; i < cases.size(); ++i) {
-      const json& c = cases[i];
-      const std::string iptr = child(cptr, i);
-      if (!c.is_object()) {
-        fail(iptr,
-             "a case must be an object {\"when\": condition, \"steps\": [...]}, got " + got(c));
+    attempt([&] {
+      const json& cases = require(j, ptr, "cases", "a switch step needs its cases");
+      const std::string cptr = child(ptr, "cases");
+      if (!cases.is_array() || cases.empty()) {
+        fail(cptr, "must be a non-empty array of {\"when\": condition, \"steps\": [...]}, got " +
+                       got(cases));
       }
-      check_keys(c, iptr, {"when", "steps"}, "a switch case", {});
-      switch_case sc;
-      sc.when =
-          condition_at(require(c, iptr, "when", "a case needs its condition"), child(iptr, "when"));
-      sc.steps = parse_sequence(require(c, iptr, "steps", "a case needs the steps it runs"),
-                                child(iptr, "steps"));
-      s.cases.push_back(std::move(sc));
-    }
-    if (j.contains("default")) {
-      const json& d = j["default"];
+      for (std::size_t i = 0; i < cases.size(); ++i) {
+        s.cases.emplace_back();
+        attempt([&] { parse_case(cases[i], child(cptr, i), s.cases.back()); });
+      }
+    });
+    optional_key(j, ptr, "default", [&](const json& d, const std::string& at) {
       if (!d.is_array() || d.empty()) {
-        fail(child(ptr, "default"),
-             "must be a non-empty array of steps (leave \"default\" out to do nothing), got " +
-                 got(d));
+        fail(at, "must be a non-empty array of steps (leave \"default\" out to do nothing), got " +
+                     got(d));
       }
-      s.default_steps = parse_sequence(d, child(ptr, "default"));
+      s.default_steps = parse_sequence(d, at);
+    });
+  }
+
+  void parse_case(const json& c, const std::string& ptr, switch_case& sc) {
+    if (!c.is_object()) {
+      fail(ptr, "a case must be an object {\"when\": condition, \"steps\": [...]}, got " + got(c));
     }
+    check_keys(c, ptr, {"when", "steps"}, "a switch case");
+    attempt([&] {
+      sc.when =
+          condition_at(require(c, ptr, "when", "a case needs its condition"), child(ptr, "when"));
+    });
+    sc.steps = parse_sequence(require(c, ptr, "steps", "a case needs the steps it runs"),
+                              child(ptr, "steps"));
   }
 
   retry_policy parse_retry(const json& v, const std::string& ptr, retry_policy r) const {
     if (!v.is_object()) fail(ptr, "must be an object such as {\"max_attempts\": 3}, got " + got(v));
     check_keys(v, ptr,
                {"max_attempts", "initial_interval", "backoff", "max_interval", "non_retryable"},
-               "retry", {});
-    if (v.contains("max_attempts")) {
-      const json& m = v["max_attempts"];
-      if (!m.is_number_integer() || m.get<std::int64_t>() < 1 ||
-          m.get<std::int64_t>() > k_max_retry_attempts) {
-        fail(child(ptr, "max_attempts"), "must be an integer from 1 to 100, got " + got(m));
-      }
-      r.max_attempts = m.get<std::uint32_t>();
-    }
-    if (v.contains("initial_interval")) {
-      r.initial_interval = duration(v["initial_interval"], child(ptr, "initial_interval"), false);
-    }
-    if (v.contains("backoff")) {
-      const json& b = v["backoff"];
+               "retry");
+    optional_key(v, ptr, "max_attempts", [&](const json& m, const std::string& at) {
+      r.max_attempts = static_cast<std::uint32_t>(r_.integer_at(m, at, 1, k_max_retry_attempts));
+    });
+    const bool initial_ok = optional_key(
+        v, ptr, "initial_interval",
+        [&](const json& d, const std::string& at) { r.initial_interval = duration(d, at, false); });
+    optional_key(v, ptr, "backoff", [&](const json& b, const std::string& at) {
       if (!b.is_number() || !(b.get<double>() >= 1.0) || !std::isfinite(b.get<double>())) {
-        fail(child(ptr, "backoff"), "must be a number ≥ 1.0, got " + got(b));
+        fail(at, "must be a number ≥ 1.0, got " + got(b));
       }
       r.backoff = b.get<double>();
+    });
+    const bool max_ok = optional_key(
+        v, ptr, "max_interval",
+        [&](const json& d, const std::string& at) { r.max_interval = duration(d, at, true); });
+    if (initial_ok && max_ok && r.max_interval < r.initial_interval) {
+      report(child(ptr, v.contains("max_interval") ? "max_interval" : "initial_interval"),
+             "max_interval (" + format_duration(r.max_interval) +
+                 ") is shorter than initial_interval (" + format_duration(r.initial_interval) +
+                 ")");
     }
-    if (v.contains("max_interval")) {
-      r.max_interval = duration(v["max_interval"], child(ptr, "max_interval"), true);
-    }
-    if (r.max_interval < r.initial_interval) {
-      fail(child(ptr, v.contains("max_interval") ? "max_interval" : "initial_interval"),
-           "max_interval (" + format_duration(r.max_interval) +
-               ") is shorter than initial_interval (" + format_duration(r.initial_interval) + ")");
-    }
-    if (v.contains("non_retryable")) {
-      const json& n = v["non_retryable"];
-      const std::string nptr = child(ptr, "non_retryable");
-      if (!n.is_array()) fail(nptr, "must be an array of error codes, got " + got(n));
+    optional_key(v, ptr, "non_retryable", [&](const json& n, const std::string& at) {
+      if (!n.is_array()) fail(at, "must be an array of error codes, got " + got(n));
       r.non_retryable.clear();
       for (std::size_t i = 0; i < n.size(); ++i) {
-        std::string code = string_at(n[i], child(nptr, i));
-        if (code.empty()) fail(child(nptr, i), "an error code cannot be empty");
-        r.non_retryable.push_back(std::move(code));
+        attempt([&] {
+          std::string code = string_at(n[i], child(at, i));
+          if (code.empty()) fail(child(at, i), "an error code cannot be empty");
+          r.non_retryable.push_back(std::move(code));
+        });
       }
-    }
+    });
     return r;
   }
 
@@ -610,22 +636,29 @@ class parser {
     compensation c;
     c.path = ptr;
     if (v.contains("publish")) {
-      check_keys(v, ptr, {"publish"}, "a compensating event", {});
+      check_keys(v, ptr, {"publish"}, "a compensating event");
       c.what = compensation::kind::event;
       c.event = parse_event(v["publish"], child(ptr, "publish"));
       return c;
     }
-    check_keys(v, ptr, {"service", "action", "input", "timeout", "retry"}, "a compensating command",
-               {});
+    check_keys(v, ptr, {"service", "action", "input", "timeout", "retry"},
+               "a compensating command");
     if (!v.contains("service") && !v.contains("action")) fail(ptr, "must be " + shape);
     const std::string why = "a compensating command needs a service and an action";
     c.what = compensation::kind::command;
-    c.service = service_name(require(v, ptr, "service", why), child(ptr, "service"), "service");
-    c.action = service_name(require(v, ptr, "action", why), child(ptr, "action"), "action");
+    attempt([&] {
+      c.service = service_name(require(v, ptr, "service", why), child(ptr, "service"), "service");
+    });
+    attempt([&] {
+      c.action = service_name(require(v, ptr, "action", why), child(ptr, "action"), "action");
+    });
     if (v.contains("input")) c.input = v["input"];
-    if (v.contains("timeout")) c.timeout = duration(v["timeout"], child(ptr, "timeout"), true);
+    optional_key(v, ptr, "timeout",
+                 [&](const json& d, const std::string& at) { c.timeout = duration(d, at, true); });
     c.retry = default_command_retry();
-    if (v.contains("retry")) c.retry = parse_retry(v["retry"], child(ptr, "retry"), c.retry);
+    optional_key(v, ptr, "retry", [&](const json& rv, const std::string& at) {
+      c.retry = parse_retry(rv, at, c.retry);
+    });
     return c;
   }
 
@@ -643,9 +676,9 @@ class parser {
       fail(ptr, shape + ", got " + got(v));
     }
     if (!v.is_object()) fail(ptr, shape + ", got " + got(v));
-    check_keys(v, ptr, {"goto"}, "on_error", {});
-    p.what = on_error_policy::kind::go_to;
+    check_keys(v, ptr, {"goto"}, "on_error");
     p.target = string_at(require(v, ptr, "goto", shape), child(ptr, "goto"));
+    p.what = on_error_policy::kind::go_to;
     return p;
   }
 
@@ -655,25 +688,28 @@ class parser {
            "must be an array of {\"topic\": ..., \"match\"?: ..., \"input\"?: ...}, got " + got(v));
     std::vector<trigger> triggers;
     for (std::size_t i = 0; i < v.size(); ++i) {
-      const json& t = v[i];
-      const std::string tptr = child(ptr, i);
-      if (!t.is_object()) {
-        fail(tptr,
-             "a trigger must be an object {\"topic\": ..., \"match\"?: ..., \"input\"?: ...}, "
-             "got " +
-                 got(t));
-      }
-      check_keys(t, tptr, {"topic", "match", "input"}, "a trigger", {});
-      trigger tr;
-      tr.topic = topic(require(t, tptr, "topic",
-                               "a trigger starts an instance for each event on "
-                               "its topic"),
-                       child(tptr, "topic"));
-      if (t.contains("match")) tr.match = condition_at(t["match"], child(tptr, "match"));
-      if (t.contains("input")) tr.input = t["input"];
-      triggers.push_back(std::move(tr));
+      attempt([&] { triggers.push_back(parse_trigger(v[i], child(ptr, i))); });
     }
     return triggers;
+  }
+
+  trigger parse_trigger(const json& t, const std::string& ptr) const {
+    if (!t.is_object()) {
+      fail(ptr,
+           "a trigger must be an object {\"topic\": ..., \"match\"?: ..., \"input\"?: ...}, got " +
+               got(t));
+    }
+    check_keys(t, ptr, {"topic", "match", "input"}, "a trigger");
+    trigger tr;
+    attempt([&] {
+      tr.topic = topic(
+          require(t, ptr, "topic", "a trigger starts an instance for each event on its topic"),
+          child(ptr, "topic"));
+    });
+    optional_key(t, ptr, "match",
+                 [&](const json& m, const std::string& at) { tr.match = condition_at(m, at); });
+    if (t.contains("input")) tr.input = t["input"];
+    return tr;
   }
 
   // ---- second pass ---------------------------------------------------------------------------
@@ -695,7 +731,7 @@ class parser {
     for (std::size_t i = 0; i < seq.size(); ++i) {
       const step& s = seq[i];
       check_step(s, visible);
-      if (s.on_error.what == on_error_policy::kind::go_to) check_goto(seq, i);
+      if (s.on_error.what == on_error_policy::kind::go_to) attempt([&] { check_goto(seq, i); });
       collect_names(s, visible);
     }
     visible.resize(restore);
@@ -783,19 +819,23 @@ class parser {
     } else if (tmpl.is_array()) {
       for (std::size_t i = 0; i < tmpl.size(); ++i) check_template_at(tmpl[i], child(ptr, i), sc);
     } else if (tmpl.is_string()) {
-      const expression_check c = check_template(tmpl);
-      if (!c.problem.empty()) fail(ptr, "invalid expression " + c.problem);
-      check_references(c, ptr, sc);
+      attempt([&] {
+        const expression_check c = check_template(tmpl);
+        if (!c.problem.empty()) fail(ptr, "invalid expression " + c.problem);
+        check_references(c, ptr, sc);
+      });
     }
   }
 
   void check_condition_at(const std::string& condition, const std::string& ptr,
                           const scope& sc) const {
-    const expression_check c = check_condition(condition);
-    if (!c.problem.empty()) {
-      fail(ptr, "invalid condition " + in_quotes(condition) + ": " + c.problem);
-    }
-    check_references(c, ptr, sc);
+    attempt([&] {
+      const expression_check c = check_condition(condition);
+      if (!c.problem.empty()) {
+        fail(ptr, "invalid condition " + in_quotes(condition) + ": " + c.problem);
+      }
+      check_references(c, ptr, sc);
+    });
   }
 
   void check_references(const expression_check& c, const std::string& ptr, const scope& sc) const {
@@ -856,7 +896,7 @@ class parser {
     }
   }
 
-  const std::string& source_;
+  common::config_reader& r_;
   std::map<std::string, std::string, std::less<>> step_paths_;  // step name -> its JSON pointer
 };
 
@@ -940,11 +980,25 @@ std::vector<std::string> definition::sub_workflows() const {
 }
 
 definition parse_definition(const json& doc, const std::string& source) {
-  return parser(source).parse(doc);
+  common::config_reader r(source, common::path_style::json_pointer);
+  definition def = parser(r).parse(doc);
+  r.throw_if_any();
+  return def;
 }
 
-definition load_definition_file(const std::string& path) {
-  const std::string text = read_file(path);
+namespace {
+
+// Reads and parses a file, collecting its problems in `problems` (JSON syntax errors name the
+// file, line and column); the definition is whatever could be read.
+definition read_definition_file(const std::string& path,
+                                std::vector<common::diagnostic>& problems) {
+  std::string text;
+  try {
+    text = read_file(path);
+  } catch (const config_error& e) {
+    problems = common::diagnostics_of(e);
+    return {};
+  }
   json doc;
   try {
     doc = json::parse(text);
@@ -966,60 +1020,107 @@ definition load_definition_file(const std::string& path) {
         detail = detail.substr(colon + 2);
       }
     }
-    throw config_error(path + ":" + std::to_string(line) + ":" + std::to_string(column),
-                       "invalid JSON: " + detail);
+    problems.push_back({path + ":" + std::to_string(line) + ":" + std::to_string(column),
+                        "invalid JSON: " + detail});
+    return {};
   }
-  return parse_definition(doc, path);
+  common::config_reader r(path, common::path_style::json_pointer, common::json_positions(text));
+  definition def = parser(r).parse(doc);
+  problems = r.diagnostics();
+  return def;
 }
 
-std::vector<definition> load_definitions(const std::vector<std::string>& paths) {
+// The files of `paths`: files as given, directories' *.json files in name order.
+std::vector<std::string> expand_paths(const std::vector<std::string>& paths,
+                                      std::vector<common::diagnostic>* problems) {
   namespace fs = std::filesystem;
-  std::vector<definition> defs;
+  std::vector<std::string> files;
   for (const std::string& path : paths) {
     std::error_code ec;
     const auto status = fs::status(path, ec);
-    if (ec || !fs::exists(status)) throw config_error(path, "no such file or directory");
-    if (!fs::is_directory(status)) {
-      defs.push_back(load_definition_file(path));
+    if (ec || !fs::exists(status)) {
+      if (!problems) throw config_error(path, "no such file or directory");
+      problems->push_back({path, "no such file or directory"});
       continue;
     }
-    std::vector<std::string> files;
+    if (!fs::is_directory(status)) {
+      files.push_back(path);
+      continue;
+    }
+    std::vector<std::string> in_dir;
     for (const auto& entry : fs::directory_iterator(path, ec)) {
       std::error_code file_ec;
       if (entry.path().extension() == ".json" && entry.is_regular_file(file_ec)) {
-        files.push_back(entry.path().string());
+        in_dir.push_back(entry.path().string());
       }
     }
-    if (ec) throw config_error(path, "cannot list the directory: " + ec.message());
-    std::sort(files.begin(), files.end());
-    for (const std::string& file : files) defs.push_back(load_definition_file(file));
+    if (ec) {
+      if (!problems) throw config_error(path, "cannot list the directory: " + ec.message());
+      problems->push_back({path, "cannot list the directory: " + ec.message()});
+    }
+    std::sort(in_dir.begin(), in_dir.end());
+    files.insert(files.end(), in_dir.begin(), in_dir.end());
+  }
+  return files;
+}
+
+}  // namespace
+
+definition load_definition_file(const std::string& path) {
+  std::vector<common::diagnostic> problems;
+  definition def = read_definition_file(path, problems);
+  if (!problems.empty()) throw common::config_errors(std::move(problems));
+  return def;
+}
+
+std::vector<definition> load_definitions(const std::vector<std::string>& paths) {
+  std::vector<definition> defs;
+  for (const std::string& file : expand_paths(paths, nullptr)) {
+    defs.push_back(load_definition_file(file));
   }
   check_definition_set(defs);
   return defs;
 }
 
 void check_definition_set(const std::vector<definition>& defs) {
+  auto problems = definition_set_problems(defs);
+  if (!problems.empty()) throw common::config_errors(std::move(problems));
+}
+
+std::vector<common::diagnostic> definition_set_problems(
+    const std::vector<definition>& defs, const std::vector<std::string>& also_known) {
+  std::vector<common::diagnostic> problems;
   std::map<std::pair<std::string, std::uint32_t>, const definition*> seen;
   std::map<std::string, std::vector<std::string>> children;  // workflow name -> sub-workflows
   for (const definition& d : defs) {
     const auto [it, fresh] = seen.emplace(std::make_pair(d.name, d.version), &d);
     if (!fresh) {
-      throw config_error(d.source + ": /workflow/name",
-                         "workflow " + in_quotes(d.name) + " version " + std::to_string(d.version) +
-                             " is also defined in " + it->second->source +
-                             "; give one of them another \"version\"");
+      problems.push_back({d.source + ": /workflow/name",
+                          "workflow " + in_quotes(d.name) + " version " +
+                              std::to_string(d.version) + " is also defined in " +
+                              it->second->source + "; give one of them another \"version\""});
     }
     auto& list = children[d.name];
     for (auto& name : d.sub_workflows()) list.push_back(std::move(name));
   }
   for (const definition& d : defs) {
     walk_steps(d.steps, [&](const step& s) {
-      if (s.kind != step_kind::workflow || children.count(s.workflow)) return;
+      if (s.kind != step_kind::workflow || s.workflow.empty() || children.count(s.workflow) ||
+          std::find(also_known.begin(), also_known.end(), s.workflow) != also_known.end()) {
+        return;
+      }
       std::vector<std::string> known;
       for (const auto& [name, _] : children) known.push_back(name);
-      throw config_error(d.source + ": " + s.path + "/workflow",
-                         "no definition provides workflow " + in_quotes(s.workflow) +
-                             " (loaded: " + join(known) + ")");
+      std::string hint;
+      const std::vector<std::string_view> names(known.begin(), known.end());
+      if (const auto best = common::closest_word(s.workflow, names)) {
+        hint = "did you mean " + in_quotes(*best) + "? ";
+      }
+      problems.push_back({d.source + ": " + s.path + "/workflow",
+                          "no definition provides workflow " + in_quotes(s.workflow) + " (" + hint +
+                              "loaded: " + join(known) +
+                              "; give the file that defines it too, or the deployment that "
+                              "loads it)"});
     });
   }
   // A workflow that (through its sub-workflows) starts itself would never end.
@@ -1044,8 +1145,9 @@ void check_definition_set(const std::vector<definition>& defs) {
             }
           });
         }
-        throw config_error(where, "sub-workflows form a cycle: " + join(cycle, " -> ") +
-                                      "; an instance would start itself forever");
+        problems.push_back({where, "sub-workflows form a cycle: " + join(cycle, " -> ") +
+                                       "; an instance would start itself forever"});
+        continue;
       }
       if (state[next] == 0) visit(next);
     }
@@ -1055,6 +1157,69 @@ void check_definition_set(const std::vector<definition>& defs) {
   for (const auto& [name, _] : children) {
     if (state[name] == 0) visit(name);
   }
+  return problems;
+}
+
+int validate_definition_files(const std::vector<std::string>& paths, std::FILE* out, std::FILE* err,
+                              std::vector<common::diagnostic> problems) {
+  // `problems`: found before (a deployment's), then the paths that cannot be read.
+  const std::vector<std::string> files = expand_paths(paths, &problems);
+
+  struct checked {
+    std::string file;
+    definition def;
+    std::vector<common::diagnostic> problems;
+  };
+  std::vector<checked> all;
+  std::set<std::string> seen;
+  for (const std::string& file : files) {
+    std::error_code ec;
+    const auto canonical = std::filesystem::weakly_canonical(file, ec).string();
+    if (!seen.insert(ec ? file : canonical).second) continue;  // named twice: checked once
+    checked c;
+    c.file = file;
+    c.def = read_definition_file(file, c.problems);
+    all.push_back(std::move(c));
+  }
+  // The set: valid definitions are checked together; invalid ones still provide their name,
+  // so that a sub-workflow defined in a broken file is not reported twice.
+  std::vector<definition> valid;
+  std::vector<std::string> broken_names;
+  for (const checked& c : all) {
+    if (c.problems.empty()) {
+      valid.push_back(c.def);
+    } else if (!c.def.name.empty()) {
+      broken_names.push_back(c.def.name);
+    }
+  }
+  for (auto& d : definition_set_problems(valid, broken_names)) {
+    const auto owner = std::find_if(all.begin(), all.end(), [&](const checked& c) {
+      return d.where == c.file || d.where.rfind(c.file + ": ", 0) == 0;
+    });
+    if (owner == all.end()) {
+      problems.push_back(std::move(d));
+    } else {
+      owner->problems.push_back(std::move(d));
+    }
+  }
+
+  for (const auto& p : problems) std::fprintf(err, "%s\n", p.to_string().c_str());
+  std::size_t count = problems.size();
+  for (const checked& c : all) {
+    if (c.problems.empty()) {
+      std::fprintf(out, "%s: ok (%s v%u, %zu top-level step(s))\n", c.file.c_str(),
+                   c.def.name.c_str(), c.def.version, c.def.steps.size());
+      continue;
+    }
+    count += c.problems.size();
+    for (const auto& p : c.problems) std::fprintf(err, "%s\n", p.to_string().c_str());
+  }
+  if (count > 0) {
+    std::fprintf(err, "%zu problem%s found\n", count, count == 1 ? "" : "s");
+  }
+  std::fflush(out);
+  std::fflush(err);
+  return count == 0 ? k_valid : k_invalid;
 }
 
 std::optional<millis> parse_duration(const json& value) {

@@ -9,9 +9,10 @@
 // Loading validates everything that can be checked without starting a process: types, unknown
 // keys, durations, duplicate names. Relative paths (programs containing a '/', specs, stores,
 // workflow files, working directories) are made absolute against the file's directory.
-// Errors throw common::config_error whose where() is "<file>: <yaml path>" (for example
-// "deploy/deployment.yaml: agents[1].restart.backoff") and whose message says what is wrong,
-// with the line and column.
+// Every problem of the file is found in one pass: they throw one common::config_error (a
+// common::config_errors listing them all, in file order) whose where() is the first one's
+// "<file>: <yaml path>" (for example "deploy/deployment.yaml: agents[1].restart.backoff"), and
+// each message says what is wrong, with the line and column.
 //
 // Program names without a '/' are looked up when the deployment is launched, by
 // find_program(): so that a file can be validated on a machine that lacks the binaries.
@@ -23,6 +24,7 @@
 #include <string_view>
 #include <vector>
 
+#include "ensemble/common/config_reader.hpp"
 #include "ensemble/common/spawn.hpp"
 
 namespace ensemble::cli {
@@ -76,6 +78,12 @@ struct deployment {
 deployment load_deployment(const std::string& path);
 // Parses YAML text; `file` names it in errors and its directory anchors relative paths.
 deployment parse_deployment(const std::string& yaml, const std::string& file);
+
+// What `ensemble validate --deployment PATH` checks besides workflow files: the deployment
+// file and its agents' specs, without looking for programs. Returns every problem found, and
+// appends the orchestrator's workflow files and directories to `workflows`.
+std::vector<common::diagnostic> check_deployment(const std::string& path,
+                                                 std::vector<std::string>& workflows);
 
 // Where a program is, and where it was looked for when it is not found.
 struct program_location {

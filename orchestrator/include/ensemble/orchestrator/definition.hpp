@@ -5,18 +5,23 @@
 // A definition is loaded once, at start-up (or when a client registers one), so this is the
 // configuration tier: everything here throws common::config_error, whose message names the
 // file, the JSON path (RFC 6901 pointer, e.g. "/workflow/steps/2/retry/max_attempts") and the
-// problem. Once parsed, a definition is immutable and shared by every instance of it.
+// problem. Every problem of a document is found in one pass: the error lists them all, one per
+// line (common::config_errors::diagnostics()), in file order. Once parsed, a definition is
+// immutable and shared by every instance of it.
 //
 // Step names are unique across the whole definition, nested steps included, so that
 // `${steps.<name>...}` and `on_error.goto` are unambiguous.
 
 #include <chrono>
 #include <cstdint>
+#include <cstdio>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
+
+#include "ensemble/common/config_reader.hpp"
 
 namespace ensemble::orchestrator {
 
@@ -139,15 +144,32 @@ struct definition {
 };
 
 // Parses and validates one definition document. `source` names it in errors.
-// Throws common::config_error("<source>: <json pointer>", "<problem>").
+// Throws one common::config_error listing every problem ("<source>: <json pointer>: <problem>").
 definition parse_definition(const json& doc, const std::string& source);
-// Reads and parses a file; JSON syntax errors name the file, line and column.
+// Reads and parses a file; JSON syntax errors name the file, line and column, and every other
+// problem ends with "(line L, column C)".
 definition load_definition_file(const std::string& path);
 // Files, and directories (their *.json files, sorted). Also checks what only a set can show:
-// duplicate (name, version) pairs and sub-workflows that no definition provides.
+// duplicate (name, version) pairs, sub-workflows that no definition provides, cycles.
 std::vector<definition> load_definitions(const std::vector<std::string>& paths);
 // The cross-definition checks of load_definitions, for definitions built otherwise.
 void check_definition_set(const std::vector<definition>& defs);
+// The problems check_definition_set throws. Sub-workflows named in `also_known` count as
+// provided.
+std::vector<common::diagnostic> definition_set_problems(
+    const std::vector<definition>& defs, const std::vector<std::string>& also_known = {});
+
+// What `ensemble validate` and `ensemble-orchestrator --validate` do (docs/workflows.md,
+// "Validating"): checks every file of `paths` (directories: their *.json files; a file named
+// twice is checked once) and the set as a whole — sub-workflows resolve among these files.
+// Prints "FILE: ok (...)" on `out` for a valid file, and on `err` one line per problem
+// ("FILE: PATH: message"): `problems` found before (they count), then file by file, in file
+// order; then "N problems found". Returns k_valid or k_invalid.
+inline constexpr int k_valid = 0;
+inline constexpr int k_invalid = 1;      // a file or the set has a problem, or cannot be read
+inline constexpr int k_usage_error = 2;  // bad command line (the commands' own parsing)
+int validate_definition_files(const std::vector<std::string>& paths, std::FILE* out, std::FILE* err,
+                              std::vector<common::diagnostic> problems = {});
 
 // "250ms", "2s", "1.5s", "1m", "1h", or an integer number of milliseconds. nullopt if invalid.
 std::optional<millis> parse_duration(const json& value);
