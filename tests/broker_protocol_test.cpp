@@ -290,7 +290,8 @@ TEST_F(broker_protocol_test, unknown_service_is_answered_no_such_service_at_the_
   EXPECT_EQ(r.hdr.error_code, "no_such_service");
   EXPECT_TRUE(r.hdr.retryable);
   EXPECT_TRUE(contains(r.hdr.error_message, "'Nope'"));
-  EXPECT_TRUE(r.hdr.worker.empty());
+  // The broker's own answers say so (docs/protocol.md section 3, `worker`).
+  EXPECT_EQ(r.hdr.worker, "broker");
 }
 
 TEST_F(broker_protocol_test, a_worker_registering_before_the_deadline_gets_the_waiting_request) {
@@ -372,7 +373,14 @@ TEST_F(broker_protocol_test, bye_with_a_request_in_flight_answers_worker_lost_at
   auto r = client_->expect(command::reply);
   EXPECT_EQ(r.hdr.id, h.id);
   EXPECT_EQ(r.hdr.error_code, "worker_lost");
+  EXPECT_EQ(r.hdr.worker, "broker");
   EXPECT_EQ(admin("stats")["workers"], 0);
+  // It is the worker that goes: its service stays listed, with no workers and capacity 0.
+  const json services = admin("services")["services"];
+  ASSERT_EQ(services.size(), 1u) << services.dump();
+  EXPECT_EQ(services[0]["service"], "Echo");
+  EXPECT_EQ(services[0]["capacity"], 0);
+  EXPECT_TRUE(services[0]["workers"].empty());
   // Its services are gone: a new request waits for another worker until its deadline, and
   // since nobody offered the service meanwhile it is answered no_such_service
   // (docs/protocol.md, sections 4 and 6).
@@ -432,6 +440,7 @@ TEST_F(broker_protocol_test, broker_service_ping_services_stats) {
   EXPECT_EQ(r.hdr.error_code, "unknown_action");
   EXPECT_FALSE(r.hdr.retryable);
   EXPECT_TRUE(contains(r.hdr.error_message, "'reboot'"));
+  EXPECT_EQ(r.hdr.worker, "broker");
 }
 
 // ---- events --------------------------------------------------------------------------------

@@ -177,6 +177,7 @@ void broker::impl::reply_error(const peer_id& peer, const header& request, const
   h.error_code = err.code;
   h.error_message = err.message;
   h.retryable = err.retryable;
+  h.worker = std::string(k_broker_service);  // the broker answered, not a worker
   count_error(err.code);
   log->debug("{}.{} id={} correlation={} -> {}: {}", request.service, request.action, request.id,
              request.correlation_id, err.code, err.message);
@@ -302,10 +303,15 @@ void broker::impl::handle_router(steady_clock::time_point now) {
   const bool registered = reg.touch(peer, now);
   const worker* w = registered ? reg.find_worker(peer) : nullptr;
   if (!parsed) {
-    ++stats.malformed;
-    log->warn("malformed message from {}: {}", peer_label(w, peer), failure.err.message);
-    if (failure.header_decoded &&
-        failure.command_byte == static_cast<std::uint8_t>(command::request) &&
+    // too_large (a header over its limit) is counted in errors_by_code only, like an oversized
+    // message; everything else here is malformed.
+    if (failure.err.code != errc::too_large) ++stats.malformed;
+    log->warn("malformed message from {} (id={}): {}", peer_label(w, peer), failure.hdr.id,
+              failure.err.message);
+    // docs/protocol.md section 4, "Refusals": a REQUEST whose id could be read is answered
+    // with a REPLY, whatever else is wrong with it; the rest with an ERROR carrying the id
+    // when it could be read.
+    if (failure.command_byte == static_cast<std::uint8_t>(command::request) &&
         !failure.hdr.id.empty()) {
       reply_error(peer, failure.hdr, failure.err);
     } else {
@@ -387,13 +393,18 @@ void broker::impl::on_request(const peer_id& peer, const worker* w, common::pars
   header& h = m.hdr;
   std::string problem;
   if (h.id.empty()) {
-    problem = "REQUEST without 'id'";
+    problem = "REQUEST without 'id': every REQUEST needs one (a str of 1.." +
+              std::to_string(common::k_max_id_length) + " bytes), so that its REPLY can be matched";
   } else if (h.id.size() > common::k_max_id_length) {
-    problem = "REQUEST 'id' is longer than " + std::to_string(common::k_max_id_length) + " bytes";
-  } else if (problem = common::check_name("'service'", h.service); !problem.empty()) {
-  } else if (problem = common::check_name("'action'", h.action); !problem.empty()) {
+    problem = "REQUEST 'id' is " + std::to_string(h.id.size()) +
+              " bytes, longer than the limit of " + std::to_string(common::k_max_id_length);
+  } else if (problem = common::check_name("REQUEST 'service'", h.service); !problem.empty()) {
+  } else if (problem = common::check_name("REQUEST 'action'", h.action); !problem.empty()) {
   } else if (h.deadline_ms == 0) {
-    problem = "REQUEST without 'deadline_ms' (every request needs a deadline)";
+    // An explicit 0 is refused by the codec; here the field is absent.
+    problem =
+        "REQUEST without 'deadline_ms': every REQUEST needs a time budget, a whole number of "
+        "milliseconds of at least 1";
   }
   if (!problem.empty()) {
     ++stats.malformed;
@@ -476,8 +487,19 @@ void broker::impl::execute_decisions(steady_clock::time_point now) {
 }
 
 void broker::impl::on_reply(const peer_id& peer, const worker* w, common::parsed_message& m) {
-  ++stats.replies;
   const std::uint64_t token = m.hdr.token;
+  if (token == 0) {
+    // Not a late or stray reply but a worker that does not echo tokens: it must hear about
+    // it, or it waits for nothing and its caller gets deadline_exceeded with no clue why.
+    ++stats.malformed;
+    const std::string problem =
+        "REPLY without 'token': a worker's REPLY must echo the 'token' of the DISPATCH it "
+        "answers; this reply was dropped";
+    log->warn("{} (id={}): {}", peer_label(w, peer), m.hdr.id, problem);
+    send_error(peer, error::make(errc::bad_request, problem), m.hdr.id);
+    return;
+  }
+  ++stats.replies;
   pending_request* r = reg.reply_from(peer, token);
   if (r == nullptr) {
     ++stats.unknown_replies;
@@ -542,9 +564,9 @@ void broker::impl::on_publish(const peer_id& peer, const worker* w, common::pars
   header& h = m.hdr;
   std::string problem;
   if (h.id.empty()) {
-    problem = "PUBLISH without 'id'";
-  } else {
-    problem = common::check_topic(h.topic);
+    problem = "PUBLISH without 'id': every PUBLISH needs one (a str), the event's id";
+  } else if (problem = common::check_topic(h.topic); !problem.empty()) {
+    problem = "PUBLISH " + problem;
   }
   if (!problem.empty()) {
     ++stats.malformed;
