@@ -443,6 +443,80 @@ TEST_F(broker_protocol_test, broker_service_ping_services_stats) {
   EXPECT_EQ(r.hdr.worker, "broker");
 }
 
+// ---- the broker's log (docs/protocol.md, "Registration") -----------------------------------
+
+// The connection id the broker logged for `agent`'s registration, from a line such as
+// "registered w1 (connection 006b8b4567) offering [Echo x1]"; empty if none.
+std::vector<std::string> logged_connections(const tk::process& broker, const std::string& agent) {
+  std::vector<std::string> out;
+  const std::string marker = "registered " + agent + " (connection ";
+  for (const auto& line : broker.lines()) {
+    const auto at = line.find(marker);
+    if (at == std::string::npos) continue;
+    const auto from = at + marker.size();
+    out.push_back(line.substr(from, line.find(')', from) - from));
+  }
+  return out;
+}
+
+// Peers that offer no service (each `ensemble` CLI call is one) register and leave at debug;
+// workers at info. At the default level only the worker shows.
+TEST_F(broker_protocol_test, clients_register_and_leave_at_debug_workers_at_info) {
+  start();
+  raw_peer cli(ctx_, broker_->router());
+  header hello;
+  hello.agent = "short-lived-cli";
+  cli.send(command::hello, hello);
+  cli.expect(command::welcome);
+  cli.send(command::bye, header{});
+  // Answered after the BYE before it on the same connection was handled.
+  header ping = request("broker", "ping");
+  cli.send(command::request, ping);
+  EXPECT_EQ(cli.expect(command::reply).hdr.id, ping.id);
+
+  raw_worker w(ctx_, broker_->router(), "long-lived-worker", "Echo");
+  w.send(command::bye, header{});
+  ASSERT_TRUE(broker_->proc().wait_for_line("long-lived-worker (connection", k_wait));
+  ASSERT_TRUE(broker_->proc().wait_for_line("said goodbye", k_wait));
+  for (const auto& line : broker_->proc().lines()) {
+    EXPECT_EQ(line.find("short-lived-cli"), std::string::npos) << line;
+  }
+}
+
+// An agent that restarts registers on a new connection while the broker still holds its
+// previous one; when a DISPATCH to the previous one fails, the log must say that it is the
+// previous connection that goes, and name both.
+TEST_F(broker_protocol_test, unreachable_previous_connection_is_named_beside_the_new_one) {
+  start({"--heartbeat", "60000"});  // the previous connection is not declared lost meanwhile
+  auto before = std::make_unique<raw_worker>(ctx_, broker_->router(), "orch", "Orch", 1000);
+  raw_worker after(ctx_, broker_->router(), "orch", "Orch", 1000);
+  std::vector<std::string> connections;
+  ASSERT_TRUE(tk::wait_until(
+      [&] { return (connections = logged_connections(broker_->proc(), "orch")).size() == 2; },
+      k_wait))
+      << broker_->proc().tail();
+  before.reset();  // the previous process is gone; its connection closes
+
+  // Requests alternate over the two connections (least recently used first); once the
+  // ROUTER has noticed that the first is closed, a DISPATCH to it fails.
+  std::optional<std::string> line;
+  const auto until = std::chrono::steady_clock::now() + k_wait;
+  while (!line && std::chrono::steady_clock::now() < until) {
+    client_->send(command::request, request("Orch", "x", 200));
+    while (auto m = after.next(20ms)) {
+      if (m->cmd != command::dispatch) continue;
+      header reply;
+      reply.id = m->hdr.id;
+      reply.token = m->hdr.token;
+      after.send(command::reply, reply);
+    }
+    line = broker_->proc().wait_for_line("is unreachable", 0ms);
+  }
+  ASSERT_TRUE(line.has_value()) << "no DISPATCH to the closed connection failed";
+  EXPECT_TRUE(contains(*line, "previous connection " + connections[0])) << *line;
+  EXPECT_TRUE(contains(*line, "registered again on connection " + connections[1])) << *line;
+}
+
 // ---- events --------------------------------------------------------------------------------
 
 class event_sub {

@@ -44,15 +44,27 @@ struct counters {
   std::map<std::string, std::uint64_t> errors_by_code;
 };
 
-std::string peer_label(const worker* w, const peer_id& peer) {
-  if (w != nullptr && !w->agent.empty()) return w->agent;
+// The ROUTER's routing id of a connection, in hex: two connections of one agent name (an
+// agent that restarted while the broker still holds its previous connection) differ here.
+std::string connection_label(const peer_id& peer) {
   static constexpr char k_hex[] = "0123456789abcdef";
-  std::string out = "peer:";
+  std::string out;
   for (unsigned char c : peer) {
     out += k_hex[c >> 4];
     out += k_hex[c & 15];
   }
   return out;
+}
+
+std::string peer_label(const worker* w, const peer_id& peer) {
+  if (w != nullptr && !w->agent.empty()) return w->agent;
+  return "peer:" + connection_label(peer);
+}
+
+// Peers that offer no service (the CLI, a script calling one service) come and go with each
+// call: their registrations and goodbyes are logged at debug, those of workers at info.
+spdlog::level::level_enum lifecycle_level(const worker* w) {
+  return w != nullptr && !w->offers.empty() ? spdlog::level::info : spdlog::level::debug;
 }
 
 std::string bind_or_throw(zmq::socket_t& socket, const std::string& endpoint, const char* what) {
@@ -150,6 +162,7 @@ struct broker::impl {
   void reply_error(const peer_id& peer, const header& request, const error& err);
   void send_error(const peer_id& peer, const error& err, const std::string& about_id);
   void count_error(const std::string& code) { ++stats.errors_by_code[code]; }
+  std::string unreachable_message(const worker& gone) const;
   json services_json() const;
   json stats_json() const;
 };
@@ -368,7 +381,8 @@ void broker::impl::handle_router(steady_clock::time_point now) {
       break;
     case command::bye:
       if (registered) {
-        log->info("worker {} said goodbye", peer_label(w, peer));
+        log->log(lifecycle_level(w), "{} (connection {}) said goodbye", peer_label(w, peer),
+                 connection_label(peer));
         reg.remove_worker(peer, decisions);
         execute_decisions(now);
       }
@@ -478,12 +492,30 @@ void broker::impl::execute_decisions(steady_clock::time_point now) {
     log->debug("dispatch {}.{} id={} token={} to {}", h.service, h.action, h.id, h.token,
                r->assigned->owner->agent);
     if (!send_to(worker_peer, command::dispatch, h, std::move(payload))) {
-      log->warn("worker {} is unreachable; removing it", r->assigned->owner->agent);
+      log->warn("{}", unreachable_message(*r->assigned->owner));
       ++stats.workers_lost;
       reg.remove_worker(worker_peer, decisions);
     }
   }
   decisions.clear();
+}
+
+// A DISPATCH could not be sent: the worker's connection is gone. When the agent has
+// registered again on a new connection (it restarted faster than heartbeat x liveness), the
+// line says that it is the previous connection that goes, not the agent.
+std::string broker::impl::unreachable_message(const worker& gone) const {
+  std::string others;
+  for (const auto& [id, other] : reg.workers()) {
+    if (other.get() == &gone || other->agent != gone.agent) continue;
+    others += (others.empty() ? "" : ", ") + connection_label(id);
+  }
+  if (others.empty()) {
+    return "worker " + gone.agent + " (connection " + connection_label(gone.id) +
+           ") is unreachable; removing it";
+  }
+  return "worker " + gone.agent + ": its previous connection " + connection_label(gone.id) +
+         " is unreachable; removing that connection (" + gone.agent +
+         " is registered again on connection " + others + ")";
 }
 
 void broker::impl::on_reply(const peer_id& peer, const worker* w, common::parsed_message& m) {
@@ -641,7 +673,9 @@ void broker::impl::on_hello(const peer_id& peer, common::parsed_message& m,
   for (const auto& s : h.services) {
     offered += (offered.empty() ? "" : ", ") + s.name + "x" + std::to_string(s.capacity);
   }
-  log->info("{} {} offering [{}]", known ? "updated" : "registered", agent, offered);
+  const worker* now_registered = reg.find_worker(peer);
+  log->log(lifecycle_level(now_registered), "{} {} (connection {}) offering [{}]",
+           known ? "updated" : "registered", agent, connection_label(peer), offered);
   header welcome;
   welcome.broker = broker_id;
   welcome.heartbeat_ms = static_cast<std::uint32_t>(cfg.heartbeat.count());
