@@ -48,7 +48,7 @@ struct service_offer {
 
 // Every field of every command. Empty strings, zero numbers and false mean "absent" (the
 // field's default) and are not written; which fields a command requires is checked where the
-// command is handled. The codec (protocol.cpp) is driven by one table of these fields.
+// command is handled. The decoder (protocol.cpp) reads them through one table of fields.
 struct header {
   // Message identity and routing.
   std::string id;                 // request id / event id, chosen by the sender
