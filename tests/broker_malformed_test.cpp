@@ -146,21 +146,26 @@ std::vector<bad_case> bad_cases() {
        command::error,
        "bad_request",
        {"at least 3"}},
+      // The header of a message with an unknown command is still read: its id is known.
       {"unknown command byte",
        {k_tag, std::string("\x42"), request_header("u-1")},
        command::error,
        "bad_request",
-       {"unknown command 0x42"}},
+       {"unknown command 0x42"},
+       "u-1"},
       {"two-byte command frame",
        {k_tag, std::string("\x10\x10"), request_header("u-2")},
        command::error,
        "bad_request",
        {"frame 1 (command)"}},
+      // From here on the header is a map with a readable id: a REQUEST is answered with a
+      // REPLY carrying it, whatever else is wrong (docs/protocol.md, "Refusals").
       {"five frames",
        {k_tag, cmd_frame(command::request), request_header("f-1"), "payload", "extra"},
-       command::error,
+       command::reply,
        "bad_request",
-       {"REQUEST has 5 frames"}},
+       {"REQUEST has 5 frames"},
+       "f-1"},
       {"truncated msgpack header",
        {k_tag, cmd_frame(command::request), truncated},
        command::error,
@@ -168,9 +173,10 @@ std::vector<bad_case> bad_cases() {
        {"REQUEST", "truncated"}},
       {"header with trailing bytes",
        {k_tag, cmd_frame(command::request), request_header("tb-1") + std::string(1, '\0')},
-       command::error,
+       command::reply,
        "bad_request",
-       {"trailing bytes"}},
+       {"trailing bytes"},
+       "tb-1"},
       {"header not a map",
        {k_tag, cmd_frame(command::request), raw_header(json::array({1}))},
        command::error,
@@ -185,37 +191,88 @@ std::vector<bad_case> bad_cases() {
        {k_tag, cmd_frame(command::request),
         raw_header(
             {{"id", "d-1"}, {"service", "Echo"}, {"action", "say"}, {"deadline_ms", "soon"}})},
+       command::reply,
+       "bad_request",
+       {"'deadline_ms'", "str 'soon'", "milliseconds"},
+       "d-1"},
+      {"deadline_ms negative",
+       {k_tag, cmd_frame(command::request),
+        raw_header({{"id", "d-2"}, {"service", "Echo"}, {"action", "say"}, {"deadline_ms", -5}})},
+       command::reply,
+       "bad_request",
+       {"'deadline_ms'", "negative int -5"},
+       "d-2"},
+      {"deadline_ms float",
+       {k_tag, cmd_frame(command::request),
+        raw_header({{"id", "d-3"}, {"service", "Echo"}, {"action", "say"}, {"deadline_ms", 1.5}})},
+       command::reply,
+       "bad_request",
+       {"'deadline_ms'", "float 1.5"},
+       "d-3"},
+      {"deadline_ms 0",
+       {k_tag, cmd_frame(command::request),
+        raw_header({{"id", "d-4"}, {"service", "Echo"}, {"action", "say"}, {"deadline_ms", 0}})},
+       command::reply,
+       "bad_request",
+       {"'deadline_ms' is 0", "at least 1"},
+       "d-4"},
+      {"service as uint",
+       {k_tag, cmd_frame(command::request),
+        raw_header({{"id", "s-1"}, {"service", 7}, {"action", "say"}, {"deadline_ms", 1000}})},
+       command::reply,
+       "bad_request",
+       {"'service'", "must be a str", "uint 7"},
+       "s-1"},
+      {"correlation_id as uint",
+       {k_tag, cmd_frame(command::request),
+        raw_header({{"id", "ci-1"},
+                    {"service", "Echo"},
+                    {"action", "say"},
+                    {"deadline_ms", 1000},
+                    {"correlation_id", 42}})},
+       command::reply,
+       "bad_request",
+       {"'correlation_id'", "uint 42"},
+       "ci-1"},
+      {"id as uint",
+       {k_tag, cmd_frame(command::request),
+        raw_header({{"id", 9}, {"service", "Echo"}, {"action", "say"}, {"deadline_ms", 1000}})},
        command::error,
        "bad_request",
-       {"'deadline_ms'", "str"}},
+       {"'id'", "must be a str"}},
       {"retryable as uint",
        {k_tag, cmd_frame(command::request),
         raw_header({{"id", "r-1"},
                     {"service", "Echo"},
                     {"action", "say"},
                     {"deadline_ms", 1000},
-                    {"retryable", 1}})},
-       command::error,
+                    {"retryable", "yes"}})},
+       command::reply,
        "bad_request",
-       {"'retryable'"}},
+       {"'retryable'", "bool", "str 'yes'"},
+       "r-1"},
+      // Oversized, not malformed: too_large, counted in errors_by_code like a message over
+      // max_message_size; the id is still read.
       {"header over 16 KiB",
        {k_tag, cmd_frame(command::request),
         raw_header({{"id", "h-1"}, {"x_pad", std::string(20000, 'p')}})},
-       command::error,
-       "bad_request",
-       {"header frame", "limit"}},
+       command::reply,
+       "too_large",
+       {"header frame", "16384"},
+       "h-1",
+       false},
       {"REQUEST without id",
        {k_tag, cmd_frame(command::request),
         raw_header({{"service", "Echo"}, {"action", "say"}, {"deadline_ms", 1000}})},
        command::error,
        "bad_request",
-       {"'id'"}},
+       {"'id'", "so that its REPLY can be matched"}},
       {"REQUEST without deadline_ms",
        {k_tag, cmd_frame(command::request),
         raw_header({{"id", "nd-1"}, {"service", "Echo"}, {"action", "say"}})},
        command::reply,
        "bad_request",
-       {"'deadline_ms'"},
+       {"without 'deadline_ms'", "at least 1"},
        "nd-1"},
       {"REQUEST with an invalid service name",
        {k_tag, cmd_frame(command::request),
@@ -225,7 +282,7 @@ std::vector<bad_case> bad_cases() {
                     {"deadline_ms", 1000}})},
        command::reply,
        "bad_request",
-       {"'service'"},
+       {"'service' 'Echo Service' has a space at byte 4", "printable ASCII without spaces"},
        "sn-1"},
       {"REQUEST without action",
        {k_tag, cmd_frame(command::request),
@@ -252,8 +309,15 @@ std::vector<bad_case> bad_cases() {
        {k_tag, cmd_frame(command::publish), raw_header({{"id", "e-2"}, {"topic", "order/x"}})},
        command::error,
        "bad_request",
-       {"topic", "order/x"},
+       {"topic", "has '/' at byte 5"},
        "e-2"},
+      {"PUBLISH with ack as str",
+       {k_tag, cmd_frame(command::publish),
+        raw_header({{"id", "e-4"}, {"topic", "order.x"}, {"ack", "please"}})},
+       command::error,
+       "bad_request",
+       {"'ack'", "bool", "str 'please'"},
+       "e-4"},
       {"PUBLISH without topic",
        {k_tag, cmd_frame(command::publish), raw_header({{"id", "e-3"}})},
        command::error,
@@ -303,8 +367,9 @@ TEST_F(broker_malformed_test, each_bad_message_is_refused_and_the_good_pair_keep
     EXPECT_EQ(answer->hdr.error_code, c.code);
     EXPECT_FALSE(answer->hdr.retryable);
     for (const auto& m : c.mentions) EXPECT_TRUE(contains(answer->hdr.error_message, m));
-    if (!c.id.empty()) {
-      EXPECT_EQ(answer->hdr.id, c.id);
+    EXPECT_EQ(answer->hdr.id, c.id) << "the answer must carry the id when it could be read";
+    if (answer->cmd == command::reply) {
+      EXPECT_EQ(answer->hdr.worker, "broker") << "the broker's own answer";
     }
     EXPECT_EQ(malformed() - before, c.counts_as_malformed ? 1u : 0u)
         << "malformed counter; the answer was: " << answer->hdr.error_message;
@@ -327,6 +392,42 @@ TEST_F(broker_malformed_test, hello_with_an_invalid_agent_name_is_refused_and_co
   expect_still_serving();
   EXPECT_EQ(stats()["workers"], 1);
   EXPECT_EQ(malformed() - before, 1u) << "an invalid HELLO is a malformed message";
+}
+
+// A worker REPLY without 'token' cannot be tied to a request. It used to be dropped in
+// silence, leaving the worker waiting for nothing and its caller for its deadline; the worker
+// is told, with an ERROR carrying its reply's id (docs/protocol.md, "Refusals").
+TEST_F(broker_malformed_test, worker_reply_without_token_is_refused_with_its_id) {
+  header h;
+  h.id = "no-token-1";
+  h.service = "Echo";
+  h.action = "say";
+  h.deadline_ms = 5000;
+  client_->send(command::request, h, "p");
+  auto d = worker_->expect(command::dispatch);
+  const std::uint64_t before = malformed();
+
+  header tokenless;
+  tokenless.id = d.hdr.id;
+  worker_->send(command::reply, tokenless, "answer");
+  auto e = worker_->expect(command::error);
+  EXPECT_EQ(e.hdr.id, "no-token-1");
+  EXPECT_EQ(e.hdr.error_code, "bad_request");
+  EXPECT_FALSE(e.hdr.retryable);
+  EXPECT_TRUE(contains(e.hdr.error_message, "without 'token'"));
+  EXPECT_TRUE(contains(e.hdr.error_message, "echo"));
+  EXPECT_EQ(malformed() - before, 1u);
+
+  // The request is still the worker's to answer, and is answered once, properly.
+  header reply;
+  reply.id = d.hdr.id;
+  reply.token = d.hdr.token;
+  worker_->send(command::reply, reply, "answer");
+  auto r = client_->expect(command::reply);
+  EXPECT_EQ(r.hdr.id, "no-token-1");
+  EXPECT_FALSE(r.hdr.is_error()) << r.hdr.error_code << ": " << r.hdr.error_message;
+  EXPECT_EQ(r.hdr.worker, "good-worker");
+  expect_still_serving();
 }
 
 TEST_F(broker_malformed_test, oversized_request_is_answered_too_large) {

@@ -290,7 +290,8 @@ TEST_F(broker_protocol_test, unknown_service_is_answered_no_such_service_at_the_
   EXPECT_EQ(r.hdr.error_code, "no_such_service");
   EXPECT_TRUE(r.hdr.retryable);
   EXPECT_TRUE(contains(r.hdr.error_message, "'Nope'"));
-  EXPECT_TRUE(r.hdr.worker.empty());
+  // The broker's own answers say so (docs/protocol.md section 3, `worker`).
+  EXPECT_EQ(r.hdr.worker, "broker");
 }
 
 TEST_F(broker_protocol_test, a_worker_registering_before_the_deadline_gets_the_waiting_request) {
@@ -372,7 +373,14 @@ TEST_F(broker_protocol_test, bye_with_a_request_in_flight_answers_worker_lost_at
   auto r = client_->expect(command::reply);
   EXPECT_EQ(r.hdr.id, h.id);
   EXPECT_EQ(r.hdr.error_code, "worker_lost");
+  EXPECT_EQ(r.hdr.worker, "broker");
   EXPECT_EQ(admin("stats")["workers"], 0);
+  // It is the worker that goes: its service stays listed, with no workers and capacity 0.
+  const json services = admin("services")["services"];
+  ASSERT_EQ(services.size(), 1u) << services.dump();
+  EXPECT_EQ(services[0]["service"], "Echo");
+  EXPECT_EQ(services[0]["capacity"], 0);
+  EXPECT_TRUE(services[0]["workers"].empty());
   // Its services are gone: a new request waits for another worker until its deadline, and
   // since nobody offered the service meanwhile it is answered no_such_service
   // (docs/protocol.md, sections 4 and 6).
@@ -432,6 +440,81 @@ TEST_F(broker_protocol_test, broker_service_ping_services_stats) {
   EXPECT_EQ(r.hdr.error_code, "unknown_action");
   EXPECT_FALSE(r.hdr.retryable);
   EXPECT_TRUE(contains(r.hdr.error_message, "'reboot'"));
+  EXPECT_EQ(r.hdr.worker, "broker");
+}
+
+// ---- the broker's log (docs/protocol.md, "Registration") -----------------------------------
+
+// The connection id the broker logged for `agent`'s registration, from a line such as
+// "registered w1 (connection 006b8b4567) offering [Echo x1]"; empty if none.
+std::vector<std::string> logged_connections(const tk::process& broker, const std::string& agent) {
+  std::vector<std::string> out;
+  const std::string marker = "registered " + agent + " (connection ";
+  for (const auto& line : broker.lines()) {
+    const auto at = line.find(marker);
+    if (at == std::string::npos) continue;
+    const auto from = at + marker.size();
+    out.push_back(line.substr(from, line.find(')', from) - from));
+  }
+  return out;
+}
+
+// Peers that offer no service (each `ensemble` CLI call is one) register and leave at debug;
+// workers at info. At the default level only the worker shows.
+TEST_F(broker_protocol_test, clients_register_and_leave_at_debug_workers_at_info) {
+  start();
+  raw_peer cli(ctx_, broker_->router());
+  header hello;
+  hello.agent = "short-lived-cli";
+  cli.send(command::hello, hello);
+  cli.expect(command::welcome);
+  cli.send(command::bye, header{});
+  // Answered after the BYE before it on the same connection was handled.
+  header ping = request("broker", "ping");
+  cli.send(command::request, ping);
+  EXPECT_EQ(cli.expect(command::reply).hdr.id, ping.id);
+
+  raw_worker w(ctx_, broker_->router(), "long-lived-worker", "Echo");
+  w.send(command::bye, header{});
+  ASSERT_TRUE(broker_->proc().wait_for_line("long-lived-worker (connection", k_wait));
+  ASSERT_TRUE(broker_->proc().wait_for_line("said goodbye", k_wait));
+  for (const auto& line : broker_->proc().lines()) {
+    EXPECT_EQ(line.find("short-lived-cli"), std::string::npos) << line;
+  }
+}
+
+// An agent that restarts registers on a new connection while the broker still holds its
+// previous one; when a DISPATCH to the previous one fails, the log must say that it is the
+// previous connection that goes, and name both.
+TEST_F(broker_protocol_test, unreachable_previous_connection_is_named_beside_the_new_one) {
+  start({"--heartbeat", "60000"});  // the previous connection is not declared lost meanwhile
+  auto before = std::make_unique<raw_worker>(ctx_, broker_->router(), "orch", "Orch", 1000);
+  raw_worker after(ctx_, broker_->router(), "orch", "Orch", 1000);
+  std::vector<std::string> connections;
+  ASSERT_TRUE(tk::wait_until(
+      [&] { return (connections = logged_connections(broker_->proc(), "orch")).size() == 2; },
+      k_wait))
+      << broker_->proc().tail();
+  before.reset();  // the previous process is gone; its connection closes
+
+  // Requests alternate over the two connections (least recently used first); once the
+  // ROUTER has noticed that the first is closed, a DISPATCH to it fails.
+  std::optional<std::string> line;
+  const auto until = std::chrono::steady_clock::now() + k_wait;
+  while (!line && std::chrono::steady_clock::now() < until) {
+    client_->send(command::request, request("Orch", "x", 200));
+    while (auto m = after.next(20ms)) {
+      if (m->cmd != command::dispatch) continue;
+      header reply;
+      reply.id = m->hdr.id;
+      reply.token = m->hdr.token;
+      after.send(command::reply, reply);
+    }
+    line = broker_->proc().wait_for_line("is unreachable", 0ms);
+  }
+  ASSERT_TRUE(line.has_value()) << "no DISPATCH to the closed connection failed";
+  EXPECT_TRUE(contains(*line, "previous connection " + connections[0])) << *line;
+  EXPECT_TRUE(contains(*line, "registered again on connection " + connections[1])) << *line;
 }
 
 // ---- events --------------------------------------------------------------------------------

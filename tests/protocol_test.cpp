@@ -1,16 +1,16 @@
 // The wire codec on its own: header encode/decode round-trips, the errors decode_header and
 // parse_message give for every kind of bad input (each must name the field or frame), and the
 // topic and name rules. No sockets are connected; zmq::message_t is only used as a frame.
+#include "ensemble/common/protocol.hpp"
+
 #include <gtest/gtest.h>
 
-#include <msgpack.hpp>
-
 #include <functional>
+#include <msgpack.hpp>
 #include <string>
 #include <vector>
 
 #include "ensemble/common/frames.hpp"
-#include "ensemble/common/protocol.hpp"
 
 namespace ec = ensemble::common;
 using ec::command;
@@ -21,8 +21,8 @@ namespace {
 // gtest without gmock: a substring check whose failure shows both strings.
 ::testing::AssertionResult contains(const std::string& haystack, std::string_view needle) {
   if (haystack.find(needle) != std::string::npos) return ::testing::AssertionSuccess();
-  return ::testing::AssertionFailure() << "'" << haystack << "' does not contain '" << needle
-                                       << "'";
+  return ::testing::AssertionFailure()
+         << "'" << haystack << "' does not contain '" << needle << "'";
 }
 
 // Raw msgpack, for inputs encode_header would never produce.
@@ -139,7 +139,9 @@ std::vector<zmq::message_t> frames_of(const std::vector<std::string>& parts) {
 }
 
 const std::string k_tag(ec::k_protocol_tag);
-std::string cmd(std::uint8_t byte) { return std::string(1, static_cast<char>(byte)); }
+std::string cmd(std::uint8_t byte) {
+  return std::string(1, static_cast<char>(byte));
+}
 
 // Parses frames[first...], expecting failure; returns the failure.
 ec::parse_failure parse_error(std::vector<zmq::message_t> frames, std::size_t first = 0) {
@@ -204,7 +206,10 @@ TEST(protocol_test, header_each_field_alone_round_trips_and_is_the_only_key) {
       {"error_code", [](header& h) { h.error_code = "e"; }},
       {"error_message", [](header& h) { h.error_message = "m"; }},
       {"agent", [](header& h) { h.agent = "a"; }},
-      {"services", [](header& h) { h.services = {{"S", 7}}; }},
+      {"services",
+       [](header& h) {
+         h.services = {{"S", 7}};
+       }},
       {"heartbeat_ms", [](header& h) { h.heartbeat_ms = 250; }},
       {"max_message_size", [](header& h) { h.max_message_size = 1ULL << 40; }},
       {"broker", [](header& h) { h.broker = "b"; }},
@@ -275,13 +280,15 @@ TEST(protocol_test, header_unknown_keys_are_preserved_verbatim) {
     p.pack_true();
   });
   const std::string input = pack([&](auto& p) {
-    p.pack_map(4);
-    pack_str(p, "id");
-    pack_str(p, "e-1");
-  }) + unknown_1 + pack([](auto& p) {
-    pack_str(p, "deadline_ms");
-    p.pack_uint64(10);
-  }) + unknown_2;
+                              p.pack_map(4);
+                              pack_str(p, "id");
+                              pack_str(p, "e-1");
+                            }) +
+                            unknown_1 + pack([](auto& p) {
+                              pack_str(p, "deadline_ms");
+                              p.pack_uint64(10);
+                            }) +
+                            unknown_2;
 
   auto decoded = ec::decode_header(input);
   ASSERT_TRUE(decoded.ok()) << decoded.err().message;
@@ -296,8 +303,8 @@ TEST(protocol_test, header_unknown_keys_are_preserved_verbatim) {
   forwarded.token = 17;
   const std::string out = ec::encode_header(forwarded);
   EXPECT_NE(out.find(unknown_1 + unknown_2), std::string::npos);
-  EXPECT_EQ(keys_of(out), (std::vector<std::string>{"id", "deadline_ms", "token", "x_future",
-                                                    "z_flag"}));
+  EXPECT_EQ(keys_of(out),
+            (std::vector<std::string>{"id", "deadline_ms", "token", "x_future", "z_flag"}));
   auto again = ec::decode_header(out);
   ASSERT_TRUE(again.ok()) << again.err().message;
   EXPECT_EQ(again->extra, decoded->extra);
@@ -310,12 +317,12 @@ TEST(protocol_test, header_unknown_keys_are_preserved_verbatim) {
 TEST(protocol_test, decode_error_wrong_type_names_the_field_and_the_types) {
   auto msg = decode_error(one_field("deadline_ms", [](auto& p) { pack_str(p, "soon"); }));
   EXPECT_TRUE(contains(msg, "'deadline_ms'"));
-  EXPECT_TRUE(contains(msg, "uint"));
-  EXPECT_TRUE(contains(msg, "str"));
+  EXPECT_TRUE(contains(msg, "whole number of milliseconds"));
+  EXPECT_TRUE(contains(msg, "got str 'soon'"));
 
   msg = decode_error(one_field("id", [](auto& p) { p.pack_uint64(7); }));
   EXPECT_TRUE(contains(msg, "'id'"));
-  EXPECT_TRUE(contains(msg, "must be str"));
+  EXPECT_TRUE(contains(msg, "must be a str, got uint 7"));
 
   msg = decode_error(one_field("retryable", [](auto& p) { p.pack_uint64(1); }));
   EXPECT_TRUE(contains(msg, "'retryable'"));
@@ -336,8 +343,8 @@ TEST(protocol_test, decode_error_wrong_type_names_the_field_and_the_types) {
 
 TEST(protocol_test, decode_error_out_of_range_integer_names_the_field) {
   const auto msg = decode_error(one_field("attempt", [](auto& p) { p.pack_uint64(1ULL << 32); }));
-  EXPECT_TRUE(contains(msg, "'attempt'"));
-  EXPECT_TRUE(contains(msg, "out of range"));
+  EXPECT_TRUE(contains(msg, "'attempt' is 4294967296"));
+  EXPECT_TRUE(contains(msg, "up to 4294967295"));
   const auto msg2 =
       decode_error(one_field("heartbeat_ms", [](auto& p) { p.pack_uint64(1ULL << 33); }));
   EXPECT_TRUE(contains(msg2, "'heartbeat_ms'"));
@@ -456,28 +463,108 @@ TEST(protocol_test, decode_error_keys_must_be_str) {
 
 TEST(protocol_test, decode_error_too_large) {
   header h;
-  h.id = std::string(ec::k_max_header_bytes, 'x');  // the frame is a few bytes more than that
+  h.id = "big-1";
+  h.correlation_id = std::string(ec::k_max_header_bytes, 'x');  // a few bytes more than that
   const std::string bytes = ec::encode_header(h);
   ASSERT_GT(bytes.size(), ec::k_max_header_bytes);
-  const auto msg = decode_error(bytes);
-  EXPECT_TRUE(contains(msg, std::to_string(bytes.size()) + " bytes"));
-  EXPECT_TRUE(contains(msg, "limit"));
+  header partial;
+  auto r = ec::decode_header(bytes, &partial);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.err().code, ec::errc::too_large);  // not malformed: too large, like a payload
+  EXPECT_TRUE(contains(r.err().message, std::to_string(bytes.size()) + " bytes"));
+  EXPECT_TRUE(contains(r.err().message, "limit of 16384"));
+  EXPECT_EQ(partial.id, "big-1") << "the refusal must be able to name the message";
 
   // Just under the limit is fine.
-  h.id = std::string(ec::k_max_header_bytes - 64, 'x');
+  h.correlation_id = std::string(ec::k_max_header_bytes - 64, 'x');
   EXPECT_TRUE(ec::decode_header(ec::encode_header(h)).ok());
 }
 
+// docs/protocol.md section 3: the header map is level 1, each array or map inside it adds one.
 TEST(protocol_test, decode_error_nesting_deeper_than_four_levels) {
-  const std::string bytes = one_field("x_deep", [](auto& p) {
-    p.pack_array(1);
-    p.pack_array(1);
-    p.pack_array(1);
-    p.pack_array(1);
-    p.pack_array(1);
-    p.pack_uint64(1);
+  const auto nested = [](int containers) {
+    return one_field("x_deep", [containers](auto& p) {
+      for (int i = 0; i < containers; ++i) p.pack_array(1);
+      p.pack_uint64(1);
+    });
+  };
+  auto four = ec::decode_header(nested(3));  // the map and 3 arrays: 4 levels
+  ASSERT_TRUE(four.ok()) << four.err().message;
+  EXPECT_EQ(four->extra_count, 1u);
+  const auto msg = decode_error(nested(4));
+  EXPECT_TRUE(contains(msg, "deeper than 4 levels"));
+  EXPECT_TRUE(contains(msg, "header map is level 1"));
+}
+
+// docs/protocol.md section 3: a non-negative integer is accepted in any msgpack encoding; a
+// client library may well write 5000 as int16 or int64.
+TEST(protocol_test, non_negative_integers_in_any_encoding_are_accepted) {
+  const std::vector<std::pair<std::string, std::string>> encodings = {
+      {"positive fixint", std::string("\x7f", 1)},
+      {"uint8", std::string("\xcc\x7f", 2)},
+      {"uint16", std::string("\xcd\x00\x7f", 3)},
+      {"uint32", std::string("\xce\x00\x00\x00\x7f", 5)},
+      {"uint64", std::string("\xcf\x00\x00\x00\x00\x00\x00\x00\x7f", 9)},
+      {"int8", std::string("\xd0\x7f", 2)},
+      {"int16", std::string("\xd1\x00\x7f", 3)},
+      {"int32", std::string("\xd2\x00\x00\x00\x7f", 5)},
+      {"int64", std::string("\xd3\x00\x00\x00\x00\x00\x00\x00\x7f", 9)},
+  };
+  for (const auto& [name, value] : encodings) {
+    SCOPED_TRACE(name);
+    const std::string bytes = std::string("\x81\xab") + "deadline_ms" + value;
+    auto decoded = ec::decode_header(bytes);
+    ASSERT_TRUE(decoded.ok()) << decoded.err().message;
+    EXPECT_EQ(decoded->deadline_ms, 127u);
+  }
+  // A negative value is refused whatever its encoding, naming it.
+  EXPECT_TRUE(contains(
+      decode_error(std::string("\x81\xab") + "deadline_ms" + std::string("\xd1\xff\xfe", 3)),
+      "negative int -2"));
+}
+
+// A header refused for one bad field still tells which message it was: every field that did
+// read, wherever the bad one is in the map, so that the refusal can carry the id.
+TEST(protocol_test, refused_header_still_yields_the_fields_that_read) {
+  const std::string bytes = pack([](auto& p) {
+    p.pack_map(4);
+    pack_str(p, "deadline_ms");
+    pack_str(p, "soon");
+    pack_str(p, "id");
+    pack_str(p, "c-7");
+    pack_str(p, "service");
+    p.pack_uint64(7);
+    pack_str(p, "action");
+    pack_str(p, "say");
   });
-  EXPECT_TRUE(contains(decode_error(bytes), "msgpack"));
+  header partial;
+  auto r = ec::decode_header(bytes, &partial);
+  ASSERT_FALSE(r.ok());
+  // The first problem is the one reported, named with its value and the rule.
+  EXPECT_EQ(r.err().message,
+            "header field 'deadline_ms' must be a whole number of milliseconds, at least 1 "
+            "(omit it rather than send 0), got str 'soon'");
+  EXPECT_EQ(partial.id, "c-7");
+  EXPECT_EQ(partial.action, "say");
+  EXPECT_TRUE(partial.service.empty());
+
+  // A map with trailing bytes was read too.
+  header h;
+  h.id = "t-1";
+  partial = header{};
+  EXPECT_FALSE(ec::decode_header(ec::encode_header(h) + "x", &partial).ok());
+  EXPECT_EQ(partial.id, "t-1");
+
+  // Not a map: nothing to read.
+  partial = header{};
+  EXPECT_FALSE(ec::decode_header(std::string("\x91\x01", 2), &partial).ok());
+  EXPECT_TRUE(partial.id.empty());
+}
+
+TEST(protocol_test, decode_error_deadline_zero_is_not_absent) {
+  const auto msg = decode_error(one_field("deadline_ms", [](auto& p) { p.pack_uint64(0); }));
+  EXPECT_TRUE(contains(msg, "'deadline_ms' is 0"));
+  EXPECT_TRUE(contains(msg, "at least 1"));
 }
 
 TEST(protocol_test, decode_error_not_msgpack_at_all) {
@@ -554,18 +641,21 @@ TEST(protocol_test, parse_too_few_frames) {
 }
 
 TEST(protocol_test, parse_too_many_frames) {
-  auto f = parse_error(
-      frames_of({k_tag, cmd(0x10), std::string("\x80", 1), "payload", "one too many"}));
+  auto f =
+      parse_error(frames_of({k_tag, cmd(0x10), std::string("\x80", 1), "payload", "one too many"}));
   EXPECT_TRUE(contains(f.err.message, "REQUEST has 5 frames"));
   EXPECT_TRUE(contains(f.err.message, "at most 4"));
   EXPECT_EQ(f.command_byte, 0x10);
 }
 
 TEST(protocol_test, parse_unknown_command_byte) {
-  auto f = parse_error(frames_of({k_tag, cmd(0x42), std::string("\x80", 1)}));
+  header h;
+  h.id = "u-1";
+  auto f = parse_error(frames_of({k_tag, cmd(0x42), ec::encode_header(h)}));
   EXPECT_TRUE(contains(f.err.message, "unknown command 0x42"));
+  EXPECT_TRUE(contains(f.err.message, "0x10 REQUEST"));  // and which ones there are
   EXPECT_EQ(f.command_byte, 0x42);
-  EXPECT_FALSE(f.header_decoded);
+  EXPECT_EQ(f.hdr.id, "u-1") << "the header is read so that the ERROR can carry the id";
 }
 
 TEST(protocol_test, parse_command_frame_of_two_bytes) {
@@ -583,6 +673,18 @@ TEST(protocol_test, parse_bad_header_names_the_command_and_the_field) {
   EXPECT_TRUE(contains(f.err.message, "'deadline_ms'"));
   EXPECT_EQ(f.command_byte, 0x10);
   EXPECT_FALSE(f.header_decoded);
+
+  // What did read is kept: the id, for the REPLY that refuses the request.
+  f = parse_error(frames_of({k_tag, cmd(0x10), pack([](auto& p) {
+                               p.pack_map(2);
+                               pack_str(p, "id");
+                               pack_str(p, "c-1");
+                               pack_str(p, "retryable");
+                               pack_str(p, "yes");
+                             })}));
+  EXPECT_FALSE(f.header_decoded);
+  EXPECT_EQ(f.hdr.id, "c-1");
+  EXPECT_TRUE(contains(f.err.message, "'retryable' must be a bool (true or false), got str 'yes'"));
 }
 
 // ---- topics and names -----------------------------------------------------------------------
@@ -613,14 +715,20 @@ TEST(protocol_test, name_valid) {
   EXPECT_EQ(ec::check_name("'service'", std::string(ec::k_max_name_length, 'n')), "");
 }
 
+// Each message names the field, what is wrong with the value, and the rule.
 TEST(protocol_test, name_invalid_names_what_was_checked) {
-  EXPECT_EQ(ec::check_name("'service'", ""), "'service' is empty");
-  EXPECT_TRUE(contains(ec::check_name("'action'", "has space"), "'action' 'has space'"));
-  EXPECT_TRUE(contains(ec::check_name("'action'", "has space"), "printable ASCII"));
-  EXPECT_TRUE(contains(ec::check_name("'agent'", std::string("tab\there")), "printable"));
-  EXPECT_TRUE(contains(ec::check_name("'agent'", std::string("del\x7f")), "printable"));
-  EXPECT_TRUE(contains(ec::check_name("'agent'", "caf\xc3\xa9"), "printable"));
-  EXPECT_TRUE(contains(ec::check_name("'service'", std::string(ec::k_max_name_length + 1, 'n')), "longer than 128"));
+  const std::string rule = "; names are 1..128 bytes of printable ASCII without spaces (0x21-0x7e)";
+  EXPECT_EQ(ec::check_name("'service'", ""), "'service' is empty" + rule);
+  EXPECT_EQ(ec::check_name("'action'", "has space"),
+            "'action' 'has space' has a space at byte 3" + rule);
+  EXPECT_EQ(ec::check_name("'agent'", std::string("tab\there")),
+            "'agent' 'tab\\x09here' has the control character 0x09 at byte 3" + rule);
+  EXPECT_TRUE(contains(ec::check_name("'agent'", std::string("del\x7f")),
+                       "the control character 0x7f at byte 3"));
+  EXPECT_TRUE(
+      contains(ec::check_name("'agent'", "caf\xc3\xa9"), "the non-ASCII byte 0xc3 at byte 3"));
+  EXPECT_EQ(ec::check_name("'service'", std::string(ec::k_max_name_length + 1, 'n')).substr(0, 56),
+            "'service' is 129 bytes, longer than the limit of 128; na");
 }
 
 }  // namespace

@@ -44,15 +44,27 @@ struct counters {
   std::map<std::string, std::uint64_t> errors_by_code;
 };
 
-std::string peer_label(const worker* w, const peer_id& peer) {
-  if (w != nullptr && !w->agent.empty()) return w->agent;
+// The ROUTER's routing id of a connection, in hex: two connections of one agent name (an
+// agent that restarted while the broker still holds its previous connection) differ here.
+std::string connection_label(const peer_id& peer) {
   static constexpr char k_hex[] = "0123456789abcdef";
-  std::string out = "peer:";
+  std::string out;
   for (unsigned char c : peer) {
     out += k_hex[c >> 4];
     out += k_hex[c & 15];
   }
   return out;
+}
+
+std::string peer_label(const worker* w, const peer_id& peer) {
+  if (w != nullptr && !w->agent.empty()) return w->agent;
+  return "peer:" + connection_label(peer);
+}
+
+// Peers that offer no service (the CLI, a script calling one service) come and go with each
+// call: their registrations and goodbyes are logged at debug, those of workers at info.
+spdlog::level::level_enum lifecycle_level(const worker* w) {
+  return w != nullptr && !w->offers.empty() ? spdlog::level::info : spdlog::level::debug;
 }
 
 std::string bind_or_throw(zmq::socket_t& socket, const std::string& endpoint, const char* what) {
@@ -150,6 +162,7 @@ struct broker::impl {
   void reply_error(const peer_id& peer, const header& request, const error& err);
   void send_error(const peer_id& peer, const error& err, const std::string& about_id);
   void count_error(const std::string& code) { ++stats.errors_by_code[code]; }
+  std::string unreachable_message(const worker& gone) const;
   json services_json() const;
   json stats_json() const;
 };
@@ -177,6 +190,7 @@ void broker::impl::reply_error(const peer_id& peer, const header& request, const
   h.error_code = err.code;
   h.error_message = err.message;
   h.retryable = err.retryable;
+  h.worker = std::string(k_broker_service);  // the broker answered, not a worker
   count_error(err.code);
   log->debug("{}.{} id={} correlation={} -> {}: {}", request.service, request.action, request.id,
              request.correlation_id, err.code, err.message);
@@ -302,10 +316,15 @@ void broker::impl::handle_router(steady_clock::time_point now) {
   const bool registered = reg.touch(peer, now);
   const worker* w = registered ? reg.find_worker(peer) : nullptr;
   if (!parsed) {
-    ++stats.malformed;
-    log->warn("malformed message from {}: {}", peer_label(w, peer), failure.err.message);
-    if (failure.header_decoded &&
-        failure.command_byte == static_cast<std::uint8_t>(command::request) &&
+    // too_large (a header over its limit) is counted in errors_by_code only, like an oversized
+    // message; everything else here is malformed.
+    if (failure.err.code != errc::too_large) ++stats.malformed;
+    log->warn("malformed message from {} (id={}): {}", peer_label(w, peer), failure.hdr.id,
+              failure.err.message);
+    // docs/protocol.md section 4, "Refusals": a REQUEST whose id could be read is answered
+    // with a REPLY, whatever else is wrong with it; the rest with an ERROR carrying the id
+    // when it could be read.
+    if (failure.command_byte == static_cast<std::uint8_t>(command::request) &&
         !failure.hdr.id.empty()) {
       reply_error(peer, failure.hdr, failure.err);
     } else {
@@ -362,7 +381,8 @@ void broker::impl::handle_router(steady_clock::time_point now) {
       break;
     case command::bye:
       if (registered) {
-        log->info("worker {} said goodbye", peer_label(w, peer));
+        log->log(lifecycle_level(w), "{} (connection {}) said goodbye", peer_label(w, peer),
+                 connection_label(peer));
         reg.remove_worker(peer, decisions);
         execute_decisions(now);
       }
@@ -387,13 +407,18 @@ void broker::impl::on_request(const peer_id& peer, const worker* w, common::pars
   header& h = m.hdr;
   std::string problem;
   if (h.id.empty()) {
-    problem = "REQUEST without 'id'";
+    problem = "REQUEST without 'id': every REQUEST needs one (a str of 1.." +
+              std::to_string(common::k_max_id_length) + " bytes), so that its REPLY can be matched";
   } else if (h.id.size() > common::k_max_id_length) {
-    problem = "REQUEST 'id' is longer than " + std::to_string(common::k_max_id_length) + " bytes";
-  } else if (problem = common::check_name("'service'", h.service); !problem.empty()) {
-  } else if (problem = common::check_name("'action'", h.action); !problem.empty()) {
+    problem = "REQUEST 'id' is " + std::to_string(h.id.size()) +
+              " bytes, longer than the limit of " + std::to_string(common::k_max_id_length);
+  } else if (problem = common::check_name("REQUEST 'service'", h.service); !problem.empty()) {
+  } else if (problem = common::check_name("REQUEST 'action'", h.action); !problem.empty()) {
   } else if (h.deadline_ms == 0) {
-    problem = "REQUEST without 'deadline_ms' (every request needs a deadline)";
+    // An explicit 0 is refused by the codec; here the field is absent.
+    problem =
+        "REQUEST without 'deadline_ms': every REQUEST needs a time budget, a whole number of "
+        "milliseconds of at least 1";
   }
   if (!problem.empty()) {
     ++stats.malformed;
@@ -467,7 +492,7 @@ void broker::impl::execute_decisions(steady_clock::time_point now) {
     log->debug("dispatch {}.{} id={} token={} to {}", h.service, h.action, h.id, h.token,
                r->assigned->owner->agent);
     if (!send_to(worker_peer, command::dispatch, h, std::move(payload))) {
-      log->warn("worker {} is unreachable; removing it", r->assigned->owner->agent);
+      log->warn("{}", unreachable_message(*r->assigned->owner));
       ++stats.workers_lost;
       reg.remove_worker(worker_peer, decisions);
     }
@@ -475,9 +500,38 @@ void broker::impl::execute_decisions(steady_clock::time_point now) {
   decisions.clear();
 }
 
+// A DISPATCH could not be sent: the worker's connection is gone. When the agent has
+// registered again on a new connection (it restarted faster than heartbeat x liveness), the
+// line says that it is the previous connection that goes, not the agent.
+std::string broker::impl::unreachable_message(const worker& gone) const {
+  std::string others;
+  for (const auto& [id, other] : reg.workers()) {
+    if (other.get() == &gone || other->agent != gone.agent) continue;
+    others += (others.empty() ? "" : ", ") + connection_label(id);
+  }
+  if (others.empty()) {
+    return "worker " + gone.agent + " (connection " + connection_label(gone.id) +
+           ") is unreachable; removing it";
+  }
+  return "worker " + gone.agent + ": its previous connection " + connection_label(gone.id) +
+         " is unreachable; removing that connection (" + gone.agent +
+         " is registered again on connection " + others + ")";
+}
+
 void broker::impl::on_reply(const peer_id& peer, const worker* w, common::parsed_message& m) {
-  ++stats.replies;
   const std::uint64_t token = m.hdr.token;
+  if (token == 0) {
+    // Not a late or stray reply but a worker that does not echo tokens: it must hear about
+    // it, or it waits for nothing and its caller gets deadline_exceeded with no clue why.
+    ++stats.malformed;
+    const std::string problem =
+        "REPLY without 'token': a worker's REPLY must echo the 'token' of the DISPATCH it "
+        "answers; this reply was dropped";
+    log->warn("{} (id={}): {}", peer_label(w, peer), m.hdr.id, problem);
+    send_error(peer, error::make(errc::bad_request, problem), m.hdr.id);
+    return;
+  }
+  ++stats.replies;
   pending_request* r = reg.reply_from(peer, token);
   if (r == nullptr) {
     ++stats.unknown_replies;
@@ -542,9 +596,9 @@ void broker::impl::on_publish(const peer_id& peer, const worker* w, common::pars
   header& h = m.hdr;
   std::string problem;
   if (h.id.empty()) {
-    problem = "PUBLISH without 'id'";
-  } else {
-    problem = common::check_topic(h.topic);
+    problem = "PUBLISH without 'id': every PUBLISH needs one (a str), the event's id";
+  } else if (problem = common::check_topic(h.topic); !problem.empty()) {
+    problem = "PUBLISH " + problem;
   }
   if (!problem.empty()) {
     ++stats.malformed;
@@ -619,7 +673,9 @@ void broker::impl::on_hello(const peer_id& peer, common::parsed_message& m,
   for (const auto& s : h.services) {
     offered += (offered.empty() ? "" : ", ") + s.name + "x" + std::to_string(s.capacity);
   }
-  log->info("{} {} offering [{}]", known ? "updated" : "registered", agent, offered);
+  const worker* now_registered = reg.find_worker(peer);
+  log->log(lifecycle_level(now_registered), "{} {} (connection {}) offering [{}]",
+           known ? "updated" : "registered", agent, connection_label(peer), offered);
   header welcome;
   welcome.broker = broker_id;
   welcome.heartbeat_ms = static_cast<std::uint32_t>(cfg.heartbeat.count());

@@ -22,8 +22,9 @@ std::string hex_preview(const zmq::message_t& m, std::size_t max_bytes) {
 
 result<parsed_message> parse_message(std::vector<zmq::message_t>& frames, std::size_t first,
                                      parse_failure* failure) {
-  auto fail = [&](std::string message) -> result<parsed_message> {
-    auto err = error::make(errc::bad_request, std::move(message));
+  auto fail = [&](std::string message,
+                  std::string_view code = errc::bad_request) -> result<parsed_message> {
+    auto err = error::make(code, std::move(message));
     if (failure != nullptr) failure->err = err;
     return err;
   };
@@ -43,18 +44,29 @@ result<parsed_message> parse_message(std::vector<zmq::message_t>& frames, std::s
   }
   const auto byte = *static_cast<const std::uint8_t*>(frames[first + 1].data());
   if (failure != nullptr) failure->command_byte = byte;
-  if (!is_known_command(byte)) return fail("unknown command " + command_name(byte));
+  // The header is read before the rest is judged, so that any refusal from here on can carry
+  // the id of the message it refuses.
+  header partial;
+  auto decoded = decode_header(as_view(frames[first + 2]), failure != nullptr ? &partial : nullptr);
+  auto fail_with_header = [&](std::string message, std::string_view code = errc::bad_request) {
+    if (failure != nullptr) {
+      failure->header_decoded = decoded.ok();
+      failure->hdr = decoded.ok() ? std::move(decoded).value() : std::move(partial);
+    }
+    return fail(std::move(message), code);
+  };
+  if (!is_known_command(byte)) {
+    return fail_with_header(
+        "unknown command " + command_name(byte) +
+        "; commands are 0x01 HELLO, 0x03 BYE, 0x10 REQUEST, 0x12 REPLY, 0x20 PUBLISH, "
+        "0x30 HEARTBEAT (docs/protocol.md section 2)");
+  }
   if (n > 4) {
-    return fail(command_name(byte) + " has " + std::to_string(n) +
-                " frames; at most 4 are allowed: tag, command, header, payload");
+    return fail_with_header(command_name(byte) + " has " + std::to_string(n) +
+                            " frames; at most 4 are allowed: tag, command, header, payload");
   }
-  auto decoded = decode_header(as_view(frames[first + 2]));
   if (!decoded) {
-    return fail(command_name(byte) + ": " + decoded.err().message);
-  }
-  if (failure != nullptr) {
-    failure->hdr = decoded.value();
-    failure->header_decoded = true;
+    return fail_with_header(command_name(byte) + ": " + decoded.err().message, decoded.err().code);
   }
   parsed_message out;
   out.cmd = static_cast<command>(byte);

@@ -62,7 +62,8 @@ def say(*words):
 
 
 def pack(value):
-    # str -> msgpack str, bytes -> bin; non-negative ints are msgpack uints.
+    # str -> msgpack str, bytes -> bin; non-negative ints are msgpack uints (section 3 accepts
+    # any integer encoding of a value >= 0).
     return msgpack.packb(value, use_bin_type=True)
 
 
@@ -168,7 +169,9 @@ class Agent:
 
     def on_dispatch(self, request, payload):
         action = request.get("action", "")
-        # The reply names the request by its id and echoes the broker's token.
+        # The reply names the request by its id and echoes the broker's token: a REPLY without
+        # it is refused with ERROR bad_request carrying this id (section 4, "Refusals"), which
+        # shows up as a `refused` line.
         reply = {"id": request.get("id", ""), "token": request.get("token", 0),
                  "worker": self.args.name}
         for key in ("correlation_id", "trace_id"):

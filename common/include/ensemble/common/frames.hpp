@@ -5,10 +5,9 @@
 // (moved, never copied); `build_message` does the reverse into a reusable frame vector. Both
 // work from an offset so that the broker's ROUTER can keep the routing-id frame in front.
 
-#include <zmq.hpp>
-
 #include <cstdint>
 #include <vector>
+#include <zmq.hpp>
 
 #include "ensemble/common/protocol.hpp"
 #include "ensemble/common/result.hpp"
@@ -26,7 +25,9 @@ struct parsed_message {
 struct parse_failure {
   error err;
   std::uint8_t command_byte = 0;  // 0 when the command frame itself was unreadable
-  header hdr;                     // filled when the header decoded
+  // What of the header could be read, once the command frame was: all of it when
+  // header_decoded, else the fields decode_header could still read (the id, mostly).
+  header hdr;
   bool header_decoded = false;
 };
 

@@ -46,14 +46,15 @@ struct service_offer {
   std::uint32_t capacity = 1;
 };
 
-// Every field of every command. Empty strings and zero numbers mean "absent" and are not
-// written; which fields a command requires is checked where the command is handled.
+// Every field of every command. Empty strings, zero numbers and false mean "absent" (the
+// field's default) and are not written; which fields a command requires is checked where the
+// command is handled. The decoder (protocol.cpp) reads them through one table of fields.
 struct header {
   // Message identity and routing.
-  std::string id;            // request id / event id, chosen by the sender
-  std::string service;       // request, dispatch
-  std::string action;        // request, dispatch
-  std::string topic;         // publish, event
+  std::string id;                 // request id / event id, chosen by the sender
+  std::string service;            // request, dispatch
+  std::string action;             // request, dispatch
+  std::string topic;              // publish, event
   std::uint64_t deadline_ms = 0;  // request, dispatch: time budget left, relative
 
   // Trace context, copied by the SDK from the message being handled.
@@ -94,8 +95,8 @@ struct header {
 };
 
 // Limits on header contents that the broker enforces (and the SDK checks before sending).
-inline constexpr std::size_t k_max_name_length = 128;    // service, action, agent
-inline constexpr std::size_t k_max_id_length = 256;      // ids and keys
+inline constexpr std::size_t k_max_name_length = 128;  // service, action, agent
+inline constexpr std::size_t k_max_id_length = 256;    // ids and keys
 inline constexpr std::size_t k_max_topic_length = 256;
 inline constexpr std::size_t k_max_header_bytes = 16 * 1024;
 
@@ -103,9 +104,13 @@ inline constexpr std::size_t k_max_header_bytes = 16 * 1024;
 void encode_header(const header& h, std::string& out);
 std::string encode_header(const header& h);
 
-// Decodes a header frame. Errors name the field and what is wrong with it; the code is
-// always bad_request.
-result<header> decode_header(std::string_view bytes);
+// Decodes a header frame. Errors name the field, what is wrong with its value and the rule it
+// breaks; the code is bad_request, or too_large for a frame over k_max_header_bytes.
+//
+// A refused header may still say which message it belonged to: when the frame is a msgpack map
+// (however bad some of its fields, or too large, or followed by trailing bytes), `partial`, if
+// given, receives every field that did read, `id` above all, so that the refusal can carry it.
+result<header> decode_header(std::string_view bytes, header* partial = nullptr);
 
 // A topic is one or more dot-separated non-empty segments of [A-Za-z0-9_-:] characters.
 // Returns an empty string when valid, otherwise what is wrong.
