@@ -259,5 +259,49 @@ TEST_F(orchestrator_store_test, a_full_store_refuses_new_work_and_keeps_what_it_
               static_cast<long long>(limit));
 }
 
+// The same with nothing pending once the store filled (instances that only wait): there is no
+// accepted change whose commit can tell that space returned, so the next start is the probe.
+TEST_F(orchestrator_store_test, a_full_store_with_nothing_pending_accepts_work_once_space_returns) {
+  const auto workflows = write("sleeper.json", sleeper_workflow());
+  const auto store = dir_ + "/idle.db";
+  stop_cleanly(*run_orchestrator(*broker_, workflows, store));
+  raw_sql(store, "CREATE TABLE padding(b BLOB); INSERT INTO padding VALUES (zeroblob(512 * 1024))");
+  const auto limit = static_cast<std::int64_t>(std::filesystem::file_size(store)) + 24 * 4096;
+  auto orch =
+      run_orchestrator(*broker_, workflows, store, {"--store-max-size", std::to_string(limit)});
+  auto& client = add_agent("client", [](ea::agent&) {});
+  // Straight to the service: no retry of storage_full (it is retryable).
+  auto call = [&](const json& args) -> common::result<json> {
+    auto r = client.call("orchestrator", "start", ea::to_json_payload(args), 5s);
+    if (!r) return r.err();
+    return ea::from_json_payload(r->payload());
+  };
+  std::vector<std::string> accepted;
+  std::string refused;
+  for (int i = 0; i < 2000 && refused.empty(); ++i) {  // bounded: full after a few dozen
+    const std::string id = "s-" + std::to_string(i);
+    auto r =
+        call({{"workflow", "Sleeper"}, {"id", id}, {"input", {{"pad", std::string(1500, 'x')}}}});
+    if (r) {
+      accepted.push_back(id);
+    } else {
+      ASSERT_EQ(r.err().code, "storage_full") << r.err().to_string() << "\n" << orch->tail();
+      refused = id;
+    }
+  }
+  ASSERT_FALSE(refused.empty()) << "the store never filled";
+  raw_sql(store, "DELETE FROM padding");
+  ASSERT_TRUE(tk::wait_until(
+      [&] {
+        return call({{"workflow", "Sleeper"}, {"id", "s-after"}}).ok();
+      },
+      20s, 50ms))
+      << orch->tail();
+  stop_cleanly(*orch);
+  EXPECT_EQ(query_int(store, "SELECT count(*) FROM instances"),
+            static_cast<std::int64_t>(accepted.size()) + 1);
+  EXPECT_EQ(query_int(store, "SELECT count(*) FROM instances WHERE id = '" + refused + "'"), 0);
+}
+
 }  // namespace
 }  // namespace ensemble::test

@@ -577,14 +577,21 @@ void engine::flush() {
       store_failed(s.err());
       return;
     }
-    if (store_failure_) {
+    if (store_failure_ || store_probing_) {
       log_->info("store commits again ({} instance(s) in the first batch); accepting new work",
                  batch_.instances.size());
       store_failure_.reset();
+      store_probing_ = false;
     }
     std::lock_guard lock(stats_mutex_);
     ++stats_.commits;
     stats_.committed_instances += batch_.instances.size();
+  } else if (store_failure_) {
+    // Nothing accepted is waiting to be committed, so nothing can tell whether space returned:
+    // the next write request is let through as the probe (it is answered storage_full and
+    // dropped if its commit fails, as above).
+    store_failure_.reset();
+    store_probing_ = true;
   }
   batch_ = commit_batch{};
   fresh_.clear();
@@ -652,7 +659,7 @@ void engine::flush() {
 // "not started" must never find the instance later.
 void engine::store_failed(const error& why) {
   batch_.instances.clear();  // rebuilt from dirty_ by the next attempt
-  if (!store_failure_) {
+  if (!store_failure_ && !store_probing_) {
     log_->error(
         "store commit failed: {}; refusing new work, answering reads, trying again every {} ms",
         why.message, k_store_retry_us / 1000);

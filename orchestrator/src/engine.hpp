@@ -186,6 +186,7 @@ class engine {
   // the pending batch is tried again at next_store_try_us_.
   std::optional<error> store_failure_;
   std::int64_t next_store_try_us_ = 0;
+  bool store_probing_ = false;  // failing, but nothing pending: the next write is the probe
   // Read from the store by the constructor, consumed by run().
   std::vector<instance_record> loaded_;
   std::vector<buffered_event> loaded_buffer_;

@@ -991,6 +991,8 @@ class sqlite_store final : public store {
     std::vector<std::string> problems;
     while (u.step([&] { return std::string("PRAGMA ") + pragma; })) {
       std::string line = u.text(0);
+      // The first problem starts with "*** in database main ***\n": keep the error one line.
+      std::replace(line.begin(), line.end(), '\n', ' ');
       if (line != "ok") problems.push_back(std::move(line));
     }
     const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(
