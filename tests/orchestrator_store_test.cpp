@@ -81,12 +81,11 @@ std::int64_t query_int(const std::string& path, const std::string& sql) {
   return out;
 }
 
-// The line of the process's output that contains `text`, or "".
-std::string line_with(const tk::process& p, const std::string& text) {
-  for (const auto& l : p.lines()) {
-    if (l.find(text) != std::string::npos) return l;
-  }
-  return "";
+// The line of the process's output that contains `text`, or "" once its output has ended
+// without one (the output is read on a thread of its own: it may still be arriving after the
+// process has exited).
+std::string line_with(tk::process& p, const std::string& text) {
+  return p.wait_for_line(text, 10s).value_or("");
 }
 
 json sleeper_workflow() {
