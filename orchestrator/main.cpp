@@ -13,6 +13,13 @@
 
 namespace eo = ensemble::orchestrator;
 
+namespace {
+// Exit codes (docs/workflows.md, "The store"): 1 a definition fails --validate or the
+// orchestrator cannot start, 2 bad configuration, 3 the store file is damaged.
+constexpr int k_exit_config = 2;
+constexpr int k_exit_store_damaged = 3;
+}  // namespace
+
 int main(int argc, char** argv) {
   // Block the stop signals before any thread exists, so that every thread inherits the mask
   // and the main thread alone receives them in wait_for_shutdown_signal().
@@ -22,12 +29,21 @@ int main(int argc, char** argv) {
   std::string log_level = "info";
   std::vector<std::string> validate;
   int timeout_ms = static_cast<int>(opts.default_timeout.count());
+  std::string store_check = std::string(eo::to_string(opts.check_store));
 
   CLI::App app{"ensemble-orchestrator: runs JSON-defined workflows over an Ensemble broker"};
   app.add_option("--broker", opts.broker, "broker router endpoint")->capture_default_str();
   app.add_option("--events", opts.events, "broker events endpoint")->capture_default_str();
   app.add_option("--store", opts.store, "SQLite file for durable state, or :memory:")
       ->capture_default_str();
+  app.add_option("--store-check", store_check,
+                 "integrity check of the store file at start: quick, full or off")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"quick", "full", "off"}));
+  app.add_option("--store-max-size", opts.store_max_size,
+                 "bytes the store file may grow to (0: no limit); beyond, as on a full disk")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   app.add_option("--workflows", opts.workflows, "workflow definition files or directories");
   app.add_option("--name", opts.name, "agent name on the broker")->capture_default_str();
   app.add_option("--service", opts.service, "name of the admin service it offers")
@@ -58,6 +74,7 @@ int main(int argc, char** argv) {
       return eo::validate_definition_files(validate, stdout, stderr);
     }
     opts.default_timeout = std::chrono::milliseconds(timeout_ms);
+    opts.check_store = *eo::parse_store_check(store_check);
     eo::orchestrator o(opts);
     if (auto s = o.start(); !s) {
       std::cerr << "ensemble-orchestrator: " << s.err().to_string() << "\n";
@@ -69,8 +86,11 @@ int main(int argc, char** argv) {
     ensemble::agent::wait_for_shutdown_signal();
     o.stop();
     return 0;
+  } catch (const eo::store_damaged& e) {
+    std::cerr << "ensemble-orchestrator: " << e.what() << "\n";
+    return k_exit_store_damaged;
   } catch (const ensemble::common::config_error& e) {
     std::cerr << "ensemble-orchestrator: " << e.what() << "\n";
-    return 2;
+    return k_exit_config;
   }
 }

@@ -83,6 +83,16 @@ buffered_event make_event(const std::string& id, std::int64_t received_us,
   return b;
 }
 
+// The value of a store read that must succeed.
+template <class T>
+T ok(ensemble::common::result<T> r) {
+  if (!r) {
+    ADD_FAILURE() << r.err().to_string();
+    return T{};
+  }
+  return std::move(*r);
+}
+
 std::vector<std::string> ids_of(const std::vector<instance_record>& rs) {
   std::vector<std::string> out;
   for (const auto& r : rs) out.push_back(r.id);
@@ -98,6 +108,7 @@ void commit_ok(store& s, const commit_batch& b) {
 void raw_sql(const std::string& path, const char* sql) {
   sqlite3* db = nullptr;
   ASSERT_EQ(sqlite3_open(path.c_str(), &db), SQLITE_OK);
+  sqlite3_busy_timeout(db, 5000);
   char* message = nullptr;
   const int rc = sqlite3_exec(db, sql, nullptr, nullptr, &message);
   const std::string text = message != nullptr ? message : "";
@@ -113,6 +124,22 @@ std::string open_error(const std::string& path) {
     return e.what();
   }
   return "(no config_error)";
+}
+
+// The message of the store_damaged that opening `path` throws.
+std::string damaged_error(const std::string& path, store_check check) {
+  try {
+    open_sqlite_store(path, {.check = check, .max_size_bytes = 0});
+  } catch (const store_damaged& e) {
+    return e.what();
+  } catch (const config_error& e) {
+    return std::string("(a config_error but not store_damaged) ") + e.what();
+  }
+  return "(no store_damaged)";
+}
+
+bool contains(const std::string& text, const std::string& part) {
+  return text.find(part) != std::string::npos;
 }
 
 TEST(instance_status_names, round_trip) {
@@ -155,7 +182,7 @@ TEST_F(sqlite_store_test, everything_survives_close_and_reopen) {
   }
 
   auto s = open();
-  auto got = s->get("wf-1");
+  auto got = ok(s->get("wf-1"));
   ASSERT_TRUE(got.has_value());
   EXPECT_EQ(got->workflow, "OrderProcessing");
   EXPECT_EQ(got->version, 7u);
@@ -167,16 +194,16 @@ TEST_F(sqlite_store_test, everything_survives_close_and_reopen) {
   EXPECT_EQ(got->state, parent.state);
   EXPECT_EQ(got->state["big"].get<std::uint64_t>(), 9007199254740993ULL);
 
-  auto got_child = s->get("wf-2");
+  auto got_child = ok(s->get("wf-2"));
   ASSERT_TRUE(got_child.has_value());
   EXPECT_EQ(got_child->status, instance_status::failed);
   EXPECT_EQ(got_child->parent_id, "wf-1");
   EXPECT_EQ(got_child->updated_us, 250);
   EXPECT_TRUE(got_child->active);
   EXPECT_TRUE(got_child->state.is_null());
-  EXPECT_FALSE(s->get("wf-3").has_value());
+  EXPECT_FALSE(ok(s->get("wf-3")).has_value());
 
-  auto h = s->history("wf-1");
+  auto h = ok(s->history("wf-1"));
   ASSERT_EQ(h.size(), 2u);
   EXPECT_EQ(h[0].instance_id, "wf-1");
   EXPECT_EQ(h[0].seq, 1u);
@@ -188,8 +215,8 @@ TEST_F(sqlite_store_test, everything_survives_close_and_reopen) {
   EXPECT_EQ(h[1].step, "Step2");
   EXPECT_EQ(h[1].data, (json{{"seq", 2}}));
 
-  EXPECT_EQ(s->triggered_by("OrderProcessing", "ev-1"), "wf-1");
-  auto buffered = s->load_buffer();
+  EXPECT_EQ(ok(s->triggered_by("OrderProcessing", "ev-1")), "wf-1");
+  auto buffered = ok(s->load_buffer());
   ASSERT_EQ(buffered.size(), 2u);
   EXPECT_EQ(buffered[0].id, "ev-7");
   EXPECT_EQ(buffered[0].topic, "payment.done");
@@ -198,7 +225,7 @@ TEST_F(sqlite_store_test, everything_survives_close_and_reopen) {
   EXPECT_EQ(buffered[0].event, b.buffer_add[0].event);
 
   EXPECT_EQ(s->load_definition("OrderProcessing", 7), (json{{"workflow", {{"name", "x"}}}}));
-  EXPECT_EQ(ids_of(s->load_active()), (std::vector<std::string>{"wf-1", "wf-2"}));
+  EXPECT_EQ(ids_of(ok(s->load_active())), (std::vector<std::string>{"wf-1", "wf-2"}));
 }
 
 TEST_F(sqlite_store_test, memory_store_works) {
@@ -207,8 +234,8 @@ TEST_F(sqlite_store_test, memory_store_works) {
   b.instances = {make_instance("m-1", 1)};
   b.history = {make_entry("m-1", 1)};
   commit_ok(*s, b);
-  ASSERT_TRUE(s->get("m-1").has_value());
-  EXPECT_EQ(s->history("m-1").size(), 1u);
+  ASSERT_TRUE(ok(s->get("m-1")).has_value());
+  EXPECT_EQ(ok(s->history("m-1")).size(), 1u);
 }
 
 TEST_F(sqlite_store_test, upsert_replaces_the_record) {
@@ -224,14 +251,14 @@ TEST_F(sqlite_store_test, upsert_replaces_the_record) {
   second.instances = {done};
   commit_ok(*s, second);
 
-  auto got = s->get("wf-1");
+  auto got = ok(s->get("wf-1"));
   ASSERT_TRUE(got.has_value());
   EXPECT_EQ(got->status, instance_status::completed);
   EXPECT_EQ(got->updated_us, 500);
   EXPECT_EQ(got->created_us, 100);
   EXPECT_FALSE(got->active);
   EXPECT_EQ(got->state, (json{{"output", "ok"}}));
-  EXPECT_EQ(ids_of(s->list({})), (std::vector<std::string>{"wf-2", "wf-1"}));
+  EXPECT_EQ(ids_of(ok(s->list({}))), (std::vector<std::string>{"wf-2", "wf-1"}));
 
   // The same id twice in one batch: the last one wins.
   instance_record a = make_instance("wf-3", 300);
@@ -240,11 +267,11 @@ TEST_F(sqlite_store_test, upsert_replaces_the_record) {
   commit_batch third;
   third.instances = {a, z};
   commit_ok(*s, third);
-  got = s->get("wf-3");
+  got = ok(s->get("wf-3"));
   ASSERT_TRUE(got.has_value());
   EXPECT_EQ(got->status, instance_status::compensating);
   EXPECT_EQ(got->state, (json{{"last", true}}));
-  EXPECT_EQ(s->list({}).size(), 3u);
+  EXPECT_EQ(ok(s->list({})).size(), 3u);
 }
 
 TEST_F(sqlite_store_test, load_active_returns_exactly_the_active_rows_oldest_first) {
@@ -256,7 +283,7 @@ TEST_F(sqlite_store_test, load_active_returns_exactly_the_active_rows_oldest_fir
                  make_instance("a", 10, instance_status::failed), make_instance("b", 20),
                  make_instance("e", 5, instance_status::compensating)};
   commit_ok(*s, b);
-  EXPECT_EQ(ids_of(s->load_active()), (std::vector<std::string>{"e", "b", "c", "d"}));
+  EXPECT_EQ(ids_of(ok(s->load_active())), (std::vector<std::string>{"e", "b", "c", "d"}));
 
   // Finishing an instance takes it out; acknowledging the terminal one too.
   commit_batch later;
@@ -264,8 +291,8 @@ TEST_F(sqlite_store_test, load_active_returns_exactly_the_active_rows_oldest_fir
   terminal_unacked.active = false;
   later.instances.push_back(terminal_unacked);
   commit_ok(*s, later);
-  EXPECT_EQ(ids_of(s->load_active()), (std::vector<std::string>{"e", "d"}));
-  EXPECT_EQ(s->list({}).size(), 5u);
+  EXPECT_EQ(ids_of(ok(s->load_active())), (std::vector<std::string>{"e", "d"}));
+  EXPECT_EQ(ok(s->list({})).size(), 5u);
 }
 
 TEST_F(sqlite_store_test, list_filters_orders_newest_first_and_limits) {
@@ -282,31 +309,32 @@ TEST_F(sqlite_store_test, list_filters_orders_newest_first_and_limits) {
   commit_ok(*s, b);
 
   // Equal created_us: the one stored later comes first.
-  EXPECT_EQ(ids_of(s->list({})), (std::vector<std::string>{"o4", "o3", "s2", "o2", "s1", "o1"}));
+  EXPECT_EQ(ids_of(ok(s->list({}))),
+            (std::vector<std::string>{"o4", "o3", "s2", "o2", "s1", "o1"}));
   list_filter f;
   f.limit = 2;
-  EXPECT_EQ(ids_of(s->list(f)), (std::vector<std::string>{"o4", "o3"}));
+  EXPECT_EQ(ids_of(ok(s->list(f))), (std::vector<std::string>{"o4", "o3"}));
   f = {};
   f.status = instance_status::completed;
-  EXPECT_EQ(ids_of(s->list(f)), (std::vector<std::string>{"o4", "s1", "o1"}));
+  EXPECT_EQ(ids_of(ok(s->list(f))), (std::vector<std::string>{"o4", "s1", "o1"}));
   f = {};
   f.workflow = "Ship";
-  EXPECT_EQ(ids_of(s->list(f)), (std::vector<std::string>{"s2", "s1"}));
+  EXPECT_EQ(ids_of(ok(s->list(f))), (std::vector<std::string>{"s2", "s1"}));
   f.status = instance_status::running;
-  EXPECT_EQ(ids_of(s->list(f)), (std::vector<std::string>{"s2"}));
+  EXPECT_EQ(ids_of(ok(s->list(f))), (std::vector<std::string>{"s2"}));
   f.workflow = "Order";
   f.status = instance_status::completed;
   f.limit = 1;
-  auto one = s->list(f);
+  auto one = ok(s->list(f));
   EXPECT_EQ(ids_of(one), (std::vector<std::string>{"o4"}));
   ASSERT_EQ(one.size(), 1u);
   EXPECT_EQ(one[0].state, (json{{"step", 0}, {"id", "o4"}}));  // state is filled
   f = {};
   f.workflow = "Nope";
-  EXPECT_TRUE(s->list(f).empty());
+  EXPECT_TRUE(ok(s->list(f)).empty());
   f = {};
   f.status = instance_status::timed_out;
-  EXPECT_TRUE(s->list(f).empty());
+  EXPECT_TRUE(ok(s->list(f)).empty());
 }
 
 TEST_F(sqlite_store_test, history_is_read_in_seq_order_per_instance) {
@@ -320,13 +348,13 @@ TEST_F(sqlite_store_test, history_is_read_in_seq_order_per_instance) {
   commit_ok(*s, more);
 
   std::vector<std::uint64_t> seqs;
-  for (const auto& h : s->history("wf-1")) {
+  for (const auto& h : ok(s->history("wf-1"))) {
     EXPECT_EQ(h.instance_id, "wf-1");
     seqs.push_back(h.seq);
   }
   EXPECT_EQ(seqs, (std::vector<std::uint64_t>{1, 2, 3, 10}));
-  EXPECT_EQ(s->history("wf-2").size(), 2u);
-  EXPECT_TRUE(s->history("wf-9").empty());
+  EXPECT_EQ(ok(s->history("wf-2")).size(), 2u);
+  EXPECT_TRUE(ok(s->history("wf-9")).empty());
 }
 
 TEST_F(sqlite_store_test, a_failing_batch_stores_nothing_and_the_store_stays_usable) {
@@ -353,12 +381,12 @@ TEST_F(sqlite_store_test, a_failing_batch_stores_nothing_and_the_store_stays_usa
       << st.err().message;
 
   // Nothing of the batch, including what came before the failing row.
-  EXPECT_EQ(s->get("wf-1")->status, instance_status::running);
-  EXPECT_FALSE(s->get("wf-2").has_value());
-  EXPECT_EQ(s->history("wf-1").size(), 1u);
-  EXPECT_TRUE(s->history("wf-2").empty());
-  EXPECT_FALSE(s->triggered_by("OrderProcessing", "ev-5").has_value());
-  auto buffered = s->load_buffer();
+  EXPECT_EQ(ok(s->get("wf-1"))->status, instance_status::running);
+  EXPECT_FALSE(ok(s->get("wf-2")).has_value());
+  EXPECT_EQ(ok(s->history("wf-1")).size(), 1u);
+  EXPECT_TRUE(ok(s->history("wf-2")).empty());
+  EXPECT_FALSE(ok(s->triggered_by("OrderProcessing", "ev-5")).has_value());
+  auto buffered = ok(s->load_buffer());
   ASSERT_EQ(buffered.size(), 1u);
   EXPECT_EQ(buffered[0].id, "ev-1");
 
@@ -367,37 +395,37 @@ TEST_F(sqlite_store_test, a_failing_batch_stores_nothing_and_the_store_stays_usa
   collides.instances = {changed};
   collides.history = {make_entry("wf-1", 1)};
   EXPECT_FALSE(s->commit(collides).ok());
-  EXPECT_EQ(s->get("wf-1")->status, instance_status::running);
+  EXPECT_EQ(ok(s->get("wf-1"))->status, instance_status::running);
 
   // The store goes on: the corrected batch commits, and survives a reopen.
   bad.history.pop_back();
   commit_ok(*s, bad);
-  EXPECT_EQ(s->get("wf-1")->status, instance_status::failed);
+  EXPECT_EQ(ok(s->get("wf-1"))->status, instance_status::failed);
   s.reset();
   s = open();
-  EXPECT_TRUE(s->get("wf-2").has_value());
-  EXPECT_EQ(s->history("wf-1").size(), 2u);
-  EXPECT_EQ(s->triggered_by("OrderProcessing", "ev-5"), "wf-2");
-  ASSERT_EQ(s->load_buffer().size(), 1u);
-  EXPECT_EQ(s->load_buffer()[0].id, "ev-2");
+  EXPECT_TRUE(ok(s->get("wf-2")).has_value());
+  EXPECT_EQ(ok(s->history("wf-1")).size(), 2u);
+  EXPECT_EQ(ok(s->triggered_by("OrderProcessing", "ev-5")), "wf-2");
+  ASSERT_EQ(ok(s->load_buffer()).size(), 1u);
+  EXPECT_EQ(ok(s->load_buffer())[0].id, "ev-2");
 }
 
 TEST_F(sqlite_store_test, trigger_marks_dedup_events_per_workflow) {
   auto s = open();
-  EXPECT_FALSE(s->triggered_by("Order", "ev-1").has_value());
+  EXPECT_FALSE(ok(s->triggered_by("Order", "ev-1")).has_value());
   commit_batch b;
   b.instances = {make_instance("wf-1", 1, instance_status::running, "Order")};
   b.triggers = {{"Order", "ev-1", "wf-1"}};
   commit_ok(*s, b);
-  EXPECT_EQ(s->triggered_by("Order", "ev-1"), "wf-1");
-  EXPECT_FALSE(s->triggered_by("Ship", "ev-1").has_value());
-  EXPECT_FALSE(s->triggered_by("Order", "ev-2").has_value());
+  EXPECT_EQ(ok(s->triggered_by("Order", "ev-1")), "wf-1");
+  EXPECT_FALSE(ok(s->triggered_by("Ship", "ev-1")).has_value());
+  EXPECT_FALSE(ok(s->triggered_by("Order", "ev-2")).has_value());
 
   // The same event for another workflow starts its own instance.
   commit_batch other;
   other.triggers = {{"Ship", "ev-1", "wf-2"}};
   commit_ok(*s, other);
-  EXPECT_EQ(s->triggered_by("Ship", "ev-1"), "wf-2");
+  EXPECT_EQ(ok(s->triggered_by("Ship", "ev-1")), "wf-2");
 
   // A second mark for the same (workflow, event) is refused: the event already started one.
   commit_batch replay;
@@ -407,8 +435,8 @@ TEST_F(sqlite_store_test, trigger_marks_dedup_events_per_workflow) {
   ASSERT_FALSE(st.ok());
   EXPECT_EQ(st.err().code, "store_error");
   EXPECT_NE(st.err().message.find("ev-1"), std::string::npos) << st.err().message;
-  EXPECT_EQ(s->triggered_by("Order", "ev-1"), "wf-1");
-  EXPECT_FALSE(s->get("wf-3").has_value());
+  EXPECT_EQ(ok(s->triggered_by("Order", "ev-1")), "wf-1");
+  EXPECT_FALSE(ok(s->get("wf-3")).has_value());
 }
 
 TEST_F(sqlite_store_test, buffer_add_ignores_known_ids_remove_and_purge) {
@@ -421,7 +449,7 @@ TEST_F(sqlite_store_test, buffer_add_ignores_known_ids_remove_and_purge) {
   again.buffer_add = {make_event("ev-2", 98, "duplicate later")};
   commit_ok(*s, again);
 
-  auto buffered = s->load_buffer();
+  auto buffered = ok(s->load_buffer());
   ASSERT_EQ(buffered.size(), 3u);
   EXPECT_EQ(buffered[0].id, "ev-1");  // oldest first
   EXPECT_EQ(buffered[0].received_us, 10);
@@ -433,7 +461,7 @@ TEST_F(sqlite_store_test, buffer_add_ignores_known_ids_remove_and_purge) {
   commit_batch remove;
   remove.buffer_remove = {"ev-2", "ev-unknown"};
   commit_ok(*s, remove);
-  buffered = s->load_buffer();
+  buffered = ok(s->load_buffer());
   ASSERT_EQ(buffered.size(), 2u);
   EXPECT_EQ(buffered[0].id, "ev-1");
   EXPECT_EQ(buffered[1].id, "ev-3");
@@ -443,19 +471,19 @@ TEST_F(sqlite_store_test, buffer_add_ignores_known_ids_remove_and_purge) {
   both.buffer_add = {make_event("ev-4", 40)};
   both.buffer_remove = {"ev-4"};
   commit_ok(*s, both);
-  EXPECT_EQ(s->load_buffer().size(), 2u);
+  EXPECT_EQ(ok(s->load_buffer()).size(), 2u);
 
   commit_batch more;
   more.buffer_add = {make_event("ev-5", 50)};
   commit_ok(*s, more);
   EXPECT_EQ(s->purge_buffer(30), 1u);  // ev-1 only: strictly before 30
   EXPECT_EQ(s->purge_buffer(30), 0u);
-  buffered = s->load_buffer();
+  buffered = ok(s->load_buffer());
   ASSERT_EQ(buffered.size(), 2u);
   EXPECT_EQ(buffered[0].id, "ev-3");
   EXPECT_EQ(buffered[1].id, "ev-5");
   EXPECT_EQ(s->purge_buffer(1000), 2u);
-  EXPECT_TRUE(s->load_buffer().empty());
+  EXPECT_TRUE(ok(s->load_buffer()).empty());
 }
 
 TEST_F(sqlite_store_test, definitions_identical_again_is_a_no_op_different_is_refused) {
@@ -507,7 +535,7 @@ TEST_F(sqlite_store_test, a_string_that_is_not_utf8_does_not_break_commit) {
   b.instances = {make_instance("wf-1", 1)};
   b.instances[0].state = {{"raw", std::string("\xff\xfe bytes")}};
   commit_ok(*s, b);
-  auto got = s->get("wf-1");
+  auto got = ok(s->get("wf-1"));
   ASSERT_TRUE(got.has_value());
   EXPECT_TRUE(got->state["raw"].is_string());
 }
@@ -582,13 +610,13 @@ TEST_F(sqlite_store_test, many_batches_survive_wal_checkpoints) {
     return b;
   };
   auto check = [&](store& s) {
-    EXPECT_EQ(s.load_active().size(), static_cast<std::size_t>(k_batches * k_per_batch));
+    EXPECT_EQ(ok(s.load_active()).size(), static_cast<std::size_t>(k_batches * k_per_batch));
     for (int batch = 1; batch <= k_batches; batch += 7) {
       const std::string id = "b" + std::to_string(batch) + "-" + std::to_string(batch % 200);
-      auto got = s.get(id);
+      auto got = ok(s.get(id));
       ASSERT_TRUE(got.has_value()) << id;
       EXPECT_EQ(got->state["padding"], padding);
-      EXPECT_EQ(s.history(id).size(), 2u) << id;
+      EXPECT_EQ(ok(s.history(id)).size(), 2u) << id;
     }
   };
   {
@@ -632,10 +660,10 @@ TEST_F(sqlite_store_test, a_committed_batch_survives_sigkill) {
   EXPECT_TRUE(fs::exists(path_ + "-wal"));
 
   auto s = open();
-  EXPECT_EQ(s->load_active().size(), 50u);
-  EXPECT_EQ(s->history("wf-49").size(), 1u);
-  EXPECT_EQ(s->triggered_by("OrderProcessing", "ev-1"), "wf-0");
-  EXPECT_EQ(s->load_buffer().size(), 1u);
+  EXPECT_EQ(ok(s->load_active()).size(), 50u);
+  EXPECT_EQ(ok(s->history("wf-49")).size(), 1u);
+  EXPECT_EQ(ok(s->triggered_by("OrderProcessing", "ev-1")), "wf-0");
+  EXPECT_EQ(ok(s->load_buffer()).size(), 1u);
 }
 
 // Killed at an arbitrary point of a stream of commits (big enough for the WAL to be
@@ -685,15 +713,163 @@ TEST_F(sqlite_store_test, killed_while_committing_keeps_whole_acknowledged_batch
 
   auto s = open();
   std::map<std::int64_t, int> per_batch;  // created_us is the batch number
-  for (const auto& r : s->load_active()) ++per_batch[r.created_us];
+  for (const auto& r : ok(s->load_active())) ++per_batch[r.created_us];
   ASSERT_FALSE(per_batch.empty());
   const std::int64_t last = per_batch.rbegin()->first;
   EXPECT_GE(last, acked);
   for (std::int64_t batch = 1; batch <= last; ++batch) {
     EXPECT_EQ(per_batch[batch], k_per_batch) << "batch " << batch;
     const std::string id = "b" + std::to_string(batch) + "-" + std::to_string(k_per_batch - 1);
-    EXPECT_EQ(s->history(id).size(), 1u) << id;
+    EXPECT_EQ(ok(s->history(id)).size(), 1u) << id;
   }
+}
+
+// What the engine reads from the store must be what it wrote: a row that does not decode is an
+// error naming it (a get, a list, loading the active instances, a history), never a record
+// silently skipped or returned without its state.
+TEST_F(sqlite_store_test, a_row_that_does_not_decode_is_an_error_naming_it) {
+  {
+    auto s = open();
+    commit_batch b;
+    b.instances = {make_instance("wf-1", 1), make_instance("wf-2", 2), make_instance("wf-3", 3)};
+    b.history = {make_entry("wf-1", 1), make_entry("wf-1", 2)};
+    b.buffer_add = {make_event("ev-1", 10)};
+    commit_ok(*s, b);
+  }
+  raw_sql(path_, "UPDATE instances SET state = '{\"steps\": [1, 2' WHERE id = 'wf-2'");
+  raw_sql(path_, "UPDATE history SET data = X'c1' WHERE instance_id = 'wf-1' AND seq = 2");
+  raw_sql(path_, "UPDATE buffer SET event = X'c1' WHERE id = 'ev-1'");
+  auto s = open();  // quick_check looks at pages, not at what the rows mean
+
+  auto got = s->get("wf-2");
+  ASSERT_FALSE(got.ok());
+  EXPECT_EQ(got.err().code, "store_error");
+  EXPECT_TRUE(contains(got.err().message, "instance 'wf-2'")) << got.err().message;
+  EXPECT_TRUE(contains(got.err().message, path_)) << got.err().message;
+  auto listed = s->list({});
+  ASSERT_FALSE(listed.ok()) << "returned " << listed->size() << " instances";
+  EXPECT_TRUE(contains(listed.err().message, "instance 'wf-2'")) << listed.err().message;
+  auto active = s->load_active();
+  ASSERT_FALSE(active.ok()) << "returned " << active->size() << " instances";
+  EXPECT_TRUE(contains(active.err().message, "instance 'wf-2'")) << active.err().message;
+  auto history = s->history("wf-1");
+  ASSERT_FALSE(history.ok()) << "returned " << history->size() << " entries";
+  EXPECT_TRUE(contains(history.err().message, "history entry 2 of instance 'wf-1'"))
+      << history.err().message;
+  auto buffered = s->load_buffer();
+  ASSERT_FALSE(buffered.ok()) << "returned " << buffered->size() << " events";
+  EXPECT_TRUE(contains(buffered.err().message, "buffered event 'ev-1'")) << buffered.err().message;
+  // The rows that do decode still read.
+  EXPECT_EQ(ok(s->get("wf-3"))->state, make_instance("wf-3", 3).state);
+
+  // An unknown status is not a row to skip either.
+  raw_sql(path_, "UPDATE instances SET status = 'sleeping' WHERE id = 'wf-3'");
+  auto unknown = s->get("wf-3");
+  ASSERT_FALSE(unknown.ok());
+  EXPECT_TRUE(contains(unknown.err().message, "instance 'wf-3' has the unknown status 'sleeping'"))
+      << unknown.err().message;
+}
+
+// 8 KiB of garbage in the middle of a store's file (a bad disk, a stray write): opening it with
+// the default check refuses it with store_damaged, naming the file and what the check found.
+TEST_F(sqlite_store_test, a_damaged_file_is_refused_at_open) {
+  {
+    auto s = open();
+    for (int batch = 0; batch < 10; ++batch) {
+      commit_batch b;
+      for (int i = 0; i < 30; ++i) {
+        const std::string id = "wf-" + std::to_string(batch * 30 + i);
+        b.instances.push_back(make_instance(id, batch * 30 + i));
+        b.instances.back().state["padding"] = std::string(600, 'p');
+        b.history.push_back(make_entry(id, 1, "started"));
+      }
+      commit_ok(*s, b);
+    }
+  }  // closed: the WAL is checkpointed into the file and removed
+  ASSERT_FALSE(fs::exists(path_ + "-wal"));
+  const auto size = fs::file_size(path_);
+  ASSERT_GE(size, 64u * 1024u);
+  {
+    std::fstream f(path_, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(static_cast<std::streamoff>(size / 2 / 4096 * 4096));
+    std::uint32_t x = 2463534242u;  // xorshift: garbage, the same every run
+    for (int i = 0; i < 8192; ++i) {
+      x ^= x << 13;
+      x ^= x >> 17;
+      x ^= x << 5;
+      f.put(static_cast<char>(x & 0xff));
+    }
+  }
+  for (auto check : {store_check::quick, store_check::full}) {
+    const std::string message = damaged_error(path_, check);
+    EXPECT_TRUE(contains(message, path_)) << message;
+    EXPECT_TRUE(contains(message, "the store is damaged")) << message;
+    EXPECT_TRUE(contains(message, "restore the file from a backup") ||
+                contains(message, "Restore the file from a backup"))
+        << message;
+  }
+  // --store-check off opens it; what is damaged then fails where it is read, with an error.
+  auto s = open_sqlite_store(path_, {.check = store_check::off, .max_size_bytes = 0});
+  auto listed = s->list(list_filter{.status = std::nullopt, .workflow = "", .limit = 1000});
+  if (listed.ok()) {
+    EXPECT_LT(listed->size(), 300u) << "the garbage damaged nothing the list reads";
+  } else {
+    EXPECT_EQ(listed.err().code, "store_error");
+  }
+}
+
+TEST_F(sqlite_store_test, store_check_names_round_trip) {
+  for (auto c : {store_check::off, store_check::quick, store_check::full}) {
+    EXPECT_EQ(parse_store_check(to_string(c)), c);
+  }
+  EXPECT_EQ(parse_store_check("fast"), std::nullopt);
+}
+
+// A full disk, made real with a size limit (PRAGMA max_page_count: SQLite itself answers
+// SQLITE_FULL): the commit fails with storage_full (retryable), stores nothing of the batch,
+// and the same batch commits once space returns (here: another connection deletes rows,
+// which frees pages inside the limit).
+TEST_F(sqlite_store_test, a_full_store_refuses_the_batch_and_commits_once_space_returns) {
+  open().reset();
+  raw_sql(path_, "CREATE TABLE padding(b BLOB); INSERT INTO padding VALUES (zeroblob(256 * 1024))");
+  const auto size = static_cast<std::int64_t>(fs::file_size(path_));
+  auto s =
+      open_sqlite_store(path_, {.check = store_check::quick, .max_size_bytes = size + 16 * 4096});
+  list_filter everything;
+  everything.limit = 100000;
+  int committed = 0;
+  commit_batch refused;
+  for (int batch = 0; batch < 1000; ++batch) {  // bounded: full after a few dozen
+    commit_batch b;
+    for (int i = 0; i < 5; ++i) {
+      const std::string id = "wf-" + std::to_string(batch) + "-" + std::to_string(i);
+      b.instances.push_back(make_instance(id, batch));
+      b.instances.back().state["padding"] = std::string(2000, 'p');
+      b.history.push_back(make_entry(id, 1, "started"));
+    }
+    auto st = s->commit(b);
+    if (!st.ok()) {
+      EXPECT_EQ(st.err().code, "storage_full") << st.err().to_string();
+      EXPECT_TRUE(st.err().retryable);
+      EXPECT_TRUE(contains(st.err().message, path_)) << st.err().message;
+      refused = std::move(b);
+      break;
+    }
+    ++committed;
+  }
+  ASSERT_FALSE(refused.empty()) << "the store never filled";
+  ASSERT_GT(committed, 0);
+  // Nothing of the refused batch is stored; everything before it is; reads go on.
+  for (const auto& r : refused.instances) EXPECT_FALSE(ok(s->get(r.id)).has_value()) << r.id;
+  EXPECT_EQ(ok(s->list(everything)).size(), static_cast<std::size_t>(committed) * 5);
+  // Still full: refused again, still nothing stored.
+  EXPECT_EQ(s->commit(refused).err().code, "storage_full");
+  EXPECT_FALSE(ok(s->get(refused.instances[0].id)).has_value());
+
+  raw_sql(path_, "DELETE FROM padding");
+  commit_ok(*s, refused);
+  EXPECT_EQ(ok(s->list(everything)).size(), static_cast<std::size_t>(committed + 1) * 5);
+  EXPECT_EQ(ok(s->history(refused.instances[0].id)).size(), 1u);
 }
 
 }  // namespace

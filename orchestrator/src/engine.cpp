@@ -25,6 +25,9 @@ constexpr std::string_view k_completed = "completed";
 constexpr std::string_view k_failed = "failed";
 constexpr auto k_publish_deadline = 5s;
 constexpr std::int64_t k_republish_us = 1'000'000;
+// While the store cannot commit, the pending batch is tried again this often: the attempt is
+// the probe that notices space has returned.
+constexpr std::int64_t k_store_retry_us = 500'000;
 
 std::string key_of(const std::string& a, const std::string& b) {
   return a + '\n' + b;
@@ -110,6 +113,8 @@ struct engine::effect {
   std::shared_ptr<std::promise<result<json>>> promise;
   std::function<result<json>()> answer;
   std::optional<result<json>> ready;
+  // An answer that reports a state change (start, cancel): sent only once it is committed.
+  bool durable = false;
 };
 
 engine::engine(options opts, std::vector<definition> defs, std::unique_ptr<store> db)
@@ -147,6 +152,16 @@ engine::engine(options opts, std::vector<definition> defs, std::unique_ptr<store
     }
   }
   await_topics_ = std::move(awaited);
+  // Read now, so that a store whose rows do not decode stops the start-up with an error naming
+  // the row, before anything connects.
+  constexpr const char* k_way_out =
+      ". The store is damaged: restore the file from a backup (docs/workflows.md, \"The store\")";
+  auto buffer_rows = db_->load_buffer();
+  if (!buffer_rows) throw store_damaged("", buffer_rows.err().message + k_way_out);
+  loaded_buffer_ = std::move(*buffer_rows);
+  auto active = db_->load_active();
+  if (!active) throw store_damaged("", active.err().message + k_way_out);
+  loaded_ = std::move(*active);
 }
 
 engine::~engine() {
@@ -169,13 +184,13 @@ stats engine::counters() const {
 
 void engine::run(agent::agent& ag) {
   agent_ = &ag;
-  for (auto& ev : db_->load_buffer()) {
+  for (auto& ev : std::exchange(loaded_buffer_, {})) {
     buffer_.push_back(std::move(ev.event));
     auto it = std::prev(buffer_.end());
     buffer_index_.emplace(
         key_of((*it)["topic"].get<std::string>(), it->value("correlation_id", std::string())), it);
   }
-  auto records = db_->load_active();
+  auto records = std::exchange(loaded_, {});
   for (auto& r : records) {
     auto def = find_definition(r.workflow, r.version);
     if (!def) {
@@ -304,6 +319,10 @@ void engine::loop() {
         until = std::min(until, std::chrono::system_clock::time_point(
                                     std::chrono::microseconds(timers_.top().due_us)));
       }
+      if (store_failure_) {
+        until = std::min(until, std::chrono::system_clock::time_point(
+                                    std::chrono::microseconds(next_store_try_us_)));
+      }
       wake_.wait_until(lock, until, [this] { return stopping_ || !inbox_.empty(); });
       if (stopping_) return;
       work.swap(inbox_);
@@ -338,11 +357,32 @@ void engine::process(inbound& in) {
       handle_event(std::move(in.event), in.replayed);
       return;
     case inbound::kind::admin: {
-      std::function<result<json>()> later;
-      auto r = admin(in.action, in.args, in.from, later);
       effect e;
       e.what = effect::kind::answer;
       e.promise = in.promise;
+      const bool writes = in.action == "start" || in.action == "cancel";
+      if (writes && store_failure_) {
+        // New work is refused while the store cannot commit: nothing is changed.
+        e.ready = result<json>(
+            error{store_failure_->code,
+                  "not " + std::string(in.action == "start" ? "started" : "cancelled") +
+                      ", the store cannot commit: " + store_failure_->message,
+                  true});
+        effects_.push_back(std::move(e));
+        return;
+      }
+      std::function<result<json>()> later;
+      auto r = admin(in.action, in.args, in.from, later);
+      if (writes && r && r->is_object()) {
+        if (in.action == "cancel") e.durable = true;
+        // A start of an id that this iteration created stands or falls with that instance.
+        if (in.action == "start" &&
+            (r->value("created", false) || fresh_.count(r->value("id", "")) != 0)) {
+          e.durable = true;
+          e.instance_id = r->value("id", "");
+          fresh_.insert(e.instance_id);
+        }
+      }
       if (later) {
         e.answer = std::move(later);
       } else {
@@ -511,6 +551,10 @@ void engine::fire_timers() {
 }
 
 void engine::flush() {
+  if (store_failure_ && now_us() < next_store_try_us_) {
+    send_ready_answers();
+    return;
+  }
   for (const auto& id : dirty_) {
     auto it = live_.find(id);
     if (it == live_.end()) continue;
@@ -530,18 +574,27 @@ void engine::flush() {
     auto s = db_->commit(batch_);
     give_back();
     if (!s) {
-      // Nothing leaves the process until its state is stored: keep everything and try again.
-      log_->error("store commit failed ({} instance(s)), retrying: {}", batch_.instances.size(),
-                  s.err().message);
-      batch_.instances.clear();
-      std::this_thread::sleep_for(100ms);
+      store_failed(s.err());
       return;
+    }
+    if (store_failure_ || store_probing_) {
+      log_->info("store commits again ({} instance(s) in the first batch); accepting new work",
+                 batch_.instances.size());
+      store_failure_.reset();
+      store_probing_ = false;
     }
     std::lock_guard lock(stats_mutex_);
     ++stats_.commits;
     stats_.committed_instances += batch_.instances.size();
+  } else if (store_failure_) {
+    // Nothing accepted is waiting to be committed, so nothing can tell whether space returned:
+    // the next write request is let through as the probe (it is answered storage_full and
+    // dropped if its commit fails, as above).
+    store_failure_.reset();
+    store_probing_ = true;
   }
   batch_ = commit_batch{};
+  fresh_.clear();
   for (const auto& id : dirty_) {
     auto it = live_.find(id);
     if (it == live_.end()) continue;
@@ -597,6 +650,76 @@ void engine::flush() {
         break;
     }
   }
+}
+
+// Nothing leaves the process until its state is stored. The state changes of instances that
+// were already committed (accepted work) stay pending — batch, dirty instances, their commands
+// and events — and are committed by a later attempt. Instances that requests started since the
+// last commit are dropped instead, and those requests answered with the failure: a client told
+// "not started" must never find the instance later.
+void engine::store_failed(const error& why) {
+  batch_.instances.clear();  // rebuilt from dirty_ by the next attempt
+  if (!store_failure_ && !store_probing_) {
+    log_->error(
+        "store commit failed: {}; refusing new work, answering reads, trying again every {} ms",
+        why.message, k_store_retry_us / 1000);
+  } else {
+    log_->debug("store commit failed again: {}", why.message);
+  }
+  store_failure_ = why;
+  next_store_try_us_ = now_us() + k_store_retry_us;
+  drop_uncommitted_starts(why);
+  send_ready_answers();
+}
+
+void engine::drop_uncommitted_starts(const error& why) {
+  if (fresh_.empty()) return;
+  std::unordered_set<std::string> drop = std::exchange(fresh_, {});
+  // Sub-workflows they started in the same iteration were never committed either.
+  for (bool grew = true; grew;) {
+    grew = false;
+    for (const auto& [id, in] : live_) {
+      if (drop.count(id) == 0 && drop.count(in->parent_id) != 0) grew = drop.insert(id).second;
+    }
+  }
+  for (const auto& id : drop) {
+    live_.erase(id);
+    dirty_.erase(id);
+  }
+  std::erase_if(batch_.history, [&](const history_entry& h) { return drop.count(h.instance_id); });
+  std::erase_if(batch_.triggers, [&](const trigger_mark& t) { return drop.count(t.instance_id); });
+  std::erase_if(default_awaits_, [&](const auto& kv) {
+    return drop.count(kv.first.substr(kv.first.find('\n') + 1)) != 0;
+  });
+  for (auto& [topic, waiting] : match_awaits_) {
+    std::erase_if(waiting, [&](const auto& w) { return drop.count(w.first) != 0; });
+  }
+  std::erase_if(effects_, [&](effect& e) {
+    if (drop.count(e.instance_id) == 0) return false;
+    if (e.what == effect::kind::answer) {
+      e.promise->set_value(error{why.code,
+                                 "instance \"" + e.instance_id +
+                                     "\" not started (nothing of it is stored): " + why.message,
+                                 true});
+    }
+    return true;  // its commands and events are never sent
+  });
+  {
+    std::lock_guard lock(stats_mutex_);
+    stats_.started -= std::min<std::uint64_t>(stats_.started, drop.size());
+  }
+  log_->warn(
+      "store cannot commit: {} instance(s) started by requests since the last commit "
+      "dropped, their requests answered {}",
+      drop.size(), why.code);
+}
+
+void engine::send_ready_answers() {
+  std::erase_if(effects_, [](effect& e) {
+    if (e.what != effect::kind::answer || e.durable) return false;
+    e.promise->set_value(e.answer ? e.answer() : std::move(*e.ready));
+    return true;
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1301,9 +1424,24 @@ void engine::handle_event(json ev, bool replayed) {
           auto r = evaluate(trig.match, ctx);
           if (!r || !*r) continue;
         }
+        if (store_failure_) {
+          log_->warn("trigger {} of {}: event {} starts no instance, the store cannot commit: {}",
+                     topic, def->name, event_id, store_failure_->message);
+          continue;
+        }
         const std::string mark = key_of(def->name, event_id);
-        if (pending_triggers_.count(mark) != 0 || db_->triggered_by(def->name, event_id)) {
+        if (pending_triggers_.count(mark) != 0) {
           log_->debug("trigger {} event {}: already started an instance", topic, event_id);
+          continue;
+        }
+        auto started = db_->triggered_by(def->name, event_id);
+        if (!started || *started) {
+          if (!started) {
+            log_->error("trigger {} of {}: event {} starts no instance: {}", topic, def->name,
+                        event_id, started.err().message);
+          } else {
+            log_->debug("trigger {} event {}: already started an instance", topic, event_id);
+          }
           continue;
         }
         json start_input = ev.value("payload", json());
@@ -1642,12 +1780,12 @@ result<json> engine::admin(std::string_view action, const json& args, const orig
     if (!args[key].is_string()) return bad(std::string("\"") + key + "\" must be a string");
     return args[key].get<std::string>();
   };
-  auto snapshot = [this](const std::string& id) -> std::optional<instance_record> {
+  auto snapshot = [this](const std::string& id) -> result<std::optional<instance_record>> {
     if (auto it = live_.find(id); it != live_.end()) {
       instance& in = *it->second;
       instance_record r = record_of(in);
       r.state = in.state;
-      return r;
+      return std::optional<instance_record>(std::move(r));
     }
     return db_->get(id);
   };
@@ -1678,7 +1816,9 @@ result<json> engine::admin(std::string_view action, const json& args, const orig
                    false};
     }
     if (!id->empty()) {
-      if (auto existing = snapshot(*id)) {
+      auto found = snapshot(*id);
+      if (!found) return found.err();
+      if (auto& existing = *found) {
         if (existing->workflow != def->name) {
           return error{"conflict", "instance \"" + *id + "\" exists and runs " + existing->workflow,
                        false};
@@ -1705,8 +1845,9 @@ result<json> engine::admin(std::string_view action, const json& args, const orig
     auto id = string_arg("id", true);
     if (!id) return id.err();
     auto r = snapshot(*id);
-    if (!r) return not_found(*id);
-    json v = view(*r);
+    if (!r) return r.err();
+    if (!*r) return not_found(*id);
+    json v = view(**r);
     if (auto it = live_.find(*id); it != live_.end() && v["steps"].is_object()) {
       for (auto& [name, step_view] : v["steps"].items()) {
         const step* s = it->second->def->find(name);
@@ -1739,7 +1880,9 @@ result<json> engine::admin(std::string_view action, const json& args, const orig
     }
     later = [this, f]() -> result<json> {
       json out = json::array();
-      for (const auto& r : db_->list(f)) {
+      auto rows = db_->list(f);
+      if (!rows) return rows.err();
+      for (const auto& r : *rows) {
         json v = view(r);
         v.erase("steps");
         out.push_back(std::move(v));
@@ -1756,9 +1899,10 @@ result<json> engine::admin(std::string_view action, const json& args, const orig
     auto it = live_.find(*id);
     if (it == live_.end()) {
       auto r = db_->get(*id);
-      if (!r) return not_found(*id);
+      if (!r) return r.err();
+      if (!*r) return not_found(*id);
       return error{"conflict",
-                   "instance \"" + *id + "\" already ended " + std::string(to_string(r->status)),
+                   "instance \"" + *id + "\" already ended " + std::string(to_string((*r)->status)),
                    false};
     }
     instance& in = *it->second;
@@ -1777,10 +1921,16 @@ result<json> engine::admin(std::string_view action, const json& args, const orig
   if (action == "history") {
     auto id = string_arg("id", true);
     if (!id) return id.err();
-    if (live_.count(*id) == 0 && !db_->get(*id)) return not_found(*id);
+    if (live_.count(*id) == 0) {
+      auto r = db_->get(*id);
+      if (!r) return r.err();
+      if (!*r) return not_found(*id);
+    }
     later = [this, id = *id]() -> result<json> {
       json entries = json::array();
-      for (const auto& h : db_->history(id)) {
+      auto rows = db_->history(id);
+      if (!rows) return rows.err();
+      for (const auto& h : *rows) {
         json e = {{"seq", h.seq}, {"ts_us", h.ts_us}, {"kind", h.kind}};
         if (!h.step.empty()) e["step"] = h.step;
         if (!h.data.is_null()) e["data"] = h.data;

@@ -90,6 +90,12 @@ class engine {
   void process(inbound& in);
   void fire_timers();
   void flush();
+  // A commit failed (disk full, ...): the store is marked failing and the instances that
+  // requests started since the last commit are dropped (their requests answered with the error).
+  void store_failed(const error& why);
+  void drop_uncommitted_starts(const error& why);
+  // Sends the answers that do not wait for a commit (reads, refusals) and keeps the rest.
+  void send_ready_answers();
 
   // --- instance lifecycle
   std::shared_ptr<const definition> find_definition(const std::string& name, std::uint32_t version);
@@ -175,6 +181,17 @@ class engine {
   commit_batch batch_;
   std::unordered_set<std::string> dirty_;
   std::vector<effect> effects_;
+  // Instances that `start` requests created since the last successful commit: if the commit
+  // fails they are dropped, and the requests answered with the failure.
+  std::unordered_set<std::string> fresh_;
+  // Set while commits fail: new work (start, cancel, triggers) is refused with this error, and
+  // the pending batch is tried again at next_store_try_us_.
+  std::optional<error> store_failure_;
+  std::int64_t next_store_try_us_ = 0;
+  bool store_probing_ = false;  // failing, but nothing pending: the next write is the probe
+  // Read from the store by the constructor, consumed by run().
+  std::vector<instance_record> loaded_;
+  std::vector<buffered_event> loaded_buffer_;
   std::int64_t next_purge_us_ = 0;
 
   // Cross-thread.

@@ -17,7 +17,8 @@ struct orchestrator::impl {
 
 orchestrator::orchestrator(options opts) : impl_(std::make_unique<impl>()) {
   auto defs = load_definitions(opts.workflows);
-  auto db = open_sqlite_store(opts.store);
+  auto db = open_sqlite_store(
+      opts.store, sqlite_options{.check = opts.check_store, .max_size_bytes = opts.store_max_size});
   impl_->opts = opts;
   impl_->engine = std::make_unique<detail::engine>(std::move(opts), std::move(defs), std::move(db));
 }

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <array>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <filesystem>
@@ -60,9 +61,34 @@ std::optional<instance_status> parse_instance_status(std::string_view s) {
   return std::nullopt;
 }
 
+std::string_view to_string(store_check c) {
+  switch (c) {
+    case store_check::off:
+      return "off";
+    case store_check::quick:
+      return "quick";
+    case store_check::full:
+      return "full";
+  }
+  return "unknown";
+}
+
+std::optional<store_check> parse_store_check(std::string_view s) {
+  for (auto v : {store_check::off, store_check::quick, store_check::full}) {
+    if (to_string(v) == s) return v;
+  }
+  return std::nullopt;
+}
+
 namespace {
 
-constexpr std::string_view k_store_error = "store_error";
+// What to do about a damaged store, appended to the error.
+constexpr const char* k_way_out =
+    ". Restore the file from a backup (docs/workflows.md, \"The store\"); "
+    "--store-check off starts on it anyway, at the risk of losing or misreading instances";
+// How many problems the integrity check reports at most (the first ones name the damage; a
+// badly damaged file would produce thousands of lines).
+constexpr int k_check_max_errors = 10;
 // PRAGMA application_id: marks the file as an Ensemble store ("EnSt").
 constexpr std::int64_t k_application_id = 0x456e5374;
 // PRAGMA user_version: the schema version this build writes and reads.
@@ -203,6 +229,16 @@ std::string describe(sqlite3* db, int rc, std::string_view operation) {
 
 [[noreturn]] void fail(sqlite3* db, int rc, std::string_view operation) {
   throw sqlite_failure(rc, describe(db, rc, operation));
+}
+
+// A row whose content this build cannot read (a document that does not decode, an unknown
+// status). Like SQLite's own corruption errors, it is reported, never skipped.
+[[noreturn]] void undecodable(const std::string& what) {
+  throw sqlite_failure(SQLITE_CORRUPT, what);
+}
+
+bool is_corruption(int rc) {
+  return (rc & 0xff) == SQLITE_CORRUPT;
 }
 
 struct db_closer {
@@ -383,7 +419,7 @@ class checkpointer {
 
 class sqlite_store final : public store {
  public:
-  explicit sqlite_store(const std::string& path)
+  sqlite_store(const std::string& path, const sqlite_options& opts)
       : path_(path), log_(common::component_logger("orchestrator")) {
     const bool in_memory = path == ":memory:";
     if (!in_memory) check_location();
@@ -407,6 +443,8 @@ class sqlite_store final : public store {
       configure(in_memory);
       const bool created = fresh && create_schema();
       check_tables();
+      if (!created && !in_memory) check_integrity(opts.check);
+      if (opts.max_size_bytes > 0) limit_size(opts.max_size_bytes);
       prepare();
       if (!in_memory) start_checkpointer();
       log_->info("store {}: opened ({}, schema version {})", path_,
@@ -414,6 +452,9 @@ class sqlite_store final : public store {
     } catch (const sqlite_failure& e) {
       if ((e.rc() & 0xff) == SQLITE_NOTADB) {
         throw common::config_error(path_, std::string("not an SQLite database: ") + e.what());
+      }
+      if (is_corruption(e.rc())) {
+        throw store_damaged(path_, std::string("the store is damaged: ") + e.what() + k_way_out);
       }
       throw common::config_error(path_, e.what());
     } catch (const std::system_error& e) {  // the checkpoint thread
@@ -527,39 +568,47 @@ class sqlite_store final : public store {
         sqlite3_wal_checkpoint_v2(db(), nullptr, SQLITE_CHECKPOINT_PASSIVE, nullptr, nullptr);
       }
       return common::ok_status();
+    } catch (const sqlite_failure& e) {
+      rollback();
+      const bool full = (e.rc() & 0xff) == SQLITE_FULL;
+      return common::error{std::string(full ? k_storage_full : k_store_error),
+                           "store " + path_ + ": " + e.what() +
+                               (full ? "; the disk or the store's size limit is full" : "") +
+                               "; the batch was rolled back, nothing of it is stored",
+                           full};
     } catch (const std::exception& e) {
       rollback();
-      return common::error::make(k_store_error, std::string(e.what()) +
+      return common::error::make(k_store_error, "store " + path_ + ": " + e.what() +
                                                     "; the batch was rolled back, nothing of "
                                                     "it is stored");
     }
   }
 
-  std::vector<instance_record> load_active() override {
+  common::result<std::vector<instance_record>> load_active() override {
     std::vector<instance_record> out;
     try {
       use u(db(), load_active_);
       while (u.step([] { return "load active instances"; })) read_instance(u, out);
     } catch (const std::exception& e) {
-      log_->error("store {}: {} (returning {} instances read so far)", path_, e.what(), out.size());
+      return read_error(e);
     }
     return out;
   }
 
-  std::optional<instance_record> get(const std::string& id) override {
+  common::result<std::optional<instance_record>> get(const std::string& id) override {
     std::vector<instance_record> out;
     try {
       use u(db(), get_instance_);
       u.bind(1, id);
       if (u.step([&] { return "get instance '" + id + "'"; })) read_instance(u, out);
     } catch (const std::exception& e) {
-      log_->error("store {}: {}", path_, e.what());
+      return read_error(e);
     }
-    if (out.empty()) return std::nullopt;
-    return std::move(out.front());
+    if (out.empty()) return std::optional<instance_record>();
+    return std::optional<instance_record>(std::move(out.front()));
   }
 
-  std::vector<instance_record> list(const list_filter& filter) override {
+  common::result<std::vector<instance_record>> list(const list_filter& filter) override {
     std::vector<instance_record> out;
     try {
       const bool by_status = filter.status.has_value();
@@ -572,12 +621,12 @@ class sqlite_store final : public store {
       if (by_workflow) u.bind(3, filter.workflow);
       while (u.step([] { return "list instances"; })) read_instance(u, out);
     } catch (const std::exception& e) {
-      log_->error("store {}: {}", path_, e.what());
+      return read_error(e);
     }
     return out;
   }
 
-  std::vector<history_entry> history(const std::string& instance_id) override {
+  common::result<std::vector<history_entry>> history(const std::string& instance_id) override {
     std::vector<history_entry> out;
     try {
       use u(db(), load_history_);
@@ -591,14 +640,13 @@ class sqlite_store final : public store {
         h.step = u.text(3);
         h.data = u.document(4);
         if (h.data.is_discarded()) {
-          log_->error("store {}: history entry {} of instance '{}' has undecodable data", path_,
-                      h.seq, instance_id);
-          h.data = json();
+          undecodable("the data of history entry " + std::to_string(h.seq) + " of instance '" +
+                      instance_id + "' does not decode");
         }
         out.push_back(std::move(h));
       }
     } catch (const std::exception& e) {
-      log_->error("store {}: {}", path_, e.what());
+      return read_error(e);
     }
     return out;
   }
@@ -622,8 +670,8 @@ class sqlite_store final : public store {
     return out;
   }
 
-  std::optional<std::string> triggered_by(const std::string& workflow,
-                                          const std::string& event_id) override {
+  common::result<std::optional<std::string>> triggered_by(const std::string& workflow,
+                                                          const std::string& event_id) override {
     try {
       use u(db(), triggered_by_);
       u.bind(1, workflow).bind(2, event_id);
@@ -631,15 +679,15 @@ class sqlite_store final : public store {
             return "look up the instance that event '" + event_id + "' started for workflow '" +
                    workflow + "'";
           })) {
-        return u.text(0);
+        return std::optional<std::string>(u.text(0));
       }
     } catch (const std::exception& e) {
-      log_->error("store {}: {}", path_, e.what());
+      return read_error(e);
     }
-    return std::nullopt;
+    return std::optional<std::string>();
   }
 
-  std::vector<buffered_event> load_buffer() override {
+  common::result<std::vector<buffered_event>> load_buffer() override {
     std::vector<buffered_event> out;
     try {
       use u(db(), load_buffer_);
@@ -651,13 +699,12 @@ class sqlite_store final : public store {
         b.received_us = u.integer(3);
         b.event = u.document(4);
         if (b.event.is_discarded()) {
-          log_->error("store {}: buffered event '{}' does not decode; skipped", path_, b.id);
-          continue;
+          undecodable("buffered event '" + b.id + "' on topic '" + b.topic + "' does not decode");
         }
         out.push_back(std::move(b));
       }
     } catch (const std::exception& e) {
-      log_->error("store {}: {}", path_, e.what());
+      return read_error(e);
     }
     return out;
   }
@@ -813,8 +860,8 @@ class sqlite_store final : public store {
       use u(db(), s);
       u.bind(1, table);
       if (!u.step([] { return "check tables"; }) || u.integer(0) != 1) {
-        throw common::config_error(
-            path_, "the store has no table '" + std::string(table) + "' (damaged schema)");
+        throw store_damaged(path_, "the store has no table '" + std::string(table) +
+                                       "' (damaged schema)" + k_way_out);
       }
     }
   }
@@ -907,11 +954,7 @@ class sqlite_store final : public store {
     r.version = static_cast<std::uint32_t>(u.integer(2));
     const std::string status = u.text(3);
     const auto parsed = parse_instance_status(status);
-    if (!parsed) {
-      log_->error("store {}: instance '{}' has the unknown status '{}'; skipped", path_, r.id,
-                  status);
-      return;
-    }
+    if (!parsed) undecodable("instance '" + r.id + "' has the unknown status '" + status + "'");
     r.status = *parsed;
     r.parent_id = u.text(4);
     r.created_us = u.integer(5);
@@ -919,11 +962,64 @@ class sqlite_store final : public store {
     r.active = u.integer(7) != 0;
     r.state = u.document(8);
     if (r.state.is_discarded()) {
-      log_->error("store {}: the state of instance '{}' does not decode; returned as null", path_,
-                  r.id);
-      r.state = json();
+      undecodable("the state of instance '" + r.id + "' (workflow " + r.workflow +
+                  ") does not decode");
     }
     out.push_back(std::move(r));
+  }
+
+  // A query that failed or met a row it cannot read: an error for the caller (which names the
+  // store and the row), logged here too since it means the file is damaged or foreign.
+  common::error read_error(const std::exception& e) {
+    log_->error("store {}: {}", path_, e.what());
+    return common::error{std::string(k_store_error), "store " + path_ + ": " + e.what(), false};
+  }
+
+  // PRAGMA quick_check / integrity_check on an existing store; throws store_damaged with the
+  // first problems found.
+  void check_integrity(store_check check) {
+    if (check == store_check::off) {
+      log_->warn("store {}: integrity check skipped (--store-check off)", path_);
+      return;
+    }
+    const char* pragma = check == store_check::full ? "integrity_check" : "quick_check";
+    const auto started = std::chrono::steady_clock::now();
+    const std::string sql =
+        std::string("PRAGMA ") + pragma + "(" + std::to_string(k_check_max_errors) + ")";
+    statement s(db(), sql.c_str());
+    use u(db(), s);
+    std::vector<std::string> problems;
+    while (u.step([&] { return std::string("PRAGMA ") + pragma; })) {
+      std::string line = u.text(0);
+      // The first problem starts with "*** in database main ***\n": keep the error one line.
+      std::replace(line.begin(), line.end(), '\n', ' ');
+      if (line != "ok") problems.push_back(std::move(line));
+    }
+    const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(
+                        std::chrono::steady_clock::now() - started)
+                        .count();
+    if (!problems.empty()) {
+      std::string what = "the store is damaged: PRAGMA " + std::string(pragma) + " found";
+      for (std::size_t i = 0; i < problems.size(); ++i) {
+        what += (i == 0 ? ": " : "; ") + problems[i];
+      }
+      if (problems.size() == static_cast<std::size_t>(k_check_max_errors)) what += "; ...";
+      throw store_damaged(path_, what + k_way_out);
+    }
+    log_->info("store {}: {} ok in {} ms", path_, pragma, ms);
+  }
+
+  void limit_size(std::int64_t max_bytes) {
+    const std::int64_t page_size = query_int("PRAGMA page_size");
+    const std::int64_t pages = std::max<std::int64_t>(1, max_bytes / page_size);
+    const std::int64_t now = query_int("PRAGMA page_count");
+    const std::int64_t set = query_int(("PRAGMA max_page_count=" + std::to_string(pages)).c_str());
+    if (set != pages) {
+      log_->warn(
+          "store {}: size limit {} bytes is below the file's size ({} pages of {} bytes); "
+          "the store cannot grow",
+          path_, max_bytes, now, page_size);
+    }
   }
 
   void rollback() {
@@ -951,8 +1047,8 @@ class sqlite_store final : public store {
 
 }  // namespace
 
-std::unique_ptr<store> open_sqlite_store(const std::string& path) {
-  return std::make_unique<sqlite_store>(path);
+std::unique_ptr<store> open_sqlite_store(const std::string& path, const sqlite_options& opts) {
+  return std::make_unique<sqlite_store>(path, opts);
 }
 
 }  // namespace ensemble::orchestrator

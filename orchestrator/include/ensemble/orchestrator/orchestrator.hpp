@@ -16,8 +16,10 @@
 // unfinished instance found in the store: timers re-armed, awaits re-registered, in-flight
 // commands re-sent with the same idempotency key.
 //
-// The constructor loads definitions and opens the store, and throws common::config_error
-// naming the file and JSON path of a problem. Everything after start() returns results.
+// The constructor loads definitions, opens the store (checking its integrity) and reads its
+// unfinished instances; it throws common::config_error naming the file and JSON path of a
+// problem, store_damaged (a config_error) for a damaged store. Everything after start()
+// returns results.
 
 #include <chrono>
 #include <cstdint>
@@ -28,6 +30,7 @@
 #include <vector>
 
 #include "ensemble/common/result.hpp"
+#include "ensemble/orchestrator/store.hpp"
 
 namespace ensemble::orchestrator {
 
@@ -38,6 +41,8 @@ struct options {
   std::string broker = "tcp://127.0.0.1:5555";          // the broker's router endpoint
   std::string events = "tcp://127.0.0.1:5556";          // the broker's events endpoint
   std::string store = ":memory:";                       // SQLite file, or ":memory:"
+  store_check check_store = store_check::quick;         // integrity check of the file at start
+  std::int64_t store_max_size = 0;                      // bytes the file may grow to; 0: no limit
   std::vector<std::string> workflows;                   // definition files and directories
   bool serve = true;                                    // offer the `orchestrator` service
   std::string service = "orchestrator";                 // its name
@@ -50,7 +55,8 @@ struct options {
 struct stats {
   std::uint64_t started = 0, completed = 0, failed = 0, cancelled = 0, timed_out = 0;
   std::uint64_t commands_sent = 0, events_published = 0, events_matched = 0;
-  std::uint64_t events_caught_up = 0;  // awaited events found in the broker's journal after a restart
+  std::uint64_t events_caught_up =
+      0;  // awaited events found in the broker's journal after a restart
   std::uint64_t commits = 0, committed_instances = 0;
   std::size_t active = 0, buffered_events = 0;
 };

@@ -10,6 +10,11 @@
 //
 // An instance's runtime state (step states, timers, awaits, pending events) is one JSON
 // document owned by the engine; the store keeps it opaque and indexes the columns it needs.
+//
+// Reads return results: a row that does not decode, or a query that fails half way (a damaged
+// file), is an error naming the row, never a shorter answer. A commit that fails because the
+// disk (or the store's size limit) is full returns `storage_full` (retryable), any other
+// failure `store_error`; either way nothing of the batch is stored.
 
 #include <cstdint>
 #include <memory>
@@ -24,6 +29,10 @@
 namespace ensemble::orchestrator {
 
 using json = nlohmann::json;
+
+// Error codes of the store's results (besides common::errc ones).
+inline constexpr std::string_view k_store_error = "store_error";
+inline constexpr std::string_view k_storage_full = "storage_full";
 
 enum class instance_status { running, compensating, completed, failed, cancelled, timed_out };
 std::string_view to_string(instance_status s);
@@ -103,26 +112,50 @@ class store {
   // One transaction. On error nothing of the batch is stored.
   virtual common::status commit(const commit_batch& batch) = 0;
 
-  virtual std::vector<instance_record> load_active() = 0;
-  virtual std::optional<instance_record> get(const std::string& id) = 0;
+  // Errors (store_error) name the instance, history entry or event that does not decode.
+  virtual common::result<std::vector<instance_record>> load_active() = 0;
+  virtual common::result<std::optional<instance_record>> get(const std::string& id) = 0;
   // Newest first (created_us descending). `state` is filled.
-  virtual std::vector<instance_record> list(const list_filter& filter) = 0;
-  virtual std::vector<history_entry> history(const std::string& instance_id) = 0;
+  virtual common::result<std::vector<instance_record>> list(const list_filter& filter) = 0;
+  virtual common::result<std::vector<history_entry>> history(const std::string& instance_id) = 0;
   // Instances per status, for stats.
   virtual std::vector<std::pair<instance_status, std::uint64_t>> count_by_status() = 0;
 
   // The instance a trigger event already started, if any.
-  virtual std::optional<std::string> triggered_by(const std::string& workflow,
-                                                  const std::string& event_id) = 0;
+  virtual common::result<std::optional<std::string>> triggered_by(const std::string& workflow,
+                                                                  const std::string& event_id) = 0;
 
-  virtual std::vector<buffered_event> load_buffer() = 0;  // oldest first
+  virtual common::result<std::vector<buffered_event>> load_buffer() = 0;  // oldest first
   // Deletes buffered events received before `before_us`; returns how many.
   virtual std::size_t purge_buffer(std::int64_t before_us) = 0;
 };
 
+// How much of an existing store file is verified at open: `quick` (PRAGMA quick_check: every
+// page of every b-tree, O(file size)), `full` (PRAGMA integrity_check: also that every index
+// matches its table), `off`. docs/workflows.md, "The store", has the times they take.
+enum class store_check { off, quick, full };
+std::string_view to_string(store_check c);
+std::optional<store_check> parse_store_check(std::string_view s);
+
+struct sqlite_options {
+  store_check check = store_check::quick;
+  // Largest size the database file may grow to, in bytes (rounded down to whole pages; 0: no
+  // limit). Reaching it behaves exactly as a full disk: commits fail with storage_full.
+  std::int64_t max_size_bytes = 0;
+};
+
+// Thrown at open when the file is an Ensemble store but is damaged: the integrity check found
+// problems, SQLite reported corruption, or a row does not decode. The message names the file
+// and what is wrong. ensemble-orchestrator exits with its own code for it (3).
+class store_damaged : public common::config_error {
+ public:
+  using common::config_error::config_error;
+};
+
 // SQLite in WAL mode. `path` is a file (created if missing, with its directory's write access
 // required) or ":memory:". Throws common::config_error naming the file if it cannot be opened
-// or is not an Ensemble store; the schema is created or checked at open.
-std::unique_ptr<store> open_sqlite_store(const std::string& path);
+// or is not an Ensemble store, store_damaged if it is a damaged one; the schema is created or
+// checked at open, and the file's integrity as `opts.check` says.
+std::unique_ptr<store> open_sqlite_store(const std::string& path, const sqlite_options& opts = {});
 
 }  // namespace ensemble::orchestrator
