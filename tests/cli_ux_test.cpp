@@ -214,11 +214,9 @@ TEST(cli_run_file, commands_in_the_directory_of_up_use_its_deployment) {
   const auto ready = up->wait_for_line("ensemble up: ready ", k_deadline);
   ASSERT_TRUE(ready) << up->tail(60);
   const auto file = dir.path() / ".ensemble" / "up.json";
-  bool announced = false;
-  for (const auto& l : up->lines()) {
-    if (l.find("endpoints recorded in " + file.string()) != std::string::npos) announced = true;
-  }
-  EXPECT_TRUE(announced) << up->tail(60);
+  // Written before the ready line, announced just after it.
+  EXPECT_TRUE(up->wait_for_line("ensemble up: endpoints recorded in " + file.string(), k_deadline))
+      << up->tail(60);
   ASSERT_TRUE(fs::exists(file));
 
   // No --broker, no ENSEMBLE_BROKER: the run file says where.

@@ -242,7 +242,8 @@ class launcher {
   void kill_everything();
 
   // The run file (run_file.hpp): written once ready, unless another running `up` owns it.
-  void record_endpoints();
+  // Returns what to say about it, after the ready line (which scripts parse the table up to).
+  std::string record_endpoints();
   void forget_endpoints();
 
   void say(const std::string& text);    // "ensemble up: ..." on stdout
@@ -824,8 +825,9 @@ asio::awaitable<void> launcher::main_flow() {
           state);
     }
     write_all(STDOUT_FILENO, table.str());
-    record_endpoints();
+    const auto recorded = record_endpoints();
     say("ready router=" + router_ + " events=" + events_);
+    say(recorded);
     while (!stop_requested_) co_await wait_change(changes_, steady::time_point::max());
   } else if (!stop_requested_) {
     exit_code_ = 1;
@@ -835,15 +837,15 @@ asio::awaitable<void> launcher::main_flow() {
 
 // ----- the run file
 
-void launcher::record_endpoints() {
+std::string launcher::record_endpoints() {
   const auto file = run_file_path();
   try {
     if (const auto other = read_run_file(file);
         other && other->pid != ::getpid() && process_alive(other->pid)) {
-      say("endpoints not recorded: " + file.string() + " belongs to another `ensemble up` (pid " +
-          std::to_string(other->pid) + ", " + other->deployment +
-          "); give other commands --broker " + router_ + " --events " + events_);
-      return;
+      return "endpoints not recorded: " + file.string() +
+             " belongs to another `ensemble up` (pid " + std::to_string(other->pid) + ", " +
+             other->deployment + "); give other commands --broker " + router_ + " --events " +
+             events_;
     }
   } catch (const common::config_error&) {
     // Not a run file, or unreadable: replaced below (or the write fails and says so).
@@ -851,13 +853,12 @@ void launcher::record_endpoints() {
   try {
     write_run_file(file, {router_, events_, d_.file, ::getpid()});
   } catch (const std::exception& e) {
-    say(std::string("endpoints not recorded: ") + e.what() + "; give other commands --broker " +
-        router_ + " --events " + events_);
-    return;
+    return std::string("endpoints not recorded: ") + e.what() + "; give other commands --broker " +
+           router_ + " --events " + events_;
   }
   run_file_ = file;
-  say("endpoints recorded in " + file.string() + ": `ensemble` commands run in " +
-      file.parent_path().parent_path().string() + " use this deployment (until it stops)");
+  return "endpoints recorded in " + file.string() + ": `ensemble` commands run in " +
+         file.parent_path().parent_path().string() + " use this deployment (until it stops)";
 }
 
 void launcher::forget_endpoints() {
