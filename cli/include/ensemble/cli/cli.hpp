@@ -8,7 +8,8 @@
 // app through one add_*_commands() function; main.cpp only calls run(). A subcommand reports
 // its outcome through context::exit_code: 0 for success, 1 when what was asked for did not
 // happen (a workflow that failed, a call answered with an error), 2 for bad input (arguments,
-// files) — always with a message on stderr naming what is wrong.
+// files) — always with a message on stderr naming what is wrong. SIGINT or SIGTERM ends any
+// command but `up` and `agent` at once with 130 or 143 (client.hpp, exit_on_stop_signal).
 
 #include <CLI/CLI.hpp>
 
