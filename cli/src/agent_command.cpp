@@ -35,6 +35,10 @@ int run_agent(const agent_args& args, const context& ctx) {
               << spec.services.size() << " services, " << spec.reactions.size() << " reactions)\n";
     return 0;
   }
+  if (!ctx.broker_problem.empty()) {
+    std::cerr << "ensemble agent: " << ctx.broker_problem << "\n";
+    return 1;
+  }
   // SIGINT/SIGTERM are blocked before any thread starts, so that every thread inherits the mask
   // and the signal is taken by wait_for_shutdown_signal() below, on this thread.
   common::block_stop_signals();

@@ -1,10 +1,15 @@
-// The top-level app: global options and the subcommand families.
+// The top-level app: global options, where the broker is, Ctrl-C, and the subcommand families.
+#include <algorithm>
 #include <cstdlib>
 #include <iostream>
+#include <string_view>
+#include <vector>
 
+#include "client.hpp"
 #include "ensemble/cli/cli.hpp"
 #include "ensemble/common/logging.hpp"
 #include "ensemble/common/result.hpp"
+#include "run_file.hpp"
 
 namespace ensemble::cli {
 
@@ -22,34 +27,212 @@ std::string context::events_endpoint() const {
   return "tcp://127.0.0.1:5556";
 }
 
+namespace {
+
+// Global options that take a value as the next word (for finding the subcommand in argv).
+constexpr std::string_view k_valued_globals[] = {"--broker", "--events", "--log-level"};
+
+// Edit distance with transpositions (optimal string alignment), for "did you mean": "evnets"
+// is one edit from "events".
+std::size_t edit_distance(std::string_view a, std::string_view b) {
+  std::vector<std::vector<std::size_t>> d(a.size() + 1, std::vector<std::size_t>(b.size() + 1));
+  for (std::size_t i = 0; i <= a.size(); ++i) d[i][0] = i;
+  for (std::size_t j = 0; j <= b.size(); ++j) d[0][j] = j;
+  for (std::size_t i = 1; i <= a.size(); ++i) {
+    for (std::size_t j = 1; j <= b.size(); ++j) {
+      const std::size_t cost = a[i - 1] == b[j - 1] ? 0 : 1;
+      d[i][j] = std::min({d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + cost});
+      if (i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1]) {
+        d[i][j] = std::min(d[i][j], d[i - 2][j - 2] + 1);
+      }
+    }
+  }
+  return d[a.size()][b.size()];
+}
+
+// The candidate nearest to `word`, if it is near enough to be what was meant.
+std::string nearest(const std::string& word, const std::vector<std::string>& candidates) {
+  std::string best;
+  std::size_t best_distance = std::string::npos;
+  for (const auto& c : candidates) {
+    const auto d = edit_distance(word, c);
+    if (d < best_distance) {
+      best = c;
+      best_distance = d;
+    }
+  }
+  const std::size_t near_enough = std::max<std::size_t>(1, word.size() / 3);
+  return best_distance <= near_enough ? best : std::string();
+}
+
+std::vector<std::string> subcommand_names(CLI::App& app) {
+  std::vector<std::string> names;
+  for (const auto* s : app.get_subcommands([](CLI::App*) { return true; })) {
+    names.push_back(s->get_name());
+  }
+  return names;
+}
+
+// The first word of argv that is not a global option or its value: what should name the
+// subcommand. Empty if there is none, or if an unknown option comes first (whether it takes
+// the next word as its value cannot be known; CLI11 reports it).
+std::string subcommand_word(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) {
+    const std::string_view arg = argv[i];
+    if (arg.empty() || arg[0] != '-') return std::string(arg);
+    const auto name = arg.substr(0, arg.find('='));
+    const bool valued = std::find(std::begin(k_valued_globals), std::end(k_valued_globals), name) !=
+                        std::end(k_valued_globals);
+    if (valued && name == arg) {
+      ++i;
+    } else if (!valued && arg != "-h" && arg != "--help") {
+      return {};
+    }
+  }
+  return {};
+}
+
+// "ensemble: unknown command 'evnets'; did you mean 'events'?" and the list of commands.
+int unknown_command(CLI::App& app, const std::string& word) {
+  const auto names = subcommand_names(app);
+  std::string all;
+  for (const auto& n : names) all += (all.empty() ? "" : ", ") + n;
+  const auto guess = nearest(word, names);
+  std::cerr << "ensemble: unknown command '" << word << "'"
+            << (guess.empty() ? std::string() : "; did you mean '" + guess + "'?") << "\n"
+            << "commands: " << all << " (ensemble --help; ensemble COMMAND --help)\n";
+  return 2;
+}
+
+// The option names (long and short, with dashes) an app accepts.
+std::vector<std::string> option_names(const CLI::App& app) {
+  std::vector<std::string> names;
+  for (const auto* o : app.get_options()) {
+    for (const auto& l : o->get_lnames()) names.push_back("--" + l);
+    for (const auto& s : o->get_snames()) names.push_back("-" + s);
+  }
+  return names;
+}
+
+// For arguments CLI11 did not expect: names each unknown option of the subcommand that was
+// given, with the nearest option it has. False if there was no unknown option (then CLI11's
+// own message stands).
+bool explain_unknown_options(CLI::App& app) {
+  CLI::App* sub = &app;
+  while (true) {
+    const auto parsed = sub->get_subcommands();
+    if (parsed.empty()) break;
+    sub = parsed.front();
+  }
+  auto candidates = option_names(*sub);
+  if (sub != &app) {
+    const auto globals = option_names(app);
+    candidates.insert(candidates.end(), globals.begin(), globals.end());
+  }
+  bool any = false;
+  for (const CLI::App* a = sub; a != nullptr; a = a->get_parent()) {
+    const std::string who = a == &app ? "ensemble" : "ensemble " + a->get_name();
+    for (const auto& extra : a->remaining()) {
+      if (extra.size() < 2 || extra[0] != '-') continue;
+      const auto name = extra.substr(0, extra.find('='));
+      const auto guess = nearest(name, candidates);
+      std::cerr << who << ": unknown option '" << name << "'"
+                << (guess.empty() ? std::string() : "; did you mean '" + guess + "'?") << " ("
+                << who << " --help lists its options)\n";
+      any = true;
+    }
+  }
+  return any;
+}
+
+// Where the broker is when neither --broker nor ENSEMBLE_BROKER says: the run file of an
+// `ensemble up` running in this directory (run_file.hpp), else the default.
+void resolve_broker(context& ctx, bool broker_given, bool events_given) {
+  if (broker_given) return;
+  const auto file = run_file_path();
+  std::optional<run_record> r;
+  try {
+    r = read_run_file(file);
+  } catch (const common::config_error& e) {
+    ctx.broker_problem = e.what();
+    return;
+  }
+  if (!r) return;
+  ctx.broker_source = file.string();
+  if (!process_alive(r->pid)) {
+    ctx.broker_problem = file.string() + " records a deployment (" +
+                         (r->deployment.empty() ? std::string("ensemble up") : r->deployment) +
+                         ", router=" + r->router + ") whose `ensemble up` (pid " +
+                         std::to_string(r->pid) +
+                         ") is no longer running; start it again, or remove the file, or give "
+                         "--broker / ENSEMBLE_BROKER";
+    return;
+  }
+  ctx.broker = r->router;
+  if (!events_given) ctx.events = r->events;
+}
+
+}  // namespace
+
 int run(int argc, char** argv) {
   context ctx;
-  if (const char* b = std::getenv("ENSEMBLE_BROKER")) ctx.broker = b;
-  if (const char* e = std::getenv("ENSEMBLE_EVENTS")) ctx.events = e;
+  const char* env_broker = std::getenv("ENSEMBLE_BROKER");
+  const char* env_events = std::getenv("ENSEMBLE_EVENTS");
+  if (env_broker != nullptr && *env_broker != '\0') {
+    ctx.broker = env_broker;
+    ctx.broker_source = "ENSEMBLE_BROKER";
+  }
+  if (env_events != nullptr && *env_events == '\0') env_events = nullptr;
+  if (env_events != nullptr) ctx.events = env_events;
   if (ctx.broker.empty()) ctx.broker = "tcp://127.0.0.1:5555";
   ctx.log_level = "warn";
 
   CLI::App app{"ensemble: launch a deployment, drive and trace workflows, talk to the broker"};
   app.require_subcommand(1);
-  app.add_option("--broker", ctx.broker, "broker router endpoint (env ENSEMBLE_BROKER)")
-      ->capture_default_str();
-  app.add_option("--events", ctx.events,
-                 "broker events endpoint (env ENSEMBLE_EVENTS; default: router port + 1)");
+  app.footer(
+      "Without --broker or ENSEMBLE_BROKER, commands use the deployment that `ensemble up` runs "
+      "from the same directory (it records its endpoints in .ensemble/up.json), else "
+      "tcp://127.0.0.1:5555. Ctrl-C ends any command at once (exit 130; SIGTERM: 143); `up` and "
+      "`agent` stop cleanly and exit 0.");
+  auto* broker_opt =
+      app.add_option("--broker", ctx.broker, "broker router endpoint (env ENSEMBLE_BROKER)")
+          ->capture_default_str();
+  auto* events_opt =
+      app.add_option("--events", ctx.events,
+                     "broker events endpoint (env ENSEMBLE_EVENTS; default: router port + 1)");
   app.add_option("--log-level", ctx.log_level, "trace, debug, info, warn, error, off")
       ->capture_default_str();
-  app.parse_complete_callback([&ctx] {
+  app.parse_complete_callback([&] {
     try {
       common::set_log_level(ctx.log_level);
     } catch (const common::config_error& e) {
       throw CLI::ValidationError("--log-level", e.what());
     }
+    if (broker_opt->count() > 0) ctx.broker_source = "--broker";
+    const bool events_given = events_opt->count() > 0 || env_events != nullptr;
+    if (!app.got_subcommand("up")) {
+      resolve_broker(ctx, !ctx.broker_source.empty(), events_given);
+    }
+    // `up` and `agent` take SIGINT/SIGTERM themselves and stop cleanly; every other command
+    // ends at once, whatever it is waiting for.
+    if (!app.got_subcommand("up") && !app.got_subcommand("agent")) exit_on_stop_signal();
   });
   add_up_commands(app, ctx);
   add_agent_commands(app, ctx);
   add_workflow_commands(app, ctx);
   add_broker_commands(app, ctx);
+
+  if (const auto word = subcommand_word(argc, argv); !word.empty()) {
+    const auto names = subcommand_names(app);
+    if (std::find(names.begin(), names.end(), word) == names.end()) {
+      return unknown_command(app, word);
+    }
+  }
   try {
     app.parse(argc, argv);
+  } catch (const CLI::ExtrasError& e) {
+    if (!explain_unknown_options(app)) return app.exit(e) == 0 ? 0 : 2;
+    return 2;
   } catch (const CLI::ParseError& e) {
     return app.exit(e) == 0 ? 0 : 2;
   } catch (const common::config_error& e) {

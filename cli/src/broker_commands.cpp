@@ -1,13 +1,11 @@
 // Broker subcommands: services, events, publish, call.
 #include <condition_variable>
-#include <csignal>
 #include <cstdio>
 #include <iostream>
 #include <mutex>
 
 #include "client.hpp"
 #include "ensemble/agent/json.hpp"
-#include "ensemble/common/signals.hpp"
 
 namespace ensemble::cli {
 
@@ -40,17 +38,23 @@ int cmd_services(const context& ctx, bool as_json) {
   return 0;
 }
 
-int cmd_events(const context& ctx, const std::string& prefix, int count,
-               const std::string& duration_text) {
-  // Block the stop signals first, so every SDK thread inherits the mask.
-  common::block_stop_signals();
-  const auto duration = duration_text.empty() ? std::chrono::milliseconds(0)
-                                              : parse_duration_arg("--for", duration_text);
+struct events_args {
+  std::string prefix;
+  int count = 0;
+  std::string duration;
+  std::string correlation;
+};
+
+int cmd_events(const context& ctx, const events_args& a) {
+  // Ctrl-C is taken by exit_on_stop_signal() (app.cpp): it ends the command at once.
+  const auto duration =
+      a.duration.empty() ? std::chrono::milliseconds(0) : parse_duration_arg("--for", a.duration);
   client c(ctx);
   std::mutex m;
   std::condition_variable cv;
   int seen = 0;
-  auto status = c.sdk().subscribe(prefix, [&](const agent::message& e) {
+  auto status = c.sdk().subscribe(a.prefix, [&](const agent::message& e) {
+    if (!a.correlation.empty() && e.correlation_id() != a.correlation) return;
     auto payload = agent::from_json_payload(e.payload());
     json line = {{"topic", e.topic()},
                  {"id", e.id()},
@@ -68,26 +72,24 @@ int cmd_events(const context& ctx, const std::string& prefix, int count,
   });
   (void)status;  // before start(): active once start() returns
   if (auto s = c.start(); !s) return report("events", s.err());
-  std::fprintf(stderr, "ensemble: listening to '%s' on %s (Ctrl-C to stop)\n", prefix.c_str(),
+  std::fprintf(stderr, "ensemble: listening to '%s'%s on %s (Ctrl-C to stop)\n", a.prefix.c_str(),
+               a.correlation.empty() ? "" : (" correlated to " + a.correlation).c_str(),
                ctx.events_endpoint().c_str());
-  if (count > 0 || duration.count() > 0) {
-    std::unique_lock lock(m);
-    const auto until = duration.count() > 0 ? std::chrono::steady_clock::now() + duration
-                                            : std::chrono::steady_clock::time_point::max();
-    cv.wait_until(lock, until, [&] { return count > 0 && seen >= count; });
-    return count > 0 && seen < count ? 1 : 0;
-  }
-  agent::wait_for_shutdown_signal();
-  return 0;
+  std::unique_lock lock(m);
+  const auto until = duration.count() > 0 ? std::chrono::steady_clock::now() + duration
+                                          : std::chrono::steady_clock::time_point::max();
+  cv.wait_until(lock, until, [&] { return a.count > 0 && seen >= a.count; });
+  return a.count > 0 && seen < a.count ? 1 : 0;
 }
 
 int cmd_publish(const context& ctx, const std::string& topic, const std::string& payload_text,
-                const std::string& correlation) {
+                const std::string& correlation, const std::string& id) {
   const json payload = parse_json_arg("payload", payload_text);
   client c(ctx);
   if (auto s = c.start(); !s) return report("publish", s.err());
   agent::send_options opts;
   opts.correlation_id = correlation;
+  opts.id = id;
   auto r = c.sdk().publish_acked(topic, agent::to_json_payload(payload), 5s, opts);
   if (!r) return report("publish " + topic, r.err());
   std::printf("published %s id=%s seq=%llu\n", topic.c_str(), r->id.c_str(),
@@ -96,13 +98,13 @@ int cmd_publish(const context& ctx, const std::string& topic, const std::string&
 }
 
 int cmd_call(const context& ctx, const std::string& service, const std::string& action,
-             const std::string& payload_text, const std::string& timeout_text) {
+             const std::string& payload_text, const std::string& timeout_text, bool retryable) {
   const json payload =
       payload_text.empty() ? json::object() : parse_json_arg("payload", payload_text);
   const auto timeout = parse_duration_arg("--timeout", timeout_text);
   client c(ctx);
   if (auto s = c.start(); !s) return report("call", s.err());
-  auto r = c.call(service, action, payload, timeout, false);
+  auto r = c.call(service, action, payload, timeout, retryable);
   if (!r) return report(service + "." + action, r.err());
   std::printf("%s\n", r->dump(2).c_str());
   return 0;
@@ -120,42 +122,48 @@ void add_broker_commands(CLI::App& app, context& ctx) {
   }
   {
     auto* sub = app.add_subcommand("events", "tail events live, one JSON line each");
-    struct args_t {
-      std::string prefix;
-      int count = 0;
-      std::string duration;
-    };
-    auto a = std::make_shared<args_t>();
+    auto a = std::make_shared<events_args>();
     sub->add_option("prefix", a->prefix, "topic prefix (all events if empty)");
     sub->add_option("--count", a->count, "exit after this many events (1 if fewer arrive)");
     sub->add_option("--for", a->duration, "exit after this long (e.g. 10s)");
-    sub->callback([&ctx, a] { ctx.exit_code = cmd_events(ctx, a->prefix, a->count, a->duration); });
+    sub->add_option("--correlation", a->correlation,
+                    "only events with this correlation id (a workflow instance, the first event "
+                    "of a choreography)");
+    sub->callback([&ctx, a] { ctx.exit_code = cmd_events(ctx, *a); });
   }
   {
     auto* sub = app.add_subcommand("publish", "publish an event (waits for the broker's ack)");
     struct args_t {
-      std::string topic, payload, correlation;
+      std::string topic, payload, correlation, id;
     };
     auto a = std::make_shared<args_t>();
     sub->add_option("topic", a->topic, "dot-separated topic")->required();
     sub->add_option("payload", a->payload, "JSON payload, or @file")->required();
     sub->add_option("--correlation", a->correlation, "correlation id (e.g. an instance id)");
-    sub->callback(
-        [&ctx, a] { ctx.exit_code = cmd_publish(ctx, a->topic, a->payload, a->correlation); });
+    sub->add_option("--id", a->id,
+                    "the event's id (default: a fresh one); publishing the same id again lets "
+                    "a trigger's at-most-once per event id be seen");
+    sub->callback([&ctx, a] {
+      ctx.exit_code = cmd_publish(ctx, a->topic, a->payload, a->correlation, a->id);
+    });
   }
   {
     auto* sub =
         app.add_subcommand("call", "call SERVICE ACTION with a JSON payload, print the reply");
     struct args_t {
       std::string service, action, payload, timeout = "5s";
+      bool retryable = false;
     };
     auto a = std::make_shared<args_t>();
     sub->add_option("service", a->service, "service name")->required();
     sub->add_option("action", a->action, "action name")->required();
     sub->add_option("payload", a->payload, "JSON payload, or @file (default {})");
     sub->add_option("--timeout", a->timeout, "deadline")->capture_default_str();
+    sub->add_flag("--retryable", a->retryable,
+                  "if the worker is lost while handling it, the broker re-dispatches the request "
+                  "once to another worker instead of answering worker_lost");
     sub->callback([&ctx, a] {
-      ctx.exit_code = cmd_call(ctx, a->service, a->action, a->payload, a->timeout);
+      ctx.exit_code = cmd_call(ctx, a->service, a->action, a->payload, a->timeout, a->retryable);
     });
   }
 }

@@ -1,17 +1,22 @@
 #include "client.hpp"
 
+#include <signal.h>
+
+#include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <iostream>
 #include <sstream>
+#include <thread>
 
 #include "ensemble/agent/json.hpp"
 #include "ensemble/common/ids.hpp"
+#include "ensemble/common/signals.hpp"
 #include "ensemble/orchestrator/definition.hpp"
 
 namespace ensemble::cli {
 
-client::client(const context& ctx, std::chrono::milliseconds start_timeout)
-    : endpoint_(ctx.broker) {
+client::client(const context& ctx, std::chrono::milliseconds start_timeout) : ctx_(ctx) {
   agent::options o;
   o.name = "ensemble-cli-" + common::random_id().substr(0, 8);
   o.broker = ctx.broker;
@@ -21,14 +26,40 @@ client::client(const context& ctx, std::chrono::milliseconds start_timeout)
 }
 
 common::status client::start() {
+  if (!ctx_.broker_problem.empty()) {
+    return common::error{std::string(common::errc::broker_lost), ctx_.broker_problem, false};
+  }
   auto s = agent_->start();
   if (!s) {
-    return common::error{s.err().code,
-                         "cannot reach the broker at " + endpoint_ + " (" + s.err().message +
-                             "); is it running? (--broker or ENSEMBLE_BROKER)",
-                         false};
+    std::string where;
+    if (ctx_.broker_source.empty()) {
+      where =
+          "; is it running? Give --broker or ENSEMBLE_BROKER, or run this command in the "
+          "directory where `ensemble up` runs (it records its endpoints in .ensemble/up.json)";
+    } else if (ctx_.broker_source == "--broker" || ctx_.broker_source == "ENSEMBLE_BROKER") {
+      where = " (from " + ctx_.broker_source + "); is it running?";
+    } else {
+      where = ", recorded in " + ctx_.broker_source +
+              " by `ensemble up`; is that deployment still running? (--broker or ENSEMBLE_BROKER "
+              "to use another broker)";
+    }
+    return common::error{
+        s.err().code,
+        "cannot reach the broker at " + ctx_.broker + " (" + s.err().message + ")" + where, false};
   }
   return s;
+}
+
+void exit_on_stop_signal() {
+  common::block_stop_signals();
+  std::thread([] {
+    const sigset_t set = common::stop_signals();
+    int sig = 0;
+    while (::sigwait(&set, &sig) != 0) {
+    }
+    std::fflush(stdout);
+    std::_Exit(128 + sig);
+  }).detach();
 }
 
 common::result<json> client::call(const std::string& service, const std::string& action,

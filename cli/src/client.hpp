@@ -3,9 +3,8 @@
 // deadline, errors as results that the command prints.
 #include <chrono>
 #include <memory>
-#include <string>
-
 #include <nlohmann/json.hpp>
+#include <string>
 
 #include "ensemble/agent/agent.hpp"
 #include "ensemble/cli/cli.hpp"
@@ -16,18 +15,24 @@ using json = nlohmann::json;
 
 class client {
  public:
-  explicit client(const context& ctx, std::chrono::milliseconds start_timeout = std::chrono::seconds(5));
+  explicit client(const context& ctx,
+                  std::chrono::milliseconds start_timeout = std::chrono::seconds(5));
   // Connects; the error names the endpoint.
   common::status start();
-  common::result<json> call(const std::string& service, const std::string& action,
-                            const json& args, std::chrono::milliseconds deadline,
-                            bool retryable = true);
+  common::result<json> call(const std::string& service, const std::string& action, const json& args,
+                            std::chrono::milliseconds deadline, bool retryable = true);
   agent::agent& sdk() { return *agent_; }
 
  private:
-  std::string endpoint_;
+  const context& ctx_;
   std::unique_ptr<agent::agent> agent_;
 };
+
+// Ctrl-C for commands that wait (events, run --wait, call): blocks SIGINT and SIGTERM in the
+// calling thread, before any other thread exists (they inherit the mask), and starts a thread
+// that takes them and ends the process at once with 128 + the signal (130, 143), stdout
+// flushed. Call it first, from the main thread.
+void exit_on_stop_signal();
 
 // Prints "ensemble: <what>: <code>: <message>" on stderr; returns 1.
 int report(const std::string& what, const common::error& e);

@@ -57,6 +57,7 @@
 #include "ensemble/cli/scriptable_agent.hpp"
 #include "ensemble/common/ids.hpp"
 #include "ensemble/common/spawn.hpp"
+#include "run_file.hpp"
 
 namespace ensemble::cli {
 
@@ -192,7 +193,10 @@ struct child : planned_process {
 class launcher {
  public:
   launcher(deployment d, up_options o) : d_(std::move(d)), opts_(std::move(o)) {}
-  ~launcher() { kill_everything(); }
+  ~launcher() {
+    forget_endpoints();
+    kill_everything();
+  }
   launcher(const launcher&) = delete;
   launcher& operator=(const launcher&) = delete;
 
@@ -237,6 +241,11 @@ class launcher {
   void signal_group(const child& c, int sig);
   void kill_everything();
 
+  // The run file (run_file.hpp): written once ready, unless another running `up` owns it.
+  // Returns what to say about it, after the ready line (which scripts parse the table up to).
+  std::string record_endpoints();
+  void forget_endpoints();
+
   void say(const std::string& text);    // "ensemble up: ..." on stdout
   void error(const std::string& text);  // "ensemble up: ..." on stderr
   std::string tail(const child& c) const;
@@ -263,6 +272,7 @@ class launcher {
   bool stopping_ = false;
   bool stop_requested_ = false;
   int exit_code_ = 0;
+  std::filesystem::path run_file_;  // set while this `up` owns the run file
 };
 
 void launcher::plan_children() {
@@ -815,12 +825,46 @@ asio::awaitable<void> launcher::main_flow() {
           state);
     }
     write_all(STDOUT_FILENO, table.str());
+    const auto recorded = record_endpoints();
     say("ready router=" + router_ + " events=" + events_);
+    say(recorded);
     while (!stop_requested_) co_await wait_change(changes_, steady::time_point::max());
   } else if (!stop_requested_) {
     exit_code_ = 1;
   }
   co_await shutdown();
+}
+
+// ----- the run file
+
+std::string launcher::record_endpoints() {
+  const auto file = run_file_path();
+  try {
+    if (const auto other = read_run_file(file);
+        other && other->pid != ::getpid() && process_alive(other->pid)) {
+      return "endpoints not recorded: " + file.string() +
+             " belongs to another `ensemble up` (pid " + std::to_string(other->pid) + ", " +
+             other->deployment + "); give other commands --broker " + router_ + " --events " +
+             events_;
+    }
+  } catch (const common::config_error&) {
+    // Not a run file, or unreadable: replaced below (or the write fails and says so).
+  }
+  try {
+    write_run_file(file, {router_, events_, d_.file, ::getpid()});
+  } catch (const std::exception& e) {
+    return std::string("endpoints not recorded: ") + e.what() + "; give other commands --broker " +
+           router_ + " --events " + events_;
+  }
+  run_file_ = file;
+  return "endpoints recorded in " + file.string() + ": `ensemble` commands run in " +
+         file.parent_path().parent_path().string() + " use this deployment (until it stops)";
+}
+
+void launcher::forget_endpoints() {
+  if (run_file_.empty()) return;
+  remove_run_file(run_file_, ::getpid());
+  run_file_.clear();
 }
 
 // ----- shutdown
@@ -852,6 +896,7 @@ asio::awaitable<void> launcher::stop_group(const std::vector<child*>& group) {
 
 asio::awaitable<void> launcher::shutdown() {
   stopping_ = true;
+  forget_endpoints();  // from now on, other commands must not take this deployment for running
   for (auto& c : children_) {
     if (c->restart_timer) c->restart_timer->cancel();
   }
@@ -908,6 +953,7 @@ int launcher::run() {
   io_.run();
 
   probe_.reset();
+  forget_endpoints();
   kill_everything();
   boost::system::error_code ignored;
   stop_signals_.cancel(ignored);

@@ -8,7 +8,8 @@
 // app through one add_*_commands() function; main.cpp only calls run(). A subcommand reports
 // its outcome through context::exit_code: 0 for success, 1 when what was asked for did not
 // happen (a workflow that failed, a call answered with an error), 2 for bad input (arguments,
-// files) — always with a message on stderr naming what is wrong.
+// files) — always with a message on stderr naming what is wrong. SIGINT or SIGTERM ends any
+// command but `up` and `agent` at once with 130 or 143 (client.hpp, exit_on_stop_signal).
 
 #include <CLI/CLI.hpp>
 
@@ -18,9 +19,17 @@ namespace ensemble::cli {
 
 // Options every subcommand shares, filled before its callback runs.
 struct context {
-  std::string broker;     // --broker or ENSEMBLE_BROKER; default tcp://127.0.0.1:5555
-  std::string events;     // --events or ENSEMBLE_EVENTS; default: the broker's port + 1
+  // --broker, else ENSEMBLE_BROKER, else the endpoints a running `ensemble up` recorded in
+  // .ensemble/up.json in the working directory, else tcp://127.0.0.1:5555.
+  std::string broker;
+  std::string events;     // --events, ENSEMBLE_EVENTS, the run file; else the broker's port + 1
   std::string log_level;  // --log-level; default warn
+  // Where `broker` came from, for error messages: "--broker", "ENSEMBLE_BROKER", the run
+  // file's path, or empty for the default.
+  std::string broker_source;
+  // Set when the run file cannot be used (its `up` is gone, it is not a run file): the reason,
+  // naming the file. Commands that need the broker report it instead of connecting.
+  std::string broker_problem;
   int exit_code = 0;
 
   // The events endpoint to use: `events` if given, else derived from `broker`.
