@@ -324,7 +324,11 @@ int role_ens_pub(const options& o) {
   for (std::uint64_t i = 0; i < o.messages; ++i) {
     pace.wait_turn(i);
     stamp(payload, i);
-    if (!a.publish(topic, payload)) ++failed;
+    // publish() waits for room when the broker falls behind; an error means the event was not
+    // sent (reported, not lost). The first one says why.
+    if (auto r = a.publish(topic, payload); !r && ++failed == 1) {
+      std::fprintf(stderr, "bench-pub: publish %" PRIu64 ": %s\n", i, r.err().to_string().c_str());
+    }
   }
   const double seconds = std::chrono::duration<double>(clock_type::now() - t0).count();
   say("result sent=%zu failed=%zu seconds=%.6f probes=%ld", o.messages, failed, seconds, probes);
@@ -765,6 +769,9 @@ enum class command_kind { raw_proxy, ensemble };
 
 struct event_run {
   double sent = 0, failed = 0, received = 0, rate = 0, publish_rate = 0, gaps = 0, out_of_order = 0;
+  // Events the publisher was told went out (sent - failed) that the subscriber never got:
+  // silent loss. A failed publish was reported to its caller and is not counted here.
+  double lost() const { return sent - failed - received; }
   double broker_in = -1;    // Ensemble: events the broker received (stats delta, probes removed)
   double header_bytes = 0;  // header frame size seen by a plain SUB (0: SDK subscriber)
   std::string cpu;
@@ -825,7 +832,9 @@ event_run run_events(const options& o, event_kind kind) {
   cpu.begin(procs);
   pub->send_line("go");
   auto pf = parse_fields(wait_sampling(*pub, "result", cpu));
-  sub->send_line("done " + pf["sent"]);
+  // The subscriber waits for the events that went out; a failed publish never did.
+  sub->send_line("done " + std::to_string(static_cast<std::uint64_t>(field_num(pf, "sent") -
+                                                                     field_num(pf, "failed"))));
   wait_sampling(*sub, "drained", cpu);
   auto sf = parse_fields(sub->expect("result", k_run_timeout));
   event_run run;
@@ -962,7 +971,12 @@ struct event_series {
   }
   double lost() const {
     double n = 0;
-    for (const auto& r : runs) n += r.sent - r.received;
+    for (const auto& r : runs) n += r.lost();
+    return n;
+  }
+  double failed() const {
+    double n = 0;
+    for (const auto& r : runs) n += r.failed;
     return n;
   }
   double sent() const {
@@ -989,14 +1003,27 @@ struct command_series {
 };
 
 void print_event_line(const char* name, std::size_t size, int rep, const event_run& r) {
-  std::printf("  events   %-7s %-13s run %d: sent %s received %s lost %s (gaps %s, reordered %s)",
-              size_label(size).c_str(), name, rep + 1, thousands(r.sent).c_str(),
-              thousands(r.received).c_str(), thousands(r.sent - r.received).c_str(),
-              thousands(r.gaps).c_str(), thousands(r.out_of_order).c_str());
+  std::printf(
+      "  events   %-7s %-13s run %d: sent %s (publish failed %s) received %s lost %s (gaps %s, "
+      "reordered %s)",
+      size_label(size).c_str(), name, rep + 1, thousands(r.sent).c_str(),
+      thousands(r.failed).c_str(), thousands(r.received).c_str(), thousands(r.lost()).c_str(),
+      thousands(r.gaps).c_str(), thousands(r.out_of_order).c_str());
   if (r.broker_in >= 0) std::printf(", broker got %s", thousands(r.broker_in).c_str());
   if (r.header_bytes > 0) std::printf("; header frame %.0f B", r.header_bytes);
   std::printf("\n           delivered %s msg/s, publisher %s msg/s; cpu in cores: %s\n",
               thousands(r.rate).c_str(), thousands(r.publish_rate).c_str(), r.cpu.c_str());
+  if (r.lost() != 0) {
+    // Loud on purpose: an event the publisher was told went out never arrived.
+    std::printf("  LOST %s of %s events (%s %s, run %d)", thousands(r.lost()).c_str(),
+                thousands(r.sent - r.failed).c_str(), size_label(size).c_str(), name, rep + 1);
+    if (r.broker_in >= 0) {
+      std::printf(": %s before the broker, %s after it",
+                  thousands(r.sent - r.failed - r.broker_in).c_str(),
+                  thousands(r.broker_in - r.received).c_str());
+    }
+    std::printf("\n");
+  }
   std::fflush(stdout);
 }
 
@@ -1129,7 +1156,8 @@ int orchestrate(options o) {
       const double plain = s[3].rate();
       const double r = proxy > 0 ? sdk / proxy : 0;
       const bool rate_pass = r >= 0.9;
-      const bool no_loss = s[2].lost() == 0 && s[3].lost() == 0;
+      const bool no_loss =
+          s[2].lost() == 0 && s[3].lost() == 0 && s[2].failed() == 0 && s[3].failed() == 0;
       all_pass = all_pass && rate_pass && no_loss;
       std::vector<std::string> rates;
       for (const auto& x : s) rates.push_back(or_dash(x.empty(), thousands(x.rate())));
@@ -1141,10 +1169,16 @@ int orchestrate(options o) {
       lost.push_back("");
       const double ens_lost = s[2].lost() + s[3].lost();
       print_row("", "lost (all runs)", lost, 13, "0",
-                no_loss ? "PASS"
-                        : "MISS (" +
-                              fixed(100 * ens_lost / std::max(1.0, s[2].sent() + s[3].sent()), 3) +
-                              "% of events)");
+                ens_lost == 0
+                    ? "PASS"
+                    : "MISS (" +
+                          fixed(100 * ens_lost / std::max(1.0, s[2].sent() + s[3].sent()), 3) +
+                          "% of events)");
+      std::vector<std::string> failed;
+      for (const auto& x : s) failed.push_back(or_dash(x.empty(), thousands(x.failed())));
+      failed.push_back("");
+      print_row("", "publish failed (all runs)", failed, 13, "0",
+                s[2].failed() + s[3].failed() == 0 ? "PASS" : "MISS (reported to the publisher)");
     }
     std::printf("\n");
   }
@@ -1197,6 +1231,20 @@ int orchestrate(options o) {
       others_max > 0.25 ? ": the machine was not quiet, figures are pessimistic" : "");
   std::printf("%s; bench wall time %.1f s\n", all_pass ? "all targets met" : "some targets missed",
               wall);
+  // Silent loss fails the run (exit code 1), whatever the other figures: a number that was
+  // measured while events vanished is not a result.
+  double lost = 0, sent = 0;
+  for (const auto& [size, kinds] : ev) {
+    for (const auto& k : kinds) {
+      lost += k.lost();
+      sent += k.sent() - k.failed();
+    }
+  }
+  if (lost != 0) {
+    std::printf("LOST %s of %s events that publishers were told went out (all event runs)\n",
+                thousands(lost).c_str(), thousands(sent).c_str());
+    return 1;
+  }
   return 0;
 }
 

@@ -17,9 +17,9 @@
 
 #include "ensemble/common/clock.hpp"
 #include "ensemble/common/frames.hpp"
-#include "ensemble/common/signals.hpp"
 #include "ensemble/common/ids.hpp"
 #include "ensemble/common/logging.hpp"
+#include "ensemble/common/signals.hpp"
 
 namespace ensemble::agent {
 
@@ -132,6 +132,21 @@ struct outbound {
   steady::time_point deadline{};                 // request, publish with ack, sync
   std::string prefix;                            // subscribe
   std::shared_ptr<std::promise<status>> synced;  // sync
+  bool counted = false;  // publish: holds a place in the send queue (impl::queued)
+};
+
+// A message the DEALER could not take yet (its high-water mark was reached), in sending order.
+struct held_message {
+  std::vector<zmq::message_t> frames;
+  std::string call_id;   // a request or acknowledged publish: skipped once its caller was answered
+  bool event = false;    // a PUBLISH
+  bool counted = false;  // holds a place in the send queue
+};
+
+// What send() needs to know about the message besides its frames.
+struct send_tag {
+  std::string call_id;
+  bool counted = false;
 };
 
 struct pending_call {
@@ -153,6 +168,7 @@ struct probe {
 struct agent::impl {
   explicit impl(options o) : opts(std::move(o)), log(common::component_logger("agent")) {
     if (opts.name.empty()) opts.name = "agent-" + ids.prefix().substr(0, 8);
+    opts.send_queue = std::max<std::size_t>(1, opts.send_queue);
     wake_fd = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   }
   ~impl() {
@@ -188,6 +204,9 @@ struct agent::impl {
   std::vector<probe> probes;
   std::vector<zmq::message_t> frames;
   std::vector<zmq::message_t> out_frames;
+  std::deque<held_message> held;         // what the DEALER could not take yet, oldest first
+  std::uint64_t events_unconfirmed = 0;  // PUBLISHes sent since the broker was last heard from
+  steady::time_point flush_deadline{};   // set by stop(): how long the last flush may take
   std::chrono::milliseconds heartbeat{1000};
   steady::time_point last_from_broker;
   steady::time_point next_heartbeat;
@@ -207,20 +226,30 @@ struct agent::impl {
   bool welcomed_once = false;
   bool started_once = false;
 
+  // The send queue: events accepted by publish*() and not yet taken by the DEALER (in the outbox
+  // or held). Publishers take a place before posting, the I/O thread gives it back once the
+  // socket took the event; publishers without a place wait on room_cv.
+  std::atomic<std::size_t> queued{0};
+  std::atomic<std::size_t> room_waiters{0};
+  std::mutex room_mutex;
+  std::condition_variable room_cv;
+
   job_queue handler_jobs;
   std::vector<std::thread> handler_threads;
   job_queue event_jobs;
   std::thread event_thread;
 
   // --- user-thread side ---
-  void post(outbound o) {
+  // Hands `o` to the I/O thread; false (and `o` refused) once the agent has stopped.
+  bool post(outbound o) {
     bool signal = false;
     {
       std::unique_lock lock(out_mutex);
       if (outbox_closed) {
         lock.unlock();
+        if (o.counted) release_room(1);
         refuse(o, error{std::string(errc::broker_lost), "the agent stopped", false});
-        return;
+        return false;
       }
       outbox.push_back(std::move(o));
       if (!wake_pending) signal = wake_pending = true;
@@ -229,6 +258,7 @@ struct agent::impl {
       const std::uint64_t one = 1;
       [[maybe_unused]] auto n = ::write(wake_fd, &one, sizeof one);
     }
+    return true;
   }
   void post_hello() {
     outbound o;
@@ -248,16 +278,65 @@ struct agent::impl {
       outbox_closed = true;
       left.swap(outbox);
     }
-    for (auto& o : left)
+    for (auto& o : left) {
+      if (o.counted) release_room(1);
       refuse(o, error{std::string(errc::broker_lost), "the agent stopped", false});
+    }
   }
   bool on_io_thread() const { return std::this_thread::get_id() == io_id; }
   // Runs `o` now if on the I/O thread (callbacks pipelining calls), else hands it over.
-  void submit(outbound o) {
+  // False if the agent has stopped (`o` was refused).
+  bool submit(outbound o) {
     if (on_io_thread()) {
       execute(o);
-    } else {
-      post(std::move(o));
+      return true;
+    }
+    return post(std::move(o));
+  }
+
+  // Takes a place in the send queue for one event. Waits for one until `until` when `may_wait`
+  // (never on the I/O thread: only it makes room). An error says why there is none.
+  std::optional<error> reserve_room(const std::string& topic, steady::time_point until,
+                                    bool may_wait) {
+    auto take = [this] {
+      auto n = queued.load();
+      while (n < opts.send_queue) {
+        if (queued.compare_exchange_weak(n, n + 1)) return true;
+      }
+      return false;
+    };
+    if (take()) return std::nullopt;
+    const auto t0 = steady::now();
+    const bool waits = may_wait && !on_io_thread();
+    bool taken = false;
+    if (waits) {
+      std::unique_lock lock(room_mutex);
+      ++room_waiters;  // before testing again: release_room() then sees us and notifies
+      room_cv.wait_until(lock, until, [&] { return !running || (taken = take()); });
+      --room_waiters;
+    }
+    if (taken) return std::nullopt;
+    if (!running) return error{std::string(errc::broker_lost), "the agent stopped", false};
+    const auto waited = std::chrono::duration_cast<std::chrono::milliseconds>(steady::now() - t0);
+    return error{std::string(errc::queue_full),
+                 "publish to '" + topic + "': " + std::to_string(opts.send_queue) +
+                     " events already wait for the connection to the broker at " + opts.broker +
+                     " (options.send_queue)" +
+                     (waits ? ", still after waiting " + std::to_string(waited.count()) + " ms"
+                            : std::string(", and this call cannot wait for room")) +
+                     "; the broker is not keeping up or not reachable",
+                 true};
+  }
+  // Gives back `n` places in the send queue (the socket took those events, or they were
+  // refused) and wakes publishers waiting for one — once a quarter of the queue is free, so
+  // that they wake for a batch rather than for every event. (A waiter whose wait ends while
+  // there is room, but before that, still takes its place.)
+  void release_room(std::size_t n) {
+    const auto left = queued.fetch_sub(n) - n;
+    if (room_waiters.load() > 0 &&
+        left <= opts.send_queue - std::max<std::size_t>(1, opts.send_queue / 4)) {
+      std::lock_guard lock(room_mutex);
+      room_cv.notify_all();
     }
   }
   void fill_context(header& h, const send_options& so) {
@@ -287,11 +366,18 @@ struct agent::impl {
     return std::nullopt;
   }
 
+  void publish_with_ack(const std::string& topic, bytes payload, std::chrono::milliseconds deadline,
+                        call_callback done, const send_options& so, bool wait_for_room);
+
   // --- I/O thread ---
   void io_main();
   void connect();
-  void send(command cmd, const header& h, bytes payload = {});
-  void send_hello();
+  void send(command cmd, const header& h, bytes payload = {}, send_tag tag = {});
+  bool try_send(std::vector<zmq::message_t>& message_frames);
+  void sent(command cmd, bool counted);
+  void flush_held();
+  void flush_before(steady::time_point deadline);
+  void send_hello(bool first = false);
   void execute(outbound& o);
   void drain_outbox();
   void on_dealer_message(steady::time_point now);
@@ -304,24 +390,103 @@ struct agent::impl {
   steady::time_point next_wakeup() const;
 };
 
-void agent::impl::send(command cmd, const header& h, bytes payload) {
+// Hands one message to the DEALER, or holds it when the socket has no room (its high-water mark
+// is reached: the broker does not keep up, is paused or unreachable) or older messages are held:
+// nothing is dropped, and order is kept. Held messages go out as the socket drains (flush_held).
+void agent::impl::send(command cmd, const header& h, bytes payload, send_tag tag) {
   out_frames.clear();
   zmq::message_t body(payload.data(), payload.size());
   common::build_message(out_frames, cmd, h, std::move(body));
-  if (!common::send_frames(*dealer, out_frames)) {
-    log->warn("{}: could not queue {} for the broker (high-water mark reached)", opts.name,
-              common::command_name(static_cast<std::uint8_t>(cmd)));
+  if (held.empty() && try_send(out_frames)) {
+    sent(cmd, tag.counted);
+    return;
   }
+  if (held.empty()) {
+    log->debug("{}: the connection to the broker is full; holding messages from {} id={}",
+               opts.name, common::command_name(static_cast<std::uint8_t>(cmd)), h.id);
+  }
+  held.push_back(held_message{std::move(out_frames), std::move(tag.call_id),
+                              cmd == command::publish, tag.counted});
+  out_frames.clear();  // moved from: make it a usable empty vector again
 }
 
-void agent::impl::send_hello() {
+// Sends one whole message without blocking; false, with the frames kept, if the socket has no
+// room. A DEALER takes a multipart message atomically: only its first frame can meet EAGAIN.
+bool agent::impl::try_send(std::vector<zmq::message_t>& message_frames) {
+  for (std::size_t i = 0; i < message_frames.size(); ++i) {
+    auto flags = zmq::send_flags::dontwait;
+    if (i + 1 < message_frames.size()) flags = flags | zmq::send_flags::sndmore;
+    if (!dealer->send(message_frames[i], flags) && i == 0) return false;
+  }
+  message_frames.clear();
+  return true;
+}
+
+// Book-keeping once the socket took a message.
+void agent::impl::sent(command cmd, bool counted) {
+  if (cmd == command::publish) ++events_unconfirmed;
+  if (counted) release_room(1);
+}
+
+// Sends held messages, oldest first, while the socket takes them. A request or acknowledged
+// publish whose caller was already answered (its deadline passed, or the connection was reset)
+// is not sent: its caller was told it failed.
+void agent::impl::flush_held() {
+  std::size_t released = 0;
+  while (!held.empty()) {
+    auto& m = held.front();
+    const bool answered = !m.call_id.empty() && calls.count(m.call_id) == 0;
+    if (!answered && !try_send(m.frames)) break;
+    if (m.event && !answered) ++events_unconfirmed;
+    if (m.counted) ++released;
+    held.pop_front();
+  }
+  if (released > 0) release_room(released);
+}
+
+// stop(): sends what is held until `deadline`; what the socket still cannot take is lost, and
+// said so.
+void agent::impl::flush_before(steady::time_point deadline) {
+  while (true) {
+    flush_held();
+    if (held.empty() || steady::now() >= deadline) break;
+    std::array<zmq::pollitem_t, 1> item{{{dealer->handle(), 0, ZMQ_POLLOUT, 0}}};
+    const auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - steady::now());
+    try {
+      zmq::poll(item.data(), item.size(), std::clamp(left, 1ms, 100ms));
+    } catch (const zmq::error_t&) {
+      break;
+    }
+  }
+  if (held.empty()) return;
+  std::size_t events = 0, counted = 0;
+  for (const auto& m : held) {
+    if (m.event) ++events;
+    if (m.counted) ++counted;
+  }
+  log->warn(
+      "{}: stopping with {} message(s), {} of them events, that the broker at {} did not "
+      "take within the grace period; they are lost",
+      opts.name, held.size(), events, opts.broker);
+  held.clear();
+  if (counted > 0) release_room(counted);
+}
+
+void agent::impl::send_hello(bool first) {
   header h;
   h.agent = opts.name;
   {
     std::lock_guard lock(config_mutex);
     for (const auto& [name, def] : services) h.services.push_back({name, def.capacity});
   }
-  send(command::hello, h);
+  if (!first || held.empty()) {
+    send(command::hello, h);
+    return;
+  }
+  // A new connection registers before the held messages go out on it.
+  std::vector<zmq::message_t> hello;
+  common::build_message(hello, command::hello, h);
+  held.push_front(held_message{std::move(hello), {}, false, false});
 }
 
 void agent::impl::connect() {
@@ -333,8 +498,9 @@ void agent::impl::connect() {
   dealer->set(zmq::sockopt::reconnect_ivl_max, 1000);
   dealer->connect(opts.broker);
   last_from_broker = steady::now();
+  events_unconfirmed = 0;
   is_registered = false;
-  send_hello();
+  send_hello(true);
 }
 
 void agent::impl::broker_reset(const std::string& why) {
@@ -379,7 +545,8 @@ void agent::impl::execute(outbound& o) {
         o.hdr.deadline_ms =
             std::max<std::uint64_t>(1, common::millis_until(o.deadline, steady::now()));
       }
-      send(is_request ? command::request : command::publish, o.hdr, std::move(o.payload));
+      send(is_request ? command::request : command::publish, o.hdr, std::move(o.payload),
+           send_tag{calls.count(o.hdr.id) != 0 ? o.hdr.id : std::string(), o.counted});
       break;
     }
     case outbound::kind::reply:
@@ -511,6 +678,7 @@ void agent::impl::on_dealer_message(steady::time_point now) {
     return;
   }
   last_from_broker = now;
+  events_unconfirmed = 0;
   auto& m = parsed.value();
   switch (m.cmd) {
     case command::welcome: {
@@ -655,7 +823,14 @@ void agent::impl::on_timers(steady::time_point now) {
     next_heartbeat = now + heartbeat;
   }
   if (now - last_from_broker > heartbeat * opts.liveness) {
-    // Nothing from the broker for `liveness` intervals: replace the connection.
+    // Nothing from the broker for `liveness` intervals: replace the connection. What the old
+    // socket still queues goes with it; held messages go out on the new one.
+    if (events_unconfirmed > 0) {
+      log->info(
+          "{}: up to {} event(s) sent since the broker was last heard from may be lost "
+          "with the connection; publish_acked / publish_async confirm delivery",
+          opts.name, events_unconfirmed);
+    }
     broker_reset("no message from the broker for " +
                  std::to_string((heartbeat * opts.liveness).count()) + " ms");
     fail_calls(std::string(errc::broker_lost), "the connection to the broker was reset", true);
@@ -678,8 +853,9 @@ void agent::impl::io_main() {
     const auto wake = next_wakeup();
     const auto timeout =
         wake <= now ? 0ms : std::chrono::ceil<std::chrono::milliseconds>(wake - now);
+    const short dealer_events = held.empty() ? ZMQ_POLLIN : ZMQ_POLLIN | ZMQ_POLLOUT;
     std::array<zmq::pollitem_t, 3> items{{
-        {dealer->handle(), 0, ZMQ_POLLIN, 0},
+        {dealer->handle(), 0, dealer_events, 0},
         {sub->handle(), 0, ZMQ_POLLIN, 0},
         {nullptr, wake_fd, ZMQ_POLLIN, 0},
     }};
@@ -689,6 +865,7 @@ void agent::impl::io_main() {
       if (e.num() == ETERM) break;
       continue;
     }
+    if ((items[0].revents & ZMQ_POLLOUT) != 0) flush_held();
     if ((items[2].revents & ZMQ_POLLIN) != 0) drain_outbox();
     if ((items[0].revents & ZMQ_POLLIN) != 0) {
       for (int i = 0; i < 1024 && common::recv_frames(*dealer, frames); ++i) {
@@ -702,8 +879,14 @@ void agent::impl::io_main() {
     }
     on_timers(steady::now());
   }
-  // Final flush: replies and the BYE posted during stop().
+  // Final flush: replies and events posted before stop(). The outbox closes first, so that a
+  // publish racing with stop() is refused (its caller told) instead of left behind.
+  {
+    std::lock_guard lock(out_mutex);
+    outbox_closed = true;
+  }
   drain_outbox();
+  flush_before(flush_deadline);
   fail_calls(std::string(errc::broker_lost), "the agent stopped", true);
   for (auto& p : probes) {
     p.synced->set_value(error{std::string(errc::shutting_down), "the agent stopped", false});
@@ -731,6 +914,9 @@ std::uint64_t agent::registrations() const {
 std::string agent::broker_id() const {
   std::lock_guard lock(impl_->state_mutex);
   return impl_->broker_id;
+}
+std::size_t agent::queued_events() const {
+  return impl_->queued.load();
 }
 
 void agent::handle(const std::string& service, const std::string& action, request_handler h) {
@@ -870,19 +1056,32 @@ void agent::stop(std::chrono::milliseconds grace) {
   auto& d = *impl_;
   if (!d.running) return;
   d.stopping = true;
-  // Let running handlers finish and their replies go out, then say goodbye.
-  d.handler_jobs.wait_idle(steady::now() + grace);
+  // Let running handlers finish and their replies go out, then say goodbye. Queued events and
+  // replies may take what is left of the grace period to go out.
+  const auto deadline = steady::now() + grace;
+  d.flush_deadline = deadline;
+  d.handler_jobs.wait_idle(deadline);
   d.running = false;
+  {
+    // Publishers waiting for room give up now.
+    std::lock_guard lock(d.room_mutex);
+    d.room_cv.notify_all();
+  }
   const std::uint64_t one = 1;
   [[maybe_unused]] auto n = ::write(d.wake_fd, &one, sizeof one);
   if (d.io.joinable()) d.io.join();
   d.close_outbox();
-  // The I/O thread has flushed the outbox; now the last word.
+  // The I/O thread has flushed the outbox; now the last word. ZeroMQ keeps sending what its
+  // socket still queues for the rest of the grace period (at least 200 ms).
   if (d.dealer) {
     try {
-      header h;
-      d.send(command::bye, h);
-      d.dealer->set(zmq::sockopt::linger, 200);
+      std::vector<zmq::message_t> bye;
+      common::build_message(bye, command::bye, header{});
+      d.try_send(bye);
+      const auto left =
+          std::chrono::duration_cast<std::chrono::milliseconds>(deadline - steady::now());
+      d.dealer->set(zmq::sockopt::linger,
+                    static_cast<int>(std::max<std::int64_t>(200, left.count())));
     } catch (const zmq::error_t&) {
     }
   }
@@ -960,16 +1159,24 @@ result<published> agent::publish(const std::string& topic, bytes payload,
   o.hdr.topic = topic;
   d.fill_context(o.hdr, opts);
   if (auto too_big = d.check_size(o.hdr, payload)) return *too_big;
+  if (auto full = d.reserve_room(topic, steady::now() + d.opts.publish_timeout, true)) {
+    return *full;
+  }
+  o.counted = true;
   o.payload = std::move(payload);
   published p{o.hdr.id, 0};
-  d.submit(std::move(o));
+  if (!d.submit(std::move(o))) {
+    return error{std::string(errc::broker_lost), "publish to '" + topic + "': the agent stopped",
+                 false};
+  }
   return p;
 }
 
-void agent::publish_async(const std::string& topic, bytes payload,
-                          std::chrono::milliseconds deadline, call_callback done,
-                          const send_options& opts) {
-  auto& d = *impl_;
+// publish_async and publish_acked: the same, except whether the caller may wait for room.
+void agent::impl::publish_with_ack(const std::string& topic, bytes payload,
+                                   std::chrono::milliseconds deadline, call_callback done,
+                                   const send_options& so, bool wait_for_room) {
+  auto& d = *this;
   if (!d.running) {
     return done(error{std::string(errc::broker_lost), "agent is not started", false});
   }
@@ -979,13 +1186,21 @@ void agent::publish_async(const std::string& topic, bytes payload,
   outbound o;
   o.what = outbound::kind::publish;
   o.hdr.topic = topic;
-  d.fill_context(o.hdr, opts);
+  d.fill_context(o.hdr, so);
   o.hdr.ack = true;
   if (auto too_big = d.check_size(o.hdr, payload)) return done(*too_big);
-  o.payload = std::move(payload);
   o.deadline = steady::now() + deadline;
+  if (auto full = d.reserve_room(topic, o.deadline, wait_for_room)) return done(*full);
+  o.counted = true;
+  o.payload = std::move(payload);
   o.done = std::move(done);
-  d.submit(std::move(o));
+  d.submit(std::move(o));  // refused: `done` is told
+}
+
+void agent::publish_async(const std::string& topic, bytes payload,
+                          std::chrono::milliseconds deadline, call_callback done,
+                          const send_options& opts) {
+  impl_->publish_with_ack(topic, std::move(payload), deadline, std::move(done), opts, false);
 }
 
 result<published> agent::publish_acked(const std::string& topic, bytes payload,
@@ -996,9 +1211,9 @@ result<published> agent::publish_acked(const std::string& topic, bytes payload,
   }
   auto promise = std::make_shared<std::promise<call_result>>();
   auto future = promise->get_future();
-  publish_async(
+  impl_->publish_with_ack(
       topic, std::move(payload), deadline,
-      [promise](call_result r) { promise->set_value(std::move(r)); }, opts);
+      [promise](call_result r) { promise->set_value(std::move(r)); }, opts, true);
   auto r = future.get();
   if (!r) return r.err();
   return published{r->id(), r->seq()};

@@ -39,17 +39,24 @@ using common::status;
 using bytes = std::string;  // payload bytes; msgpack by convention (see json.hpp, msgpack.hpp)
 
 struct options {
-  std::string name;                                  // agent name; random if empty
-  std::string broker = "tcp://127.0.0.1:5555";       // the broker's router endpoint
-  std::string events = "tcp://127.0.0.1:5556";       // the broker's events endpoint
-  std::chrono::milliseconds heartbeat{1000};         // until the broker's WELCOME says otherwise
-  std::uint32_t liveness = 3;                        // silent intervals before the broker is lost
-  std::chrono::milliseconds start_timeout{5000};     // start() waits this long for WELCOME
-  std::size_t handler_threads = 0;                   // 0: total capacity, 1..64
+  std::string name;                               // agent name; random if empty
+  std::string broker = "tcp://127.0.0.1:5555";    // the broker's router endpoint
+  std::string events = "tcp://127.0.0.1:5556";    // the broker's events endpoint
+  std::chrono::milliseconds heartbeat{1000};      // until the broker's WELCOME says otherwise
+  std::uint32_t liveness = 3;                     // silent intervals before the broker is lost
+  std::chrono::milliseconds start_timeout{5000};  // start() waits this long for WELCOME
+  std::size_t handler_threads = 0;                // 0: total capacity, 1..64
   // Run request handlers on the I/O thread instead of the pool: no thread hand-over, so the
   // lowest latency and highest throughput, for handlers that never block (no blocking call(),
   // no disk or network I/O). A blocking handler stalls the whole agent.
   bool inline_handlers = false;
+  // Backpressure (docs/agents.md, "Publishing and backpressure"). Messages the broker connection
+  // cannot take yet (its ZeroMQ queue of 100,000 messages is full: the broker is slow, paused or
+  // unreachable) wait in the SDK, in order; nothing is dropped. At most `send_queue` events may
+  // wait there: publish() then blocks until there is room, for at most `publish_timeout`, and
+  // fails with `queue_full` after that. Requests and replies wait there too but are not counted.
+  std::size_t send_queue = 10'000;                  // events waiting in the SDK, at least 1
+  std::chrono::milliseconds publish_timeout{5000};  // publish(): longest wait for room
 };
 
 // A request being handled, an event received, or a reply to a call. Read-only.
@@ -67,8 +74,8 @@ class message {
   const std::string& trace_id() const { return trace_id_; }
   const std::string& idempotency_key() const { return idempotency_key_; }
   std::uint32_t attempt() const { return attempt_; }
-  std::uint64_t seq() const { return seq_; }             // events
-  std::uint64_t timestamp_us() const { return ts_; }     // events
+  std::uint64_t seq() const { return seq_; }                   // events
+  std::uint64_t timestamp_us() const { return ts_; }           // events
   const std::string& publisher() const { return publisher_; }  // events
   const std::string& worker() const { return worker_; }        // replies
   // Requests: when the caller stops waiting.
@@ -148,24 +155,33 @@ class agent {
                                        bytes payload, std::chrono::milliseconds deadline,
                                        const send_options& opts = {});
 
-  // Fire-and-forget: returns once the event is queued for the broker.
-  result<published> publish(const std::string& topic, bytes payload,
-                            const send_options& opts = {});
-  // Asks the broker for a PUBLISH_ACK; `done` runs on the agent's I/O thread exactly once with
-  // the acknowledgement (message::id() and seq()) or an error at the deadline. For programs
-  // that must know an event went out without blocking a thread on it.
+  // Fire-and-forget: returns once the event is queued for the broker. Never drops an event: when
+  // options.send_queue events already wait for the broker connection, it blocks until there is
+  // room, and after options.publish_timeout returns `queue_full` (retryable) — the event was not
+  // sent. On the agent's I/O thread (inline handlers, callbacks) it cannot wait and returns
+  // `queue_full` at once. An event it accepted can still be lost if the connection to the
+  // broker is replaced (the broker silent for `liveness` heartbeats) or the broker dies before
+  // reading it; publish_acked / publish_async say for sure.
+  result<published> publish(const std::string& topic, bytes payload, const send_options& opts = {});
+  // Asks the broker for a PUBLISH_ACK; `done` runs exactly once with the acknowledgement
+  // (message::id() and seq()) or an error: on the agent's I/O thread normally, or on the calling
+  // thread for an error found at once. Never blocks: when options.send_queue events already wait
+  // for the broker connection, `done` gets `queue_full` (retryable) at once and the event is not
+  // sent. For programs that must know an event went out without blocking a thread on it.
   void publish_async(const std::string& topic, bytes payload, std::chrono::milliseconds deadline,
                      call_callback done, const send_options& opts = {});
-  // Waits for the broker's PUBLISH_ACK (the event was fanned out) and returns its seq.
+  // Waits for the broker's PUBLISH_ACK (the event was fanned out) and returns its seq. Waits for
+  // room in the send queue too, within the same deadline (`queue_full` if there is none).
   result<published> publish_acked(const std::string& topic, bytes payload,
                                   std::chrono::milliseconds deadline,
                                   const send_options& opts = {});
 
   // --- state ---
   const std::string& name() const;
-  bool registered() const;                 // WELCOME received on the current connection
-  std::uint64_t registrations() const;     // WELCOMEs received since start (1 + re-registrations)
-  std::string broker_id() const;           // id of the broker run we are registered with
+  bool registered() const;              // WELCOME received on the current connection
+  std::uint64_t registrations() const;  // WELCOMEs received since start (1 + re-registrations)
+  std::string broker_id() const;        // id of the broker run we are registered with
+  std::size_t queued_events() const;    // events waiting in the SDK for the connection
 
  private:
   struct impl;
