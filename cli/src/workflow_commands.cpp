@@ -1,5 +1,6 @@
 // Workflow subcommands: validate, run, status, list, cancel, graph (and trace, in trace.cpp).
 // They drive the orchestrator through its service on the broker, like any client.
+#include <algorithm>
 #include <cstdio>
 #include <iostream>
 #include <map>
@@ -9,6 +10,7 @@
 #include "client.hpp"
 #include "ensemble/cli/graph.hpp"
 #include "ensemble/orchestrator/definition.hpp"
+#include "history_text.hpp"
 
 namespace ensemble::cli {
 
@@ -17,83 +19,33 @@ using namespace std::chrono_literals;
 
 namespace {
 
-std::string format_us(std::int64_t us) {
-  char buf[32];
-  if (us < 1000) {
-    std::snprintf(buf, sizeof buf, "%lldus", static_cast<long long>(us));
-  } else if (us < 1'000'000) {
-    std::snprintf(buf, sizeof buf, "%.1fms", static_cast<double>(us) / 1e3);
-  } else {
-    std::snprintf(buf, sizeof buf, "%.2fs", static_cast<double>(us) / 1e6);
-  }
-  return buf;
-}
-
-// One history entry as a line for `run --wait` and `status`.
-std::string describe_entry(const json& e) {
-  const std::string kind = e["kind"];
-  const std::string step = e.value("step", "");
-  const json data = e.value("data", json::object());
-  std::string line = kind;
-  if (!step.empty()) line += " " + step;
-  if (kind == "step_started") {
-    if (data.value("kind", "") == "choreography") {
-      line += " (choreography: publish " + data.value("topic", std::string("?")) + ", until " +
-              data["until"].dump() +
-              (data.value("fail_on", json::array()).empty() ? std::string()
-                                                            : ", fails on " + data["fail_on"].dump()) +
-              ")";
-    } else if (data.contains("service")) {
-      line += " (" + data["service"].get<std::string>() + "." + data["action"].get<std::string>() +
-              ", attempt " + std::to_string(data.value("attempt", 1)) + ")";
-    } else if (data.contains("topic")) {
-      line += " (publish " + data["topic"].get<std::string>() + ")";
-    } else if (data.contains("until")) {
-      line += " (await " + data["until"].dump() + ")";
-    } else if (data.contains("kind")) {
-      line += " (" + data["kind"].get<std::string>() + ")";
-    }
-  } else if (kind == "step_completed" && data.contains("worker")) {
-    line += " (by " + data["worker"].get<std::string>() + ")";
-  } else if (kind == "attempt_failed" || kind == "step_failed" ||
-             kind == "compensation_failed") {
-    line += ": " + data.value("code", std::string()) + ": " + data.value("message", std::string());
-  } else if (kind == "compensation_started") {
-    line += data.contains("service") ? " (" + data["service"].get<std::string>() + "." +
-                                           data["action"].get<std::string>() + ")"
-                                     : " (publish " + data.value("topic", std::string()) + ")";
-  } else if (kind == "retry_scheduled") {
-    line += " (attempt " + std::to_string(data.value("attempt", 0)) + " in " +
-            std::to_string(data.value("delay_ms", 0)) + " ms)";
-  } else if (kind == "event_matched") {
-    line += " (" + data.value("topic", std::string()) + " from " +
-            data.value("publisher", std::string()) + ")";
-  }
-  return line;
-}
-
 void print_view(const json& v) {
-  std::printf("instance  %s\nworkflow  %s v%d\nstatus    %s\n", v["id"].get<std::string>().c_str(),
-              v["workflow"].get<std::string>().c_str(), v["version"].get<int>(),
-              v["status"].get<std::string>().c_str());
-  if (v.contains("reason")) std::printf("reason    %s\n", v["reason"].get<std::string>().c_str());
-  if (v.contains("parent_id")) {
-    std::printf("parent    %s\n", v["parent_id"].get<std::string>().c_str());
+  std::printf("instance  %s\nworkflow  %s v%lld\nstatus    %s\n", text_field(v, "id", "?").c_str(),
+              text_field(v, "workflow", "?").c_str(),
+              static_cast<long long>(int_field(v, "version")),
+              text_field(v, "status", "?").c_str());
+  if (const auto reason = text_field(v, "reason"); !reason.empty()) {
+    std::printf("reason    %s\n", reason.c_str());
+  }
+  if (const auto parent = text_field(v, "parent_id"); !parent.empty()) {
+    std::printf("parent    %s\n", parent.c_str());
   }
   std::printf("\n%-24s %-20s %8s %10s\n", "STEP", "STATUS", "ATTEMPTS", "DURATION");
   std::vector<std::pair<std::int64_t, std::string>> order;
-  // A named copy: items() of a temporary would dangle in the range-for.
-  const json steps = v.value("steps", json::object());
-  for (const auto& [name, s] : steps.items()) {
-    order.emplace_back(s.value("started_us", std::int64_t{0}), name);
-  }
+  const json& steps = object_field(v, "steps");
+  for (const auto& [name, s] : steps.items()) order.emplace_back(int_field(s, "started_us"), name);
   std::sort(order.begin(), order.end());
+  const auto now = wall_now_us();
   for (const auto& [started, name] : order) {
-    const auto& s = steps[name];
-    const auto ended = s.value("ended_us", std::int64_t{0});
-    std::printf("%-24s %-20s %8d %10s\n", name.c_str(), s.value("status", "").c_str(),
-                s.value("attempts", 0),
+    const json& s = steps[name];
+    const auto ended = int_field(s, "ended_us");
+    std::printf("%-24s %-20s %8lld %10s\n", name.c_str(), text_field(s, "status").c_str(),
+                static_cast<long long>(int_field(s, "attempts")),
                 ended > 0 && started > 0 ? format_us(ended - started).c_str() : "-");
+    // A running step: what it is waiting on, from the orchestrator's `waiting`.
+    if (const auto waits = describe_waiting(object_field(s, "waiting"), now); !waits.empty()) {
+      std::printf("  %s\n", waits.c_str());
+    }
   }
   if (v.contains("output")) std::printf("\noutput %s\n", v["output"].dump(2).c_str());
 }
@@ -135,41 +87,37 @@ int cmd_run(const context& ctx, const std::string& name, const std::string& inpu
   if (!id.empty()) args["id"] = id;
   auto started = c.call("orchestrator", "start", args, 10s, !id.empty());
   if (!started) return report("run " + name, started.err());
-  const std::string instance = (*started)["id"];
-  std::printf("started %s (%s v%d)\n", instance.c_str(), name.c_str(),
-              (*started)["version"].get<int>());
+  const std::string instance = text_field(*started, "id");
+  std::printf("started %s (%s v%lld)\n", instance.c_str(), name.c_str(),
+              static_cast<long long>(int_field(*started, "version")));
   std::fflush(stdout);
   if (!wait) return 0;
   const auto deadline = std::chrono::steady_clock::now() + timeout;
-  std::uint64_t shown = 0;
-  while (true) {
-    auto h = c.call("orchestrator", "history", {{"id", instance}}, 5s);
-    if (h) {
-      for (const auto& e : (*h)["entries"]) {
-        if (e["seq"].get<std::uint64_t>() <= shown) continue;
-        shown = e["seq"];
-        std::printf("  %s\n", describe_entry(e).c_str());
-      }
-      std::fflush(stdout);
+  std::int64_t shown = 0;
+  // Prints the entries not printed yet.
+  auto show = [&](const json& history) {
+    for (const auto& e : array_field(history, "entries")) {
+      const auto seq = int_field(e, "seq");
+      if (seq <= shown) continue;
+      shown = seq;
+      std::printf("  %s\n", describe_entry(e).c_str());
     }
+    std::fflush(stdout);
+  };
+  while (true) {
+    if (auto h = c.call("orchestrator", "history", {{"id", instance}}, 5s)) show(*h);
     auto v = c.call("orchestrator", "get", {{"id", instance}}, 5s);
     if (!v) return report("run " + name, v.err());
-    const std::string status = (*v)["status"];
+    const std::string status = text_field(*v, "status", "?");
     if (terminal(status)) {
       // Show the last entries (the final one is committed with the status).
-      if (auto last = c.call("orchestrator", "history", {{"id", instance}}, 5s)) {
-        for (const auto& e : (*last)["entries"]) {
-          if (e["seq"].get<std::uint64_t>() <= shown) continue;
-          shown = e["seq"];
-          std::printf("  %s\n", describe_entry(e).c_str());
-        }
-      }
+      if (auto last = c.call("orchestrator", "history", {{"id", instance}}, 5s)) show(*last);
       if (status == "completed") {
         std::printf("%s\n", v->value("output", json()).dump(2).c_str());
         return 0;
       }
       std::fprintf(stderr, "ensemble: %s %s: %s\n", instance.c_str(), status.c_str(),
-                   v->value("reason", std::string("no reason recorded")).c_str());
+                   text_field(*v, "reason", "no reason recorded").c_str());
       return 1;
     }
     if (std::chrono::steady_clock::now() >= deadline) {
@@ -206,14 +154,14 @@ int cmd_list(const context& ctx, const std::string& status, const std::string& w
   auto r = c.call("orchestrator", "list", args, 5s);
   if (!r) return report("list", r.err());
   if (as_json) {
-    std::printf("%s\n", (*r)["instances"].dump(2).c_str());
+    std::printf("%s\n", array_field(*r, "instances").dump(2).c_str());
     return 0;
   }
   std::printf("%-36s %-24s %-12s %s\n", "ID", "WORKFLOW", "STATUS", "REASON");
-  for (const auto& v : (*r)["instances"]) {
-    std::printf("%-36s %-24s %-12s %s\n", v["id"].get<std::string>().c_str(),
-                v["workflow"].get<std::string>().c_str(), v["status"].get<std::string>().c_str(),
-                v.value("reason", "").c_str());
+  for (const auto& v : array_field(*r, "instances")) {
+    std::printf("%-36s %-24s %-12s %s\n", text_field(v, "id", "?").c_str(),
+                text_field(v, "workflow", "?").c_str(), text_field(v, "status", "?").c_str(),
+                text_field(v, "reason").c_str());
   }
   return 0;
 }
@@ -225,7 +173,7 @@ int cmd_cancel(const context& ctx, const std::string& id, const std::string& rea
   if (!reason.empty()) args["reason"] = reason;
   auto r = c.call("orchestrator", "cancel", args, 5s, false);
   if (!r) return report("cancel " + id, r.err());
-  std::printf("%s: %s\n", id.c_str(), (*r)["status"].get<std::string>().c_str());
+  std::printf("%s: %s\n", id.c_str(), text_field(*r, "status", "?").c_str());
   return 0;
 }
 
@@ -264,9 +212,8 @@ void add_workflow_commands(CLI::App& app, context& ctx) {
     sub->add_option("--id", a->id, "instance id (idempotent: an existing id is not started twice)");
     sub->add_flag("--wait", a->wait, "show each step as it runs; exit 0 only if it completes");
     sub->add_option("--timeout", a->timeout, "how long --wait waits")->capture_default_str();
-    sub->callback([&ctx, a] {
-      ctx.exit_code = cmd_run(ctx, a->name, a->input, a->id, a->wait, a->timeout);
-    });
+    sub->callback(
+        [&ctx, a] { ctx.exit_code = cmd_run(ctx, a->name, a->input, a->id, a->wait, a->timeout); });
   }
   {
     auto* sub = app.add_subcommand("status", "show an instance: status, reason, steps, output");
@@ -284,15 +231,15 @@ void add_workflow_commands(CLI::App& app, context& ctx) {
       bool json = false;
     };
     auto a = std::make_shared<args_t>();
-    sub->add_option("--status", a->status, "running, compensating, completed, failed, cancelled, timed_out")
-        ->check(CLI::IsMember({"running", "compensating", "completed", "failed", "cancelled",
-                               "timed_out"}));
+    sub->add_option("--status", a->status,
+                    "running, compensating, completed, failed, cancelled, timed_out")
+        ->check(CLI::IsMember(
+            {"running", "compensating", "completed", "failed", "cancelled", "timed_out"}));
     sub->add_option("--workflow", a->workflow, "only this workflow");
     sub->add_option("--limit", a->limit, "at most this many")->capture_default_str();
     sub->add_flag("--json", a->json, "JSON output");
-    sub->callback([&ctx, a] {
-      ctx.exit_code = cmd_list(ctx, a->status, a->workflow, a->limit, a->json);
-    });
+    sub->callback(
+        [&ctx, a] { ctx.exit_code = cmd_list(ctx, a->status, a->workflow, a->limit, a->json); });
   }
   {
     auto* sub = app.add_subcommand("cancel", "cancel a running instance (its compensations run)");

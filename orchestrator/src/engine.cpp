@@ -697,9 +697,11 @@ void engine::resume(instance& in) {
       json payload = rendered ? std::move(*rendered) : json();
       const auto attempt = vis(in, name).value("attempts", 1U);
       const std::string request_id = ids_.next();
+      const auto timeout = s->timeout.value_or(opts_.default_timeout);
       rs["request_id"] = request_id;
-      send_call(in, name, s->service, s->action, std::move(payload),
-                s->timeout.value_or(opts_.default_timeout), request_id, rs["key"], attempt);
+      rs["deadline_us"] = now_us() + timeout.count() * 1000;
+      send_call(in, name, s->service, s->action, std::move(payload), timeout, request_id, rs["key"],
+                attempt);
       touch(in);
     } else if (phase == "backoff" || phase == "waiting") {
       arm(in, name, rs["due_us"].get<std::int64_t>());
@@ -817,6 +819,7 @@ void engine::start_step(instance& in, const step& s) {
       start_attempt(in, s);
       return;
     case step_kind::parallel:
+      v["attempts"] = 1;  // runs once: no retry
       history(in, "step_started", s.name, json{{"kind", "parallel"}});
       return;
     case step_kind::switch_: {
@@ -834,12 +837,14 @@ void engine::start_step(instance& in, const step& s) {
           break;
         }
       }
+      v["attempts"] = 1;
       run_of(in, s.name)["case"] = chosen;
       history(in, "step_started", s.name, json{{"kind", "switch"}, {"case", chosen}});
       return;
     }
     case step_kind::wait: {
       auto& rs = run_of(in, s.name);
+      v["attempts"] = 1;
       rs["phase"] = "waiting";
       rs["due_us"] = now_us() + s.duration.count() * 1000;
       arm(in, s.name, rs["due_us"]);
@@ -875,16 +880,18 @@ void engine::start_attempt(instance& in, const step& s) {
       auto payload = render_or_fail(s.input, s.input ? json() : default_input(in));
       if (!payload) return;
       const std::string request_id = ids_.next();
+      const auto timeout = s.timeout.value_or(opts_.default_timeout);
       rs["phase"] = "calling";
       rs["request_id"] = request_id;
+      rs["deadline_us"] = now_us() + timeout.count() * 1000;  // shown by `get`
       history(in, "step_started", s.name,
               json{{"kind", "command"},
                    {"service", s.service},
                    {"action", s.action},
                    {"attempt", attempt},
                    {"request_id", request_id}});
-      send_call(in, s.name, s.service, s.action, std::move(*payload),
-                s.timeout.value_or(opts_.default_timeout), request_id, key, attempt);
+      send_call(in, s.name, s.service, s.action, std::move(*payload), timeout, request_id, key,
+                attempt);
       return;
     }
     case step_kind::publish: {
@@ -1569,6 +1576,58 @@ json engine::view(const instance_record& r) const {
   return v;
 }
 
+json engine::waiting_of(const instance& in, const step& s) const {
+  static const json none = json::object();
+  const auto& steps = in.state["run"]["steps"];
+  const auto found = steps.find(s.name);
+  const json& rs = found == steps.end() || !found->is_object() ? none : *found;
+  const std::string phase = rs.value("phase", "");
+  const auto attempts = peek(in, s.name).value("attempts", 0U);
+  json w = {{"kind", to_string(s.kind)}};
+  if (s.kind == step_kind::parallel || s.kind == step_kind::switch_) {
+    w["phase"] = "branches";
+    return w;
+  }
+  w["phase"] = phase;
+  if (s.kind == step_kind::command) {
+    w["service"] = s.service;
+    w["action"] = s.action;
+  }
+  if (phase == "calling") {
+    w["attempt"] = attempts;
+    w["request_id"] = rs.value("request_id", "");
+    if (rs.contains("deadline_us")) w["deadline_us"] = rs["deadline_us"];
+  } else if (phase == "backoff") {
+    w["attempt"] = attempts + 1;  // the next one
+    w["due_us"] = rs.value("due_us", std::int64_t{0});
+  } else if (phase == "awaiting") {
+    w["until"] = s.until;
+    w["fail_on"] = s.fail_on;
+    if (s.match.empty()) {
+      w["correlation_id"] = in.id;
+    } else {
+      w["match"] = s.match;
+    }
+    w["attempt"] = attempts;
+    w["since_us"] = rs.value("since_us", std::int64_t{0});
+    w["deadline_us"] = rs.value("due_us", std::int64_t{0});
+  } else if (phase == "waiting") {
+    w["due_us"] = rs.value("due_us", std::int64_t{0});
+  } else if (phase == "publishing") {
+    w["topic"] = s.event.topic;
+    w["event_id"] = rs.value("key", "");
+  } else if (phase == "child") {
+    const std::string child_id = rs.value("child_id", "");
+    w["workflow"] = s.workflow;
+    w["child_id"] = child_id;
+    if (auto child = live_.find(child_id); child != live_.end()) {
+      const json& child_run = child->second->state["run"];
+      if (child_run.contains("deadline_us")) w["deadline_us"] = child_run["deadline_us"];
+    }
+  }
+  return w;
+}
+
 result<json> engine::admin(std::string_view action, const json& args, const origin& from,
                            std::function<result<json>()>& later) {
   auto bad = [](std::string what) {
@@ -1647,7 +1706,16 @@ result<json> engine::admin(std::string_view action, const json& args, const orig
     if (!id) return id.err();
     auto r = snapshot(*id);
     if (!r) return not_found(*id);
-    return view(*r);
+    json v = view(*r);
+    if (auto it = live_.find(*id); it != live_.end() && v["steps"].is_object()) {
+      for (auto& [name, step_view] : v["steps"].items()) {
+        const step* s = it->second->def->find(name);
+        if (s != nullptr && step_view.value("status", "") == k_running) {
+          step_view["waiting"] = waiting_of(*it->second, *s);
+        }
+      }
+    }
+    return v;
   }
   if (action == "list") {
     list_filter f;
@@ -1674,7 +1742,6 @@ result<json> engine::admin(std::string_view action, const json& args, const orig
       for (const auto& r : db_->list(f)) {
         json v = view(r);
         v.erase("steps");
-        v.erase("input");
         out.push_back(std::move(v));
       }
       return json{{"instances", std::move(out)}};

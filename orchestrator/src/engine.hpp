@@ -144,6 +144,8 @@ class engine {
   result<json> admin(std::string_view action, const json& args, const origin& from,
                      std::function<result<json>()>& later);
   json view(const instance_record& r) const;
+  // What running step `s` waits on, for `get`: derived from its definition and bookkeeping.
+  json waiting_of(const instance& in, const step& s) const;
 
   json& vis(instance& in, const std::string& step);
   json& run_of(instance& in, const std::string& step);
