@@ -98,13 +98,16 @@ class broker_streams_test : public ::testing::Test {
   json admin(const std::string& action, const json& args = json::object()) {
     auto r = call(action, args);
     EXPECT_FALSE(r.hdr.is_error())
-        << action << " " << args.dump() << ": " << r.hdr.error_code << " " << r.hdr.error_message;
+        << action << " " << args.dump(-1, ' ', false, json::error_handler_t::replace) << ": "
+        << r.hdr.error_code << " " << r.hdr.error_message;
     if (r.hdr.is_error()) return json::object();
     return json::from_msgpack(r.payload);
   }
   header admin_error(const std::string& action, const json& args) {
     auto r = call(action, args);
-    EXPECT_TRUE(r.hdr.is_error()) << action << " " << args.dump() << " succeeded";
+    EXPECT_TRUE(r.hdr.is_error()) << action << " "
+                                  << args.dump(-1, ' ', false, json::error_handler_t::replace)
+                                  << " succeeded";
     return r.hdr;
   }
 
@@ -429,6 +432,14 @@ TEST_F(broker_streams_test, stream_admin_refuses_bad_input_naming_the_field) {
        "bad_request",
        "'max_bytes' must be"},
       {"stream_add",
+       {{"name", "x"}, {"topics", {"x."}}, {"max_bytes", "\xff\xfe"}},
+       "bad_request",
+       "'max_bytes' must be"},
+      {"stream_add",
+       {{"name", "x"}, {"topics", {"x.", std::string("\xff", 1)}}},
+       "bad_request",
+       "topics[1]"},
+      {"stream_add",
        {{"name", "x"}, {"topics", {"x."}}, {"maxbytes", 1}},
        "bad_request",
        "unknown field 'maxbytes'"},
@@ -451,10 +462,12 @@ TEST_F(broker_streams_test, stream_admin_refuses_bad_input_naming_the_field) {
   };
   for (const auto& c : cases) {
     auto h = admin_error(c.action, c.args);
-    EXPECT_EQ(h.error_code, c.code) << c.action << " " << c.args.dump() << ": " << h.error_message;
+    EXPECT_EQ(h.error_code, c.code)
+        << c.action << " " << c.args.dump(-1, ' ', false, json::error_handler_t::replace) << ": "
+        << h.error_message;
     EXPECT_NE(h.error_message.find(c.says), std::string::npos)
-        << c.action << " " << c.args.dump() << ": '" << h.error_message << "' should say '"
-        << c.says << "'";
+        << c.action << " " << c.args.dump(-1, ' ', false, json::error_handler_t::replace) << ": '"
+        << h.error_message << "' should say '" << c.says << "'";
   }
   // Nothing of that changed the streams.
   auto list = admin("streams");

@@ -1123,6 +1123,13 @@ json broker::impl::stream_json(const std::string& name) const {
 
 namespace {
 
+// A peer's value in an error message: dump() throws on a str that is not UTF-8, and msgpack
+// strs are not checked.
+std::string shown(const json& value) {
+  auto text = value.dump(-1, ' ', false, json::error_handler_t::replace);
+  return text.size() > 64 ? text.substr(0, 64) + "..." : text;
+}
+
 // Reads the admin arguments of broker.stream_*: each check names the action and the field.
 struct stream_args {
   const json& args;
@@ -1155,7 +1162,7 @@ struct stream_args {
   bool uint(const char* key, std::uint64_t& out) {
     if (!args.contains(key)) return true;
     if (!args[key].is_number_unsigned()) {
-      problem = action + ": '" + key + "' must be a whole number >= 0, got " + args[key].dump();
+      problem = action + ": '" + key + "' must be a whole number >= 0, got " + shown(args[key]);
       return false;
     }
     out = args[key].get<std::uint64_t>();
@@ -1223,7 +1230,7 @@ void broker::impl::on_stream_admin(const peer_id& peer, const header& request, c
           const auto& t = args["topics"][i];
           if (!t.is_string()) {
             a.problem =
-                action + ": topics[" + std::to_string(i) + "] must be a str, got " + t.dump();
+                action + ": topics[" + std::to_string(i) + "] must be a str, got " + shown(t);
           } else if (auto bad = streams::check_topic_prefix(t.get<std::string>()); !bad.empty()) {
             a.problem = action + ": topics[" + std::to_string(i) + "]: " + bad;
           } else {
