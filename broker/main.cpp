@@ -1,6 +1,5 @@
 // ensemble-broker: parses options and runs ensemble::broker until SIGINT/SIGTERM.
 #include <CLI/CLI.hpp>
-
 #include <csignal>
 #include <cstdio>
 #include <iostream>
@@ -53,7 +52,21 @@ int main(int argc, char** argv) {
   app.add_option("--journal", cfg.journal_size,
                  "requests, replies and events kept for broker.trace (ensemble trace); 0: off")
       ->capture_default_str();
+  app.add_option("--data", cfg.data_dir,
+                 "directory durable streams are stored in; without it the broker has no streams");
+  app.add_option("--streams", cfg.streams_file,
+                 "YAML or JSON file declaring streams (name, topics, max_age, max_bytes, "
+                 "max_events), created at start if missing; needs --data")
+      ->check(CLI::ExistingFile);
+  std::string sync = "os";
+  app.add_option("--sync", sync,
+                 "when a stored publish is acked: os (written to the kernel: survives a killed "
+                 "broker) or always (fdatasync'ed, once per poll batch: survives a power loss)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"os", "always"}));
   CLI11_PARSE(app, argc, argv);
+  cfg.stream_sync = sync == "always" ? ensemble::broker::streams::sync::always
+                                     : ensemble::broker::streams::sync::os;
 
   try {
     ensemble::common::set_log_level(log_level);

@@ -15,12 +15,14 @@
 #include "ensemble/common/frames.hpp"
 #include "ensemble/common/protocol.hpp"
 #include "ensemble/testkit/process.hpp"
+#include "support/event_sub.hpp"
 #include "support/raw_peer.hpp"
 
 namespace ec = ensemble::common;
 namespace tk = ensemble::testkit;
 using ec::command;
 using ec::header;
+using ensemble::test::event_sub;
 using ensemble::test::raw_peer;
 using ensemble::test::to_string;
 using ensemble::test::wire_message;
@@ -518,62 +520,6 @@ TEST_F(broker_protocol_test, unreachable_previous_connection_is_named_beside_the
 }
 
 // ---- events --------------------------------------------------------------------------------
-
-class event_sub {
- public:
-  event_sub(zmq::context_t& ctx, const std::string& endpoint)
-      : socket_(ctx, zmq::socket_type::sub) {
-    socket_.set(zmq::sockopt::linger, 0);
-    socket_.connect(endpoint);
-  }
-  void subscribe(const std::string& prefix) { socket_.set(zmq::sockopt::subscribe, prefix); }
-
-  struct event {
-    std::string topic;
-    header hdr;
-    std::string payload;
-  };
-  std::optional<event> next(std::chrono::milliseconds deadline) {
-    zmq::pollitem_t item{socket_.handle(), 0, ZMQ_POLLIN, 0};
-    if (zmq::poll(&item, 1, deadline) == 0) return std::nullopt;
-    std::vector<zmq::message_t> frames;
-    if (!ec::recv_frames(socket_, frames)) return std::nullopt;
-    EXPECT_EQ(frames.size(), 3u) << "an event is [topic][header][payload]";
-    if (frames.size() != 3) return std::nullopt;
-    auto h = ec::decode_header(ec::as_view(frames[1]));
-    EXPECT_TRUE(h.ok()) << h.err().message;
-    if (!h.ok()) return std::nullopt;
-    return event{to_string(frames[0]), std::move(*h), to_string(frames[2])};
-  }
-
-  // Waits until the subscriptions made so far are active: subscribes to a probe topic and has
-  // `publisher` publish to it until one arrives (docs/protocol.md, "Subscription").
-  void sync(raw_peer& publisher, const std::string& probe_topic) {
-    subscribe(probe_topic);
-    const auto until = std::chrono::steady_clock::now() + k_wait;
-    int n = 0;
-    while (std::chrono::steady_clock::now() < until) {
-      header probe;
-      probe.id = "probe-" + std::to_string(++n);
-      probe.topic = probe_topic;
-      publisher.send(command::publish, probe);
-      while (auto e = next(20ms)) {
-        if (e->topic == probe_topic) {
-          // Control topics are fanned out but not sequenced.
-          EXPECT_EQ(e->hdr.seq, 0u);
-          // Drain the probes that are still on their way.
-          while (next(0ms)) {
-          }
-          return;
-        }
-      }
-    }
-    ADD_FAILURE() << "subscription probe never arrived";
-  }
-
- private:
-  zmq::socket_t socket_;
-};
 
 TEST_F(broker_protocol_test, publish_is_fanned_out_with_seq_ts_publisher_and_acked) {
   start();

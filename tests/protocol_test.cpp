@@ -95,6 +95,9 @@ void expect_same(const header& a, const header& b) {
   EXPECT_EQ(a.seq, b.seq);
   EXPECT_EQ(a.ts, b.ts);
   EXPECT_EQ(a.publisher, b.publisher);
+  EXPECT_EQ(a.stream, b.stream);
+  EXPECT_EQ(a.stream_seq, b.stream_seq);
+  EXPECT_EQ(a.duplicate, b.duplicate);
   EXPECT_EQ(a.error_code, b.error_code);
   EXPECT_EQ(a.error_message, b.error_message);
   EXPECT_EQ(a.agent, b.agent);
@@ -203,6 +206,9 @@ TEST(protocol_test, header_each_field_alone_round_trips_and_is_the_only_key) {
       {"seq", [](header& h) { h.seq = 1; }},
       {"ts", [](header& h) { h.ts = 1; }},
       {"publisher", [](header& h) { h.publisher = "p"; }},
+      {"stream", [](header& h) { h.stream = "orders"; }},
+      {"stream_seq", [](header& h) { h.stream_seq = ~0ULL; }},
+      {"duplicate", [](header& h) { h.duplicate = true; }},
       {"error_code", [](header& h) { h.error_code = "e"; }},
       {"error_message", [](header& h) { h.error_message = "m"; }},
       {"agent", [](header& h) { h.agent = "a"; }},

@@ -13,6 +13,7 @@
 #include "ensemble/common/logging.hpp"
 #include "journal.hpp"
 #include "registry.hpp"
+#include "stream_config_file.hpp"
 
 namespace ensemble::broker {
 
@@ -27,6 +28,8 @@ namespace {
 
 constexpr std::size_t k_batch = 1024;  // messages handled per socket per poll round
 constexpr std::string_view k_broker_service = "broker";
+constexpr std::string_view k_streams_disabled = "streams_disabled";  // no --data
+constexpr std::uint64_t k_stream_read_max = 10'000;                  // records per stream_read
 
 struct counters {
   std::uint64_t messages_in = 0;
@@ -42,6 +45,25 @@ struct counters {
   std::uint64_t workers_lost = 0;
   std::uint64_t redispatched = 0;
   std::map<std::string, std::uint64_t> errors_by_code;
+};
+
+// Per stream, in broker.stats and broker.stream_info.
+struct stream_counters {
+  std::uint64_t stored = 0;
+  std::uint64_t duplicates = 0;
+  std::uint64_t storage_errors = 0;
+  std::map<std::string, std::uint64_t> errors_by_code;
+};
+
+// A PUBLISH appended to a stream in this poll batch, waiting for the batch's flush before it
+// is acked and fanned out.
+struct stored_publish {
+  peer_id peer;
+  std::string from;  // the publisher as logs name it
+  header hdr;
+  zmq::message_t payload;
+  streams::append_result appended;
+  bool wants_ack = false;
 };
 
 // The ROUTER's routing id of a connection, in hex: two connections of one agent name (an
@@ -110,6 +132,7 @@ struct broker::impl {
     eps.events = bind_or_throw(xpub, cfg.events_endpoint, "--events");
     wake_fd = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (wake_fd < 0) throw common::config_error("broker", "eventfd failed");
+    open_streams();
   }
   ~impl() {
     if (wake_fd >= 0) ::close(wake_fd);
@@ -129,6 +152,13 @@ struct broker::impl {
   journal trace_journal;
   std::shared_ptr<spdlog::logger> log;
   counters stats;
+  // Durable streams: null without --data. stream_topics maps each stream's prefixes to it
+  // (prefixes never overlap, so a topic has at most one stream).
+  std::unique_ptr<streams::stream_store> store;
+  std::vector<std::pair<std::string, std::string>> stream_topics;  // prefix, stream
+  std::map<std::string, stream_counters> stream_stats;
+  std::vector<stored_publish> stored_batch;
+  steady_clock::time_point next_expire;
   std::unordered_map<std::string, std::uint64_t> topic_seq;
   std::map<std::string, std::uint64_t> subscriptions;
   std::vector<zmq::message_t> in;
@@ -141,6 +171,7 @@ struct broker::impl {
   steady_clock::time_point stop_deadline;
 
   void run();
+  void open_streams();
   void handle_router(steady_clock::time_point now);
   void handle_subscription();
   void on_request(const peer_id& peer, const worker* w, common::parsed_message& m,
@@ -149,6 +180,14 @@ struct broker::impl {
   void on_oversized_reply(const peer_id& peer, const worker* w, const header& reply,
                           const error& refused);
   void on_publish(const peer_id& peer, const worker* w, common::parsed_message& m);
+  void fan_out(header& h, zmq::message_t payload, const std::string& from);
+  const std::string* stream_for(std::string_view topic) const;
+  bool store_publish(const peer_id& peer, const worker* w, common::parsed_message& m,
+                     const std::string& stream);
+  void commit_streams();
+  void refresh_stream_topics();
+  void on_stream_admin(const peer_id& peer, const header& request, const json& args);
+  json stream_json(const std::string& name) const;
   void on_hello(const peer_id& peer, common::parsed_message& m, steady_clock::time_point now);
   void on_admin(const peer_id& peer, const header& request, const zmq::message_t& payload);
   void journal_reply(const header& request, const std::string& worker, const header& outcome,
@@ -241,6 +280,7 @@ void broker::impl::run() {
       for (std::size_t i = 0; i < k_batch && common::recv_frames(router, in); ++i) {
         handle_router(now);
       }
+      commit_streams();
     }
     if ((items[1].revents & ZMQ_POLLIN) != 0) handle_subscription();
 
@@ -257,6 +297,16 @@ void broker::impl::run() {
       send_heartbeats();
       next_heartbeat = now + cfg.heartbeat;
     }
+    if (store && now >= next_expire) {
+      // max_age: a flush applies the other limits; age needs the clock.
+      if (auto expired = store->expire(static_cast<std::int64_t>(common::wall_clock_us() / 1000));
+          !expired) {
+        log->warn("stream retention failed: {} {}", expired.err().code, expired.err().message);
+      } else if (expired.value() > 0) {
+        log->debug("stream retention removed {} record(s) past max_age", expired.value());
+      }
+      next_expire = now + std::chrono::seconds(1);
+    }
     if (stopping && (reg.in_flight_total() == 0 || now >= stop_deadline)) {
       reg.fail_all(error::make(errc::shutting_down, "broker is shutting down"), true, decisions);
       execute_decisions(now);
@@ -265,6 +315,75 @@ void broker::impl::run() {
   }
   log->info("broker {} stopped: {} requests, {} replies, {} events, {} malformed", broker_id,
             stats.requests, stats.replies, stats.events, stats.malformed);
+}
+
+// Opens --data and creates the streams --streams declares that it does not hold yet. A
+// declared stream that is already stored keeps its stored configuration (a line says so when
+// they differ): remove it with broker.stream_rm to change it.
+void broker::impl::open_streams() {
+  if (cfg.data_dir.empty()) {
+    if (!cfg.streams_file.empty()) {
+      throw common::config_error("--streams " + cfg.streams_file,
+                                 "needs --data DIR, the directory streams are stored in");
+    }
+    return;
+  }
+  std::vector<streams::stream_config> declared;
+  if (!cfg.streams_file.empty()) declared = streams::load_streams_file(cfg.streams_file);
+  streams::file_store_options options;
+  options.sync_policy = cfg.stream_sync;
+  auto opened = streams::open_file_store(cfg.data_dir, options);
+  if (!opened) {
+    throw common::config_error("--data " + cfg.data_dir,
+                               opened.err().code + ": " + opened.err().message);
+  }
+  store = std::move(opened.value());
+  auto existing = store->list_streams();
+  for (const auto& c : declared) {
+    auto same = std::find_if(existing.begin(), existing.end(),
+                             [&](const auto& e) { return e.name == c.name; });
+    if (same != existing.end()) {
+      if (same->topic_prefixes != c.topic_prefixes || same->max_age != c.max_age ||
+          same->max_bytes != c.max_bytes || same->max_events != c.max_events ||
+          same->duplicate_window != c.duplicate_window) {
+        log->warn(
+            "stream {} in {} differs from the stored stream; the stored configuration is kept "
+            "(remove the stream with broker.stream_rm to change it)",
+            c.name, cfg.streams_file);
+      }
+      continue;
+    }
+    if (auto other = streams::overlapping_stream(c, existing)) {
+      throw common::config_error(cfg.streams_file + ": stream " + c.name,
+                                 "overlaps the stored stream " + *other);
+    }
+    if (auto st = store->create_stream(c); !st) {
+      throw common::config_error(cfg.streams_file + ": stream " + c.name,
+                                 st.err().code + ": " + st.err().message);
+    }
+    log->info("stream {} created from {}", c.name, cfg.streams_file);
+    existing.push_back(c);
+  }
+  refresh_stream_topics();
+  for (const auto& c : existing) {
+    auto i = store->info(c.name);
+    if (!i) {
+      log->error("stream {} is unavailable: {} {}", c.name, i.err().code, i.err().message);
+      continue;
+    }
+    log->info("stream {} topics {} seq {}..{} ({} events, {} bytes)", c.name,
+              json(c.topic_prefixes).dump(), i->first_seq, i->last_seq, i->count, i->bytes);
+  }
+  log->info("streams in {}: {} (sync {})", cfg.data_dir, existing.size(),
+            cfg.stream_sync == streams::sync::always ? "always" : "os");
+}
+
+void broker::impl::refresh_stream_topics() {
+  stream_topics.clear();
+  if (!store) return;
+  for (const auto& c : store->list_streams()) {
+    for (const auto& prefix : c.topic_prefixes) stream_topics.emplace_back(prefix, c.name);
+  }
 }
 
 void broker::impl::begin_stop(steady_clock::time_point now) {
@@ -606,14 +725,36 @@ void broker::impl::on_publish(const peer_id& peer, const worker* w, common::pars
     send_error(peer, error::make(errc::bad_request, problem), h.id);
     return;
   }
-  ++stats.events;
+  // The broker stamps these; whatever the publisher sent is dropped.
+  h.stream.clear();
+  h.stream_seq = 0;
+  h.duplicate = false;
+  if (!stream_topics.empty()) {
+    if (const std::string* stream = stream_for(h.topic)) {
+      store_publish(peer, w, m, *stream);
+      return;
+    }
+  }
   const bool wants_ack = h.ack;
   h.ack = false;
+  h.ts = common::wall_clock_us();
+  h.publisher = w != nullptr ? w->agent : std::string();
+  fan_out(h, std::move(m.payload), peer_label(w, peer));
+  if (wants_ack) {
+    header ack;
+    ack.id = h.id;
+    ack.topic = h.topic;
+    ack.seq = h.seq;
+    send_to(peer, command::publish_ack, ack);
+  }
+}
+
+// Sequences the event on its topic, journals it and hands it to the XPUB.
+void broker::impl::fan_out(header& h, zmq::message_t payload, const std::string& from) {
+  ++stats.events;
   // Topics starting with '_' are control topics (the SDK's subscription probes): fanned out
   // like any other, but not sequenced, so they leave no state behind.
   h.seq = h.topic[0] == '_' ? 0 : ++topic_seq[h.topic];
-  h.ts = common::wall_clock_us();
-  h.publisher = w != nullptr ? w->agent : std::string();
   out.clear();
   out.emplace_back(h.topic.data(), h.topic.size());
   thread_local std::string buffer;
@@ -632,28 +773,121 @@ void broker::impl::on_publish(const peer_id& peer, const worker* w, common::pars
     e.seq = h.seq;
     // Kept (small ones) so that a subscriber that was down can catch up: broker.trace with
     // payloads (the orchestrator does, after a restart).
-    const auto payload = common::as_view(m.payload);
-    e.payload_kept = payload.size() <= k_journal_payload_max;
+    const auto bytes = common::as_view(payload);
+    e.payload_kept = bytes.size() <= k_journal_payload_max;
     if (e.payload_kept) {
-      e.payload.assign(payload);
+      e.payload.assign(bytes);
     } else {
       e.payload.clear();
     }
   }
-  out.push_back(std::move(m.payload));
+  out.push_back(std::move(payload));
   common::send_frames(xpub, out);
   ++stats.messages_out;
   if (log->should_log(spdlog::level::debug)) {
-    log->debug("event {} seq={} id={} correlation={} from {}", h.topic, h.seq, h.id,
-               h.correlation_id, peer_label(w, peer));
+    log->debug("event {} seq={} id={} correlation={} from {}{}{}", h.topic, h.seq, h.id,
+               h.correlation_id, from, h.stream.empty() ? "" : " stream=",
+               h.stream.empty() ? std::string() : h.stream + "#" + std::to_string(h.stream_seq));
   }
-  if (wants_ack) {
-    header ack;
-    ack.id = h.id;
-    ack.topic = h.topic;
-    ack.seq = h.seq;
-    send_to(peer, command::publish_ack, ack);
+}
+
+const std::string* broker::impl::stream_for(std::string_view topic) const {
+  for (const auto& [prefix, stream] : stream_topics) {
+    if (topic.starts_with(prefix)) return &stream;
   }
+  return nullptr;
+}
+
+// Appends the event to its stream. It is acked and fanned out by commit_streams(), after the
+// poll batch's flush; a refused append is answered now.
+bool broker::impl::store_publish(const peer_id& peer, const worker* w, common::parsed_message& m,
+                                 const std::string& stream) {
+  header& h = m.hdr;
+  stored_publish p;
+  p.wants_ack = h.ack;
+  h.ack = false;
+  h.ts = common::wall_clock_us();
+  h.publisher = w != nullptr ? w->agent : std::string();
+  h.seq = 0;  // per topic and per broker run: given when fanned out, not stored
+  h.stream = stream;
+  streams::record rec;
+  rec.ts_ms = static_cast<std::int64_t>(h.ts / 1000);
+  rec.topic = h.topic;
+  rec.event_id = h.id;
+  common::encode_header(h, rec.header);
+  rec.payload.assign(common::as_view(m.payload));
+  auto appended = store->append(stream, std::span<const streams::record>(&rec, 1));
+  if (!appended) {
+    error err = appended.err();
+    err.retryable = err.code == streams::errc::storage_full;
+    auto& c = stream_stats[stream];
+    ++c.storage_errors;
+    ++c.errors_by_code[err.code];
+    log->warn("stream {}: publish {} id={} from {} refused: {} {}", stream, h.topic, h.id,
+              peer_label(w, peer), err.code, err.message);
+    send_error(peer, err, h.id);
+    return false;
+  }
+  p.appended = appended.value().front();
+  p.peer = peer;
+  p.from = peer_label(w, peer);
+  p.hdr = std::move(h);
+  p.payload = std::move(m.payload);
+  stored_batch.push_back(std::move(p));
+  return true;
+}
+
+// One flush for the poll batch's stored publishes (with --sync always, one fdatasync per
+// touched segment: group commit), then each is acked and fanned out; if the flush failed,
+// none of them was stored and each publisher hears why.
+void broker::impl::commit_streams() {
+  if (stored_batch.empty()) return;
+  auto flushed = store->flush();
+  if (!flushed) {
+    error err = flushed.err();
+    err.retryable = err.code == streams::errc::storage_full;
+    std::map<std::string, std::size_t> refused;
+    for (auto& p : stored_batch) {
+      auto& c = stream_stats[p.hdr.stream];
+      ++c.storage_errors;
+      ++c.errors_by_code[err.code];
+      ++refused[p.hdr.stream];
+      log->debug("stream {}: publish {} id={} from {} not stored: {}", p.hdr.stream, p.hdr.topic,
+                 p.hdr.id, p.from, err.code);
+      send_error(p.peer, err, p.hdr.id);
+    }
+    std::string which;
+    for (const auto& [name, n] : refused) {
+      which += (which.empty() ? "" : ", ") + name + ": " + std::to_string(n);
+    }
+    log->error("stream flush failed, {} publish(es) refused ({}): {} {}", stored_batch.size(),
+               which, err.code, err.message);
+    stored_batch.clear();
+    return;
+  }
+  for (auto& p : stored_batch) {
+    auto& c = stream_stats[p.hdr.stream];
+    p.hdr.stream_seq = p.appended.seq;
+    if (p.appended.duplicate) {
+      ++c.duplicates;
+      log->debug("stream {}: publish {} id={} from {} is a duplicate of #{}; not fanned out",
+                 p.hdr.stream, p.hdr.topic, p.hdr.id, p.from, p.appended.seq);
+    } else {
+      ++c.stored;
+      fan_out(p.hdr, std::move(p.payload), p.from);
+    }
+    if (p.wants_ack) {
+      header ack;
+      ack.id = p.hdr.id;
+      ack.topic = p.hdr.topic;
+      ack.seq = p.appended.duplicate ? 0 : p.hdr.seq;
+      ack.stream = p.hdr.stream;
+      ack.stream_seq = p.appended.seq;
+      ack.duplicate = p.appended.duplicate;
+      send_to(p.peer, command::publish_ack, ack);
+    }
+  }
+  stored_batch.clear();
 }
 
 void broker::impl::on_hello(const peer_id& peer, common::parsed_message& m,
@@ -731,6 +965,13 @@ json broker::impl::stats_json() const {
                          {"errors_by_code", s.counters.errors_by_code},
                          {"queued", s.queued}};
   }
+  json per_stream = json::object();
+  for (const auto& [name, c] : stream_stats) {
+    per_stream[name] = {{"stored", c.stored},
+                        {"duplicates", c.duplicates},
+                        {"storage_errors", c.storage_errors},
+                        {"errors_by_code", c.errors_by_code}};
+  }
   return {{"broker", broker_id},
           {"uptime_ms",
            std::chrono::duration_cast<std::chrono::milliseconds>(steady_clock::now() - started)
@@ -754,6 +995,7 @@ json broker::impl::stats_json() const {
           {"pending", reg.pending_count()},
           {"queued", reg.queued_total()},
           {"subscriptions", subscriptions},
+          {"streams", std::move(per_stream)},
           {"services", std::move(per_service)}};
 }
 
@@ -818,12 +1060,278 @@ void broker::impl::on_admin(const peer_id& peer, const header& request,
     body = services_json();
   } else if (request.action == "stats") {
     body = stats_json();
+  } else if (request.action == "streams" || request.action.starts_with("stream_")) {
+    json args;
+    try {
+      args = payload.size() == 0
+                 ? json::object()
+                 : json::from_msgpack(
+                       static_cast<const std::uint8_t*>(payload.data()),
+                       static_cast<const std::uint8_t*>(payload.data()) + payload.size());
+    } catch (const json::exception& e) {
+      reply_error(peer, request,
+                  error::make(errc::bad_request, "broker." + request.action +
+                                                     ": payload is not msgpack: " + e.what()));
+      return;
+    }
+    on_stream_admin(peer, request, args);
+    return;
   } else {
     reply_error(
         peer, request,
-        error::make(errc::unknown_action, "service 'broker' has no action '" + request.action +
-                                              "' (ping, services, stats, trace)"));
+        error::make(errc::unknown_action,
+                    "service 'broker' has no action '" + request.action +
+                        "' (ping, services, stats, trace, streams, stream_info, stream_add, "
+                        "stream_rm, stream_read)"));
     return;
+  }
+  header h;
+  h.id = request.id;
+  h.correlation_id = request.correlation_id;
+  h.trace_id = request.trace_id;
+  h.worker = "broker";
+  const auto bytes = json::to_msgpack(body);
+  send_to(peer, command::reply, h, zmq::message_t(bytes.data(), bytes.size()));
+}
+
+json broker::impl::stream_json(const std::string& name) const {
+  auto i = store->info(name);
+  if (!i) {
+    return {{"name", name}, {"error_code", i.err().code}, {"error_message", i.err().message}};
+  }
+  const auto& c = i->config;
+  json j = {{"name", c.name},
+            {"topics", c.topic_prefixes},
+            {"max_age_ms", c.max_age.count()},
+            {"max_bytes", c.max_bytes},
+            {"max_events", c.max_events},
+            {"duplicate_window_ms", c.duplicate_window.count()},
+            {"first_seq", i->first_seq},
+            {"last_seq", i->last_seq},
+            {"count", i->count},
+            {"bytes", i->bytes},
+            {"first_ts_ms", i->first_ts_ms},
+            {"last_ts_ms", i->last_ts_ms}};
+  const auto it = stream_stats.find(name);
+  const stream_counters none;
+  const auto& counters = it == stream_stats.end() ? none : it->second;
+  j["stored"] = counters.stored;
+  j["duplicates"] = counters.duplicates;
+  j["storage_errors"] = counters.storage_errors;
+  return j;
+}
+
+namespace {
+
+// A peer's value in an error message: dump() throws on a str that is not UTF-8, and msgpack
+// strs are not checked.
+std::string shown(const json& value) {
+  auto text = value.dump(-1, ' ', false, json::error_handler_t::replace);
+  return text.size() > 64 ? text.substr(0, 64) + "..." : text;
+}
+
+// Reads the admin arguments of broker.stream_*: each check names the action and the field.
+struct stream_args {
+  const json& args;
+  std::string action;
+  std::string problem;
+
+  bool allow(std::initializer_list<std::string_view> keys) {
+    if (!args.is_object()) {
+      problem = action + ": the payload must be a map";
+      return false;
+    }
+    for (const auto& [key, value] : args.items()) {
+      if (std::find(keys.begin(), keys.end(), key) == keys.end()) {
+        std::string known;
+        for (auto k : keys) known += (known.empty() ? "" : ", ") + std::string(k);
+        problem = action + ": unknown field '" + key + "' (known: " + known + ")";
+        return false;
+      }
+    }
+    return true;
+  }
+  std::optional<std::string> name() {
+    if (!args.contains("name") || !args["name"].is_string()) {
+      problem = action + " needs 'name', the stream's name (a str)";
+      return std::nullopt;
+    }
+    return args["name"].get<std::string>();
+  }
+  // An optional unsigned field; false (and `problem`) when present and not a uint.
+  bool uint(const char* key, std::uint64_t& out) {
+    if (!args.contains(key)) return true;
+    if (!args[key].is_number_unsigned()) {
+      problem = action + ": '" + key + "' must be a whole number >= 0, got " + shown(args[key]);
+      return false;
+    }
+    out = args[key].get<std::uint64_t>();
+    return true;
+  }
+};
+
+error store_error(const error& e) {
+  error out = e;
+  out.retryable = e.code == streams::errc::storage_full;
+  return out;
+}
+
+}  // namespace
+
+void broker::impl::on_stream_admin(const peer_id& peer, const header& request, const json& args) {
+  const std::string action = "broker." + request.action;
+  if (!store) {
+    if (request.action == "streams") {
+      json body = {{"streams", json::array()}, {"enabled", false}};
+      header h;
+      h.id = request.id;
+      h.correlation_id = request.correlation_id;
+      h.trace_id = request.trace_id;
+      h.worker = "broker";
+      const auto bytes = json::to_msgpack(body);
+      send_to(peer, command::reply, h, zmq::message_t(bytes.data(), bytes.size()));
+      return;
+    }
+    reply_error(peer, request,
+                error::make(k_streams_disabled,
+                            action + ": this broker has no stream storage; start it with "
+                                     "--data DIR to use streams"));
+    return;
+  }
+  // What this batch appended is flushed first: a read sees it, a removal does not race it.
+  commit_streams();
+  stream_args a{args, action, {}};
+  json body;
+  if (request.action == "streams") {
+    body = {{"streams", json::array()}, {"enabled", true}};
+    for (const auto& c : store->list_streams()) body["streams"].push_back(stream_json(c.name));
+  } else if (request.action == "stream_info") {
+    auto name = a.allow({"name"}) ? a.name() : std::nullopt;
+    if (!name) return reply_error(peer, request, error::make(errc::bad_request, a.problem));
+    auto i = store->info(*name);
+    if (!i) return reply_error(peer, request, store_error(i.err()));
+    body = stream_json(*name);
+  } else if (request.action == "stream_add") {
+    streams::stream_config c;
+    std::uint64_t max_age_ms = 0;
+    std::uint64_t window_ms = static_cast<std::uint64_t>(c.duplicate_window.count());
+    auto name =
+        a.allow({"name", "topics", "max_age_ms", "max_bytes", "max_events", "duplicate_window_ms"})
+            ? a.name()
+            : std::nullopt;
+    if (name) {
+      c.name = *name;
+      if (auto problem = streams::check_stream_name(c.name); !problem.empty()) {
+        a.problem = action + ": " + problem;
+      } else if (!args.contains("topics") || !args["topics"].is_array() || args["topics"].empty()) {
+        a.problem = action + " needs 'topics', a non-empty array of topic prefixes (str)";
+      } else {
+        for (std::size_t i = 0; i < args["topics"].size() && a.problem.empty(); ++i) {
+          const auto& t = args["topics"][i];
+          if (!t.is_string()) {
+            a.problem =
+                action + ": topics[" + std::to_string(i) + "] must be a str, got " + shown(t);
+          } else if (auto bad = streams::check_topic_prefix(t.get<std::string>()); !bad.empty()) {
+            a.problem = action + ": topics[" + std::to_string(i) + "]: " + bad;
+          } else {
+            c.topic_prefixes.push_back(t.get<std::string>());
+          }
+        }
+      }
+      if (a.problem.empty() && a.uint("max_age_ms", max_age_ms) &&
+          a.uint("max_bytes", c.max_bytes) && a.uint("max_events", c.max_events) &&
+          a.uint("duplicate_window_ms", window_ms)) {
+        c.max_age = std::chrono::milliseconds(
+            static_cast<std::int64_t>(std::min<std::uint64_t>(max_age_ms, INT64_MAX)));
+        c.duplicate_window = std::chrono::milliseconds(
+            static_cast<std::int64_t>(std::min<std::uint64_t>(window_ms, INT64_MAX)));
+        if (auto other = streams::overlapping_stream(c, store->list_streams())) {
+          a.problem = action + ": stream " + c.name + " overlaps stream " + *other +
+                      "; a topic is stored by one stream";
+        }
+      }
+    }
+    if (!a.problem.empty()) {
+      log->warn("{} refused: {}", action, a.problem);
+      return reply_error(peer, request, error::make(errc::bad_request, a.problem));
+    }
+    if (auto st = store->create_stream(c); !st) {
+      log->warn("{} {} refused: {} {}", action, c.name, st.err().code, st.err().message);
+      return reply_error(peer, request, store_error(st.err()));
+    }
+    refresh_stream_topics();
+    log->info("stream {} added: topics {} max_age={}ms max_bytes={} max_events={}", c.name,
+              json(c.topic_prefixes).dump(), c.max_age.count(), c.max_bytes, c.max_events);
+    body = stream_json(c.name);
+  } else if (request.action == "stream_rm") {
+    auto name = a.allow({"name"}) ? a.name() : std::nullopt;
+    if (!name) return reply_error(peer, request, error::make(errc::bad_request, a.problem));
+    if (auto st = store->delete_stream(*name); !st) {
+      return reply_error(peer, request, store_error(st.err()));
+    }
+    stream_stats.erase(*name);
+    refresh_stream_topics();
+    log->info("stream {} removed", *name);
+    body = {{"name", *name}, {"removed", true}};
+  } else if (request.action == "stream_read") {
+    std::uint64_t from = 0;
+    std::uint64_t since_ms = 0;
+    std::uint64_t limit = 100;
+    auto name = a.allow({"name", "from_seq", "since_ms", "limit"}) ? a.name() : std::nullopt;
+    if (name && a.uint("from_seq", from) && a.uint("since_ms", since_ms) &&
+        a.uint("limit", limit)) {
+      if (args.contains("from_seq") && args.contains("since_ms")) {
+        a.problem = action + ": give 'from_seq' or 'since_ms', not both";
+      } else if (limit == 0 || limit > k_stream_read_max) {
+        a.problem = action + ": 'limit' must be 1.." + std::to_string(k_stream_read_max) +
+                    ", got " + std::to_string(limit);
+      }
+    }
+    if (!name || !a.problem.empty()) {
+      return reply_error(peer, request, error::make(errc::bad_request, a.problem));
+    }
+    if (args.contains("since_ms")) {
+      auto at = store->seq_at_time(
+          *name, static_cast<std::int64_t>(std::min<std::uint64_t>(since_ms, INT64_MAX)));
+      if (!at) return reply_error(peer, request, store_error(at.err()));
+      from = at.value();
+    }
+    const std::size_t budget = std::max<std::size_t>(1024, cfg.max_message_size * 3 / 4);
+    auto records = store->read(*name, std::max<std::uint64_t>(from, 1), limit, budget);
+    if (!records) return reply_error(peer, request, store_error(records.err()));
+    auto i = store->info(*name);
+    if (!i) return reply_error(peer, request, store_error(i.err()));
+    json list = json::array();
+    for (auto& r : records.value()) {
+      json hdr;
+      try {
+        hdr = json::from_msgpack(r.header);
+      } catch (const json::exception& e) {
+        hdr = json::object();
+        log->warn("stream {} #{}: stored header does not decode: {}", *name, r.seq, e.what());
+      }
+      hdr["stream_seq"] = r.seq;
+      list.push_back({{"stream_seq", r.seq},
+                      {"ts_ms", r.ts_ms},
+                      {"topic", r.topic},
+                      {"id", r.event_id},
+                      {"header", std::move(hdr)},
+                      {"payload", json::binary(std::vector<std::uint8_t>(r.payload.begin(),
+                                                                         r.payload.end()))}});
+    }
+    const auto next =
+        list.empty() ? std::max<std::uint64_t>(from, i->first_seq) : records.value().back().seq + 1;
+    body = {{"stream", *name},
+            {"first_seq", i->first_seq},
+            {"last_seq", i->last_seq},
+            {"next_seq", next},
+            {"records", std::move(list)}};
+  } else {
+    return reply_error(
+        peer, request,
+        error::make(errc::unknown_action, "service 'broker' has no action '" + request.action +
+                                              "' (streams, stream_info, stream_add, stream_rm, "
+                                              "stream_read)"));
   }
   header h;
   h.id = request.id;

@@ -187,7 +187,7 @@ using u64 = std::uint64_t;
 constexpr std::string_view k_any_uint = "a non-negative integer";
 constexpr std::string_view k_any_u32 = "a non-negative integer up to 4294967295";
 
-constexpr std::array<field_codec, 24> k_fields{{
+constexpr std::array<field_codec, 27> k_fields{{
     str_field<&header::id>("id"),
     str_field<&header::service>("service"),
     str_field<&header::action>("action"),
@@ -206,6 +206,9 @@ constexpr std::array<field_codec, 24> k_fields{{
     uint_field<u64, &header::seq>("seq", k_any_uint),
     uint_field<u64, &header::ts>("ts", k_any_uint),
     str_field<&header::publisher>("publisher"),
+    str_field<&header::stream>("stream"),
+    uint_field<u64, &header::stream_seq>("stream_seq", k_any_uint),
+    bool_field<&header::duplicate>("duplicate"),
     str_field<&header::error_code>("error_code"),
     str_field<&header::error_message>("error_message"),
     str_field<&header::agent>("agent"),

@@ -15,21 +15,28 @@
 #include <memory>
 #include <string>
 
+#include "ensemble/broker/stream_store.hpp"
+
 namespace ensemble::broker {
 
 struct config {
   std::string router_endpoint = "tcp://127.0.0.1:5555";
   std::string events_endpoint = "tcp://127.0.0.1:5556";
   std::chrono::milliseconds heartbeat{1000};
-  std::uint32_t liveness = 3;                    // missed heartbeats before a peer is lost
-  std::size_t max_message_size = 1024 * 1024;    // payload + header bytes; larger: too_large
-  std::size_t queue_per_service = 10'000;        // waiting requests per service
-  std::size_t queue_total = 100'000;             // waiting requests in all
+  std::uint32_t liveness = 3;                         // missed heartbeats before a peer is lost
+  std::size_t max_message_size = 1024 * 1024;         // payload + header bytes; larger: too_large
+  std::size_t queue_per_service = 10'000;             // waiting requests per service
+  std::size_t queue_total = 100'000;                  // waiting requests in all
   std::chrono::milliseconds max_deadline{3'600'000};  // longer deadlines are clamped
   std::chrono::milliseconds shutdown_grace{2000};     // for in-flight requests at shutdown
-  int event_hwm = 100'000;                       // per-subscriber queue on the XPUB
-  int peer_hwm = 100'000;                        // per-peer queue on the ROUTER
-  std::size_t journal_size = 10'000;             // trace journal records (broker.trace); 0: off
+  int event_hwm = 100'000;                            // per-subscriber queue on the XPUB
+  int peer_hwm = 100'000;                             // per-peer queue on the ROUTER
+  std::size_t journal_size = 10'000;  // trace journal records (broker.trace); 0: off
+  // Durable streams (docs/protocol.md section 11). Without a data directory the broker has
+  // no streams and refuses to create any.
+  std::string data_dir;                           // --data: stream storage
+  std::string streams_file;                       // --streams: streams declared at start
+  streams::sync stream_sync = streams::sync::os;  // --sync: when a stored publish is acked
 };
 
 struct endpoints {
@@ -39,7 +46,8 @@ struct endpoints {
 
 class broker {
  public:
-  // Binds both endpoints. Throws common::config_error naming the endpoint that failed.
+  // Binds both endpoints and opens the stream storage. Throws common::config_error naming the
+  // endpoint, the data directory or the streams file (and the path in it) that failed.
   explicit broker(config cfg);
   ~broker();
   broker(const broker&) = delete;

@@ -75,6 +75,11 @@ struct header {
   std::uint64_t ts = 0;     // event: broker time, microseconds since the Unix epoch
   std::string publisher;    // event: agent name of the publisher
 
+  // Durable streams (docs/protocol.md "Durable streams").
+  std::string stream;            // event, publish_ack: the stream that stored the event
+  std::uint64_t stream_seq = 0;  // event, publish_ack: its sequence in that stream
+  bool duplicate = false;  // publish_ack: the id was stored before; stream_seq is the original's
+
   // Outcome (reply, error). No error_code means success.
   std::string error_code;
   std::string error_message;
