@@ -345,6 +345,8 @@ void encode_header(const header& h, std::string& out) {
   count_str(h.agent);
   n += h.services.empty() ? 0 : 1;
   count_num(h.heartbeat_ms), count_num(h.max_message_size), count_str(h.broker);
+  count_str(h.stream), count_num(h.stream_seq);
+  n += h.duplicate ? 1 : 0;
 
   p.pack_map(n);
   auto put_str = [&p](std::string_view key, const std::string& v) {
@@ -397,6 +399,12 @@ void encode_header(const header& h, std::string& out) {
   put_num("heartbeat_ms", h.heartbeat_ms);
   put_num("max_message_size", h.max_message_size);
   put_str("broker", h.broker);
+  put_str("stream", h.stream);
+  put_num("stream_seq", h.stream_seq);
+  if (h.duplicate) {
+    pack_str(p, "duplicate");
+    p.pack_true();
+  }
   out.append(h.extra);
 }
 
