@@ -43,6 +43,23 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--queue-total", cfg.queue_total, "requests that may wait, in all")
       ->capture_default_str();
+  app.add_option("--queue-bytes-per-service", cfg.queue_bytes_per_service,
+                 "payload bytes (+256 per request) that may wait, per service; over: queue_full")
+      ->capture_default_str()
+      ->check(CLI::Range(std::size_t{1024}, std::size_t{1} << 40));
+  app.add_option("--queue-bytes-total", cfg.queue_bytes_total,
+                 "payload bytes (+256 per request) that may wait, in all; over: queue_full")
+      ->capture_default_str()
+      ->check(CLI::Range(std::size_t{1024}, std::size_t{1} << 40));
+  app.add_option("--peer-budget-bytes", cfg.peer_budget_bytes,
+                 "bytes of unanswered DISPATCHes the broker holds for one worker; over it the "
+                 "worker gets no new requests")
+      ->capture_default_str()
+      ->check(CLI::Range(std::size_t{1024}, std::size_t{1} << 40));
+  app.add_option("--peer-budget-messages", cfg.peer_budget_messages,
+                 "unanswered DISPATCHes the broker holds for one worker")
+      ->capture_default_str()
+      ->check(CLI::Range(std::size_t{1}, std::size_t{10'000'000}));
   app.add_option("--shutdown-grace", grace_ms, "ms in-flight requests get to finish on stop")
       ->capture_default_str()
       ->check(CLI::Range(0, 600'000));

@@ -1,7 +1,7 @@
 // The broker's dispatch policy (broker/src/registry.hpp) with a hand-driven clock and no
 // sockets: least-recently-used spreading, capacity, queueing, queue limits, deadlines, worker
-// loss and re-dispatch, liveness, and shutdown. Each test feeds the registry what the broker
-// loop would and checks the decisions it returns.
+// loss and re-dispatch, liveness, shutdown, and memory budgets. Each test feeds the registry what
+// the broker loop would and checks the decisions it returns.
 #include "registry.hpp"
 
 #include <gtest/gtest.h>
@@ -73,11 +73,21 @@ class registry_test : public ::testing::Test {
     r.hdr.action = "act";
     r.hdr.deadline_ms = static_cast<std::uint64_t>(deadline.count());
     r.hdr.retryable = retryable;
-    r.payload = zmq::message_t(std::string_view("payload"));
+    r.payload =
+        zmq::message_t(payload_bytes_ == 0 ? std::string_view("payload")
+                                           : std::string_view(std::string(payload_bytes_, 'x')));
     r.received = now;
     r.deadline = now + deadline;
     reg().submit(std::move(r), out_);
     return next_token_;
+  }
+  // Submits a request whose payload is `bytes` long.
+  std::uint64_t submit_sized(const std::string& service, std::size_t bytes,
+                             std::chrono::milliseconds deadline = 5s) {
+    payload_bytes_ = bytes;
+    const auto token = submit(service, deadline);
+    payload_bytes_ = 0;
+    return token;
   }
 
   // The decisions since the last call, split by kind.
@@ -130,6 +140,7 @@ class registry_test : public ::testing::Test {
   std::unique_ptr<eb::registry> reg_;
   std::vector<decision> out_;
   std::uint64_t next_token_ = 0;
+  std::size_t payload_bytes_ = 0;
 };
 
 // ---- dispatch ------------------------------------------------------------------------------
@@ -596,6 +607,107 @@ TEST_F(registry_test, fail_all_answers_queued_first_then_dispatched) {
   // Nothing is answered twice.
   reg().fail_all(shutting, true, out_);
   EXPECT_TRUE(take().failed.empty());
+}
+
+// ---- memory budgets --------------------------------------------------------------------------
+
+// Each 1000-byte request charges 1000 + k_header_allowance.
+constexpr std::size_t k_charge = 1000 + eb::k_header_allowance;
+
+TEST_F(registry_test, a_worker_over_its_byte_budget_is_passed_over_then_waited_for) {
+  eb::registry_limits limits;
+  limits.peer_budget_bytes = 2 * k_charge + 10;  // two requests each
+  make(limits);
+  hello("w1", "S", 100);
+  hello("w2", "S", 100);
+  std::vector<std::uint64_t> tokens;
+  for (int i = 0; i < 5; ++i) tokens.push_back(submit_sized("S", 1000));
+  auto t = take();
+  ASSERT_EQ(t.dispatched.size(), 4u);
+  EXPECT_EQ(workers_of(t.dispatched), (std::vector<std::string>{"w1", "w2", "w1", "w2"}));
+  EXPECT_EQ(reg().find(tokens[4])->state, request_state::queued);  // both workers are full
+  EXPECT_EQ(reg().find_worker("w1")->unconfirmed_bytes, 2 * k_charge);
+  EXPECT_GE(reg().budget_waits(), 1u);
+  reply("w2", tokens[1]);  // w2 has read its first: room for one more
+  EXPECT_EQ(take().dispatched, (std::vector<std::uint64_t>{tokens[4]}));
+  EXPECT_EQ(worker_of(tokens[4]), "w2");
+}
+
+TEST_F(registry_test, a_reply_releases_the_charge_of_every_earlier_dispatch_to_that_worker) {
+  eb::registry_limits limits;
+  limits.peer_budget_bytes = 3 * k_charge;
+  make(limits);
+  hello("w1", "S", 100);
+  const auto a = submit_sized("S", 1000);
+  const auto b = submit_sized("S", 1000);
+  (void)take();
+  EXPECT_EQ(reg().find_worker("w1")->unconfirmed_bytes, 2 * k_charge);
+  reply("w1", b);  // b was sent after a: w1 has read a as well
+  EXPECT_EQ(reg().find_worker("w1")->unconfirmed_bytes, 0u);
+  EXPECT_TRUE(reg().find_worker("w1")->unconfirmed.empty());
+  EXPECT_EQ(reg().find(a)->state, request_state::dispatched);  // still its to answer
+}
+
+TEST_F(registry_test, an_abandoned_request_keeps_its_charge_after_its_slot_is_taken_back) {
+  eb::registry_limits limits;  // heartbeat 1 s, liveness 3
+  limits.peer_budget_messages = 1;
+  make(limits);
+  hello("w1", "S", 10);
+  const auto a = submit("S", 100ms);  // w1 never reads it
+  const auto b = submit("S", 10s);
+  EXPECT_EQ(take().dispatched, (std::vector<std::uint64_t>{a}));
+  reg().touch("w1", t0_ + 3000ms);
+  reg().expire(t0_ + 3100ms, out_);  // a: deadline_exceeded, then its slot is taken back
+  auto t = take();
+  EXPECT_EQ(t.failed.count(a), 1u);
+  EXPECT_TRUE(t.dispatched.empty()) << "b went to a worker that still holds a's DISPATCH";
+  EXPECT_EQ(reg().abandoned_released(), 1u);
+  EXPECT_EQ(reg().find_worker("w1")->unconfirmed.size(), 1u);
+  EXPECT_EQ(reg().find(b)->state, request_state::queued);
+  reg().touch("w1", t0_ + 9000ms);
+  reg().expire(t0_ + 10s, out_);
+  t = take();
+  ASSERT_EQ(t.failed.count(b), 1u);
+  EXPECT_EQ(t.failed.at(b).err.code, errc::deadline_exceeded);
+  EXPECT_EQ(reg().queued_bytes_total(), 0u);
+}
+
+TEST_F(registry_test, a_worker_holding_nothing_takes_one_request_larger_than_its_budget) {
+  eb::registry_limits limits;
+  limits.peer_budget_bytes = 1024;
+  make(limits);
+  hello("w1", "S", 10);
+  const auto a = submit_sized("S", 5000);
+  const auto b = submit_sized("S", 10);
+  EXPECT_EQ(take().dispatched, (std::vector<std::uint64_t>{a}));
+  EXPECT_EQ(reg().find(b)->state, request_state::queued);
+  reply("w1", a);
+  EXPECT_EQ(take().dispatched, (std::vector<std::uint64_t>{b}));
+}
+
+TEST_F(registry_test, queued_bytes_are_bounded_per_service_and_in_all) {
+  eb::registry_limits limits;
+  limits.queue_bytes_per_service = 2 * k_charge;
+  limits.queue_bytes_total = 3 * k_charge;
+  make(limits);
+  submit_sized("S", 1000, 10s);
+  submit_sized("S", 1000, 10s);
+  const auto s3 = submit_sized("S", 1000, 10s);
+  submit_sized("T", 1000, 10s);
+  const auto t2 = submit_sized("T", 1000, 10s);
+  auto t = take();
+  ASSERT_EQ(t.failed.size(), 2u);
+  ASSERT_EQ(t.failed.count(s3), 1u);
+  EXPECT_EQ(t.failed.at(s3).err.code, errc::queue_full);
+  EXPECT_TRUE(contains(t.failed.at(s3).err.message, "queue of service 'S' is full"));
+  EXPECT_TRUE(contains(t.failed.at(s3).err.message, "bytes waiting"));
+  ASSERT_EQ(t.failed.count(t2), 1u);
+  EXPECT_TRUE(contains(t.failed.at(t2).err.message, "broker queue is full"));
+  EXPECT_EQ(reg().queued_bytes_total(), 3 * k_charge);
+  hello("w1", "S", 10);  // dispatching gives the bytes back
+  EXPECT_EQ(take().dispatched.size(), 2u);
+  EXPECT_EQ(reg().queued_bytes_total(), k_charge);
+  EXPECT_EQ(reg().services().at("S").queued_bytes, 0u);
 }
 
 }  // namespace

@@ -106,7 +106,14 @@ struct broker::impl {
         ctx(1),
         router(ctx, zmq::socket_type::router),
         xpub(ctx, zmq::socket_type::xpub),
-        reg(registry_limits{cfg.queue_per_service, cfg.queue_total, cfg.heartbeat, cfg.liveness}),
+        reg(registry_limits{.queue_per_service = cfg.queue_per_service,
+                            .queue_total = cfg.queue_total,
+                            .queue_bytes_per_service = cfg.queue_bytes_per_service,
+                            .queue_bytes_total = cfg.queue_bytes_total,
+                            .peer_budget_bytes = cfg.peer_budget_bytes,
+                            .peer_budget_messages = cfg.peer_budget_messages,
+                            .heartbeat = cfg.heartbeat,
+                            .liveness = cfg.liveness}),
         broker_id(common::random_id().substr(0, 16)),
         trace_journal(cfg.journal_size),
         log(common::component_logger("broker")) {
@@ -940,6 +947,7 @@ json broker::impl::services_json() const {
       workers.push_back({{"agent", o->owner->agent},
                          {"capacity", o->capacity},
                          {"in_flight", o->in_flight},
+                         {"held_bytes", o->owner->unconfirmed_bytes},
                          {"dispatched", o->dispatched}});
       capacity += o->capacity;
       in_flight += o->in_flight;
@@ -994,6 +1002,8 @@ json broker::impl::stats_json() const {
           {"workers", reg.workers().size()},
           {"pending", reg.pending_count()},
           {"queued", reg.queued_total()},
+          {"queued_bytes", reg.queued_bytes_total()},
+          {"budget_waits", reg.budget_waits()},
           {"subscriptions", subscriptions},
           {"streams", std::move(per_stream)},
           {"services", std::move(per_service)}};

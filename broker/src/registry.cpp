@@ -119,8 +119,7 @@ void registry::drop_requests_of(const peer_id& client) {
     pending_request& r = it->second;
     ++requests_of_lost_peers_;
     if (r.state == request_state::queued) {
-      --service(r.hdr.service).queued;
-      --queued_total_;
+      dequeued(service(r.hdr.service), r);
       const std::string name = r.hdr.service;
       pending_.erase(it);
       maybe_forget_service(name);
@@ -150,22 +149,54 @@ void registry::enqueue(service_entry& s, pending_request& r, bool front) {
   }
   ++s.queued;
   ++queued_total_;
+  s.queued_bytes += r.bytes;
+  queued_bytes_total_ += r.bytes;
+}
+
+void registry::dequeued(service_entry& s, const pending_request& r) {
+  --s.queued;
+  --queued_total_;
+  s.queued_bytes -= r.bytes;
+  queued_bytes_total_ -= r.bytes;
+}
+
+bool registry::within_budget(const worker& w, const pending_request& r) const {
+  if (w.unconfirmed.empty()) return true;  // one request always fits, however large
+  return w.unconfirmed.size() < limits_.peer_budget_messages &&
+         w.unconfirmed_bytes + r.bytes <= limits_.peer_budget_bytes;
+}
+
+void registry::confirm(worker& w, std::uint64_t dispatch_seq) {
+  // The worker answered the DISPATCH numbered dispatch_seq: it has read it and everything sent
+  // to it before, so none of them is held by the broker any more.
+  auto end = w.unconfirmed.upper_bound(dispatch_seq);
+  for (auto it = w.unconfirmed.begin(); it != end; ++it) w.unconfirmed_bytes -= it->second;
+  w.unconfirmed.erase(w.unconfirmed.begin(), end);
 }
 
 void registry::submit(pending_request request, std::vector<decision>& out) {
   service_entry& s = service(request.hdr.service);
   ++s.counters.requests;
-  if (s.queued >= limits_.queue_per_service || queued_total_ >= limits_.queue_total) {
-    const bool per_service = s.queued >= limits_.queue_per_service;
+  request.bytes = request.payload.size() + k_header_allowance;
+  std::string full;
+  if (s.queued >= limits_.queue_per_service) {
+    full = "queue of service '" + s.name + "' is full (" +
+           std::to_string(limits_.queue_per_service) + " waiting)";
+  } else if (queued_total_ >= limits_.queue_total) {
+    full = "broker queue is full (" + std::to_string(limits_.queue_total) + " waiting)";
+  } else if (s.queued_bytes + request.bytes > limits_.queue_bytes_per_service) {
+    full = "queue of service '" + s.name + "' is full (" + std::to_string(s.queued_bytes) +
+           " bytes waiting, limit " + std::to_string(limits_.queue_bytes_per_service) + ")";
+  } else if (queued_bytes_total_ + request.bytes > limits_.queue_bytes_total) {
+    full = "broker queue is full (" + std::to_string(queued_bytes_total_) +
+           " bytes waiting, limit " + std::to_string(limits_.queue_bytes_total) + ")";
+  }
+  if (!full.empty()) {
     decision d;
     d.what = decision::kind::fail;
     d.token = request.token;
     d.client = std::move(request.client);
-    d.err = error::make(
-        errc::queue_full,
-        per_service ? "queue of service '" + s.name + "' is full (" +
-                          std::to_string(limits_.queue_per_service) + " waiting)"
-                    : "broker queue is full (" + std::to_string(limits_.queue_total) + " waiting)");
+    d.err = error::make(errc::queue_full, std::move(full));
     d.hdr = std::move(request.hdr);
     out.push_back(std::move(d));
     ++s.counters.errors;
@@ -186,24 +217,39 @@ pending_request* registry::find(std::uint64_t token) {
 }
 
 void registry::try_dispatch(service_entry& s, std::vector<decision>& out) {
-  while (s.queued > 0) {
-    // An offer whose capacity a later HELLO lowered may be listed without room; it is listed
-    // again when a reply frees a slot.
-    while (!s.idle.empty() && s.idle.front()->in_flight >= s.idle.front()->capacity) {
-      s.idle.front()->listed_idle = false;
-      s.idle.pop_front();
+  while (s.queued > 0 && !s.idle.empty()) {
+    pending_request* r = find(s.queue.front());
+    if (r == nullptr || r->state != request_state::queued) {  // stale
+      s.queue.pop_front();
+      continue;
     }
-    if (s.idle.empty()) break;
-    const std::uint64_t token = s.queue.front();
+    // The least recently used offer with room whose worker is within its budget. An offer
+    // whose capacity a later HELLO lowered may be listed without room; it is listed again
+    // when a reply frees a slot.
+    offer* chosen = nullptr;
+    for (auto it = s.idle.begin(); it != s.idle.end();) {
+      offer* o = *it;
+      if (o->in_flight >= o->capacity) {
+        o->listed_idle = false;
+        it = s.idle.erase(it);
+      } else if (within_budget(*o->owner, *r)) {
+        chosen = o;
+        s.idle.erase(it);
+        break;
+      } else {
+        ++it;
+      }
+    }
+    if (chosen == nullptr) {
+      // Offers with room exist but every one's worker holds its whole budget: the request
+      // waits (FIFO) until a worker reads and answers, or its deadline passes.
+      if (!s.idle.empty()) ++budget_waits_;
+      break;
+    }
     s.queue.pop_front();
-    pending_request* r = find(token);
-    if (r == nullptr || r->state != request_state::queued) continue;  // stale
-    --s.queued;
-    --queued_total_;
-    offer* o = s.idle.front();
-    s.idle.pop_front();
-    o->listed_idle = false;
-    assign(*r, *o, out);
+    dequeued(s, *r);
+    chosen->listed_idle = false;
+    assign(*r, *chosen, out);
   }
   if (s.queue.size() > 64 && s.queue.size() > 2 * s.queued) compact(s);
 }
@@ -221,6 +267,9 @@ void registry::assign(pending_request& r, offer& o, std::vector<decision>& out) 
   ++o.in_flight;
   ++o.dispatched;
   o.owner->in_flight.insert(r.token);
+  r.dispatch_seq = ++next_dispatch_seq_;
+  o.owner->unconfirmed.emplace(r.dispatch_seq, r.bytes);
+  o.owner->unconfirmed_bytes += r.bytes;
   if (o.in_flight < o.capacity) {
     service(o.service).idle.push_back(&o);
     o.listed_idle = true;
@@ -242,6 +291,7 @@ void registry::release(offer& o) {
 pending_request* registry::reply_from(const peer_id& peer, std::uint64_t token) {
   pending_request* r = find(token);
   if (r == nullptr || r->assigned == nullptr || r->assigned->owner->id != peer) return nullptr;
+  confirm(*r->assigned->owner, r->dispatch_seq);
   return r;
 }
 
@@ -254,6 +304,10 @@ void registry::finish(std::uint64_t token, std::vector<decision>& out) {
   o->owner->in_flight.erase(token);
   release(*o);
   try_dispatch(service(o->service), out);
+  // A reply may also have freed the worker's budget for the other services it offers.
+  for (const auto& other : o->owner->offers) {
+    if (other.get() != o) try_dispatch(service(other->service), out);
+  }
 }
 
 void registry::fail(std::uint64_t token, error err, std::vector<decision>& out) {
@@ -270,11 +324,7 @@ void registry::fail(std::uint64_t token, error err, std::vector<decision>& out) 
   d.hdr = r.hdr;
   d.err = std::move(err);
   out.push_back(std::move(d));
-  if (r.state == request_state::queued) {
-    service_entry& s = service(r.hdr.service);
-    --s.queued;
-    --queued_total_;
-  }
+  if (r.state == request_state::queued) dequeued(service(r.hdr.service), r);
   if (r.assigned != nullptr) {
     // The worker is still busy with it: keep the record until it replies or is lost, so its
     // capacity is accounted for, but never answer the client again. A worker that never

@@ -10,6 +10,15 @@
 // least-recently-used order; a request goes to the front one, which moves to the back if it
 // still has capacity. When none has capacity, requests wait in a bounded per-service FIFO
 // until an offer frees up or their deadline passes.
+//
+// Memory budget: what the broker holds for a peer that does not read is bounded. Every
+// DISPATCH stays charged to its worker (its payload bytes plus k_header_allowance, and one
+// message) until the worker replies to it or to a request dispatched after it (the
+// connection is FIFO, so the DISPATCH has then left the broker), or is lost. Abandoning a
+// request gives its capacity slot back but not its charge: the broker cannot tell whether the
+// DISPATCH still sits in its send queue. An offer whose worker is over its budget is passed
+// over; a worker with nothing charged always takes one request, however large. Waiting
+// requests are bounded in count and in bytes, per service and in all.
 
 #include <cstdint>
 #include <deque>
@@ -32,9 +41,16 @@ namespace ensemble::broker {
 using common::time_point;
 using peer_id = std::string;  // the ROUTER routing id, as bytes
 
+// Charged per message on top of its payload: the header and the frames around it.
+inline constexpr std::size_t k_header_allowance = 256;
+
 struct registry_limits {
   std::size_t queue_per_service = 10'000;
   std::size_t queue_total = 100'000;
+  std::size_t queue_bytes_per_service = std::size_t{64} << 20;
+  std::size_t queue_bytes_total = std::size_t{256} << 20;
+  std::size_t peer_budget_bytes = std::size_t{64} << 20;
+  std::size_t peer_budget_messages = 10'000;
   std::chrono::milliseconds heartbeat{1000};
   std::uint32_t liveness = 3;  // heartbeats a peer may miss before it is declared lost
 };
@@ -59,6 +75,9 @@ struct worker {
   time_point last_seen;
   std::vector<std::unique_ptr<offer>> offers;
   std::unordered_set<std::uint64_t> in_flight;  // tokens dispatched to this worker
+  // DISPATCHes not yet known to have left the broker: dispatch sequence -> bytes charged.
+  std::map<std::uint64_t, std::size_t> unconfirmed;
+  std::size_t unconfirmed_bytes = 0;
 };
 
 struct service_counters {
@@ -74,6 +93,7 @@ struct service_entry {
   std::deque<offer*> idle;          // offers with free capacity, least recently used first
   std::deque<std::uint64_t> queue;  // tokens; may hold stale ones (already answered)
   std::size_t queued = 0;           // live tokens in `queue`
+  std::size_t queued_bytes = 0;     // what the live tokens charge (payload + header allowance)
   bool ever_offered = false;
   service_counters counters;
 };
@@ -90,6 +110,8 @@ struct pending_request {
   request_state state = request_state::queued;
   offer* assigned = nullptr;
   bool redispatched = false;
+  std::size_t bytes = 0;           // charged to queues and workers; set by submit()
+  std::uint64_t dispatch_seq = 0;  // order of its last DISPATCH, for the worker's budget
 };
 
 struct decision {
@@ -118,7 +140,8 @@ class registry {
   // Any message from a registered peer proves it alive. Returns false for unknown peers.
   bool touch(const peer_id& peer, time_point now);
 
-  // A new request. Answers queue_full at once when the queue limits are reached.
+  // A new request. Answers queue_full at once when the queue limits (count or bytes) are
+  // reached.
   void submit(pending_request request, std::vector<decision>& out);
   pending_request* find(std::uint64_t token);
 
@@ -143,6 +166,9 @@ class registry {
   service_counters& counters_for(const std::string& service);
   std::size_t pending_count() const { return pending_.size(); }
   std::size_t queued_total() const { return queued_total_; }
+  std::size_t queued_bytes_total() const { return queued_bytes_total_; }
+  // Requests that waited because every offer with free capacity was over its peer budget.
+  std::uint64_t budget_waits() const { return budget_waits_; }
   std::size_t in_flight_total() const;
   // Slots given back because a worker never answered a request past its deadline plus
   // heartbeat x liveness (its DISPATCH was probably lost on the way).
@@ -161,6 +187,9 @@ class registry {
   void drop_requests_of(const peer_id& client);
   void fail(std::uint64_t token, common::error err, std::vector<decision>& out);
   void enqueue(service_entry& s, pending_request& r, bool front);
+  void dequeued(service_entry& s, const pending_request& r);
+  bool within_budget(const worker& w, const pending_request& r) const;
+  void confirm(worker& w, std::uint64_t dispatch_seq);
   void compact(service_entry& s);
   void maybe_forget_service(const std::string& name);
 
@@ -169,6 +198,9 @@ class registry {
   std::unordered_map<std::string, service_entry> services_;
   std::unordered_map<std::uint64_t, pending_request> pending_;
   std::size_t queued_total_ = 0;
+  std::size_t queued_bytes_total_ = 0;
+  std::uint64_t next_dispatch_seq_ = 0;
+  std::uint64_t budget_waits_ = 0;
   std::uint64_t abandoned_released_ = 0;
   std::uint64_t requests_of_lost_peers_ = 0;
 

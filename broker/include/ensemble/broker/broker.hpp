@@ -23,10 +23,17 @@ struct config {
   std::string router_endpoint = "tcp://127.0.0.1:5555";
   std::string events_endpoint = "tcp://127.0.0.1:5556";
   std::chrono::milliseconds heartbeat{1000};
-  std::uint32_t liveness = 3;                         // missed heartbeats before a peer is lost
-  std::size_t max_message_size = 1024 * 1024;         // payload + header bytes; larger: too_large
-  std::size_t queue_per_service = 10'000;             // waiting requests per service
-  std::size_t queue_total = 100'000;                  // waiting requests in all
+  std::uint32_t liveness = 3;                  // missed heartbeats before a peer is lost
+  std::size_t max_message_size = 1024 * 1024;  // payload + header bytes; larger: too_large
+  std::size_t queue_per_service = 10'000;      // waiting requests per service
+  std::size_t queue_total = 100'000;           // waiting requests in all
+  // Payload bytes (+ 256 per request) that may wait, per service and in all; over: queue_full.
+  std::size_t queue_bytes_per_service = std::size_t{64} << 20;
+  std::size_t queue_bytes_total = std::size_t{256} << 20;
+  // What the broker holds for one worker: DISPATCHes it has not answered (nor any later one).
+  // A worker over its budget gets no new requests; they go elsewhere or wait.
+  std::size_t peer_budget_bytes = std::size_t{64} << 20;
+  std::size_t peer_budget_messages = 10'000;
   std::chrono::milliseconds max_deadline{3'600'000};  // longer deadlines are clamped
   std::chrono::milliseconds shutdown_grace{2000};     // for in-flight requests at shutdown
   int event_hwm = 100'000;                            // per-subscriber queue on the XPUB
