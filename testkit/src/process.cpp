@@ -45,6 +45,8 @@ constexpr std::size_t k_max_lines = 200'000;
 constexpr std::size_t k_max_line_bytes = 1 << 20;
 // Used by wait_exit only where pidfd_open is unavailable (kernels before 5.3).
 constexpr auto k_exit_poll_interval = 2ms;
+// How long wait_exit() waits, once the child has exited, for the rest of its output.
+constexpr auto k_output_drain = 5s;
 // How often a relaunch checks whether the old broker's ports are free again.
 constexpr auto k_port_poll_interval = 5ms;
 
@@ -444,7 +446,7 @@ std::optional<int> process::wait_exit(std::chrono::milliseconds deadline) {
     {
       std::lock_guard lock(impl_->reap_mutex);
       impl_->try_reap_locked(WNOHANG);
-      if (impl_->exit_status) return impl_->exit_status;
+      if (impl_->exit_status) break;
     }
     const auto now = steady::now();
     if (now >= until) return std::nullopt;
@@ -459,6 +461,17 @@ std::optional<int> process::wait_exit(std::chrono::milliseconds deadline) {
       std::this_thread::sleep_for(std::min<steady::duration>(left, k_exit_poll_interval));
     }
   }
+  // The child has exited, but what it wrote last may still be in the pipe, unread by the
+  // reader thread: wait for its end of output, so that tail() right after this call holds
+  // every line (a refused start's error message is often the last one). A grandchild that
+  // escaped the group could keep the pipe open: then this gives up after k_output_drain.
+  {
+    std::unique_lock lock(impl_->lines_mutex);
+    impl_->lines_changed.wait_until(lock, steady::now() + k_output_drain,
+                                    [this] { return impl_->output_closed; });
+  }
+  std::lock_guard lock(impl_->reap_mutex);
+  return impl_->exit_status;
 }
 
 std::string binary_path(const std::string& name) {
