@@ -20,6 +20,7 @@
 #include "../cli/src/history_text.hpp"  // the CLI's formatter, private to it
 #include "ensemble/testkit/deployment.hpp"
 #include "ensemble/testkit/process.hpp"
+#include "support/cli_outcome.hpp"
 
 namespace {
 
@@ -94,37 +95,7 @@ reactions:
     publish: ship.done
 )";
 
-// A finished CLI run: its exit code (nullopt: still running at the deadline, then killed;
-// negative: killed by that signal) and every line of its stdout and stderr.
-struct outcome {
-  std::optional<int> code;
-  std::vector<std::string> lines;
-
-  std::string text() const {
-    std::string out;
-    for (const auto& l : lines) out += l + "\n";
-    return out;
-  }
-  // The JSON document printed with dump(2), from the first line "{" or "[" to the last "}" or
-  // "]"; null if there is none.
-  json document() const {
-    std::size_t first = lines.size(), last = lines.size();
-    for (std::size_t i = 0; i < lines.size(); ++i) {
-      if (first == lines.size() && (lines[i] == "{" || lines[i] == "[")) first = i;
-      if (lines[i] == "}" || lines[i] == "]") last = i;
-    }
-    if (first == lines.size() || last == lines.size() || last < first) return nullptr;
-    std::string body;
-    for (std::size_t i = first; i <= last; ++i) body += lines[i] + "\n";
-    return json::parse(body, nullptr, false);
-  }
-};
-
-std::ostream& operator<<(std::ostream& os, const outcome& o) {
-  return os << "exit " << (o.code ? std::to_string(*o.code) : std::string("(still running)"))
-            << ", output:\n"
-            << o.text();
-}
+using ensemble::test::outcome;
 
 // Whether `lines` has lines containing each of `wanted`, in this order (others between).
 ::testing::AssertionResult in_order(const std::vector<std::string>& lines,
@@ -166,15 +137,7 @@ class cli_history : public ::testing::Test {
                                  d_.events(), "--log-level", "error"};
     all.insert(all.end(), args.begin(), args.end());
     auto p = tk::process::spawn({tk::binary_path("ensemble"), std::move(all), {}, {}, "ensemble"});
-    const auto until = std::chrono::steady_clock::now() + k_deadline;
-    // No line ever contains this: the wait ends when the output is closed, at exit.
-    (void)p->wait_for_line("\x1f(end of output)\x1f", k_deadline);
-    outcome o;
-    o.code = p->wait_exit(std::chrono::ceil<std::chrono::milliseconds>(
-        std::max(until - std::chrono::steady_clock::now(), std::chrono::steady_clock::duration{})));
-    if (!o.code) p->kill();
-    o.lines = p->lines();
-    return o;
+    return ensemble::test::finish(*p, k_deadline);
   }
 
   // `ensemble run NAME --wait`: must complete; returns the output and the instance id.

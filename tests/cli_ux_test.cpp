@@ -24,6 +24,7 @@
 #include "ensemble/agent/json.hpp"
 #include "ensemble/testkit/deployment.hpp"
 #include "ensemble/testkit/process.hpp"
+#include "support/cli_outcome.hpp"
 
 namespace {
 
@@ -40,23 +41,7 @@ constexpr auto k_deadline = 30s;
 const std::map<std::string, std::string> k_no_endpoints = {{"ENSEMBLE_BROKER", ""},
                                                            {"ENSEMBLE_EVENTS", ""}};
 
-struct outcome {
-  std::optional<int> code;
-  std::vector<std::string> lines;
-
-  std::string text() const {
-    std::string out;
-    for (const auto& l : lines) out += l + "\n";
-    return out;
-  }
-  bool has(std::string_view s) const { return text().find(s) != std::string::npos; }
-};
-
-std::ostream& operator<<(std::ostream& os, const outcome& o) {
-  return os << "exit " << (o.code ? std::to_string(*o.code) : std::string("(still running)"))
-            << ", output:\n"
-            << o.text();
-}
+using ensemble::test::outcome;
 
 std::unique_ptr<tk::process> spawn_cli(std::vector<std::string> args,
                                        std::map<std::string, std::string> env = {},
@@ -65,17 +50,8 @@ std::unique_ptr<tk::process> spawn_cli(std::vector<std::string> args,
       {tk::binary_path("ensemble"), std::move(args), std::move(env), std::move(dir), "ensemble"});
 }
 
-// Waits until `p` has exited and its output has been read to the end.
 outcome finish(tk::process& p, std::chrono::milliseconds deadline = k_deadline) {
-  outcome o;
-  o.code = p.wait_exit(deadline);
-  if (!o.code) {
-    p.kill();
-    (void)p.wait_exit(5s);
-  }
-  (void)p.wait_for_line("\x1f(end of output)\x1f", 10s);  // returns when the output closes
-  o.lines = p.lines();
-  return o;
+  return ensemble::test::finish(p, deadline);
 }
 
 outcome run_cli(std::vector<std::string> args, std::map<std::string, std::string> env = {},

@@ -197,6 +197,8 @@ struct broker::impl {
   json stream_json(const std::string& name) const;
   void on_hello(const peer_id& peer, common::parsed_message& m, steady_clock::time_point now);
   void on_admin(const peer_id& peer, const header& request, const zmq::message_t& payload);
+  std::optional<json> admin_args(const peer_id& peer, const header& request,
+                                 const zmq::message_t& payload);
   void journal_reply(const header& request, const std::string& worker, const header& outcome,
                      std::uint64_t duration_us);
   void execute_decisions(steady_clock::time_point now);
@@ -1026,23 +1028,29 @@ void broker::impl::journal_reply(const header& request, const std::string& worke
   e.duration_us = duration_us;
 }
 
+// The arguments of a `broker.*` action: its msgpack payload as JSON ({} when empty). A payload
+// that is not msgpack is answered bad_request here, and nullopt returned.
+std::optional<json> broker::impl::admin_args(const peer_id& peer, const header& request,
+                                             const zmq::message_t& payload) {
+  if (payload.size() == 0) return json::object();
+  try {
+    const auto* data = static_cast<const std::uint8_t*>(payload.data());
+    return json::from_msgpack(data, data + payload.size());
+  } catch (const json::exception& e) {
+    reply_error(peer, request,
+                error::make(errc::bad_request,
+                            "broker." + request.action + ": payload is not msgpack: " + e.what()));
+    return std::nullopt;
+  }
+}
+
 void broker::impl::on_admin(const peer_id& peer, const header& request,
                             const zmq::message_t& payload) {
   json body;
   if (request.action == "trace") {
-    json args;
-    try {
-      args = payload.size() == 0
-                 ? json::object()
-                 : json::from_msgpack(
-                       static_cast<const std::uint8_t*>(payload.data()),
-                       static_cast<const std::uint8_t*>(payload.data()) + payload.size());
-    } catch (const json::exception& e) {
-      reply_error(peer, request,
-                  error::make(errc::bad_request,
-                              std::string("broker.trace: payload is not msgpack: ") + e.what()));
-      return;
-    }
+    auto parsed = admin_args(peer, request, payload);
+    if (!parsed) return;
+    json& args = *parsed;
     if (!args.is_object() || !args.contains("correlation_id") ||
         !args["correlation_id"].is_string()) {
       reply_error(
@@ -1071,20 +1079,9 @@ void broker::impl::on_admin(const peer_id& peer, const header& request,
   } else if (request.action == "stats") {
     body = stats_json();
   } else if (request.action == "streams" || request.action.starts_with("stream_")) {
-    json args;
-    try {
-      args = payload.size() == 0
-                 ? json::object()
-                 : json::from_msgpack(
-                       static_cast<const std::uint8_t*>(payload.data()),
-                       static_cast<const std::uint8_t*>(payload.data()) + payload.size());
-    } catch (const json::exception& e) {
-      reply_error(peer, request,
-                  error::make(errc::bad_request, "broker." + request.action +
-                                                     ": payload is not msgpack: " + e.what()));
-      return;
-    }
-    on_stream_admin(peer, request, args);
+    auto args = admin_args(peer, request, payload);
+    if (!args) return;
+    on_stream_admin(peer, request, *args);
     return;
   } else {
     reply_error(
