@@ -208,6 +208,7 @@ struct broker::impl {
   bool send_to(const peer_id& peer, command cmd, const header& h,
                zmq::message_t payload = zmq::message_t{});
   void reply_error(const peer_id& peer, const header& request, const error& err);
+  void reply_body(const peer_id& peer, const header& request, const json& body);
   void send_error(const peer_id& peer, const error& err, const std::string& about_id);
   void count_error(const std::string& code) { ++stats.errors_by_code[code]; }
   std::string unreachable_message(const worker& gone) const;
@@ -226,6 +227,17 @@ bool broker::impl::send_to(const peer_id& peer, command cmd, const header& h,
   }
   ++stats.messages_out;
   return true;
+}
+
+// The broker's own answer to one of its actions: a REPLY carrying `body` as msgpack.
+void broker::impl::reply_body(const peer_id& peer, const header& request, const json& body) {
+  header h;
+  h.id = request.id;
+  h.correlation_id = request.correlation_id;
+  h.trace_id = request.trace_id;
+  h.worker = "broker";
+  const auto bytes = json::to_msgpack(body);
+  send_to(peer, command::reply, h, zmq::message_t(bytes.data(), bytes.size()));
 }
 
 void broker::impl::reply_error(const peer_id& peer, const header& request, const error& err) {
@@ -1092,13 +1104,7 @@ void broker::impl::on_admin(const peer_id& peer, const header& request,
                         "stream_rm, stream_read)"));
     return;
   }
-  header h;
-  h.id = request.id;
-  h.correlation_id = request.correlation_id;
-  h.trace_id = request.trace_id;
-  h.worker = "broker";
-  const auto bytes = json::to_msgpack(body);
-  send_to(peer, command::reply, h, zmq::message_t(bytes.data(), bytes.size()));
+  reply_body(peer, request, body);
 }
 
 json broker::impl::stream_json(const std::string& name) const {
@@ -1189,14 +1195,7 @@ void broker::impl::on_stream_admin(const peer_id& peer, const header& request, c
   const std::string action = "broker." + request.action;
   if (!store) {
     if (request.action == "streams") {
-      json body = {{"streams", json::array()}, {"enabled", false}};
-      header h;
-      h.id = request.id;
-      h.correlation_id = request.correlation_id;
-      h.trace_id = request.trace_id;
-      h.worker = "broker";
-      const auto bytes = json::to_msgpack(body);
-      send_to(peer, command::reply, h, zmq::message_t(bytes.data(), bytes.size()));
+      reply_body(peer, request, {{"streams", json::array()}, {"enabled", false}});
       return;
     }
     reply_error(peer, request,
@@ -1340,13 +1339,7 @@ void broker::impl::on_stream_admin(const peer_id& peer, const header& request, c
                                               "' (streams, stream_info, stream_add, stream_rm, "
                                               "stream_read)"));
   }
-  header h;
-  h.id = request.id;
-  h.correlation_id = request.correlation_id;
-  h.trace_id = request.trace_id;
-  h.worker = "broker";
-  const auto bytes = json::to_msgpack(body);
-  send_to(peer, command::reply, h, zmq::message_t(bytes.data(), bytes.size()));
+  reply_body(peer, request, body);
 }
 
 broker::broker(config cfg) : impl_(std::make_unique<impl>(std::move(cfg))) {}
