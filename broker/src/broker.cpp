@@ -527,9 +527,23 @@ void broker::impl::handle_router(steady_clock::time_point now) {
         execute_decisions(now);
       }
       break;
+    case command::consume:
+    case command::ack:
+    case command::nack:
+    case command::term:
+    case command::progress:
+    case command::consume_stop:
+      ++stats.malformed;
+      send_error(peer,
+                 error::make(errc::bad_request,
+                             common::command_name(static_cast<std::uint8_t>(m.cmd)) +
+                                 ": durable consumers are not served by this broker yet"),
+                 m.hdr.id);
+      break;
     case command::welcome:
     case command::dispatch:
     case command::publish_ack:
+    case command::deliver:
     case command::error:
       ++stats.malformed;
       send_error(

@@ -187,7 +187,7 @@ using u64 = std::uint64_t;
 constexpr std::string_view k_any_uint = "a non-negative integer";
 constexpr std::string_view k_any_u32 = "a non-negative integer up to 4294967295";
 
-constexpr std::array<field_codec, 27> k_fields{{
+constexpr std::array<field_codec, 31> k_fields{{
     str_field<&header::id>("id"),
     str_field<&header::service>("service"),
     str_field<&header::action>("action"),
@@ -209,6 +209,10 @@ constexpr std::array<field_codec, 27> k_fields{{
     str_field<&header::stream>("stream"),
     uint_field<u64, &header::stream_seq>("stream_seq", k_any_uint),
     bool_field<&header::duplicate>("duplicate"),
+    str_field<&header::consumer>("consumer"),
+    uint_field<u32, &header::deliveries>("deliveries", k_any_u32),
+    uint_field<u32, &header::capacity>("capacity", k_any_u32),
+    uint_field<u64, &header::delay_ms>("delay_ms", k_any_uint),
     str_field<&header::error_code>("error_code"),
     str_field<&header::error_message>("error_message"),
     str_field<&header::agent>("agent"),
@@ -316,6 +320,20 @@ std::string command_name(std::uint8_t byte) {
       return "PUBLISH_ACK";
     case command::heartbeat:
       return "HEARTBEAT";
+    case command::consume:
+      return "CONSUME";
+    case command::deliver:
+      return "DELIVER";
+    case command::ack:
+      return "ACK";
+    case command::nack:
+      return "NACK";
+    case command::term:
+      return "TERM";
+    case command::progress:
+      return "PROGRESS";
+    case command::consume_stop:
+      return "CONSUME_STOP";
     case command::error:
       return "ERROR";
   }
@@ -347,6 +365,7 @@ void encode_header(const header& h, std::string& out) {
   count_num(h.heartbeat_ms), count_num(h.max_message_size), count_str(h.broker);
   count_str(h.stream), count_num(h.stream_seq);
   n += h.duplicate ? 1 : 0;
+  count_str(h.consumer), count_num(h.deliveries), count_num(h.capacity), count_num(h.delay_ms);
 
   p.pack_map(n);
   auto put_str = [&p](std::string_view key, const std::string& v) {
@@ -405,6 +424,10 @@ void encode_header(const header& h, std::string& out) {
     pack_str(p, "duplicate");
     p.pack_true();
   }
+  put_str("consumer", h.consumer);
+  put_num("deliveries", h.deliveries);
+  put_num("capacity", h.capacity);
+  put_num("delay_ms", h.delay_ms);
   out.append(h.extra);
 }
 

@@ -34,6 +34,14 @@ enum class command : std::uint8_t {
   publish = 0x20,      // peer -> broker: an event to fan out
   publish_ack = 0x21,  // broker -> peer: the event went out, with its sequence number
   heartbeat = 0x30,    // both directions
+  // Durable consumers of streams (docs/protocol.md "Durable consumers").
+  consume = 0x40,       // member -> broker: join a consumer (created if needed); REPLY
+  deliver = 0x41,       // broker -> member: one stored event
+  ack = 0x42,           // member -> broker: handled
+  nack = 0x43,          // member -> broker: failed; redeliver (after delay_ms) or dead-letter
+  term = 0x44,          // member -> broker: failed for good; dead-letter now
+  progress = 0x45,      // member -> broker: still working; the ack is due ack_wait from now
+  consume_stop = 0x46,  // member -> broker: leave the consumer; REPLY
   error = 0x7f,        // broker -> peer: a message that could not be tied to a request
 };
 
@@ -79,6 +87,10 @@ struct header {
   std::string stream;            // event, publish_ack: the stream that stored the event
   std::uint64_t stream_seq = 0;  // event, publish_ack: its sequence in that stream
   bool duplicate = false;  // publish_ack: the id was stored before; stream_seq is the original's
+  std::string consumer;           // consume..consume_stop, deliver: the durable consumer
+  std::uint32_t deliveries = 0;   // deliver: delivery count, 1 the first time
+  std::uint32_t capacity = 0;     // consume: deliveries the member may hold at once; 0 = 1
+  std::uint64_t delay_ms = 0;     // nack: redeliver no sooner than this; 0 = backoff schedule
 
   // Outcome (reply, error). No error_code means success.
   std::string error_code;
