@@ -148,10 +148,10 @@ std::vector<bad_case> bad_cases() {
        {"at least 3"}},
       // The header of a message with an unknown command is still read: its id is known.
       {"unknown command byte",
-       {k_tag, std::string("\x42"), request_header("u-1")},
+       {k_tag, std::string("\x4f"), request_header("u-1")},
        command::error,
        "bad_request",
-       {"unknown command 0x42"},
+       {"unknown command 0x4f"},
        "u-1"},
       {"two-byte command frame",
        {k_tag, std::string("\x10\x10"), request_header("u-2")},

@@ -607,7 +607,9 @@ TEST(protocol_test, parse_routing_id_in_front_and_no_payload_frame) {
 TEST(protocol_test, parse_every_command_byte_is_accepted) {
   for (command c : {command::hello, command::welcome, command::bye, command::request,
                     command::dispatch, command::reply, command::publish, command::publish_ack,
-                    command::heartbeat, command::error}) {
+                    command::heartbeat, command::consume, command::deliver, command::ack,
+                    command::nack, command::term, command::progress, command::consume_stop,
+                    command::error}) {
     const auto byte = static_cast<std::uint8_t>(c);
     SCOPED_TRACE(ec::command_name(byte));
     EXPECT_TRUE(ec::is_known_command(byte));
@@ -617,9 +619,10 @@ TEST(protocol_test, parse_every_command_byte_is_accepted) {
     EXPECT_EQ(parsed->cmd, c);
   }
   EXPECT_EQ(ec::command_name(0x12), "REPLY");
-  EXPECT_EQ(ec::command_name(0x42), "0x42");
+  EXPECT_EQ(ec::command_name(0x42), "ACK");
+  EXPECT_EQ(ec::command_name(0x47), "0x47");
   EXPECT_FALSE(ec::is_known_command(0x00));
-  EXPECT_FALSE(ec::is_known_command(0x42));
+  EXPECT_FALSE(ec::is_known_command(0x47));
   EXPECT_FALSE(ec::is_known_command(0xff));
 }
 
@@ -657,10 +660,10 @@ TEST(protocol_test, parse_too_many_frames) {
 TEST(protocol_test, parse_unknown_command_byte) {
   header h;
   h.id = "u-1";
-  auto f = parse_error(frames_of({k_tag, cmd(0x42), ec::encode_header(h)}));
-  EXPECT_TRUE(contains(f.err.message, "unknown command 0x42"));
+  auto f = parse_error(frames_of({k_tag, cmd(0x47), ec::encode_header(h)}));
+  EXPECT_TRUE(contains(f.err.message, "unknown command 0x47"));
   EXPECT_TRUE(contains(f.err.message, "0x10 REQUEST"));  // and which ones there are
-  EXPECT_EQ(f.command_byte, 0x42);
+  EXPECT_EQ(f.command_byte, 0x47);
   EXPECT_EQ(f.hdr.id, "u-1") << "the header is read so that the ERROR can carry the id";
 }
 

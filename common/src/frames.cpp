@@ -59,7 +59,7 @@ result<parsed_message> parse_message(std::vector<zmq::message_t>& frames, std::s
     return fail_with_header(
         "unknown command " + command_name(byte) +
         "; commands are 0x01 HELLO, 0x03 BYE, 0x10 REQUEST, 0x12 REPLY, 0x20 PUBLISH, "
-        "0x30 HEARTBEAT (docs/protocol.md section 2)");
+        "0x30 HEARTBEAT, 0x40..0x46 durable consumers (docs/protocol.md section 2)");
   }
   if (n > 4) {
     return fail_with_header(command_name(byte) + " has " + std::to_string(n) +
