@@ -15,6 +15,7 @@
 #include "journal.hpp"
 #include "registry.hpp"
 #include "stream_config_file.hpp"
+#include "topic_sequencer.hpp"
 
 namespace ensemble::broker {
 
@@ -169,7 +170,7 @@ struct broker::impl {
   std::unique_ptr<streams::consumer_host> consumers;
   std::vector<stored_publish> stored_batch;
   steady_clock::time_point next_expire;
-  std::unordered_map<std::string, std::uint64_t> topic_seq;
+  topic_sequencer topic_seq{cfg.topic_seq_max};
   std::map<std::string, std::uint64_t> subscriptions;
   std::vector<zmq::message_t> in;
   std::vector<zmq::message_t> out;
@@ -804,7 +805,7 @@ void broker::impl::fan_out(header& h, zmq::message_t payload, const std::string&
   ++stats.events;
   // Topics starting with '_' are control topics (the SDK's subscription probes): fanned out
   // like any other, but not sequenced, so they leave no state behind.
-  h.seq = h.topic[0] == '_' ? 0 : ++topic_seq[h.topic];
+  h.seq = h.topic[0] == '_' ? 0 : topic_seq.next(h.topic);
   out.clear();
   out.emplace_back(h.topic.data(), h.topic.size());
   thread_local std::string buffer;
@@ -1057,6 +1058,10 @@ json broker::impl::stats_json() const {
           {"budget_waits", reg.budget_waits()},
           {"subscriptions", subscriptions},
           {"streams", std::move(per_stream)},
+          {"topic_seq",
+           {{"tracked", topic_seq.tracked()},
+            {"max", cfg.topic_seq_max},
+            {"generations", topic_seq.generations()}}},
           {"consumers",
            consumers ? json{{"count", consumers->size()},
                             {"deliveries_unsent", consumers->counters().deliveries_unsent},
