@@ -1506,8 +1506,8 @@ void broker::impl::on_consumer_command(const peer_id& peer, const worker* w,
     if (auto st = consumers->leave(peer, req, now); !st) return refuse(st.err());
     return confirm(json::object());
   }
+  // An accepted answer with an id is confirmed by the host once it is saved.
   if (auto st = consumers->answer(peer, m.cmd, req, now); !st) return refuse(st.err());
-  confirm(json::object());
 }
 
 void broker::impl::on_consumer_admin(const peer_id& peer, const header& request, const json& args,
