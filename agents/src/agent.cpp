@@ -11,6 +11,7 @@
 #include <deque>
 #include <map>
 #include <mutex>
+#include <nlohmann/json.hpp>
 #include <queue>
 #include <thread>
 #include <unordered_map>
@@ -46,6 +47,11 @@ struct message_access {
     m.ts_ = h.ts;
     m.publisher_ = std::move(h.publisher);
     m.worker_ = std::move(h.worker);
+    m.stream_ = std::move(h.stream);
+    m.stream_seq_ = h.stream_seq;
+    m.consumer_ = std::move(h.consumer);
+    m.deliveries_ = h.deliveries;
+    m.duplicate_ = h.duplicate;
     m.deadline_ = steady::now() + std::chrono::milliseconds(h.deadline_ms);
     m.payload_ = std::move(payload);
     return m;
@@ -122,17 +128,61 @@ struct service_def {
   std::map<std::string, request_handler> actions;
 };
 
+// A durable consumer this agent is a member of (docs/protocol.md section 11).
+using consumer_key = std::pair<std::string, std::string>;  // stream, consumer
+
+std::string describe(const consumer_key& k) {
+  return "consumer '" + k.second + "' of stream '" + k.first + "'";
+}
+
+struct consumer_state {
+  consume_options opts;
+  consume_handler handler;
+  bytes config_payload;  // the CONSUME payload, encoded once by consume()
+
+  // Read by consumer_stats() from any thread.
+  struct counters {
+    std::atomic<std::uint64_t> delivered{0}, acked{0}, nacked{0}, termed{0}, threw{0}, refused{0},
+        joins{0}, dropped{0}, redelivered{0};
+    std::atomic<std::uint32_t> in_flight{0};
+  } count;
+
+  // I/O thread only.
+  consumer_key key() const { return {opts.stream, opts.consumer}; }
+  bool joined = false;    // the broker accepted the last CONSUME
+  bool removed = false;   // stop_consuming, or the first join failed: nothing new starts
+  bool pumping = false;   // pump() is on the stack (inline handlers answer from inside it)
+  std::string join_call;  // id of the CONSUME waiting for its REPLY
+  // The caller of consume() (or start()) waiting for the first join, and until when.
+  std::shared_ptr<std::promise<status>> first_join;
+  steady::time_point join_deadline{};
+  std::uint32_t in_hand = 0;                     // deliveries being handled
+  std::deque<std::shared_ptr<message>> waiting;  // delivered, waiting for a free slot
+};
+
 // Something a user thread asks the I/O thread to do.
 struct outbound {
-  enum class kind { request, publish, reply, subscribe, sync, hello };
+  enum class kind {
+    request,
+    publish,
+    reply,
+    subscribe,
+    sync,
+    hello,
+    consume,
+    consume_stop,
+    answer
+  };
   kind what = kind::request;
   header hdr;
   bytes payload;
   call_callback done;                            // request; publish with ack
-  steady::time_point deadline{};                 // request, publish with ack, sync
+  steady::time_point deadline{};                 // request, publish with ack, sync, consume_stop
   std::string prefix;                            // subscribe
-  std::shared_ptr<std::promise<status>> synced;  // sync
+  std::shared_ptr<std::promise<status>> synced;  // sync, consume_stop
   bool counted = false;  // publish: holds a place in the send queue (impl::queued)
+  std::shared_ptr<consumer_state> consumer;  // consume, answer
+  command answer = command::ack;             // answer: ACK, NACK or TERM
 };
 
 // A message the DEALER could not take yet (its high-water mark was reached), in sending order.
@@ -185,6 +235,9 @@ struct agent::impl {
   std::mutex config_mutex;
   std::map<std::string, service_def> services;
   std::vector<std::pair<std::string, event_handler>> subscriptions;
+  // The consumers given to consume() and not stopped: for duplicates and consumer_stats(). The
+  // I/O thread has its own map (io_consumers) of those it joined.
+  std::map<consumer_key, std::shared_ptr<consumer_state>> consumers;
 
   // Outbox from user threads to the I/O thread.
   std::mutex out_mutex;
@@ -213,6 +266,10 @@ struct agent::impl {
   std::uint64_t generation = 0;  // bumped whenever the broker connection is known to be reset
   std::uint64_t welcome_generation = 0;  // generation when the last WELCOME arrived
   std::string known_broker;
+  std::map<consumer_key, std::shared_ptr<consumer_state>> io_consumers;
+  // The broker forgot this agent's memberships (it restarted, or declared the agent lost): the
+  // next WELCOME joins every consumer again.
+  bool rejoin_needed = false;
 
   // Shared state.
   std::atomic<bool> running{false};
@@ -235,6 +292,7 @@ struct agent::impl {
   std::condition_variable room_cv;
 
   job_queue handler_jobs;
+  std::mutex pool_mutex;  // handler_threads: consume() after start() may add threads
   std::vector<std::thread> handler_threads;
   job_queue event_jobs;
   std::thread event_thread;
@@ -383,6 +441,20 @@ struct agent::impl {
   void on_dealer_message(steady::time_point now);
   void on_event(steady::time_point now);
   void on_dispatch(header& h, bytes payload);
+  // Durable consumers.
+  void spawn_handler_thread();
+  void grow_pool();
+  void send_consume(const std::shared_ptr<consumer_state>& st);
+  void on_consume_answer(const std::shared_ptr<consumer_state>& st, const std::string& call_id,
+                         call_result r);
+  void settle_join(consumer_state& st, status s);
+  void remove_consumer(const std::shared_ptr<consumer_state>& st, const std::string& why,
+                       bool leave);
+  void rejoin_consumers();
+  void on_deliver(header& h, bytes payload);
+  void pump(const std::shared_ptr<consumer_state>& st);
+  void handle_delivery(const std::shared_ptr<consumer_state>& st, std::shared_ptr<message> m);
+  void on_answer_refused(const header& h);
   void complete_call(const std::string& id, call_result r);
   void fail_calls(const std::string& code, const std::string& why, bool all_generations);
   void on_timers(steady::time_point now);
@@ -506,6 +578,7 @@ void agent::impl::connect() {
 void agent::impl::broker_reset(const std::string& why) {
   ++generation;
   is_registered = false;
+  rejoin_needed = true;
   log->warn("{}: {}; registering again", opts.name, why);
 }
 
@@ -570,6 +643,57 @@ void agent::impl::execute(outbound& o) {
     case outbound::kind::hello:
       send_hello();
       break;
+    case outbound::kind::consume: {
+      auto& st = o.consumer;
+      io_consumers[st->key()] = st;
+      send_consume(st);
+      break;
+    }
+    case outbound::kind::consume_stop: {
+      const consumer_key key{o.hdr.stream, o.hdr.consumer};
+      if (auto it = io_consumers.find(key); it != io_consumers.end()) {
+        remove_consumer(it->second, "stop_consuming() was called", false);
+      }
+      o.hdr.id = ids.next();
+      auto synced = o.synced;
+      calls[o.hdr.id] = pending_call{
+          [synced, key](call_result r) {
+            // A broker that forgot this member (restarted, or lost it) has nothing to stop.
+            if (r || r.err().code == errc::broker_lost || r.err().code == errc::not_registered) {
+              synced->set_value(common::ok_status());
+            } else {
+              synced->set_value(
+                  error{r.err().code, describe(key) + ": " + r.err().message, r.err().retryable});
+            }
+          },
+          o.deadline, generation, "CONSUME_STOP of " + describe(key)};
+      call_deadlines.emplace(o.deadline, o.hdr.id);
+      send(command::consume_stop, o.hdr, {}, send_tag{o.hdr.id, false});
+      break;
+    }
+    case outbound::kind::answer: {
+      auto& st = *o.consumer;
+      switch (o.answer) {
+        case command::ack:
+          ++st.count.acked;
+          break;
+        case command::nack:
+          ++st.count.nacked;
+          break;
+        default:
+          ++st.count.termed;
+          break;
+      }
+      log->debug("{}: {} stream={} consumer={} stream_seq={}{}{}", opts.name,
+                 common::command_name(static_cast<std::uint8_t>(o.answer)), o.hdr.stream,
+                 o.hdr.consumer, o.hdr.stream_seq, o.hdr.error_code.empty() ? "" : " ",
+                 o.hdr.error_code);
+      send(o.answer, o.hdr);
+      --st.in_hand;
+      --st.count.in_flight;
+      pump(o.consumer);
+      break;
+    }
   }
 }
 
@@ -671,6 +795,246 @@ void agent::impl::on_dispatch(header& h, bytes payload) {
   }
 }
 
+// --- durable consumers ------------------------------------------------------------------------
+
+// How long a re-join (after a broker restart) waits for the broker's answer before it is sent
+// again; nobody waits on it.
+constexpr auto k_rejoin_wait = 10s;
+// A NACK's or TERM's reason is stored with a dead letter; the header must stay far below the
+// broker's 16 KiB limit.
+constexpr std::size_t k_max_reason_bytes = 4096;
+
+void agent::impl::spawn_handler_thread() {
+  handler_threads.push_back(spawn_quiet([this] {
+    std::function<void()> job;
+    while (handler_jobs.pop(job)) {
+      job();
+      handler_jobs.done();
+    }
+  }));
+}
+
+// A consumer added after start() gets threads for its capacity, as start() gives every service
+// and consumer (unless options.handler_threads fixed the pool, or handlers run inline).
+void agent::impl::grow_pool() {
+  if (opts.inline_handlers || opts.handler_threads != 0) return;
+  std::size_t total = 0;
+  {
+    std::lock_guard lock(config_mutex);
+    for (const auto& [name, def] : services) total += def.capacity;
+    for (const auto& [key, st] : consumers) total += st->opts.capacity;
+  }
+  std::lock_guard lock(pool_mutex);
+  if (!running || stopping) return;
+  const auto want = std::clamp<std::size_t>(total, 1, 64);
+  while (handler_threads.size() < want) spawn_handler_thread();
+}
+
+void agent::impl::send_consume(const std::shared_ptr<consumer_state>& st) {
+  header h;
+  h.id = ids.next();
+  h.stream = st->opts.stream;
+  h.consumer = st->opts.consumer;
+  h.capacity = st->opts.capacity;
+  st->join_call = h.id;
+  const auto deadline = st->first_join ? st->join_deadline : steady::now() + k_rejoin_wait;
+  calls[h.id] = pending_call{
+      [this, st, id = h.id](call_result r) { on_consume_answer(st, id, std::move(r)); }, deadline,
+      generation, "CONSUME of " + describe(st->key())};
+  call_deadlines.emplace(deadline + 20ms, h.id);
+  send(command::consume, h, st->config_payload, send_tag{h.id, false});
+}
+
+void agent::impl::settle_join(consumer_state& st, status s) {
+  if (!st.first_join) return;
+  st.first_join->set_value(std::move(s));
+  st.first_join.reset();
+}
+
+// Nothing new starts for `st`; handlers still running finish and are answered. What waited for
+// a slot is the broker's to hand out again.
+void agent::impl::remove_consumer(const std::shared_ptr<consumer_state>& st, const std::string& why,
+                                  bool leave) {
+  st->removed = true;
+  if (!st->waiting.empty()) {
+    st->count.dropped += st->waiting.size();
+    log->debug("{}: {}: {}; {} delivery(ies) not handled", opts.name, describe(st->key()), why,
+               st->waiting.size());
+    st->waiting.clear();
+  }
+  if (auto it = io_consumers.find(st->key()); it != io_consumers.end() && it->second == st) {
+    io_consumers.erase(it);
+  }
+  if (st->joined || !st->join_call.empty()) {
+    // It may have been (or be about to be) accepted: leave. The REPLY matches no call.
+    header h;
+    h.id = ids.next();
+    h.stream = st->opts.stream;
+    h.consumer = st->opts.consumer;
+    if (!st->join_call.empty()) calls.erase(st->join_call);
+    st->join_call.clear();
+    st->joined = false;
+    if (leave) send(command::consume_stop, h);
+  }
+}
+
+void agent::impl::on_consume_answer(const std::shared_ptr<consumer_state>& st,
+                                    const std::string& call_id, call_result r) {
+  if (st->join_call != call_id) return;  // superseded by a later CONSUME
+  st->join_call.clear();
+  if (st->removed) return;
+  if (r) {
+    const bool again = st->count.joins.fetch_add(1) > 0;
+    st->joined = true;
+    log->info("{}: {} {} (capacity {})", opts.name, again ? "joined again" : "joined",
+              describe(st->key()), st->opts.capacity);
+    settle_join(*st, common::ok_status());
+    return;
+  }
+  const error& e = r.err();
+  if (!running) {
+    settle_join(*st, error{e.code, describe(st->key()) + ": " + e.message, e.retryable});
+    return;
+  }
+  if (e.code == errc::broker_lost) return;  // the next WELCOME joins again
+  if (e.code == errc::not_registered) {
+    // The broker does not know this agent (it restarted): register; the WELCOME joins again.
+    if (is_registered) broker_reset("the broker does not know this agent (restarted?)");
+    rejoin_needed = true;
+    send_hello();
+    return;
+  }
+  if (e.code == errc::deadline_exceeded) {
+    // No answer in time. A caller waiting on it is told by its own deadline (on_timers); a
+    // re-join is sent again.
+    if (!st->first_join) send_consume(st);
+    return;
+  }
+  if (st->first_join) {
+    settle_join(*st, error{e.code, describe(st->key()) + ": " + e.message, e.retryable});
+    remove_consumer(st, "the broker refused it", false);
+    return;
+  }
+  log->warn(
+      "{}: the broker refused to let this agent join {} again: {}: {}; it is not consuming it "
+      "until it registers again",
+      opts.name, describe(st->key()), e.code, e.message);
+}
+
+// The broker forgot this agent's memberships: join every consumer again. Deliveries still
+// waiting for a slot came from the old membership; the broker delivers them again.
+void agent::impl::rejoin_consumers() {
+  for (auto& [key, st] : io_consumers) {
+    if (!st->waiting.empty()) {
+      st->count.dropped += st->waiting.size();
+      st->waiting.clear();
+    }
+    st->joined = false;
+    if (!st->first_join) {
+      log->info("{}: joining {} again (the broker forgot this member)", opts.name, describe(key));
+    }
+    send_consume(st);
+  }
+}
+
+void agent::impl::on_deliver(header& h, bytes payload) {
+  auto it = io_consumers.find({h.stream, h.consumer});
+  if (it == io_consumers.end()) {
+    // Left (or never joined): the broker hands it to another member.
+    log->debug(
+        "{}: delivery of stream_seq {} for consumer '{}' of stream '{}', which this agent "
+        "does not consume (any more); not handled",
+        opts.name, h.stream_seq, h.consumer, h.stream);
+    return;
+  }
+  auto st = it->second;
+  ++st->count.delivered;
+  if (h.deliveries > 1) ++st->count.redelivered;
+  if (stopping) {
+    ++st->count.dropped;  // BYE hands it back
+    return;
+  }
+  log->debug("{}: DELIVER stream={} consumer={} stream_seq={} deliveries={} id={} topic={}",
+             opts.name, h.stream, h.consumer, h.stream_seq, h.deliveries, h.id, h.topic);
+  st->waiting.push_back(std::make_shared<message>(
+      message_access::make(message::kind::delivery, h, std::move(payload))));
+  pump(st);
+}
+
+// Starts waiting deliveries while the consumer has free slots. Answers come back through
+// execute(answer), which frees the slot and pumps again.
+void agent::impl::pump(const std::shared_ptr<consumer_state>& st) {
+  if (st->pumping) return;
+  st->pumping = true;
+  while (!stopping && !st->removed && st->in_hand < st->opts.capacity && !st->waiting.empty()) {
+    auto m = std::move(st->waiting.front());
+    st->waiting.pop_front();
+    ++st->in_hand;
+    ++st->count.in_flight;
+    handle_delivery(st, std::move(m));
+  }
+  st->pumping = false;
+}
+
+void agent::impl::handle_delivery(const std::shared_ptr<consumer_state>& st,
+                                  std::shared_ptr<message> m) {
+  auto job = [this, st, m = std::move(m)] {
+    status result = error{};
+    {
+      current_scope scope(m.get());
+      try {
+        result = st->handler(*m);
+      } catch (const std::exception& e) {
+        ++st->count.threw;
+        result = error{std::string(errc::handler_failed),
+                       describe(st->key()) + ": the handler threw: " + e.what(), true};
+      } catch (...) {
+        ++st->count.threw;
+        result = error{std::string(errc::handler_failed),
+                       describe(st->key()) + ": the handler threw a non-standard exception", true};
+      }
+    }
+    outbound o;
+    o.what = outbound::kind::answer;
+    o.consumer = st;
+    o.hdr.stream = m->stream();
+    o.hdr.consumer = m->consumer();
+    o.hdr.stream_seq = m->stream_seq();
+    if (!result) {
+      const error& e = result.err();
+      o.answer = e.retryable ? command::nack : command::term;
+      o.hdr.error_code = e.code.substr(0, common::k_max_id_length);
+      o.hdr.error_message = e.message.substr(0, k_max_reason_bytes);
+    }
+    submit(std::move(o));  // refused only once the agent stopped: its BYE hands it back
+  };
+  if (opts.inline_handlers) {
+    job();
+  } else {
+    handler_jobs.push(std::move(job));
+  }
+}
+
+// An ACK, NACK or TERM the broker refused. `not_pending` is what a member sees when its
+// delivery expired and another member acked it first, or an ack that crossed a broker restart:
+// harmless.
+void agent::impl::on_answer_refused(const header& h) {
+  if (auto it = io_consumers.find({h.stream, h.consumer}); it != io_consumers.end()) {
+    ++it->second->count.refused;
+  }
+  if (h.error_code == "not_pending" || h.error_code == "not_held") {
+    log->debug(
+        "{}: the broker refused the answer for stream_seq {} of consumer '{}' of stream "
+        "'{}': {}: {}",
+        opts.name, h.stream_seq, h.consumer, h.stream, h.error_code, h.error_message);
+  } else {
+    log->warn(
+        "{}: the broker refused the answer for stream_seq {} of consumer '{}' of stream "
+        "'{}': {}: {}",
+        opts.name, h.stream_seq, h.consumer, h.stream, h.error_code, h.error_message);
+  }
+}
+
 void agent::impl::on_dealer_message(steady::time_point now) {
   auto parsed = common::parse_message(frames, 0);
   if (!parsed) {
@@ -686,6 +1050,7 @@ void agent::impl::on_dealer_message(steady::time_point now) {
         // A new broker run: calls sent to the old one will never be answered. Calls sent
         // since the reset was noticed went to the new broker and stay.
         if (generation == welcome_generation) ++generation;
+        rejoin_needed = true;
         fail_calls(std::string(errc::broker_lost), "the broker restarted", false);
       }
       welcome_generation = generation;
@@ -709,8 +1074,15 @@ void agent::impl::on_dealer_message(steady::time_point now) {
       ++registration_count;
       log->info("{}: registered with broker {} (heartbeat {} ms)", opts.name, m.hdr.broker,
                 heartbeat.count());
+      if (rejoin_needed) {
+        rejoin_needed = false;
+        rejoin_consumers();
+      }
       break;
     }
+    case command::deliver:
+      on_deliver(m.hdr, to_bytes(m.payload));
+      break;
     case command::dispatch:
       on_dispatch(m.hdr, to_bytes(m.payload));
       break;
@@ -736,6 +1108,8 @@ void agent::impl::on_dealer_message(steady::time_point now) {
         send_hello();
       } else if (!m.hdr.id.empty() && calls.count(m.hdr.id) != 0) {
         complete_call(m.hdr.id, error{m.hdr.error_code, m.hdr.error_message, m.hdr.retryable});
+      } else if (!m.hdr.consumer.empty()) {
+        on_answer_refused(m.hdr);
       } else {
         log->warn("{}: broker refused a message (id={}): {}: {}", opts.name, m.hdr.id,
                   m.hdr.error_code, m.hdr.error_message);
@@ -800,6 +1174,17 @@ void agent::impl::on_timers(steady::time_point now) {
     complete_call(id, error{std::string(errc::deadline_exceeded),
                             it->second.what + " got no answer before its deadline", true});
   }
+  std::vector<std::shared_ptr<consumer_state>> expired;
+  for (const auto& [key, st] : io_consumers) {
+    if (st->first_join && now >= st->join_deadline) expired.push_back(st);
+  }
+  for (const auto& st : expired) {
+    settle_join(*st, error{std::string(errc::deadline_exceeded),
+                           describe(st->key()) + ": the broker at " + opts.broker +
+                               " did not accept this agent as a member before the deadline",
+                           true});
+    remove_consumer(st, "joining it timed out", true);
+  }
   for (auto it = probes.begin(); it != probes.end();) {
     if (now >= it->deadline) {
       sub->set(zmq::sockopt::unsubscribe, it->topic);
@@ -842,6 +1227,9 @@ steady::time_point agent::impl::next_wakeup() const {
   auto t = std::min(next_heartbeat, last_from_broker + heartbeat * opts.liveness + 1ms);
   if (!call_deadlines.empty()) t = std::min(t, call_deadlines.top().first);
   for (const auto& p : probes) t = std::min({t, p.next_publish, p.deadline});
+  for (const auto& [key, st] : io_consumers) {
+    if (st->first_join) t = std::min(t, st->join_deadline);
+  }
   return t;
 }
 
@@ -892,6 +1280,10 @@ void agent::impl::io_main() {
     p.synced->set_value(error{std::string(errc::shutting_down), "the agent stopped", false});
   }
   probes.clear();
+  for (auto& [key, st] : io_consumers) {
+    settle_join(*st, error{std::string(errc::shutting_down),
+                           describe(key) + ": the agent stopped before joining it", false});
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -989,6 +1381,7 @@ status agent::start() {
   if (threads == 0) {
     std::size_t total = 0;
     for (const auto& [name, def] : d.services) total += def.capacity;
+    for (const auto& [key, st] : d.consumers) total += st->opts.capacity;
     threads = std::clamp<std::size_t>(total, 1, 64);
   }
   if (d.opts.inline_handlers) threads = 0;
@@ -1016,14 +1409,23 @@ status agent::start() {
     p.synced = promise;
     d.post(std::move(p));
   }
-  for (std::size_t i = 0; i < threads; ++i) {
-    d.handler_threads.push_back(spawn_quiet([&d] {
-      std::function<void()> job;
-      while (d.handler_jobs.pop(job)) {
-        job();
-        d.handler_jobs.done();
-      }
-    }));
+  // Consumers given to consume() before: their CONSUMEs follow the HELLO on the connection.
+  std::vector<std::pair<consumer_key, std::future<status>>> joins;
+  {
+    std::lock_guard lock(d.config_mutex);
+    for (const auto& [key, st] : d.consumers) {
+      st->first_join = std::make_shared<std::promise<status>>();
+      st->join_deadline = steady::now() + d.opts.start_timeout;
+      joins.emplace_back(key, st->first_join->get_future());
+      outbound c;
+      c.what = outbound::kind::consume;
+      c.consumer = st;
+      d.post(std::move(c));
+    }
+  }
+  {
+    std::lock_guard lock(d.pool_mutex);
+    for (std::size_t i = 0; i < threads; ++i) d.spawn_handler_thread();
   }
   d.event_thread = spawn_quiet([&d] {
     std::function<void()> job;
@@ -1047,6 +1449,13 @@ status agent::start() {
       stop(0ms);
       return error{s.err().code, "subscriptions on " + d.opts.events + ": " + s.err().message,
                    s.err().retryable};
+    }
+  }
+  for (auto& [key, joined] : joins) {
+    auto s = joined.get();  // the I/O thread settles it by start_timeout
+    if (!s) {
+      stop(0ms);
+      return s.err();  // its message names the consumer
     }
   }
   return common::ok_status();
@@ -1086,13 +1495,179 @@ void agent::stop(std::chrono::milliseconds grace) {
     }
   }
   d.handler_jobs.close();
-  for (auto& t : d.handler_threads) t.join();
-  d.handler_threads.clear();
+  {
+    std::lock_guard lock(d.pool_mutex);
+    for (auto& t : d.handler_threads) t.join();
+    d.handler_threads.clear();
+  }
   d.event_jobs.close();
   if (d.event_thread.joinable()) d.event_thread.join();
   d.dealer.reset();
   d.sub.reset();
   d.is_registered = false;
+}
+
+namespace {
+
+// Stream and consumer names: [A-Za-z0-9_-]{1,64} (docs/protocol.md section 11).
+std::string check_consumer_name(const char* what, const std::string& name) {
+  if (name.empty() || name.size() > 64) {
+    return std::string(what) + " must be 1..64 characters of [A-Za-z0-9_-], got " +
+           std::to_string(name.size()) + " characters";
+  }
+  for (std::size_t i = 0; i < name.size(); ++i) {
+    const unsigned char c = static_cast<unsigned char>(name[i]);
+    if (std::isalnum(c) == 0 && c != '_' && c != '-') {
+      return std::string(what) + " '" + name + "' has '" + std::string(1, name[i]) + "' at byte " +
+             std::to_string(i) + "; names are [A-Za-z0-9_-]{1,64}";
+    }
+  }
+  return {};
+}
+
+// The CONSUME payload: the fields the caller set, under the keys of docs/protocol.md section 11.
+// Empty when none is set (join the consumer as it is).
+result<bytes> encode_consumer_config(const consumer_config& c) {
+  nlohmann::json m = nlohmann::json::object();
+  auto bad = [](const std::string& why) { return error{"bad_request", why, false}; };
+  if (c.filter) m["filter"] = *c.filter;
+  if (c.start) {
+    static constexpr const char* k_names[] = {"all", "new", "seq", "time"};
+    m["start"] = k_names[static_cast<int>(*c.start)];
+  }
+  if (c.start_seq) m["start_seq"] = *c.start_seq;
+  if (c.start_time_ms) m["start_time_ms"] = *c.start_time_ms;
+  if (c.ack_wait) {
+    if (c.ack_wait->count() < 1) {
+      return bad("consumer config ack_wait must be at least 1 ms, got " +
+                 std::to_string(c.ack_wait->count()) + " ms");
+    }
+    m["ack_wait_ms"] = static_cast<std::uint64_t>(c.ack_wait->count());
+  }
+  if (c.max_deliver) m["max_deliver"] = *c.max_deliver;
+  if (c.max_ack_pending) m["max_ack_pending"] = *c.max_ack_pending;
+  if (c.ordered_by) m["ordered_by"] = *c.ordered_by;
+  if (c.backoff) {
+    auto delays = nlohmann::json::array();
+    for (std::size_t i = 0; i < c.backoff->size(); ++i) {
+      const auto ms = (*c.backoff)[i].count();
+      if (ms < 0) {
+        return bad("consumer config backoff[" + std::to_string(i) + "] must not be negative, got " +
+                   std::to_string(ms) + " ms");
+      }
+      delays.push_back(static_cast<std::uint64_t>(ms));
+    }
+    m["backoff_ms"] = std::move(delays);
+  }
+  if (m.empty()) return bytes();
+  const auto packed = nlohmann::json::to_msgpack(m);
+  return bytes(packed.begin(), packed.end());
+}
+
+}  // namespace
+
+status agent::consume(const consume_options& o, consume_handler h,
+                      std::chrono::milliseconds deadline) {
+  auto& d = *impl_;
+  auto bad = [&](const std::string& why) {
+    return error{"bad_request", "consume " + o.stream + "/" + o.consumer + ": " + why, false};
+  };
+  for (const auto& [what, value] :
+       {std::pair{"stream", &o.stream}, std::pair{"consumer", &o.consumer}}) {
+    if (auto problem = check_consumer_name(what, *value); !problem.empty()) return bad(problem);
+  }
+  if (o.capacity < 1 || o.capacity > 100'000) {
+    return bad("capacity must be 1..100000, got " + std::to_string(o.capacity));
+  }
+  if (!h) return bad("the handler is empty");
+  if (deadline.count() <= 0) {
+    return bad("deadline must be positive, got " + std::to_string(deadline.count()) + " ms");
+  }
+  auto payload = encode_consumer_config(o.config);
+  if (!payload) return bad(payload.err().message);
+  if (d.on_io_thread()) return bad("consume() cannot wait on the agent's I/O thread");
+
+  auto st = std::make_shared<consumer_state>();
+  st->opts = o;
+  st->handler = std::move(h);
+  st->config_payload = std::move(payload).value();
+  const consumer_key key = st->key();
+  {
+    std::lock_guard lock(d.config_mutex);
+    if (d.consumers.count(key) != 0) {
+      return bad("this agent already consumes it (stop_consuming() first to change it)");
+    }
+    d.consumers[key] = st;
+  }
+  if (!d.running) return common::ok_status();  // start() joins it
+  auto joined = std::make_shared<std::promise<status>>();
+  auto answer = joined->get_future();
+  st->first_join = joined;
+  st->join_deadline = steady::now() + deadline;
+  d.grow_pool();
+  outbound c;
+  c.what = outbound::kind::consume;
+  c.consumer = st;
+  c.synced = joined;  // settled by post() if the agent stopped meanwhile
+  d.post(std::move(c));
+  auto s = answer.get();  // the I/O thread settles it by the deadline
+  if (!s) {
+    std::lock_guard lock(d.config_mutex);
+    if (auto it = d.consumers.find(key); it != d.consumers.end() && it->second == st) {
+      d.consumers.erase(it);
+    }
+  }
+  return s;
+}
+
+status agent::stop_consuming(const std::string& stream, const std::string& consumer,
+                             std::chrono::milliseconds deadline) {
+  auto& d = *impl_;
+  const consumer_key key{stream, consumer};
+  {
+    std::lock_guard lock(d.config_mutex);
+    if (d.consumers.erase(key) == 0) {
+      return error{"not_found", "this agent does not consume " + describe(key), false};
+    }
+  }
+  if (!d.running) return common::ok_status();
+  if (d.on_io_thread()) {
+    return error{"bad_request", "stop_consuming() cannot wait on the agent's I/O thread", false};
+  }
+  auto stopped = std::make_shared<std::promise<status>>();
+  auto answer = stopped->get_future();
+  outbound c;
+  c.what = outbound::kind::consume_stop;
+  c.hdr.stream = stream;
+  c.hdr.consumer = consumer;
+  c.deadline = steady::now() + deadline;
+  c.synced = stopped;
+  d.post(std::move(c));
+  return answer.get();  // settled by the REPLY, the call's deadline, or the agent stopping
+}
+
+std::optional<consume_stats> agent::consumer_stats(const std::string& stream,
+                                                   const std::string& consumer) const {
+  std::shared_ptr<consumer_state> st;
+  {
+    std::lock_guard lock(impl_->config_mutex);
+    auto it = impl_->consumers.find({stream, consumer});
+    if (it == impl_->consumers.end()) return std::nullopt;
+    st = it->second;
+  }
+  const auto& c = st->count;
+  consume_stats out;
+  out.delivered = c.delivered;
+  out.acked = c.acked;
+  out.nacked = c.nacked;
+  out.termed = c.termed;
+  out.threw = c.threw;
+  out.refused = c.refused;
+  out.joins = c.joins;
+  out.dropped = c.dropped;
+  out.redelivered = c.redelivered;
+  out.in_flight = c.in_flight;
+  return out;
 }
 
 call_result agent::call(const std::string& service, const std::string& action, bytes payload,
@@ -1164,7 +1739,8 @@ result<published> agent::publish(const std::string& topic, bytes payload,
   }
   o.counted = true;
   o.payload = std::move(payload);
-  published p{o.hdr.id, 0};
+  published p;
+  p.id = o.hdr.id;
   if (!d.submit(std::move(o))) {
     return error{std::string(errc::broker_lost), "publish to '" + topic + "': the agent stopped",
                  false};
@@ -1216,7 +1792,7 @@ result<published> agent::publish_acked(const std::string& topic, bytes payload,
       [promise](call_result r) { promise->set_value(std::move(r)); }, opts, true);
   auto r = future.get();
   if (!r) return r.err();
-  return published{r->id(), r->seq()};
+  return published{r->id(), r->seq(), r->stream(), r->stream_seq(), r->duplicate()};
 }
 
 const message* current_message() {

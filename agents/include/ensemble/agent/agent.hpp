@@ -21,13 +21,21 @@
 //
 // After a broker restart the agent registers again by itself; its subscriptions resume.
 // Every blocking call has a deadline. The public headers do not include ZeroMQ or msgpack.
+//
+// Durable consumers (docs/agents.md, "Durable consumers"): consume() joins a named consumer of a
+// broker stream; each stored event is delivered to one member at a time and redelivered until
+// a handler's result acknowledges or dead-letters it (at least once: handlers are idempotent).
+//   a.consume({.stream = "orders", .consumer = "billing", .capacity = 4},
+//             [](const message& m) -> status { ...; return common::ok_status(); });
 
 #include <chrono>
 #include <cstdint>
 #include <functional>
 #include <future>
 #include <memory>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "ensemble/common/result.hpp"
 
@@ -59,10 +67,11 @@ struct options {
   std::chrono::milliseconds publish_timeout{5000};  // publish(): longest wait for room
 };
 
-// A request being handled, an event received, or a reply to a call. Read-only.
+// A request being handled, an event received, a reply to a call, or a delivery of a durable
+// consumer (a stored event). Read-only.
 class message {
  public:
-  enum class kind { request, event, reply };
+  enum class kind { request, event, reply, delivery };
 
   kind what() const { return kind_; }
   const std::string& id() const { return id_; }
@@ -78,6 +87,17 @@ class message {
   std::uint64_t timestamp_us() const { return ts_; }           // events
   const std::string& publisher() const { return publisher_; }  // events
   const std::string& worker() const { return worker_; }        // replies
+  // Events stored by a durable stream (fanned out or delivered), and publish acknowledgements
+  // of stored events: the stream and the event's sequence in it (empty / 0 otherwise).
+  const std::string& stream() const { return stream_; }
+  std::uint64_t stream_seq() const { return stream_seq_; }
+  // Deliveries: the durable consumer, and the delivery count (1 the first time, one more per
+  // redelivery, kept across broker restarts).
+  const std::string& consumer() const { return consumer_; }
+  std::uint32_t deliveries() const { return deliveries_; }
+  // Publish acknowledgements: the stream already held this event id (nothing was stored again;
+  // stream_seq() is the original's).
+  bool duplicate() const { return duplicate_; }
   // Requests: when the caller stops waiting.
   std::chrono::steady_clock::time_point deadline() const { return deadline_; }
   const bytes& payload() const { return payload_; }
@@ -90,6 +110,10 @@ class message {
   std::uint32_t attempt_ = 1;
   std::uint64_t seq_ = 0, ts_ = 0;
   std::string publisher_, worker_;
+  std::string stream_, consumer_;
+  std::uint64_t stream_seq_ = 0;
+  std::uint32_t deliveries_ = 0;
+  bool duplicate_ = false;
   std::chrono::steady_clock::time_point deadline_{};
   bytes payload_;
 };
@@ -118,7 +142,74 @@ struct send_options {
 
 struct published {
   std::string id;
-  std::uint64_t seq = 0;  // 0 unless acknowledged
+  std::uint64_t seq = 0;  // 0 unless acknowledged (and 0 for a duplicate)
+  // publish_acked on a topic a durable stream stores: where it stored the event. `duplicate`:
+  // the stream already held this id, so stream_seq is the original's and nothing went out.
+  std::string stream;
+  std::uint64_t stream_seq = 0;
+  bool duplicate = false;
+};
+
+// --- durable consumers (docs/protocol.md section 11, docs/streams-consumers.md) ---
+
+// Where a new consumer starts reading its stream.
+enum class consume_start {
+  all,       // the first event the stream still holds
+  new_only,  // only events stored after the consumer was created ("new" on the wire)
+  seq,       // from consumer_config::start_seq
+  time,      // from the first event stored at or after consumer_config::start_time_ms
+};
+
+// A consumer's configuration, used when the broker creates it (the first member's CONSUME).
+// Only the fields set are sent; the broker's defaults apply to the others. A consumer that exists
+// keeps its stored configuration: sending fields that differ from it is refused `bad_request`
+// naming the field (remove it with broker.consumer_rm to change it); sending none joins it as
+// it is.
+struct consumer_config {
+  std::optional<std::vector<std::string>> filter;     // topic prefixes; default: every event
+  std::optional<consume_start> start;                 // default all
+  std::optional<std::uint64_t> start_seq;             // with consume_start::seq, >= 1
+  std::optional<std::uint64_t> start_time_ms;         // with consume_start::time, Unix epoch ms
+  std::optional<std::chrono::milliseconds> ack_wait;  // default 30 s: redelivered after that
+  std::optional<std::uint32_t> max_deliver;           // default 5: then the event is dead-lettered
+  std::optional<std::uint32_t> max_ack_pending;  // default 1000: unanswered events, all members
+  // A header field (correlation_id, causation_id, trace_id, idempotency_key, publisher, topic,
+  // event_id): events with the same value are never in flight at once, and go in order.
+  std::optional<std::string> ordered_by;
+  // Delays before redeliveries after failed attempts (the last one repeats); default none.
+  std::optional<std::vector<std::chrono::milliseconds>> backoff;
+};
+
+struct consume_options {
+  std::string stream;    // the stream, [A-Za-z0-9_-]{1,64}
+  std::string consumer;  // the consumer's name within it, [A-Za-z0-9_-]{1,64}
+  // Deliveries of this consumer the agent handles at once (1..100000): what it announces to
+  // the broker as this member's capacity.
+  std::uint32_t capacity = 1;
+  consumer_config config;
+};
+
+// What a consumer handler returns decides what the broker does with the delivery:
+//   ok                         -> ACK: done for this consumer
+//   error, retryable = true    -> NACK: redelivered (after the consumer's backoff), and
+//                                 dead-lettered after max_deliver deliveries
+//   error, retryable = false   -> TERM: dead-lettered now, with the error's code and message
+// A handler that throws is a NACK with the exception's message (code `handler_failed`).
+using consume_handler = std::function<status(const message&)>;
+
+// What one consumer of this agent did, since consume() (for tests and monitoring).
+struct consume_stats {
+  std::uint64_t delivered = 0;    // DELIVERs received
+  std::uint64_t acked = 0;        // ACKs sent (handler ok)
+  std::uint64_t nacked = 0;       // NACKs sent (retryable error, or the handler threw)
+  std::uint64_t termed = 0;       // TERMs sent (non-retryable error)
+  std::uint64_t threw = 0;        // handlers that threw (answered NACK)
+  std::uint64_t refused = 0;      // answers the broker refused (`not_pending`: already done)
+  std::uint64_t joins = 0;        // CONSUMEs the broker accepted: 1 + re-joins after restarts
+  std::uint64_t dropped = 0;      // deliveries not handled: still waiting for a free slot when the
+                                  // broker forgot this member (it redelivers them), or stopping
+  std::uint64_t redelivered = 0;  // deliveries with a count above 1
+  std::uint32_t in_flight = 0;    // being handled now
 };
 
 class agent {
@@ -139,7 +230,27 @@ class agent {
   status subscribe(const std::string& prefix, event_handler h,
                    std::chrono::milliseconds deadline = std::chrono::seconds(5));
 
-  // Connects, registers, waits for the broker's WELCOME (options.start_timeout).
+  // --- durable consumers ---
+  // Joins the consumer `o.consumer` of stream `o.stream` as a member (the broker creates it with
+  // `o.config` when it does not exist); `h` handles each delivery like a request handler (on the
+  // pool, or inline with options.inline_handlers; current_message() is the delivery), at most
+  // `o.capacity` at once, and its result answers the broker (see consume_handler).
+  // Before start(): joins when start() runs, and start() fails if the broker refuses it. After
+  // start(): returns once the broker accepted it, or its refusal (`not_found`: no such stream;
+  // `bad_request` naming the field; `streams_disabled`) or `deadline_exceeded`.
+  // After a broker restart or a re-registration the agent joins again by itself.
+  status consume(const consume_options& o, consume_handler h,
+                 std::chrono::milliseconds deadline = std::chrono::seconds(5));
+  // Leaves the consumer (CONSUME_STOP): what this member held goes to the other members.
+  // Handlers still running finish and are answered.
+  status stop_consuming(const std::string& stream, const std::string& consumer,
+                        std::chrono::milliseconds deadline = std::chrono::seconds(5));
+  // nullopt for a consumer this agent does not consume.
+  std::optional<consume_stats> consumer_stats(const std::string& stream,
+                                              const std::string& consumer) const;
+
+  // Connects, registers, waits for the broker's WELCOME (options.start_timeout), and joins the
+  // consumers given to consume() before.
   status start();
   // Stops taking work, lets running handlers finish (up to `grace`), says BYE, joins threads.
   void stop(std::chrono::milliseconds grace = std::chrono::seconds(5));
@@ -170,7 +281,8 @@ class agent {
   // sent. For programs that must know an event went out without blocking a thread on it.
   void publish_async(const std::string& topic, bytes payload, std::chrono::milliseconds deadline,
                      call_callback done, const send_options& opts = {});
-  // Waits for the broker's PUBLISH_ACK (the event was fanned out) and returns its seq. Waits for
+  // Waits for the broker's PUBLISH_ACK (the event was fanned out) and returns its seq, and for a
+  // topic a durable stream stores, the stream and stream_seq (the event is stored). Waits for
   // room in the send queue too, within the same deadline (`queue_full` if there is none).
   result<published> publish_acked(const std::string& topic, bytes payload,
                                   std::chrono::milliseconds deadline,
