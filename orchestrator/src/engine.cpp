@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <future>
+#include <iterator>
 
 #include "ensemble/agent/json.hpp"
 #include "ensemble/common/clock.hpp"
@@ -218,9 +219,14 @@ void engine::run(agent::agent& ag) {
     pthread_setname_np(pthread_self(), "orch-engine");
     loop();
   });
-  if (!catch_up_from_.empty()) {
-    catch_up_thread_ =
-        std::thread([this, waiting = std::move(catch_up_from_), topics = await_topics_]() mutable {
+  // The durable consumer delivers what arrived on its topics while we were down; the broker's
+  // journal is asked only for the others.
+  std::set<std::string> journal_topics;
+  std::set_difference(await_topics_.begin(), await_topics_.end(), durable_topics_.begin(),
+                      durable_topics_.end(), std::inserter(journal_topics, journal_topics.begin()));
+  if (!catch_up_from_.empty() && !journal_topics.empty()) {
+    catch_up_thread_ = std::thread(
+        [this, waiting = std::move(catch_up_from_), topics = std::move(journal_topics)]() mutable {
           pthread_setname_np(pthread_self(), "orch-catch-up");
           catch_up(std::move(waiting), std::move(topics));
         });
@@ -353,9 +359,31 @@ void engine::loop() {
 
 void engine::process(inbound& in) {
   switch (in.what) {
-    case inbound::kind::event:
-      handle_event(std::move(in.event), in.replayed);
+    case inbound::kind::event: {
+      if (!in.promise) {
+        handle_event(std::move(in.event), in.replayed);
+        return;
+      }
+      // A durable delivery: acked once its effects are committed, redelivered otherwise.
+      effect e;
+      e.what = effect::kind::answer;
+      e.promise = in.promise;
+      if (store_failure_) {
+        e.ready = result<json>(
+            error{store_failure_->code,
+                  "event " + in.event.value("id", "") +
+                      " not handled, the store cannot commit: " + store_failure_->message,
+                  true});
+      } else {
+        // A trigger's instance stands or falls with its commit (drop_uncommitted_starts
+        // answers this with the failure); anything else waits for the commit.
+        e.instance_id = handle_event(std::move(in.event), false);
+        e.durable = true;
+        e.ready = result<json>(json::object());
+      }
+      effects_.push_back(std::move(e));
       return;
+    }
     case inbound::kind::admin: {
       effect e;
       e.what = effect::kind::answer;
@@ -577,6 +605,8 @@ void engine::flush() {
       store_failed(s.err());
       return;
     }
+    // Committed trigger marks are found in the store from now on (triggered_by).
+    for (const auto& t : batch_.triggers) pending_triggers_.erase(key_of(t.workflow, t.event_id));
     if (store_failure_ || store_probing_) {
       log_->info("store commits again ({} instance(s) in the first batch); accepting new work",
                  batch_.instances.size());
@@ -688,6 +718,8 @@ void engine::drop_uncommitted_starts(const error& why) {
   }
   std::erase_if(batch_.history, [&](const history_entry& h) { return drop.count(h.instance_id); });
   std::erase_if(batch_.triggers, [&](const trigger_mark& t) { return drop.count(t.instance_id); });
+  // A trigger whose instance is dropped may start it when its event comes again.
+  std::erase_if(pending_triggers_, [&](const auto& kv) { return drop.count(kv.second) != 0; });
   std::erase_if(default_awaits_, [&](const auto& kv) {
     return drop.count(kv.first.substr(kv.first.find('\n') + 1)) != 0;
   });
@@ -1394,7 +1426,8 @@ void engine::deliver(instance& in, const step& s, const json& ev) {
   }
 }
 
-void engine::on_event(const agent::message& m) {
+namespace {
+json event_json(const agent::message& m) {
   json ev = {{"id", m.id()},
              {"topic", m.topic()},
              {"correlation_id", m.correlation_id()},
@@ -1405,13 +1438,37 @@ void engine::on_event(const agent::message& m) {
              {"publisher", m.publisher()}};
   auto payload = agent::from_json_payload(m.payload());
   ev["payload"] = payload ? std::move(*payload) : json();
+  if (!m.stream().empty()) {
+    ev["stream"] = m.stream();
+    ev["stream_seq"] = m.stream_seq();
+  }
+  return ev;
+}
+}  // namespace
+
+void engine::on_event(const agent::message& m) {
   inbound in;
   in.what = inbound::kind::event;
-  in.event = std::move(ev);
+  in.event = event_json(m);
   post(std::move(in));
 }
 
-void engine::handle_event(json ev, bool replayed) {
+std::future<result<json>> engine::on_durable_event(const agent::message& m) {
+  inbound in;
+  in.what = inbound::kind::event;
+  in.event = event_json(m);
+  in.promise = std::make_shared<std::promise<result<json>>>();
+  auto done = in.promise->get_future();
+  post(std::move(in));
+  return done;
+}
+
+void engine::set_durable_topics(std::set<std::string> topics) {
+  durable_topics_ = std::move(topics);
+}
+
+std::string engine::handle_event(json ev, bool replayed) {
+  std::string triggered;
   const std::string topic = ev["topic"];
   const std::string event_id = ev.value("id", "");
   // Triggers: one instance per (workflow, event id), ever.
@@ -1460,11 +1517,12 @@ void engine::handle_event(json ev, bool replayed) {
         instance& inst = create_instance(def, id, std::move(start_input), "", "",
                                          ev.value("trace_id", ""), event_id);
         advance(inst);
+        if (triggered.empty()) triggered = id;
         break;
       }
     }
   }
-  if (await_topics_.count(topic) == 0) return;
+  if (await_topics_.count(topic) == 0) return triggered;
   // Awaits correlated by instance id.
   const std::string corr = ev.value("correlation_id", "");
   if (auto it = default_awaits_.find(key_of(topic, corr)); it != default_awaits_.end()) {
@@ -1475,7 +1533,7 @@ void engine::handle_event(json ev, bool replayed) {
         if (replayed) count_caught_up();
         deliver(*inst->second, *s, ev);
         advance(*inst->second);
-        return;
+        return triggered;
       }
     }
   }
@@ -1490,10 +1548,11 @@ void engine::handle_event(json ev, bool replayed) {
       if (replayed) count_caught_up();
       deliver(*inst->second, *s, ev);
       advance(*inst->second);
-      return;
+      return triggered;
     }
   }
   if (!replayed) buffer_event(std::move(ev));
+  return triggered;
 }
 
 void engine::count_caught_up() {

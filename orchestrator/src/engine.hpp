@@ -66,6 +66,14 @@ class engine {
   std::vector<std::string> listened_topics() const;
   // Called on the SDK's event thread.
   void on_event(const agent::message& m);
+  // A delivery of the orchestrator's durable consumer: the future is ready once what the event
+  // caused (an await satisfied, an instance triggered, the event buffered) is committed, or with
+  // a retryable error when the store cannot commit — the delivery is acked only then, so an
+  // event is never lost between the broker and the store.
+  std::future<result<json>> on_durable_event(const agent::message& m);
+  // Topics fed by the durable consumer (before run()): the broker's journal is not asked for
+  // them after a restart, since the consumer delivers what arrived meanwhile.
+  void set_durable_topics(std::set<std::string> topics);
 
   stats counters() const;
 
@@ -124,7 +132,8 @@ class engine {
   void deliver(instance& in, const step& s, const json& ev);
   // `replayed`: found in the broker's journal by the catch-up after a restart. Only delivered to
   // an await that is waiting for it: never starts an instance, never buffered.
-  void handle_event(json ev, bool replayed = false);
+  // Returns the id of the instance a trigger started, if any.
+  std::string handle_event(json ev, bool replayed = false);
   void count_caught_up();
   // After a restart: asks the broker's journal for the events that the awaits of `waiting`
   // (instance id -> since when, wall clock µs) missed while the orchestrator was down, and posts
@@ -202,6 +211,7 @@ class engine {
   std::thread thread_;
   std::thread catch_up_thread_;
   std::map<std::string, std::int64_t> catch_up_from_;  // filled by resume()
+  std::set<std::string> durable_topics_;               // set before run()
 
   mutable std::mutex stats_mutex_;
   stats stats_;

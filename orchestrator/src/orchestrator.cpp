@@ -2,6 +2,11 @@
 // `orchestrator` service that exposes the engine's admin operations to any client.
 #include "ensemble/orchestrator/orchestrator.hpp"
 
+#include <atomic>
+#include <future>
+#include <map>
+#include <set>
+
 #include "engine.hpp"
 #include "ensemble/agent/json.hpp"
 #include "ensemble/common/logging.hpp"
@@ -13,7 +18,69 @@ struct orchestrator::impl {
   std::unique_ptr<detail::engine> engine;
   std::unique_ptr<agent::agent> agent;
   bool started = false;
+  // Streams whose events the durable consumer delivers: their copies on the plain
+  // subscription are ignored once it is known (written before consuming, then only read).
+  std::set<std::string> consumed_streams;
+  std::atomic<bool> streams_known{false};
+
+  common::status consume_streams();
 };
+
+namespace {
+
+constexpr std::uint32_t k_consumer_capacity = 64;
+constexpr auto k_event_commit_wait = std::chrono::seconds(30);
+
+// The consumer's name: the orchestrator's agent name in [A-Za-z0-9_-]{1,64}.
+std::string consumer_name(const std::string& agent_name) {
+  std::string out;
+  for (char c : agent_name) {
+    const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+                    c == '_' || c == '-';
+    out.push_back(ok ? c : '-');
+  }
+  if (out.empty()) out = "orchestrator";
+  return out.substr(0, 64);
+}
+
+}  // namespace
+
+// Awaited and triggering topics that a broker stream stores are fed by the orchestrator's own
+// durable consumer of that stream (docs/workflows.md, "Durability"): an event is acked only
+// once what it caused is committed, so nothing published while the orchestrator or the broker
+// restarts is missed. Other topics keep the plain subscription.
+common::status orchestrator::impl::consume_streams() {
+  auto log = common::component_logger("orchestrator");
+  auto listed = agent->call("broker", "streams", agent::to_json_payload(json::object()),
+                            std::chrono::seconds(5));
+  auto body =
+      listed ? agent::from_json_payload(listed->payload()) : common::result<json>(listed.err());
+  if (!body) {
+    log->warn("cannot list the broker's streams ({}); events come by subscription only",
+              body.err().to_string());
+    streams_known = true;
+    return common::ok_status();
+  }
+  std::set<std::string> topics;
+  for (const auto& t : engine->listened_topics()) topics.insert(t);
+  std::map<std::string, std::set<std::string>> covered;  // stream -> listened topics
+  for (const auto& s : body->value("streams", json::array())) {
+    for (const auto& prefix : s.value("topics", json::array())) {
+      for (const auto& t : topics) {
+        if (prefix.is_string() && t.starts_with(prefix.template get<std::string>()))
+          covered[s.value("name", "")].insert(t);
+      }
+    }
+  }
+  std::set<std::string> durable;
+  for (const auto& [stream, ts] : covered) {
+    consumed_streams.insert(stream);
+    durable.insert(ts.begin(), ts.end());
+  }
+  engine->set_durable_topics(durable);
+  streams_known = true;
+  return common::ok_status();
+}
 
 orchestrator::orchestrator(options opts) : impl_(std::make_unique<impl>()) {
   auto defs = load_definitions(opts.workflows);
@@ -36,10 +103,16 @@ common::status orchestrator::start() {
   ao.events = d.opts.events;
   d.agent = std::make_unique<agent::agent>(ao);
   auto* engine = d.engine.get();
+  auto* self = impl_.get();
   for (const auto& topic : engine->listened_topics()) {
     // Subscriptions are prefix matches; the engine wants the exact topic.
-    (void)d.agent->subscribe(topic, [engine, topic](const agent::message& m) {
-      if (m.topic() == topic) engine->on_event(m);
+    (void)d.agent->subscribe(topic, [engine, topic, self](const agent::message& m) {
+      if (m.topic() != topic) return;
+      // A stored event the durable consumer delivers too.
+      if (!m.stream().empty() && self->streams_known && self->consumed_streams.count(m.stream())) {
+        return;
+      }
+      engine->on_event(m);
     });
   }
   if (d.opts.serve) {
@@ -57,7 +130,54 @@ common::status orchestrator::start() {
     d.agent->set_capacity(d.opts.service, d.opts.capacity);
   }
   if (auto s = d.agent->start(); !s) return s;
+  if (auto s = d.consume_streams(); !s) return s;
   d.engine->run(*d.agent);
+  for (const auto& stream : d.consumed_streams) {
+    const std::string name = consumer_name(d.opts.name);
+    // Created on first use; its position is kept by the broker from then on. A new consumer
+    // starts buffer_retention back: events older than that would have expired from the buffer.
+    const auto since =
+        std::chrono::duration_cast<std::chrono::milliseconds>(
+            std::chrono::system_clock::now().time_since_epoch() - d.opts.buffer_retention)
+            .count();
+    json add = {{"stream", stream},
+                {"name", name},
+                {"start", "time"},
+                {"start_time_ms", std::max<std::int64_t>(0, since)},
+                {"ordered_by", "correlation_id"},
+                {"ack_wait_ms", 60'000},
+                {"max_deliver", 100},
+                {"max_ack_pending", 10'000},
+                {"backoff_ms", {500, 2000, 10'000}}};
+    auto added = d.agent->call("broker", "consumer_add", agent::to_json_payload(add),
+                               std::chrono::seconds(5));
+    if (!added && added.err().code != "already_exists") {
+      return common::error{added.err().code,
+                           "cannot create the durable consumer " + name + " of stream " + stream +
+                               ": " + added.err().message,
+                           added.err().retryable};
+    }
+    agent::consume_options co;
+    co.stream = stream;
+    co.consumer = name;
+    co.capacity = k_consumer_capacity;
+    auto listened = engine->listened_topics();
+    std::set<std::string> exact(listened.begin(), listened.end());
+    auto joined = d.agent->consume(co, [engine, exact](const agent::message& m) -> common::status {
+      if (exact.count(m.topic()) == 0) return common::ok_status();  // not awaited or triggering
+      auto done = engine->on_durable_event(m);
+      if (done.wait_for(k_event_commit_wait) != std::future_status::ready) {
+        return common::error{std::string(common::errc::deadline_exceeded),
+                             "event " + m.id() + " not committed within 30 s", true};
+      }
+      auto r = done.get();
+      if (!r) return r.err();
+      return common::ok_status();
+    });
+    if (!joined) return joined;
+    common::component_logger("orchestrator")
+        ->info("{}: events of stream {} come from durable consumer {}", d.opts.name, stream, name);
+  }
   d.started = true;
   common::component_logger("orchestrator")
       ->info("{} ready: {} workflow definition(s), store {}", d.opts.name,
