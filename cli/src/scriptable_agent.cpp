@@ -46,6 +46,7 @@ using steady = std::chrono::steady_clock;
 
 constexpr std::size_t k_dedupe_keep = 10'000;  // idempotency keys remembered, oldest forgotten
 constexpr std::uint32_t k_max_capacity = 1'000;
+constexpr std::chrono::milliseconds k_durable_publish_wait{10'000};  // a durable reaction's events
 
 std::string join(const std::vector<std::string>& items, std::string_view sep = ", ") {
   std::string out;
@@ -100,7 +101,8 @@ class spec_parser {
       fail("", "the spec is empty; an agent spec needs `services` and/or `reactions`");
     }
     if (!doc.is_object()) fail("", "the spec must be a mapping, got " + got(doc));
-    r_.check_keys(doc, "", {"name", "dedupe", "seed", "services", "reactions"}, "an agent spec");
+    r_.check_keys(doc, "", {"name", "dedupe", "seed", "services", "reactions", "consume"},
+                  "an agent spec");
     with_key(doc, "", "name", [&](const json& v, const std::string& at) {
       spec.name = r_.string_at(v, at);
       if (auto problem = common::check_name("agent name", spec.name); !problem.empty()) {
@@ -127,9 +129,50 @@ class spec_parser {
         r_.attempt([&] { spec.reactions.push_back(parse_reaction(reactions[i], child(at, i))); });
       }
     });
+    with_key(doc, "", "consume",
+             [&](const json& v, const std::string& at) { spec.consume = parse_consume(v, at); });
     if (!doc.contains("services") && !doc.contains("reactions")) {
       fail("", "an agent spec needs `services` and/or `reactions`");
     }
+    if (doc.contains("consume") && !doc.contains("reactions")) {
+      fail("consume", "feeds the reactions, and the spec has none");
+    }
+  }
+
+  consume_spec parse_consume(const json& v, const std::string& path) const {
+    if (!v.is_object()) fail(path, "must be a mapping with `stream`, got " + got(v));
+    r_.check_keys(v, path,
+                  {"stream", "consumer", "capacity", "ack_wait", "max_deliver", "ordered_by"},
+                  "a durable consumer");
+    consume_spec c;
+    if (!v.contains("stream")) r_.report(child(path, "stream"), "is required: the broker stream");
+    const auto stream_name = [&](const json& x, const std::string& at) {
+      std::string name = r_.string_at(x, at);
+      const bool ok =
+          !name.empty() && name.size() <= 64 && std::all_of(name.begin(), name.end(), [](char ch) {
+            return std::isalnum(static_cast<unsigned char>(ch)) != 0 || ch == '_' || ch == '-';
+          });
+      if (!ok) fail(at, "'" + name + "' is not 1..64 characters of [A-Za-z0-9_-]");
+      return name;
+    };
+    with_key(v, path, "stream",
+             [&](const json& x, const std::string& at) { c.stream = stream_name(x, at); });
+    with_key(v, path, "consumer",
+             [&](const json& x, const std::string& at) { c.consumer = stream_name(x, at); });
+    with_key(v, path, "capacity", [&](const json& x, const std::string& at) {
+      const auto n = count_at(x, at, 1);
+      if (n > 10'000) fail(at, "must be 1..10000, got " + std::to_string(n));
+      c.capacity = static_cast<std::uint32_t>(n);
+    });
+    with_key(v, path, "ack_wait",
+             [&](const json& x, const std::string& at) { c.ack_wait = duration_at(x, at).max; });
+    with_key(v, path, "max_deliver", [&](const json& x, const std::string& at) {
+      c.max_deliver =
+          static_cast<std::uint32_t>(std::min<std::uint64_t>(count_at(x, at, 1), 1'000'000));
+    });
+    with_key(v, path, "ordered_by",
+             [&](const json& x, const std::string& at) { c.ordered_by = r_.string_at(x, at); });
+    return c;
   }
 
   std::uint64_t count_at(const json& v, const std::string& path, std::uint64_t min) const {
@@ -548,9 +591,14 @@ struct scriptable_agent::impl {
 
   // Publishes `list` rendered against `ctx`; counts into `published`. With `so`, those trace
   // fields are used; otherwise the SDK fills them from the message being handled.
+  // With `id_prefix` (durable reactions), each event gets the id `<prefix>:<index>` and is
+  // published acked: a redelivered event publishes the same ids, which the stream stores once.
   common::status publish_all(const std::vector<publish_spec>& list, const json& ctx,
-                             const ea::send_options& so, std::atomic<std::uint64_t>& published) {
+                             const ea::send_options& so, std::atomic<std::uint64_t>& published,
+                             const std::string& id_prefix = {}) {
+    std::size_t index = 0;
     for (const auto& p : list) {
+      const std::size_t this_index = index++;
       if (!p.when.empty()) {
         auto w = orchestrator::evaluate(p.when, ctx);
         if (!w) return spec_error(p.path + ".when", w.err());
@@ -567,7 +615,14 @@ struct scriptable_agent::impl {
       }
       auto payload = orchestrator::render(p.payload, ctx);
       if (!payload) return spec_error(p.path + ".payload", payload.err());
-      auto sent = sdk->publish(t, ea::to_json_payload(*payload), so);
+      common::result<ea::published> sent = common::error{};
+      if (id_prefix.empty()) {
+        sent = sdk->publish(t, ea::to_json_payload(*payload), so);
+      } else {
+        ea::send_options acked = so;
+        acked.id = id_prefix + ":" + std::to_string(this_index);
+        sent = sdk->publish_acked(t, ea::to_json_payload(*payload), k_durable_publish_wait, acked);
+      }
       if (!sent) return sent.err();
       ++published;
       log->debug("{}: published {} id={} correlation={}", name, t, sent->id,
@@ -706,6 +761,54 @@ struct scriptable_agent::impl {
         break;
       }
     }
+    const json event = event_json(e);
+    for (auto& st : reactions) {
+      if (std::none_of(st.spec->on.begin(), st.spec->on.end(),
+                       [&](const std::string& on) { return topic_matches(on, topic); })) {
+        continue;
+      }
+      try {
+        react(st, e, event);
+      } catch (const std::exception& ex) {
+        log->error("{}: {} on {} (id={}): {}", name, st.spec->path, topic, e.id(), ex.what());
+      } catch (...) {
+        log->error("{}: {} on {} (id={}): unknown exception", name, st.spec->path, topic, e.id());
+      }
+    }
+  }
+
+  // A delivery of the durable consumer: every matching reaction runs to the end (its delay
+  // waited here, its events stored) before the delivery is acked; an error is a nack.
+  common::status on_delivery(const ea::message& e) {
+    const json event = event_json(e);
+    std::size_t index = 0;
+    for (auto& st : reactions) {
+      const std::size_t reaction_index = index++;
+      if (std::none_of(st.spec->on.begin(), st.spec->on.end(),
+                       [&](const std::string& on) { return topic_matches(on, e.topic()); })) {
+        continue;
+      }
+      auto planned = prepare(st, e, event);
+      if (!planned) continue;
+      if (st.spec->delay && !pause(pick(*st.spec->delay))) {
+        return common::error{"shutting_down", "the agent is stopping", true};
+      }
+      const std::string id_prefix = name + ":" + e.id() + ":" + std::to_string(reaction_index);
+      if (auto s =
+              publish_all(*planned->outcome, planned->ctx, planned->so, st.published, id_prefix);
+          !s) {
+        log->warn("{}: {} on {} id={} #{}: {} (redelivered)", name, st.spec->path, e.topic(),
+                  e.id(), e.stream_seq(), s.err().message);
+        auto err = s.err();
+        err.retryable = true;
+        return err;
+      }
+    }
+    return common::ok_status();
+  }
+
+  json event_json(const ea::message& e) const {
+    const std::string& topic = e.topic();
     json payload;
     if (auto body = ea::from_json_payload(e.payload()); body) {
       payload = std::move(*body);
@@ -722,22 +825,17 @@ struct scriptable_agent::impl {
                         {"timestamp_us", e.timestamp_us()},
                         {"publisher", e.publisher()},
                         {"payload", std::move(payload)}};
-    for (auto& st : reactions) {
-      if (std::none_of(st.spec->on.begin(), st.spec->on.end(),
-                       [&](const std::string& on) { return topic_matches(on, topic); })) {
-        continue;
-      }
-      try {
-        react(st, e, event);
-      } catch (const std::exception& ex) {
-        log->error("{}: {} on {} (id={}): {}", name, st.spec->path, topic, e.id(), ex.what());
-      } catch (...) {
-        log->error("{}: {} on {} (id={}): unknown exception", name, st.spec->path, topic, e.id());
-      }
-    }
+    return event;
   }
 
-  void react(reaction_state& st, const ea::message& e, const json& event) {
+  // What a reaction does with one event: nullopt when its `when` says no (or fails).
+  struct reaction_plan {
+    const std::vector<publish_spec>* outcome = nullptr;
+    json ctx;
+    ea::send_options so;
+  };
+  std::optional<reaction_plan> prepare(reaction_state& st, const ea::message& e,
+                                       const json& event) {
     const reaction_spec& r = *st.spec;
     const std::uint64_t n = ++st.events;
     json ctx = {{"event", event}, {"n", n}, {"agent", {{"name", name}}}};
@@ -745,9 +843,9 @@ struct scriptable_agent::impl {
       auto w = orchestrator::evaluate(r.when, ctx);
       if (!w) {
         log->warn("{}: {}.when on {} id={}: {}", name, r.path, e.topic(), e.id(), w.err().message);
-        return;
+        return std::nullopt;
       }
-      if (!*w) return;
+      if (!*w) return std::nullopt;
     }
     ++st.triggered;
     const std::vector<publish_spec>* outcome = &r.publish;
@@ -755,7 +853,7 @@ struct scriptable_agent::impl {
       auto fire = fires(rs, ctx);
       if (!fire) {
         log->warn("{}: {} on {} id={}: {}", name, r.path, e.topic(), e.id(), fire.err().message);
-        return;
+        return std::nullopt;
       }
       if (*fire) {
         ++st.failures;
@@ -771,7 +869,15 @@ struct scriptable_agent::impl {
     so.correlation_id = e.correlation_id().empty() ? e.id() : e.correlation_id();
     so.causation_id = e.id();
     so.trace_id = e.trace_id();
-    auto publish = [this, &st, outcome, ctx = std::move(ctx), so, topic = e.topic()] {
+    return reaction_plan{outcome, std::move(ctx), so};
+  }
+
+  void react(reaction_state& st, const ea::message& e, const json& event) {
+    const reaction_spec& r = *st.spec;
+    auto p = prepare(st, e, event);
+    if (!p) return;
+    auto publish = [this, &st, outcome = p->outcome, ctx = std::move(p->ctx), so = p->so,
+                    topic = e.topic()] {
       if (auto s = publish_all(*outcome, ctx, so, st.published); !s) {
         log->warn("{}: {} on {}: {}", name, st.spec->path, topic, s.err().message);
       }
@@ -845,12 +951,27 @@ common::status scriptable_agent::start() {
     d.sdk->handle(st.spec->service, st.spec->action,
                   [&d, state](const ea::message& m) { return d.on_request(*state, m); });
   }
-  for (const auto& prefix : d.prefixes) {
-    // A trailing '.' is a prefix subscription; an exact topic subscribes to itself as a prefix
-    // and on_event filters the longer topics out.
-    auto s =
-        d.sdk->subscribe(prefix, [&d, prefix](const ea::message& e) { d.on_event(prefix, e); });
-    if (!s) return s.err();
+  if (d.spec.consume) {
+    const auto& c = *d.spec.consume;
+    ea::consume_options co;
+    co.stream = c.stream;
+    co.consumer = c.consumer.empty() ? d.name : c.consumer;
+    co.capacity = c.capacity;
+    co.config.filter = d.prefixes;
+    co.config.ack_wait = c.ack_wait;
+    co.config.max_deliver = c.max_deliver;
+    co.config.ordered_by = c.ordered_by;
+    if (auto s = d.sdk->consume(co, [&d](const ea::message& e) { return d.on_delivery(e); }); !s) {
+      return s.err();
+    }
+  } else {
+    for (const auto& prefix : d.prefixes) {
+      // A trailing '.' is a prefix subscription; an exact topic subscribes to itself as a
+      // prefix and on_event filters the longer topics out.
+      auto s =
+          d.sdk->subscribe(prefix, [&d, prefix](const ea::message& e) { d.on_event(prefix, e); });
+      if (!s) return s.err();
+    }
   }
   d.timer_thread = spawn_quiet([&d] { d.timer_main(); });
   if (auto s = d.sdk->start(); !s) {

@@ -94,6 +94,19 @@ struct reaction_spec {
   std::vector<fail_rule> fail;
 };
 
+// `consume:`: the reactions are fed by a durable consumer of a broker stream instead of a plain
+// subscription (docs/agents.md, "Scriptable agents"): a delivery is acked once the reaction's
+// events are stored (acked publishes with ids derived from the event's), nacked if they could
+// not be, so a reaction survives the agent's and the broker's restarts.
+struct consume_spec {
+  std::string stream;
+  std::string consumer;  // empty: the agent's name
+  std::uint32_t capacity = 16;
+  std::optional<std::chrono::milliseconds> ack_wait;
+  std::optional<std::uint32_t> max_deliver;
+  std::optional<std::string> ordered_by;
+};
+
 struct agent_spec {
   std::string source;  // the file (or label) it was loaded from
   std::string name;    // empty: the file name without extension
@@ -101,6 +114,7 @@ struct agent_spec {
   std::optional<std::uint64_t> seed;  // for rate and latency ranges; random when absent
   std::vector<service_spec> services;
   std::vector<reaction_spec> reactions;
+  std::optional<consume_spec> consume;
 
   std::vector<std::string> service_names() const;
 };
