@@ -510,9 +510,11 @@ std::string base_name(const std::string& stream) {
   return stream.ends_with("-dlq") ? stream.substr(0, stream.size() - 4) : stream;
 }
 
-// The original event's sequence in its stream: the dead letter's id is
-// "<stream>:<stream_seq>:<consumer>" (docs/protocol.md section 11, "Dead letters").
+// The original event's sequence in its stream: the dead letter's header keeps it; its id,
+// "<stream>:<stream_seq>:<consumer>", says it too (docs/protocol.md section 11, "Dead letters").
 std::uint64_t original_seq(const json& rec) {
+  const json header = rec.value("header", json::object());
+  if (const auto seq = u64(header, "stream_seq"); seq > 0) return seq;
   const auto id = str(rec, "id");
   const auto first = id.find(':');
   const auto second = first == std::string::npos ? first : id.find(':', first + 1);
@@ -597,7 +599,7 @@ int cmd_dlq_show(const context& ctx, const std::string& stream, std::uint64_t se
   row("stored", time_text(i64(rec, "ts_ms")));
   row("topic", str(rec, "topic"));
   row("event", base_name(stream) + " #" + std::to_string(original_seq(rec)));
-  row("id", str(rec, "id"));
+  row("event id", str(header, "id"));
   row("consumer", str(header, "consumer"));
   row("deliveries", std::to_string(u64(header, "deliveries")));
   row("reason", reason_of(header));
