@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "ensemble/testkit/deployment.hpp"
 #include "ensemble/testkit/process.hpp"
 #include "support/cli_outcome.hpp"
 #include "support/streams_fixture.hpp"
@@ -440,6 +441,21 @@ TEST_F(cli_streams_deployment_test, up_declares_the_streams_and_they_outlive_the
   EXPECT_EQ(again.document()["count"], 1) << again;
   EXPECT_EQ(again.document()["last_seq"], 1) << again;
   stop();
+}
+
+TEST_F(cli_streams_deployment_test, the_testkit_stores_a_files_streams_in_its_own_temp_dir) {
+  write(k_streams_deployment);
+  auto d = tk::deployment::from_file(dir_.string());
+  d.start();
+  auto published = run_cli({"--broker", d.router(), "--events", d.events(), "publish",
+                            "shipment.sent", R"({"orderId": "A-1"})"});
+  ASSERT_EQ(published.code, 0) << published;
+  auto info = run_cli(
+      {"--broker", d.router(), "--events", d.events(), "streams", "info", "orders", "--json"});
+  ASSERT_EQ(info.code, 0) << info;
+  EXPECT_EQ(info.document()["count"], 1) << info;
+  EXPECT_TRUE(fs::is_directory(fs::path(d.dir()) / "data" / "orders"));
+  EXPECT_FALSE(fs::exists(dir_ / ".ensemble")) << "nothing stored beside the file";
 }
 
 TEST_F(cli_streams_deployment_test, up_data_option_and_broker_data_say_where) {
