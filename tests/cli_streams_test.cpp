@@ -153,6 +153,9 @@ TEST_F(cli_streams_test, streams_refusals_and_bad_arguments) {
   EXPECT_EQ(topics.code, 2) << topics;
   EXPECT_TRUE(topics.has("--topics")) << topics;
   EXPECT_EQ(admin_error("stream_info", {{"name", "x"}}).error_code, "not_found");
+  auto typo = cli({"streams", "inf", "orders"});
+  EXPECT_EQ(typo.code, 2) << typo;
+  EXPECT_TRUE(typo.has("ensemble streams: unknown command 'inf'; did you mean 'info'?")) << typo;
 }
 
 TEST_F(cli_streams_test, a_broker_without_data_says_so) {
