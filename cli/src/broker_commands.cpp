@@ -140,7 +140,9 @@ void add_broker_commands(CLI::App& app, context& ctx) {
     sub->callback([&ctx, as_json] { ctx.exit_code = cmd_services(ctx, *as_json); });
   }
   {
-    auto* sub = app.add_subcommand("events", "tail events live, one JSON line each");
+    auto* sub = app.add_subcommand(
+        "events",
+        "tail events live, or replay a stream's stored ones (--stream), one JSON line each");
     auto a = std::make_shared<events_args>();
     sub->add_option("prefix", a->prefix, "topic prefix (all events if empty)");
     sub->add_option("--count", a->count, "exit after this many events (1 if fewer arrive)");
