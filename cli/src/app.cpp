@@ -130,9 +130,24 @@ bool explain_unknown_options(CLI::App& app) {
     candidates.insert(candidates.end(), globals.begin(), globals.end());
   }
   bool any = false;
+  bool named_word = false;  // the first unexpected word is named; those after it are its arguments
   for (const CLI::App* a = sub; a != nullptr; a = a->get_parent()) {
     const std::string who = a == &app ? "ensemble" : "ensemble " + a->get_name();
     for (const auto& extra : a->remaining()) {
+      if (!extra.empty() && extra[0] != '-' && a == sub && a != &app && !named_word) {
+        // A word where a subcommand of `streams`, `consumers` or `dlq` was expected.
+        const auto names = subcommand_names(*sub);
+        if (names.empty()) continue;
+        const auto guess = nearest(extra, names);
+        std::string all;
+        for (const auto& n : names) all += (all.empty() ? "" : ", ") + n;
+        std::cerr << who << ": unknown command '" << extra << "'"
+                  << (guess.empty() ? std::string() : "; did you mean '" + guess + "'?")
+                  << " (its commands: " << all << ")\n";
+        any = true;
+        named_word = true;
+        continue;
+      }
       if (extra.size() < 2 || extra[0] != '-') continue;
       const auto name = extra.substr(0, extra.find('='));
       const auto guess = nearest(name, candidates);

@@ -1,4 +1,4 @@
-// Broker subcommands: services, events, publish, call.
+// Broker subcommands: services, events, publish, call; the stream commands (stream_commands.cpp).
 #include <condition_variable>
 #include <cstdio>
 #include <iostream>
@@ -6,6 +6,7 @@
 
 #include "client.hpp"
 #include "ensemble/agent/json.hpp"
+#include "stream_commands.hpp"
 
 namespace ensemble::cli {
 
@@ -43,9 +44,27 @@ struct events_args {
   int count = 0;
   std::string duration;
   std::string correlation;
+  std::string stream;  // replay this stream's stored events instead (stream_commands.hpp)
+  std::uint64_t from_seq = 0;
+  std::string since;
 };
 
 int cmd_events(const context& ctx, const events_args& a) {
+  if (!a.stream.empty()) {
+    if (!a.duration.empty()) {
+      throw CLI::ValidationError("--for", "a replay (--stream) ends at the stream's end");
+    }
+    return replay_stream(ctx, {.stream = a.stream,
+                               .from_seq = a.from_seq,
+                               .since = a.since,
+                               .prefix = a.prefix,
+                               .correlation = a.correlation,
+                               .count = a.count});
+  }
+  if (a.from_seq > 0 || !a.since.empty()) {
+    throw CLI::ValidationError(a.from_seq > 0 ? "--from" : "--since",
+                               "replays a stream: give --stream NAME too");
+  }
   // Ctrl-C is taken by exit_on_stop_signal() (app.cpp): it ends the command at once.
   const auto duration =
       a.duration.empty() ? std::chrono::milliseconds(0) : parse_duration_arg("--for", a.duration);
@@ -121,7 +140,9 @@ void add_broker_commands(CLI::App& app, context& ctx) {
     sub->callback([&ctx, as_json] { ctx.exit_code = cmd_services(ctx, *as_json); });
   }
   {
-    auto* sub = app.add_subcommand("events", "tail events live, one JSON line each");
+    auto* sub = app.add_subcommand(
+        "events",
+        "tail events live, or replay a stream's stored ones (--stream), one JSON line each");
     auto a = std::make_shared<events_args>();
     sub->add_option("prefix", a->prefix, "topic prefix (all events if empty)");
     sub->add_option("--count", a->count, "exit after this many events (1 if fewer arrive)");
@@ -129,6 +150,12 @@ void add_broker_commands(CLI::App& app, context& ctx) {
     sub->add_option("--correlation", a->correlation,
                     "only events with this correlation id (a workflow instance, the first event "
                     "of a choreography)");
+    sub->add_option("--stream", a->stream,
+                    "replay the events stored in this durable stream (with stream_seq), then exit");
+    auto* from = sub->add_option("--from", a->from_seq, "with --stream: from this stream_seq");
+    sub->add_option("--since", a->since,
+                    "with --stream: from the events stored this long ago (e.g. 10m)")
+        ->excludes(from);
     sub->callback([&ctx, a] { ctx.exit_code = cmd_events(ctx, *a); });
   }
   {
@@ -166,6 +193,7 @@ void add_broker_commands(CLI::App& app, context& ctx) {
       ctx.exit_code = cmd_call(ctx, a->service, a->action, a->payload, a->timeout, a->retryable);
     });
   }
+  add_stream_commands(app, ctx);
 }
 
 }  // namespace ensemble::cli

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <charconv>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -15,6 +16,7 @@
 #include "ensemble/common/config_reader.hpp"
 #include "ensemble/common/result.hpp"
 #include "ensemble/orchestrator/definition.hpp"
+#include "stream_config_file.hpp"
 #include "yaml_json.hpp"
 
 extern char** environ;  // NOLINT(readability-redundant-declaration)
@@ -209,9 +211,13 @@ bool valid_name(const std::string& name) {
 void parse_broker(const reader& r, const json& root, deployment& d) {
   d.broker.program = "ensemble-broker";
   const json b = root.value("broker", json());
-  r.expect_map(b, "broker", {"router", "events", "program", "args", "env", "workdir", "restart"},
+  r.expect_map(b, "broker",
+               {"router", "events", "data", "program", "args", "env", "workdir", "restart"},
                "the broker");
   parse_process(r, b, "broker", d.broker);
+  r.with_key(b, "broker", "data", [&](const json& v, const std::string& at) {
+    d.broker.data = r.path_in_dir(r.nonempty_string(v, at));
+  });
   const bool router_ok = r.with_key(
       b, "broker", "router",
       [&](const json& v, const std::string& at) { d.broker.router = endpoint(r, v, at); });
@@ -248,6 +254,92 @@ void parse_orchestrator(const reader& r, const json& o, deployment& d) {
     }
   });
   d.orchestrator = std::move(os);
+}
+
+// One item of `streams:`, checked with the broker's own rules (stream_config_file.hpp) so that
+// what validates here is what the broker accepts from the --streams file `up` writes.
+stream_section parse_stream(const reader& r, const json& node, const std::string& path) {
+  r.expect_map(node, path,
+               {"name", "topics", "max_age", "max_bytes", "max_events", "duplicate_window"},
+               "a stream");
+  if (node.is_null()) r.fail(path, "a stream needs a name and topics");
+  stream_section s;
+  s.where = r.where(path);
+  if (!node.contains("name")) r.base().report(path, "missing required key \"name\"");
+  if (!node.contains("topics")) {
+    r.base().report(path, "missing required key \"topics\" (the topic prefixes it stores)");
+  }
+  r.with_key(node, path, "name", [&](const json& v, const std::string& at) {
+    s.name = r.string(v, at);
+    if (auto problem = broker::streams::check_stream_name(s.name); !problem.empty()) {
+      r.fail(at, problem);
+    }
+  });
+  r.with_key(node, path, "topics", [&](const json& v, const std::string& at) {
+    if (!v.is_array() || v.empty()) {
+      r.fail(at, "must be a non-empty list of topic prefixes, got " + r.base().got(v));
+    }
+    for (std::size_t i = 0; i < v.size(); ++i) {
+      r.base().attempt([&] {
+        auto prefix = r.string(v[i], r.child(at, i));
+        if (auto problem = broker::streams::check_topic_prefix(prefix); !problem.empty()) {
+          r.fail(r.child(at, i), problem);
+        }
+        s.topics.push_back(std::move(prefix));
+      });
+    }
+  });
+  auto duration = [&](const json& v, const std::string& at) {
+    const auto text = r.string(v, at);
+    const auto d = broker::streams::parse_duration(text);
+    if (!d) {
+      r.fail(at, "\"" + text + "\" is not a duration (500ms, 30s, 5m, 24h, 7d, or milliseconds)");
+    }
+    return *d;
+  };
+  auto count = [&](const json& v, const std::string& at) {
+    const auto text = r.string(v, at);
+    std::uint64_t n = 0;
+    const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), n);
+    if (text.empty() || ec != std::errc{} || end != text.data() + text.size()) {
+      r.fail(at, "\"" + text + "\" is not a whole number >= 0 (0: unlimited)");
+    }
+    return n;
+  };
+  r.with_key(node, path, "max_age",
+             [&](const json& v, const std::string& at) { s.max_age = duration(v, at); });
+  r.with_key(node, path, "duplicate_window",
+             [&](const json& v, const std::string& at) { s.duplicate_window = duration(v, at); });
+  r.with_key(node, path, "max_bytes",
+             [&](const json& v, const std::string& at) { s.max_bytes = count(v, at); });
+  r.with_key(node, path, "max_events",
+             [&](const json& v, const std::string& at) { s.max_events = count(v, at); });
+  return s;
+}
+
+void parse_streams(const reader& r, const json& list, const std::string& path, deployment& d) {
+  if (list.is_null()) return;
+  if (!list.is_array()) r.fail(path, "must be a list of streams, got " + r.base().got(list));
+  std::vector<broker::streams::stream_config> earlier;
+  for (std::size_t i = 0; i < list.size(); ++i) {
+    const auto at = r.child(path, i);
+    r.base().attempt([&] {
+      auto s = parse_stream(r, list[i], at);
+      if (s.name.empty() || s.topics.empty()) return;  // already reported
+      for (const auto& e : earlier) {
+        if (e.name == s.name) {
+          r.fail(r.child(at, "name"), "stream '" + s.name + "' is declared twice");
+        }
+      }
+      broker::streams::stream_config c{.name = s.name, .topic_prefixes = s.topics};
+      if (auto other = broker::streams::overlapping_stream(c, earlier)) {
+        r.fail(r.child(at, "topics"),
+               "overlaps stream " + *other + ": a topic is stored by one stream");
+      }
+      earlier.push_back(std::move(c));
+      d.streams.push_back(std::move(s));
+    });
+  }
 }
 
 agent_section parse_agent(const reader& r, const json& node, const std::string& path,
@@ -323,7 +415,7 @@ deployment parse_deployment(const std::string& yaml, const std::string& file) {
   }
   const reader r(base, d.dir);
   base.attempt([&] {
-    r.expect_map(root, "", {"broker", "orchestrator", "agents"}, "a deployment");
+    r.expect_map(root, "", {"broker", "orchestrator", "agents", "streams"}, "a deployment");
     base.attempt([&] { parse_broker(r, root, d); });
     r.with_key(root, "", "orchestrator",
                [&](const json& o, const std::string&) { parse_orchestrator(r, o, d); });
@@ -336,6 +428,8 @@ deployment parse_deployment(const std::string& yaml, const std::string& file) {
         base.attempt([&] { d.agents.push_back(parse_agent(r, agents[i], r.child(at, i), names)); });
       }
     });
+    r.with_key(root, "", "streams",
+               [&](const json& list, const std::string& at) { parse_streams(r, list, at, d); });
   });
   base.throw_if_any();
   return d;
@@ -353,6 +447,27 @@ deployment load_deployment(const std::string& path) {
   std::stringstream text;
   text << in.rdbuf();
   return parse_deployment(text.str(), file);
+}
+
+std::string default_data_dir(const deployment& d) {
+  return (fs::path(d.dir) / ".ensemble" / "data").string();
+}
+
+void write_streams_file(const deployment& d, const std::string& path) {
+  json list = json::array();
+  for (const auto& s : d.streams) {
+    json item = {{"name", s.name},
+                 {"topics", s.topics},
+                 {"max_age", s.max_age.count()},
+                 {"max_bytes", s.max_bytes},
+                 {"max_events", s.max_events}};
+    if (s.duplicate_window) item["duplicate_window"] = s.duplicate_window->count();
+    list.push_back(std::move(item));
+  }
+  std::ofstream out(path, std::ios::trunc);
+  out << json{{"streams", list}}.dump(2) << "\n";
+  out.close();
+  if (!out) throw common::config_error(path, "cannot write the broker's streams file");
 }
 
 std::vector<common::diagnostic> check_deployment(const std::string& path,
@@ -547,6 +662,10 @@ exec_plan command_for(const planned_process& c, const deployment& d, const std::
   switch (c.kind) {
     case process_role::broker:
       p.argv.insert(p.argv.end(), {"--router", r, "--events", e});
+      if (!d.broker.data.empty()) p.argv.insert(p.argv.end(), {"--data", d.broker.data});
+      if (!d.broker.streams_file.empty()) {
+        p.argv.insert(p.argv.end(), {"--streams", d.broker.streams_file});
+      }
       break;
     case process_role::orchestrator:
       p.argv.insert(p.argv.end(), {"--broker", r, "--events", e, "--store", d.orchestrator->store});

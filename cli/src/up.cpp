@@ -83,6 +83,7 @@ struct up_options {
   std::string file;
   std::string timeout_text = "30s";
   std::string grace_text = "5s";
+  std::string data;  // --data: where the broker stores streams, over the file's broker.data
   bool no_color = false;
   millis timeout{30'000};
   millis grace{5'000};
@@ -819,7 +820,10 @@ asio::awaitable<void> launcher::main_flow() {
     row("NAME", "PID", "SERVICES", "ENDPOINT / STATE");
     for (const auto& c : children_) {
       std::string state = "ready";
-      if (c->kind == role::broker) state = "router=" + router_ + " events=" + events_;
+      if (c->kind == role::broker) {
+        state = "router=" + router_ + " events=" + events_;
+        if (!d_.broker.data.empty()) state += " data=" + d_.broker.data;
+      }
       if (c->kind == role::orchestrator) state = "ready store=" + d_.orchestrator->store;
       row(c->name, std::to_string(c->pid), c->services.empty() ? "-" : join(c->services, ","),
           state);
@@ -976,7 +980,38 @@ int run_up(const up_options& o) {
     std::cerr << "ensemble up: invalid deployment: " << e.what() << "\n";
     return 2;
   }
+  // Durable streams: the broker stores them in a directory beside the deployment (or where
+  // broker.data or --data says), so that they outlive this `up`; the file's `streams:` reach the
+  // broker as a --streams file, for this run only.
+  if (!o.data.empty()) {
+    d.broker.data = std::filesystem::absolute(o.data).lexically_normal().string();
+  } else if (d.broker.data.empty() && !d.streams.empty()) {
+    d.broker.data = default_data_dir(d);
+  }
+  std::filesystem::path streams_file;
+  struct remove_on_exit {
+    std::filesystem::path& file;
+    ~remove_on_exit() {
+      std::error_code ignored;
+      if (!file.empty()) std::filesystem::remove(file, ignored);
+    }
+  } cleanup{streams_file};
   try {
+    if (!d.broker.data.empty()) {
+      std::error_code ec;
+      std::filesystem::create_directories(d.broker.data, ec);
+      if (ec) {
+        throw common::config_error(
+            d.broker.where + ".data",
+            "cannot create the data directory " + d.broker.data + ": " + ec.message());
+      }
+    }
+    if (!d.streams.empty()) {
+      streams_file = std::filesystem::temp_directory_path() /
+                     ("ensemble-up-" + std::to_string(::getpid()) + "-streams.json");
+      write_streams_file(d, streams_file.string());
+      d.broker.streams_file = streams_file.string();
+    }
     launcher l(std::move(d), o);
     return l.run();
   } catch (const common::config_error& e) {
@@ -1002,6 +1037,9 @@ void add_up_commands(CLI::App& app, context& ctx) {
   up->add_option("--grace", opts->grace_text,
                  "on stop, how long each process gets after SIGTERM before SIGKILL")
       ->capture_default_str();
+  up->add_option("--data", opts->data,
+                 "where the broker stores durable streams (default: broker.data, else "
+                 ".ensemble/data beside the deployment file when it declares streams)");
   up->add_flag("--no-color", opts->no_color, "no colours in the output (also: NO_COLOR)");
   up->callback([opts, &ctx] {
     opts->timeout = parse_duration_arg("--timeout", opts->timeout_text);

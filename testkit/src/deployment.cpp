@@ -304,6 +304,14 @@ void deployment::start() {
     broker.router = "tcp://127.0.0.1:*";
     broker.events = "tcp://127.0.0.1:*";
   }
+  // Durable streams (a file's `streams:` or `broker.data`) are stored in this deployment's own
+  // temporary directory, never beside the file: two tests of one file must not share a data
+  // directory (the broker locks it), and a test starts from empty streams.
+  if (!d.model.streams.empty() || !broker.data.empty()) broker.data = d.dir + "/data";
+  if (!d.model.streams.empty()) {
+    broker.streams_file = d.dir + "/streams.json";
+    cli::write_streams_file(d.model, broker.streams_file);
+  }
   for (auto& p : cli::plan_processes(d.model, binary_path("ensemble"))) {
     d.members.push_back({std::move(p), nullptr, nullptr});
   }

@@ -2,7 +2,7 @@
 // The `ensemble` command line: one binary whose subcommands launch a local deployment (`up`),
 // run scriptable agents (`agent`), drive and inspect workflows (`validate`, `run`, `status`,
 // `list`, `cancel`, `trace`, `graph`) and talk to the broker (`services`, `events`,
-// `publish`, `call`).
+// `publish`, `call`, and the durable streams' `streams`, `consumers`, `dlq`).
 //
 // Each family of subcommands lives in its own source file and registers itself on the CLI11
 // app through one add_*_commands() function; main.cpp only calls run(). A subcommand reports
@@ -12,7 +12,6 @@
 // command but `up` and `agent` at once with 130 or 143 (client.hpp, exit_on_stop_signal).
 
 #include <CLI/CLI.hpp>
-
 #include <string>
 
 namespace ensemble::cli {
@@ -36,10 +35,12 @@ struct context {
   std::string events_endpoint() const;
 };
 
-void add_up_commands(CLI::App& app, context& ctx);        // up
-void add_agent_commands(CLI::App& app, context& ctx);     // agent
-void add_workflow_commands(CLI::App& app, context& ctx);  // validate run status list cancel trace graph
-void add_broker_commands(CLI::App& app, context& ctx);    // services events publish call
+void add_up_commands(CLI::App& app, context& ctx);     // up
+void add_agent_commands(CLI::App& app, context& ctx);  // agent
+void add_workflow_commands(CLI::App& app,
+                           context& ctx);  // validate run status list cancel trace graph
+void add_broker_commands(CLI::App& app, context& ctx);  // services events publish call
+                                                        // streams consumers dlq
 
 // Parses argv, runs the chosen subcommand, returns the process exit code.
 int run(int argc, char** argv);

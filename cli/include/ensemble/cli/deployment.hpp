@@ -18,6 +18,7 @@
 // find_program(): so that a file can be validated on a machine that lacks the binaries.
 
 #include <chrono>
+#include <cstdint>
 #include <map>
 #include <optional>
 #include <string>
@@ -51,6 +52,25 @@ struct process_spec {
 struct broker_section : process_spec {
   std::string router = "tcp://127.0.0.1:5555";
   std::string events = "tcp://127.0.0.1:5556";
+  // Where the broker stores durable streams (`--data`): `broker.data`, absolute; empty: no
+  // storage. `ensemble up` fills in its default (default_data_dir) when the file declares
+  // streams.
+  std::string data;
+  // The --streams file the launcher wrote from the deployment's `streams:` (write_streams_file);
+  // empty: none.
+  std::string streams_file;
+};
+
+// A durable stream the broker declares at start: an item of the deployment's `streams:` list,
+// with the fields of the broker's --streams file (docs/protocol.md section 11).
+struct stream_section {
+  std::string name;
+  std::vector<std::string> topics;  // topic prefixes
+  std::chrono::milliseconds max_age{0};
+  std::uint64_t max_bytes = 0;
+  std::uint64_t max_events = 0;
+  std::optional<std::chrono::milliseconds> duplicate_window;  // absent: the broker's default
+  std::string where;                                          // "<file>: streams[i]"
 };
 
 struct orchestrator_section : process_spec {
@@ -72,12 +92,21 @@ struct deployment {
   broker_section broker;
   std::optional<orchestrator_section> orchestrator;
   std::vector<agent_section> agents;
+  std::vector<stream_section> streams;
 };
 
 // `path` is a deployment file, or a directory holding deployment.yaml.
 deployment load_deployment(const std::string& path);
 // Parses YAML text; `file` names it in errors and its directory anchors relative paths.
 deployment parse_deployment(const std::string& yaml, const std::string& file);
+
+// Where `ensemble up` has the broker store streams when the file does not say (broker.data):
+// `.ensemble/data` in the deployment file's directory.
+std::string default_data_dir(const deployment& d);
+
+// Writes the deployment's streams as a broker --streams file (JSON) to `path`. Throws
+// common::config_error naming the file if it cannot be written.
+void write_streams_file(const deployment& d, const std::string& path);
 
 // What `ensemble validate --deployment PATH` checks besides workflow files: the deployment
 // file and its agents' specs, without looking for programs. Returns every problem found, and
