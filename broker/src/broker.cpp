@@ -8,12 +8,14 @@
 #include <map>
 #include <nlohmann/json.hpp>
 
+#include "consumer_host.hpp"
 #include "ensemble/common/frames.hpp"
 #include "ensemble/common/ids.hpp"
 #include "ensemble/common/logging.hpp"
 #include "journal.hpp"
 #include "registry.hpp"
 #include "stream_config_file.hpp"
+#include "topic_sequencer.hpp"
 
 namespace ensemble::broker {
 
@@ -164,9 +166,11 @@ struct broker::impl {
   std::unique_ptr<streams::stream_store> store;
   std::vector<std::pair<std::string, std::string>> stream_topics;  // prefix, stream
   std::map<std::string, stream_counters> stream_stats;
+  // Durable consumers of the streams (null without --data).
+  std::unique_ptr<streams::consumer_host> consumers;
   std::vector<stored_publish> stored_batch;
   steady_clock::time_point next_expire;
-  std::unordered_map<std::string, std::uint64_t> topic_seq;
+  topic_sequencer topic_seq{cfg.topic_seq_max};
   std::map<std::string, std::uint64_t> subscriptions;
   std::vector<zmq::message_t> in;
   std::vector<zmq::message_t> out;
@@ -187,6 +191,11 @@ struct broker::impl {
   void on_oversized_reply(const peer_id& peer, const worker* w, const header& reply,
                           const error& refused);
   void on_publish(const peer_id& peer, const worker* w, common::parsed_message& m);
+  void on_consumer_command(const peer_id& peer, const worker* w, common::parsed_message& m,
+                           steady_clock::time_point now);
+  void on_consumer_admin(const peer_id& peer, const header& request, const json& args,
+                         steady_clock::time_point now);
+  void forget_removed_peers(steady_clock::time_point now);
   void fan_out(header& h, zmq::message_t payload, const std::string& from);
   const std::string* stream_for(std::string_view topic) const;
   bool store_publish(const peer_id& peer, const worker* w, common::parsed_message& m,
@@ -281,6 +290,9 @@ void broker::impl::run() {
     auto now = steady_clock::now();
     auto wake_at = next_heartbeat;
     if (auto d = reg.next_deadline(); d && *d < wake_at) wake_at = *d;
+    if (consumers) {
+      if (auto d = consumers->next_deadline(); d && *d < wake_at) wake_at = *d;
+    }
     if (stopping && stop_deadline < wake_at) wake_at = stop_deadline;
     const auto timeout = wake_at <= now
                              ? std::chrono::milliseconds(0)
@@ -314,6 +326,8 @@ void broker::impl::run() {
                 cfg.liveness);
     }
     execute_decisions(now);
+    forget_removed_peers(now);
+    if (consumers) consumers->run(now);
     if (now >= next_heartbeat) {
       send_heartbeats();
       next_heartbeat = now + cfg.heartbeat;
@@ -386,6 +400,13 @@ void broker::impl::open_streams() {
     existing.push_back(c);
   }
   refresh_stream_topics();
+  consumers = std::make_unique<streams::consumer_host>(
+      *store,
+      [this](const std::string& peer, command cmd, const header& h, std::string payload) {
+        return send_to(peer, cmd, h, zmq::message_t(payload.data(), payload.size()));
+      },
+      log);
+  consumers->load(steady_clock::now());
   for (const auto& c : existing) {
     auto i = store->info(c.name);
     if (!i) {
@@ -533,12 +554,7 @@ void broker::impl::handle_router(steady_clock::time_point now) {
     case command::term:
     case command::progress:
     case command::consume_stop:
-      ++stats.malformed;
-      send_error(peer,
-                 error::make(errc::bad_request,
-                             common::command_name(static_cast<std::uint8_t>(m.cmd)) +
-                                 ": durable consumers are not served by this broker yet"),
-                 m.hdr.id);
+      on_consumer_command(peer, w, m, now);
       break;
     case command::welcome:
     case command::dispatch:
@@ -789,7 +805,7 @@ void broker::impl::fan_out(header& h, zmq::message_t payload, const std::string&
   ++stats.events;
   // Topics starting with '_' are control topics (the SDK's subscription probes): fanned out
   // like any other, but not sequenced, so they leave no state behind.
-  h.seq = h.topic[0] == '_' ? 0 : ++topic_seq[h.topic];
+  h.seq = h.topic[0] == '_' ? 0 : topic_seq.next(h.topic);
   out.clear();
   out.emplace_back(h.topic.data(), h.topic.size());
   thread_local std::string buffer;
@@ -900,9 +916,14 @@ void broker::impl::commit_streams() {
     stored_batch.clear();
     return;
   }
+  std::map<std::string, streams::sequence> last_stored;
   for (auto& p : stored_batch) {
     auto& c = stream_stats[p.hdr.stream];
     p.hdr.stream_seq = p.appended.seq;
+    if (!p.appended.duplicate) {
+      auto& last = last_stored[p.hdr.stream];
+      last = std::max(last, p.appended.seq);
+    }
     if (p.appended.duplicate) {
       ++c.duplicates;
       log->debug("stream {}: publish {} id={} from {} is a duplicate of #{}; not fanned out",
@@ -923,6 +944,9 @@ void broker::impl::commit_streams() {
     }
   }
   stored_batch.clear();
+  if (consumers) {
+    for (const auto& [stream, last] : last_stored) consumers->records_stored(stream, last);
+  }
 }
 
 void broker::impl::on_hello(const peer_id& peer, common::parsed_message& m,
@@ -1034,6 +1058,16 @@ json broker::impl::stats_json() const {
           {"budget_waits", reg.budget_waits()},
           {"subscriptions", subscriptions},
           {"streams", std::move(per_stream)},
+          {"topic_seq",
+           {{"tracked", topic_seq.tracked()},
+            {"max", cfg.topic_seq_max},
+            {"generations", topic_seq.generations()}}},
+          {"consumers",
+           consumers ? json{{"count", consumers->size()},
+                            {"deliveries_unsent", consumers->counters().deliveries_unsent},
+                            {"dead_letters_stored", consumers->counters().dead_letters_stored},
+                            {"state_save_failures", consumers->counters().state_save_failures}}
+                     : json::object()},
           {"services", std::move(per_service)}};
 }
 
@@ -1109,13 +1143,20 @@ void broker::impl::on_admin(const peer_id& peer, const header& request,
     if (!args) return;
     on_stream_admin(peer, request, *args);
     return;
+  } else if (request.action == "consumers" || request.action.starts_with("consumer_") ||
+             request.action == "dlq_replay") {
+    auto args = admin_args(peer, request, payload);
+    if (!args) return;
+    on_consumer_admin(peer, request, *args, steady_clock::now());
+    return;
   } else {
     reply_error(
         peer, request,
         error::make(errc::unknown_action,
                     "service 'broker' has no action '" + request.action +
                         "' (ping, services, stats, trace, streams, stream_info, stream_add, "
-                        "stream_rm, stream_read)"));
+                        "stream_rm, stream_read, consumers, consumer_info, consumer_add, "
+                        "consumer_rm, dlq_replay)"));
     return;
   }
   reply_body(peer, request, body);
@@ -1290,6 +1331,7 @@ void broker::impl::on_stream_admin(const peer_id& peer, const header& request, c
       return reply_error(peer, request, store_error(st.err()));
     }
     stream_stats.erase(*name);
+    consumers->stream_removed(*name);
     refresh_stream_topics();
     log->info("stream {} removed", *name);
     body = {{"name", *name}, {"removed", true}};
@@ -1330,7 +1372,8 @@ void broker::impl::on_stream_admin(const peer_id& peer, const header& request, c
         hdr = json::object();
         log->warn("stream {} #{}: stored header does not decode: {}", *name, r.seq, e.what());
       }
-      hdr["stream_seq"] = r.seq;
+      // A dead letter's header names the original event's stream_seq; keep it.
+      if (!hdr.contains("stream_seq")) hdr["stream_seq"] = r.seq;
       list.push_back({{"stream_seq", r.seq},
                       {"ts_ms", r.ts_ms},
                       {"topic", r.topic},
@@ -1369,6 +1412,147 @@ void broker::request_stop() {
   impl_->stop_requested.store(true);
   const std::uint64_t one = 1;
   [[maybe_unused]] auto n = ::write(impl_->wake_fd, &one, sizeof one);
+}
+
+}  // namespace ensemble::broker
+
+namespace ensemble::broker {
+
+void broker::impl::forget_removed_peers(steady_clock::time_point now) {
+  auto removed = reg.take_removed();
+  if (!consumers) return;
+  for (const auto& peer : removed) consumers->peer_gone(peer, now);
+}
+
+// CONSUME, CONSUME_STOP, ACK, NACK, TERM, PROGRESS (docs/protocol.md "Durable consumers").
+void broker::impl::on_consumer_command(const peer_id& peer, const worker* w,
+                                       common::parsed_message& m, steady_clock::time_point now) {
+  const header& req = m.hdr;
+  const bool is_join = m.cmd == command::consume || m.cmd == command::consume_stop;
+  // Answers without an id are confirmed only when refused, and then with an ERROR.
+  const auto refuse = [&](const error& err) {
+    header h;
+    h.id = req.id;
+    h.stream = req.stream;
+    h.consumer = req.consumer;
+    h.stream_seq = req.stream_seq;
+    h.error_code = err.code;
+    h.error_message = err.message;
+    h.retryable = err.retryable;
+    h.worker = std::string(k_broker_service);
+    count_error(err.code);
+    log->debug("{} {}/{} #{} from {} refused: {} {}",
+               common::command_name(static_cast<std::uint8_t>(m.cmd)), req.stream, req.consumer,
+               req.stream_seq, peer_label(w, peer), err.code, err.message);
+    send_to(peer, req.id.empty() ? command::error : command::reply, h);
+  };
+  const auto confirm = [&](const json& body) {
+    if (req.id.empty()) return;
+    header h;
+    h.id = req.id;
+    h.stream = req.stream;
+    h.consumer = req.consumer;
+    h.stream_seq = req.stream_seq;
+    h.worker = std::string(k_broker_service);
+    const auto bytes = json::to_msgpack(body);
+    send_to(peer, command::reply, h, zmq::message_t(bytes.data(), bytes.size()));
+  };
+  const std::string what = common::command_name(static_cast<std::uint8_t>(m.cmd));
+  if (!consumers) {
+    return refuse(
+        error::make(k_streams_disabled, what + ": this broker has no stream storage; start it with "
+                                               "--data DIR to use durable consumers"));
+  }
+  if (w == nullptr) {
+    return refuse(error::make(errc::not_registered,
+                              what + " from a peer that is not registered; send HELLO first "
+                                     "(members are tracked by heartbeat)"));
+  }
+  if (is_join && req.id.empty()) {
+    ++stats.malformed;
+    return refuse(error::make(errc::bad_request, what + " needs 'id' (str): it is answered"));
+  }
+  // What this turn appended is flushed first, so that a new consumer sees it.
+  commit_streams();
+  if (m.cmd == command::consume) {
+    json config = json::object();
+    if (m.payload.size() > 0) {
+      try {
+        const auto* data = static_cast<const std::uint8_t*>(m.payload.data());
+        config = json::from_msgpack(data, data + m.payload.size());
+      } catch (const json::exception& e) {
+        ++stats.malformed;
+        return refuse(error::make(errc::bad_request,
+                                  "CONSUME: the payload (the consumer's configuration) is not a "
+                                  "msgpack map: " +
+                                      std::string(e.what())));
+      }
+    }
+    auto joined = consumers->join(peer, w->agent, req, config, now);
+    if (!joined) return refuse(joined.err());
+    return confirm(joined.value());
+  }
+  if (m.cmd == command::consume_stop) {
+    if (auto st = consumers->leave(peer, req, now); !st) return refuse(st.err());
+    return confirm(json::object());
+  }
+  if (auto st = consumers->answer(peer, m.cmd, req, now); !st) return refuse(st.err());
+  confirm(json::object());
+}
+
+void broker::impl::on_consumer_admin(const peer_id& peer, const header& request, const json& args,
+                                     steady_clock::time_point now) {
+  const std::string action = "broker." + request.action;
+  if (!consumers) {
+    return reply_error(peer, request,
+                       error::make(k_streams_disabled,
+                                   action + ": this broker has no stream storage; start it with "
+                                            "--data DIR to use durable consumers"));
+  }
+  commit_streams();
+  if (!args.is_object()) {
+    return reply_error(peer, request,
+                       error::make(errc::bad_request, action + ": arguments must be a map"));
+  }
+  const auto str = [&](const char* key) -> std::optional<std::string> {
+    if (!args.contains(key) || !args[key].is_string()) return std::nullopt;
+    return args[key].get<std::string>();
+  };
+  const auto need = [&](const char* key) {
+    reply_error(
+        peer, request,
+        error::make(errc::bad_request, action + " needs '" + std::string(key) + "' (" +
+                                           (std::string(key) == "seq" ? "uint" : "str") + ")"));
+  };
+  const auto stream = str("stream");
+  if (!stream) return need("stream");
+  common::result<json> answer = json::object();
+  if (request.action == "consumers") {
+    answer = consumers->list(*stream);
+  } else if (request.action == "dlq_replay") {
+    if (!args.contains("seq") || !args["seq"].is_number_unsigned() || args["seq"] == 0) {
+      return need("seq");
+    }
+    answer = consumers->dlq_replay(*stream, args["seq"].get<std::uint64_t>(), now);
+  } else {
+    const auto name = str("name");
+    if (!name) return need("name");
+    if (request.action == "consumer_info") {
+      answer = consumers->info(*stream, *name);
+    } else if (request.action == "consumer_add") {
+      answer = consumers->add(*stream, *name, args, now);
+    } else if (request.action == "consumer_rm") {
+      answer = consumers->remove(*stream, *name);
+    } else {
+      return reply_error(
+          peer, request,
+          error::make(errc::unknown_action, "service 'broker' has no action '" + request.action +
+                                                "' (consumers, consumer_info, consumer_add, "
+                                                "consumer_rm, dlq_replay)"));
+    }
+  }
+  if (!answer) return reply_error(peer, request, answer.err());
+  reply_body(peer, request, answer.value());
 }
 
 }  // namespace ensemble::broker

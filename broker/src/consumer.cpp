@@ -148,7 +148,23 @@ error consumer::read_error(sequence from, const error& e) const {
   return wrapped;
 }
 
+std::vector<consumer::member_view> consumer::member_views() const {
+  std::vector<member_view> out;
+  for (const auto& id : rotation_) {
+    const auto& m = members_.at(id);
+    out.push_back({id, m.capacity, m.in_flight});
+  }
+  return out;
+}
+
 bool consumer::matches(const record& r) const {
+  // A dead letter replayed for one consumer (docs/protocol.md "Dead letters") names it in the
+  // stored header; the other consumers skip it. The byte search keeps the decode off the path
+  // of ordinary records.
+  if (r.header.find("consumer") != std::string::npos) {
+    auto h = common::decode_header(r.header);
+    if (h.ok() && !h->consumer.empty() && h->consumer != config_.name) return false;
+  }
   if (config_.topic_filter.empty()) return true;
   return std::any_of(config_.topic_filter.begin(), config_.topic_filter.end(),
                      [&](const std::string& p) { return r.topic.starts_with(p); });

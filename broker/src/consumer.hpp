@@ -183,6 +183,13 @@ class consumer {
   consumer_counters counters() const;
   const std::map<sequence, pending_entry>& pending() const { return pending_; }
   std::size_t members() const { return members_.size(); }
+  bool has_member(const member_id& member) const { return members_.contains(member); }
+  struct member_view {
+    member_id id;
+    std::uint32_t capacity = 0;
+    std::uint32_t in_flight = 0;
+  };
+  std::vector<member_view> member_views() const;  // in join order
   std::uint32_t in_flight_of(const member_id& member) const;
 
  private:

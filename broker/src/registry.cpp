@@ -72,6 +72,7 @@ void registry::remove_worker(const peer_id& peer, std::vector<decision>& out) {
   if (it == workers_.end()) return;
   std::unique_ptr<worker> w = std::move(it->second);
   workers_.erase(it);
+  removed_.push_back(peer);
 
   // Take the worker's offers out of their services first, so that nothing is re-dispatched
   // to the worker that is going away.

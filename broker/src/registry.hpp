@@ -29,6 +29,7 @@
 #include <string>
 #include <unordered_map>
 #include <unordered_set>
+#include <utility>
 #include <vector>
 #include <zmq.hpp>
 
@@ -137,6 +138,9 @@ class registry {
   // otherwise answered worker_lost.
   void remove_worker(const peer_id& peer, std::vector<decision>& out);
   worker* find_worker(const peer_id& peer);
+  // The peers removed (BYE, expiry, a send that failed) since the last call, for what else the
+  // broker keeps per peer (durable-consumer members).
+  std::vector<peer_id> take_removed() { return std::exchange(removed_, {}); }
   // Any message from a registered peer proves it alive. Returns false for unknown peers.
   bool touch(const peer_id& peer, time_point now);
 
@@ -203,6 +207,7 @@ class registry {
   std::uint64_t budget_waits_ = 0;
   std::uint64_t abandoned_released_ = 0;
   std::uint64_t requests_of_lost_peers_ = 0;
+  std::vector<peer_id> removed_;
 
   using timer = std::pair<time_point, std::uint64_t>;
   std::priority_queue<timer, std::vector<timer>, std::greater<>> deadlines_;

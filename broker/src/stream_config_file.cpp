@@ -103,6 +103,11 @@ std::string check_stream_name(std::string_view name) {
              std::to_string(i);
     }
   }
+  if (name.ends_with("-dlq")) {
+    return "stream name '" + std::string(name) +
+           "' ends in -dlq, which is reserved for the dead letters of stream '" +
+           std::string(name.substr(0, name.size() - 4)) + "'";
+  }
   return {};
 }
 

@@ -1,0 +1,731 @@
+#include "consumer_host.hpp"
+
+#include <algorithm>
+#include <limits>
+
+#include "ensemble/common/clock.hpp"
+
+namespace ensemble::broker::streams {
+
+using common::command;
+using common::error;
+using common::header;
+
+namespace {
+
+constexpr std::uint32_t k_max_capacity = 100'000;
+constexpr std::size_t k_fetch_bytes = 4u << 20;  // one read of a consumer's fetch, at most
+
+const char* start_name(start_position s) {
+  switch (s) {
+    case start_position::all:
+      return "all";
+    case start_position::new_only:
+      return "new";
+    case start_position::from_sequence:
+      return "seq";
+    case start_position::from_time:
+      return "time";
+  }
+  return "all";
+}
+
+std::string shown(const json& v) {
+  std::string s = v.dump();
+  return s.size() > 60 ? s.substr(0, 57) + "..." : s;
+}
+
+std::string dlq_of(const std::string& stream) {
+  return stream + std::string(k_dlq_suffix);
+}
+
+error not_found(const std::string& what) {
+  return error::make(errc::not_found, what);
+}
+
+error with_retry(error e) {
+  e.retryable = e.code == errc::storage_full;
+  return e;
+}
+
+}  // namespace
+
+bool is_dead_letter_stream(std::string_view name) {
+  return name.ends_with(k_dlq_suffix);
+}
+
+json consumer_config_json(const consumer_config& c) {
+  json backoff = json::array();
+  for (auto d : c.backoff) backoff.push_back(d.count());
+  json out = {{"filter", c.topic_filter},
+              {"start", start_name(c.start)},
+              {"start_seq", c.start_sequence},
+              {"start_time_ms", c.start_time_ms},
+              {"ack_wait_ms", c.ack_wait.count()},
+              {"max_deliver", c.max_deliver},
+              {"max_ack_pending", c.max_ack_pending},
+              {"ordered_by", c.ordered_by ? json(*c.ordered_by) : json(nullptr)},
+              {"backoff_ms", std::move(backoff)}};
+  return out;
+}
+
+common::result<consumer_config> parse_consumer_config(
+    const json& args, const std::string& where, std::initializer_list<std::string_view> ignored) {
+  consumer_config c;
+  if (!args.is_object()) {
+    return error::make(errc::bad_request,
+                       where + ": the configuration must be a map, got " + shown(args));
+  }
+  auto bad = [&](const std::string& key, const std::string& rule) {
+    return error::make(errc::bad_request,
+                       where + ": '" + key + "' " + rule + ", got " + shown(args[key]));
+  };
+  auto uint_of = [&](const std::string& key, std::uint64_t max,
+                     std::uint64_t& out) -> std::optional<error> {
+    const auto& v = args[key];
+    if (!v.is_number_unsigned() || v.get<std::uint64_t>() > max) {
+      return bad(key, "must be a whole number 0.." + std::to_string(max));
+    }
+    out = v.get<std::uint64_t>();
+    return std::nullopt;
+  };
+  constexpr auto u32max = std::numeric_limits<std::uint32_t>::max();
+  constexpr auto i64max = static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max());
+  for (const auto& [key, value] : args.items()) {
+    if (std::find(ignored.begin(), ignored.end(), key) != ignored.end()) continue;
+    std::uint64_t n = 0;
+    if (key == "filter") {
+      if (!value.is_array()) return bad(key, "must be an array of topic prefixes (str)");
+      for (const auto& p : value) {
+        if (!p.is_string() || p.get<std::string>().empty()) {
+          return bad(key, "must hold non-empty topic prefixes (str)");
+        }
+        c.topic_filter.push_back(p.get<std::string>());
+      }
+    } else if (key == "start") {
+      const std::string s = value.is_string() ? value.get<std::string>() : "";
+      if (s == "all") {
+        c.start = start_position::all;
+      } else if (s == "new") {
+        c.start = start_position::new_only;
+      } else if (s == "seq") {
+        c.start = start_position::from_sequence;
+      } else if (s == "time") {
+        c.start = start_position::from_time;
+      } else {
+        return bad(key, "must be \"all\", \"new\", \"seq\" or \"time\"");
+      }
+    } else if (key == "start_seq") {
+      if (auto e = uint_of(key, i64max, n)) return *e;
+      c.start_sequence = n;
+    } else if (key == "start_time_ms") {
+      if (auto e = uint_of(key, i64max, n)) return *e;
+      c.start_time_ms = static_cast<std::int64_t>(n);
+    } else if (key == "ack_wait_ms") {
+      if (auto e = uint_of(key, i64max, n)) return *e;
+      c.ack_wait = std::chrono::milliseconds(static_cast<std::int64_t>(n));
+    } else if (key == "max_deliver") {
+      if (auto e = uint_of(key, u32max, n)) return *e;
+      c.max_deliver = static_cast<std::uint32_t>(n);
+    } else if (key == "max_ack_pending") {
+      if (auto e = uint_of(key, u32max, n)) return *e;
+      c.max_ack_pending = static_cast<std::uint32_t>(n);
+    } else if (key == "ordered_by") {
+      if (value.is_null()) continue;
+      if (!value.is_string()) return bad(key, "must be a header field name (str)");
+      c.ordered_by = value.get<std::string>();
+    } else if (key == "backoff_ms") {
+      if (!value.is_array()) return bad(key, "must be an array of milliseconds");
+      for (const auto& d : value) {
+        if (!d.is_number_unsigned() || d.get<std::uint64_t>() > i64max) {
+          return bad(key, "must hold whole numbers of milliseconds");
+        }
+        c.backoff.emplace_back(static_cast<std::int64_t>(d.get<std::uint64_t>()));
+      }
+    } else {
+      return error::make(errc::bad_request,
+                         where + ": unknown key '" + key +
+                             "' (filter, start, start_seq, start_time_ms, ack_wait_ms, "
+                             "max_deliver, max_ack_pending, ordered_by, backoff_ms)");
+    }
+  }
+  if (c.start == start_position::from_sequence && !args.contains("start_seq")) {
+    return error::make(errc::bad_request, where + ": start \"seq\" needs 'start_seq' (>= 1)");
+  }
+  if (c.start == start_position::from_time && !args.contains("start_time_ms")) {
+    return error::make(errc::bad_request,
+                       where + ": start \"time\" needs 'start_time_ms' (ms since the Unix epoch)");
+  }
+  return c;
+}
+
+struct consumer_host::entry {
+  entry(consumer_config config, sequence last_seq) : policy(std::move(config), last_seq) {}
+  consumer policy;
+  std::vector<decision> todo;  // decided by inputs, executed by run()
+  bool dirty = false;          // state to save
+  bool broken = false;         // saved state did not decode: out of service
+  std::string broken_reason;
+  json view;  // the configuration as it was given, for views and comparisons
+  const std::string& stream() const { return policy.config().stream; }
+  const std::string& name() const { return policy.config().name; }
+};
+
+consumer_host::consumer_host(stream_store& store, send_fn send, std::shared_ptr<spdlog::logger> log)
+    : store_(store), send_(std::move(send)), log_(std::move(log)) {}
+
+consumer_host::~consumer_host() = default;
+
+std::string consumer_host::blob(const entry& e) const {
+  const std::string state = e.policy.encode_state();
+  json j = {{"version", 1},
+            {"config", consumer_config_json(e.policy.config())},
+            {"view", e.view},
+            {"state", json::binary(std::vector<std::uint8_t>(state.begin(), state.end()))}};
+  const auto bytes = json::to_msgpack(j);
+  return std::string(bytes.begin(), bytes.end());
+}
+
+void consumer_host::load(time_point now) {
+  for (const auto& sc : store_.list_streams()) {
+    auto states = store_.load_consumer_states(sc.name);
+    if (!states) {
+      log_->error("stream {}: consumers not loaded: {} {}", sc.name, states.err().code,
+                  states.err().message);
+      continue;
+    }
+    auto info = store_.info(sc.name);
+    const sequence last = info ? info->last_seq : 0;
+    for (const auto& [name, bytes] : states.value()) {
+      const std::string where = "consumer " + sc.name + "/" + name;
+      std::string problem;
+      consumer_config config;
+      std::string state;
+      json view;
+      try {
+        const json j = json::from_msgpack(bytes);
+        auto parsed = parse_consumer_config(j.at("config"), where);
+        if (!parsed) {
+          problem = parsed.err().message;
+        } else {
+          config = std::move(parsed.value());
+          view = j.contains("view") ? j.at("view") : j.at("config");
+          const auto& bin = j.at("state").get_binary();
+          state.assign(bin.begin(), bin.end());
+        }
+      } catch (const json::exception& ex) {
+        problem = where + ": saved state does not decode: " + ex.what();
+      }
+      config.name = name;
+      config.stream = sc.name;
+      std::unique_ptr<entry> e;
+      if (problem.empty()) {
+        if (auto st = check_config(config); !st) problem = st.err().message;
+      }
+      if (problem.empty()) {
+        e = std::make_unique<entry>(config, last);
+        if (auto st = e->policy.restore(state); !st) problem = where + ": " + st.err().message;
+      }
+      if (!problem.empty()) {
+        log_->error("{}; it is out of service (remove it with broker.consumer_rm)", problem);
+        consumer_config placeholder;
+        placeholder.name = name;
+        placeholder.stream = sc.name;
+        e = std::make_unique<entry>(placeholder, last);
+        e->broken = true;
+        e->broken_reason = problem;
+      } else {
+        e->view = std::move(view);
+        e->policy.on_records_available(last);
+        const auto c = e->policy.counters();
+        log_->info("consumer {}/{} loaded: ack floor {}, {} pending, {} ack-pending", sc.name, name,
+                   e->policy.ack_floor(), c.pending, c.ack_pending);
+      }
+      (void)now;
+      consumers_[sc.name][name] = std::move(e);
+    }
+  }
+}
+
+consumer_host::entry* consumer_host::find(const std::string& stream, const std::string& name) {
+  auto s = consumers_.find(stream);
+  if (s == consumers_.end()) return nullptr;
+  auto c = s->second.find(name);
+  return c == s->second.end() ? nullptr : c->second.get();
+}
+
+const consumer_host::entry* consumer_host::find(const std::string& stream,
+                                                const std::string& name) const {
+  return const_cast<consumer_host*>(this)->find(stream, name);
+}
+
+common::result<consumer_host::entry*> consumer_host::create(const std::string& stream,
+                                                            const consumer_config& config,
+                                                            time_point now) {
+  (void)now;
+  if (is_dead_letter_stream(stream)) {
+    return error::make(errc::bad_request,
+                       "stream " + stream +
+                           " holds dead letters; read them with broker.stream_read and put "
+                           "one back with broker.dlq_replay (consumers cannot be created on it)");
+  }
+  auto info = store_.info(stream);
+  if (!info) {
+    if (info.err().code == errc::not_found) return not_found("no stream '" + stream + "'");
+    return with_retry(info.err());
+  }
+  if (auto st = check_config(config); !st) return st.err();
+  // The dead-letter stream exists from the first consumer on: visible before it is needed.
+  const std::string dlq = dlq_of(stream);
+  if (auto d = store_.info(dlq); !d) {
+    stream_config dc;
+    dc.name = dlq;
+    dc.max_age = info->config.max_age;
+    dc.max_bytes = info->config.max_bytes;
+    dc.max_events = info->config.max_events;
+    dc.duplicate_window =
+        std::max(info->config.duplicate_window, std::chrono::milliseconds(std::chrono::hours(24)));
+    if (auto st = store_.create_stream(dc); !st && st.err().code != errc::already_exists) {
+      return with_retry(st.err());
+    }
+    log_->info("stream {} created for the dead letters of {}", dlq, stream);
+  }
+  consumer_config c = config;
+  sequence last = info->last_seq;
+  if (c.start == start_position::from_time) {
+    // Start at the first record at or after the time without reading the way there.
+    auto at = store_.seq_at_time(stream, c.start_time_ms);
+    if (!at) return with_retry(at.err());
+    c.start = start_position::from_sequence;
+    c.start_sequence = at.value();
+  }
+  auto e = std::make_unique<entry>(c, last);
+  e->view = consumer_config_json(config);  // as given: a from_time start stays one in views
+  if (auto st = store_.save_consumer_state(stream, c.name, blob(*e)); !st) {
+    return with_retry(st.err());
+  }
+  e->policy.on_records_available(last);
+  entry* out = e.get();
+  consumers_[stream][c.name] = std::move(e);
+  log_->info("consumer {}/{} created: {}", stream, c.name, consumer_config_json(c).dump());
+  return out;
+}
+
+json consumer_host::info_json(const entry& e) const {
+  json members = json::array();
+  if (e.broken) {
+    return {{"stream", e.stream()},
+            {"consumer", e.name()},
+            {"broken", e.broken_reason},
+            {"members", members}};
+  }
+  const auto c = e.policy.counters();
+  for (const auto& m : e.policy.member_views()) {
+    auto a = agents_.find(m.id);
+    members.push_back({{"agent", a == agents_.end() ? std::string("?") : a->second},
+                       {"capacity", m.capacity},
+                       {"in_flight", m.in_flight}});
+  }
+  return {{"stream", e.stream()},
+          {"consumer", e.name()},
+          {"config", e.view},
+          {"ack_floor", e.policy.ack_floor()},
+          {"next_seq", e.policy.next_sequence()},
+          {"last_seq", e.policy.last_sequence()},
+          {"members", std::move(members)},
+          {"pending", c.pending},
+          {"ack_pending", c.ack_pending},
+          {"redelivered", c.redelivered},
+          {"dead_lettered", c.dead_lettered},
+          {"lag", c.lag},
+          {"delivered", c.delivered},
+          {"acked", c.acked},
+          {"refused", c.refused},
+          {"gone", c.gone},
+          {"waiting_for_key", c.waiting_for_key}};
+}
+
+common::result<json> consumer_host::join(const std::string& peer, const std::string& agent,
+                                         const header& h, const json& config, time_point now) {
+  const std::string where = "CONSUME " + h.stream + "/" + h.consumer;
+  if (h.stream.empty() || h.consumer.empty()) {
+    return error::make(errc::bad_request,
+                       "CONSUME needs 'stream' and 'consumer' (str) in its header");
+  }
+  const std::uint32_t capacity = h.capacity == 0 ? 1 : h.capacity;
+  if (capacity > k_max_capacity) {
+    return error::make(errc::bad_request, where + ": 'capacity' is " + std::to_string(capacity) +
+                                              "; at most " + std::to_string(k_max_capacity));
+  }
+  auto parsed = parse_consumer_config(config.is_null() ? json::object() : config, where);
+  if (!parsed) return parsed.err();
+  parsed->name = h.consumer;
+  parsed->stream = h.stream;
+  entry* e = find(h.stream, h.consumer);
+  if (e == nullptr) {
+    auto created = create(h.stream, parsed.value(), now);
+    if (!created) return created.err();
+    e = created.value();
+  } else if (e->broken) {
+    return error::make(std::string(errc::storage_corrupt), e->broken_reason);
+  } else if (config.is_object()) {
+    // Only what the CONSUME names is compared: an empty payload joins as it is.
+    const json mine = consumer_config_json(parsed.value());
+    const json& stored = e->view;
+    for (const auto& [key, value] : config.items()) {
+      (void)value;
+      if (!stored.contains(key) || mine.at(key) != stored.at(key)) {
+        return error::make(errc::bad_request,
+                           where + ": the consumer exists with " + key + " " +
+                               stored.value(key, json()).dump() + ", this CONSUME asks " +
+                               mine.at(key).dump() +
+                               " (remove it with broker.consumer_rm to change it)");
+      }
+    }
+  }
+  if (auto st = e->policy.on_member_join(peer, capacity, now); !st) return st.err();
+  agents_[peer] = agent;
+  log_->info("consumer {}/{}: member {} joined (capacity {})", h.stream, h.consumer, agent,
+             capacity);
+  return info_json(*e);
+}
+
+common::status consumer_host::leave(const std::string& peer, const header& h, time_point now) {
+  entry* e = find(h.stream, h.consumer);
+  if (e == nullptr || e->broken) {
+    return not_found("no consumer '" + h.consumer + "' on stream '" + h.stream + "'");
+  }
+  e->policy.on_member_leave(peer, now, e->todo);
+  e->dirty = true;
+  log_->info("consumer {}/{}: member {} left", h.stream, h.consumer, agents_[peer]);
+  return common::ok_status();
+}
+
+common::status consumer_host::answer(const std::string& peer, command cmd, const header& h,
+                                     time_point now) {
+  const std::string what = common::command_name(static_cast<std::uint8_t>(cmd));
+  if (h.stream.empty() || h.consumer.empty() || h.stream_seq == 0) {
+    return error::make(errc::bad_request,
+                       what + " needs 'stream', 'consumer' (str) and 'stream_seq' (>= 1)");
+  }
+  entry* e = find(h.stream, h.consumer);
+  if (e == nullptr || e->broken) {
+    return not_found(what + " #" + std::to_string(h.stream_seq) + ": no consumer '" + h.consumer +
+                     "' on stream '" + h.stream + "'");
+  }
+  common::status st = common::ok_status();
+  switch (cmd) {
+    case command::ack:
+      st = e->policy.on_ack(peer, h.stream_seq, now, e->todo);
+      break;
+    case command::nack: {
+      std::optional<std::chrono::milliseconds> delay;
+      if (h.delay_ms > 0) delay = std::chrono::milliseconds(static_cast<std::int64_t>(h.delay_ms));
+      std::string reason = h.error_message.empty() ? "nacked by " + agents_[peer] : h.error_message;
+      if (!h.error_code.empty()) reason = h.error_code + ": " + reason;
+      st = e->policy.on_nack(peer, h.stream_seq, delay, reason, now, e->todo);
+      break;
+    }
+    case command::term: {
+      std::string reason =
+          h.error_message.empty() ? "terminated by " + agents_[peer] : h.error_message;
+      if (!h.error_code.empty()) reason = h.error_code + ": " + reason;
+      st = e->policy.on_term(peer, h.stream_seq, reason, now, e->todo);
+      break;
+    }
+    case command::progress:
+      st = e->policy.on_progress(peer, h.stream_seq, now);
+      break;
+    default:
+      return error::make(errc::bad_request, what + " is not an answer to a delivery");
+  }
+  if (st) e->dirty = true;
+  return st;
+}
+
+void consumer_host::peer_gone(const std::string& peer, time_point now) {
+  auto a = agents_.find(peer);
+  if (a == agents_.end()) return;
+  for (auto& [stream, by_name] : consumers_) {
+    for (auto& [name, e] : by_name) {
+      if (e->broken || !e->policy.has_member(peer)) continue;
+      e->policy.on_member_leave(peer, now, e->todo);
+      e->dirty = true;
+      log_->info("consumer {}/{}: member {} is gone", stream, name, a->second);
+    }
+  }
+  agents_.erase(a);
+}
+
+common::result<json> consumer_host::list(const std::string& stream) const {
+  if (auto info = store_.info(stream); !info) return with_retry(info.err());
+  json out = json::array();
+  if (auto s = consumers_.find(stream); s != consumers_.end()) {
+    for (const auto& [name, e] : s->second) out.push_back(info_json(*e));
+  }
+  return json{{"stream", stream}, {"consumers", std::move(out)}};
+}
+
+common::result<json> consumer_host::info(const std::string& stream, const std::string& name) const {
+  const entry* e = find(stream, name);
+  if (e == nullptr) return not_found("no consumer '" + name + "' on stream '" + stream + "'");
+  return info_json(*e);
+}
+
+common::result<json> consumer_host::add(const std::string& stream, const std::string& name,
+                                        const json& args, time_point now) {
+  const std::string where = "broker.consumer_add " + stream + "/" + name;
+  auto parsed = parse_consumer_config(args, where, {"stream", "name"});
+  if (!parsed) return parsed.err();
+  parsed->name = name;
+  parsed->stream = stream;
+  if (entry* e = find(stream, name)) {
+    if (e->view == consumer_config_json(parsed.value())) return info_json(*e);
+    return error::make(
+        errc::already_exists,
+        where + ": the consumer exists with another configuration " + e->view.dump());
+  }
+  auto created = create(stream, parsed.value(), now);
+  if (!created) return created.err();
+  return info_json(*created.value());
+}
+
+common::result<json> consumer_host::remove(const std::string& stream, const std::string& name) {
+  entry* e = find(stream, name);
+  if (e == nullptr) return not_found("no consumer '" + name + "' on stream '" + stream + "'");
+  if (auto st = store_.delete_consumer_state(stream, name);
+      !st && st.err().code != errc::not_found) {
+    return with_retry(st.err());
+  }
+  std::erase_if(dead_letters_, [&](const dead_letter_record& d) {
+    return d.stream == stream && d.consumer == name;
+  });
+  consumers_[stream].erase(name);
+  log_->info("consumer {}/{} removed", stream, name);
+  return json{{"stream", stream}, {"consumer", name}, {"removed", true}};
+}
+
+void consumer_host::stream_removed(const std::string& stream) {
+  if (consumers_.erase(stream) > 0) log_->info("stream {} removed with its consumers", stream);
+  std::erase_if(dead_letters_, [&](const dead_letter_record& d) { return d.stream == stream; });
+}
+
+common::result<json> consumer_host::dlq_replay(const std::string& stream_or_dlq, sequence dlq_seq,
+                                               time_point now) {
+  const std::string source =
+      is_dead_letter_stream(stream_or_dlq)
+          ? stream_or_dlq.substr(0, stream_or_dlq.size() - k_dlq_suffix.size())
+          : stream_or_dlq;
+  const std::string dlq = dlq_of(source);
+  auto dead = read_one(dlq, dlq_seq);
+  if (!dead) return dead.err();
+  auto h = common::decode_header(dead->header);
+  if (!h) {
+    return error::make(std::string(errc::storage_corrupt),
+                       "dead letter " + dlq + " #" + std::to_string(dlq_seq) +
+                           ": its header does not decode: " + h.err().message);
+  }
+  const std::string consumer_name = h->consumer;
+  if (find(source, consumer_name) == nullptr) {
+    return not_found("dead letter " + dlq + " #" + std::to_string(dlq_seq) +
+                     " was made by consumer '" + consumer_name + "', which stream '" + source +
+                     "' no longer has");
+  }
+  header replay = h.value();
+  replay.stream = source;
+  replay.stream_seq = 0;
+  replay.deliveries = 0;
+  replay.error_code.clear();
+  replay.error_message.clear();
+  replay.consumer = consumer_name;  // only this consumer gets it
+  const std::string original_id = h->id.empty() ? dead->event_id : h->id;
+  replay.id = original_id + "~replay" + std::to_string(dlq_seq);
+  record rec;
+  rec.topic = dead->topic;
+  rec.event_id = replay.id;
+  rec.header = common::encode_header(replay);
+  rec.payload = dead->payload;
+  auto appended = store_.append(source, std::span<const record>(&rec, 1));
+  if (!appended) return with_retry(appended.err());
+  if (auto st = store_.flush(); !st) return with_retry(st.err());
+  const auto& a = appended.value().front();
+  if (auto info = store_.info(source)) records_stored(source, info->last_seq);
+  log_->info("dead letter {} #{} replayed into {} #{} for consumer {}{}", dlq, dlq_seq, source,
+             a.seq, consumer_name, a.duplicate ? " (already replayed)" : "");
+  (void)now;
+  return json{{"stream", source},
+              {"stream_seq", a.seq},
+              {"consumer", consumer_name},
+              {"duplicate", a.duplicate}};
+}
+
+void consumer_host::records_stored(const std::string& stream, sequence last_seq) {
+  auto s = consumers_.find(stream);
+  if (s == consumers_.end()) return;
+  for (auto& [name, e] : s->second) {
+    if (!e->broken) e->policy.on_records_available(last_seq);
+  }
+}
+
+common::result<record> consumer_host::read_one(const std::string& stream, sequence seq) {
+  auto got = store_.read(stream, seq, 1, k_fetch_bytes);
+  if (!got) return with_retry(got.err());
+  if (got->empty() || got->front().seq != seq) {
+    return not_found("stream '" + stream + "' has no record #" + std::to_string(seq) +
+                     " (never stored, or removed by retention)");
+  }
+  return std::move(got->front());
+}
+
+void consumer_host::send_delivery(entry& e, const deliver& d, const record& r) {
+  auto h = common::decode_header(r.header);
+  header out;
+  if (h) {
+    out = std::move(h.value());
+  } else {
+    // Stored by this broker, so this is damage: deliver what is known rather than nothing.
+    log_->warn("consumer {}/{}: stored header of #{} does not decode: {}", e.stream(), e.name(),
+               r.seq, h.err().message);
+    out.id = r.event_id;
+  }
+  out.topic = r.topic;
+  out.seq = 0;
+  out.stream = e.stream();
+  out.stream_seq = r.seq;
+  out.consumer = e.name();
+  out.deliveries = d.delivery_count;
+  if (!send_(d.member, command::deliver, out, r.payload)) {
+    ++counters_.deliveries_unsent;
+    log_->debug("consumer {}/{}: DELIVER #{} to {} could not be sent; redelivered after ack_wait",
+                e.stream(), e.name(), r.seq, agents_[d.member]);
+  }
+}
+
+void consumer_host::execute(entry& e, std::vector<decision>& decisions, time_point now) {
+  (void)now;
+  std::map<sequence, record> cache;
+  for (std::size_t i = 0; i < decisions.size(); ++i) {
+    const decision d = decisions[i];  // executing may append decisions (a record gone)
+    if (const auto* del = std::get_if<deliver>(&d)) {
+      auto r = read_one(e.stream(), del->seq);
+      if (!r) {
+        if (r.err().code == errc::not_found) {
+          e.policy.on_record_gone(del->seq, decisions);
+        } else {
+          log_->warn("consumer {}/{}: #{} not delivered: {} {}", e.stream(), e.name(), del->seq,
+                     r.err().code, r.err().message);
+        }
+        continue;
+      }
+      send_delivery(e, *del, r.value());
+    } else if (const auto* dl = std::get_if<dead_letter>(&d)) {
+      auto r = read_one(e.stream(), dl->seq);
+      if (!r) {
+        log_->error("consumer {}/{}: dead letter #{} ({}) could not be read to store it: {} {}",
+                    e.stream(), e.name(), dl->seq, dl->reason, r.err().code, r.err().message);
+        continue;
+      }
+      auto h = common::decode_header(r->header);
+      header dh = h ? h.value() : header{};
+      if (!h) dh.id = r->event_id;
+      dh.stream = e.stream();
+      dh.stream_seq = dl->seq;
+      dh.consumer = e.name();
+      dh.deliveries = dl->delivery_count;
+      dh.error_message = dl->reason;
+      dead_letter_record out;
+      out.stream = e.stream();
+      out.consumer = e.name();
+      out.rec.topic = r->topic;
+      out.rec.event_id = e.stream() + ":" + std::to_string(dl->seq) + ":" + e.name();
+      out.rec.header = common::encode_header(dh);
+      out.rec.payload = std::move(r->payload);
+      log_->warn("consumer {}/{}: #{} {} id={} dead-lettered after {} deliveries: {}", e.stream(),
+                 e.name(), dl->seq, r->topic, r->event_id, dl->delivery_count, dl->reason);
+      dead_letters_.push_back(std::move(out));
+      e.dirty = true;
+    } else {
+      e.dirty = true;  // the ack floor moved
+    }
+  }
+  decisions.clear();
+}
+
+void consumer_host::store_dead_letters() {
+  if (dead_letters_.empty()) return;
+  for (const auto& d : dead_letters_) {
+    auto a = store_.append(dlq_of(d.stream), std::span<const record>(&d.rec, 1));
+    if (!a) {
+      log_->error("dead letter of {}/{} not appended to {}: {} {}", d.stream, d.consumer,
+                  dlq_of(d.stream), a.err().code, a.err().message);
+    }
+  }
+  if (auto st = store_.flush(); !st) {
+    // Kept and appended again next turn; the consumers' states are not saved past them.
+    log_->error("{} dead letter(s) not stored, retried: {} {}", dead_letters_.size(), st.err().code,
+                st.err().message);
+    return;
+  }
+  counters_.dead_letters_stored += dead_letters_.size();
+  dead_letters_.clear();
+}
+
+void consumer_host::save_states() {
+  for (auto& [stream, by_name] : consumers_) {
+    for (auto& [name, e] : by_name) {
+      if (!e->dirty || e->broken) continue;
+      const bool waits =
+          std::any_of(dead_letters_.begin(), dead_letters_.end(),
+                      [&](const auto& d) { return d.stream == stream && d.consumer == name; });
+      if (waits) continue;
+      if (auto st = store_.save_consumer_state(stream, name, blob(*e)); !st) {
+        ++counters_.state_save_failures;
+        log_->error("consumer {}/{}: state not saved (retried): {} {}", stream, name, st.err().code,
+                    st.err().message);
+        continue;
+      }
+      e->dirty = false;
+    }
+  }
+}
+
+void consumer_host::run(time_point now) {
+  if (consumers_.empty()) return;
+  for (auto& [stream, by_name] : consumers_) {
+    for (auto& [name, e] : by_name) {
+      if (e->broken) continue;
+      e->policy.on_tick(now, e->todo);
+      execute(*e, e->todo, now);
+      const std::string& s = stream;
+      fetch_fn fetch = [this, &s](sequence from, std::size_t n) {
+        return store_.read(s, from, n, k_fetch_bytes);
+      };
+      if (auto st = e->policy.next_deliveries(now, fetch, e->todo); !st) {
+        log_->warn("consumer {}/{}: {} {}", stream, name, st.err().code, st.err().message);
+      }
+      execute(*e, e->todo, now);
+    }
+  }
+  store_dead_letters();
+  save_states();
+}
+
+std::optional<time_point> consumer_host::next_deadline() const {
+  std::optional<time_point> out;
+  for (const auto& [stream, by_name] : consumers_) {
+    for (const auto& [name, e] : by_name) {
+      if (e->broken) continue;
+      std::optional<time_point> d = e->policy.next_deadline();
+      if (e->policy.more_to_read() || !e->todo.empty()) d = time_point::min();
+      if (d && (!out || *d < *out)) out = d;
+    }
+  }
+  if (!dead_letters_.empty()) {
+    // A failed flush is retried, not spun on.
+    const auto retry = common::steady_clock::now() + std::chrono::milliseconds(500);
+    if (!out || retry < *out) out = retry;
+  }
+  return out;
+}
+
+}  // namespace ensemble::broker::streams

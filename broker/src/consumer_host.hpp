@@ -1,0 +1,126 @@
+#pragma once
+// The durable consumers of a broker's streams: the wiring between the delivery policy
+// (consumer.hpp, no I/O), the stream store and the router socket.
+//
+// The broker loop feeds it what peers send (CONSUME, ACK, NACK, TERM, PROGRESS, CONSUME_STOP),
+// the peers it lost, and the streams that got new records; once per loop turn, after the
+// turn's publishes were flushed, run() executes what the consumers decided: deliveries are sent,
+// dead letters appended to `<stream>-dlq` and flushed, and the state of every consumer that
+// changed is saved (after its dead letters are stored, never before). docs/protocol.md section
+// 11 "Durable consumers" is the wire contract; docs/streams-consumers.md the policy.
+
+#include <spdlog/logger.h>
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "consumer.hpp"
+#include "ensemble/broker/stream_store.hpp"
+#include "ensemble/common/protocol.hpp"
+#include "ensemble/common/result.hpp"
+
+namespace ensemble::broker::streams {
+
+using json = nlohmann::json;
+
+// The suffix of the stream that holds a stream's dead letters; names ending in it are reserved.
+inline constexpr std::string_view k_dlq_suffix = "-dlq";
+bool is_dead_letter_stream(std::string_view name);
+
+// The configuration's wire form (docs/protocol.md, the CONSUME payload): every key present.
+json consumer_config_json(const consumer_config& c);
+// Reads a CONSUME payload or consumer_add arguments into a configuration (defaults for absent
+// keys); `where` prefixes the error, which names the key and the rule. Keys in `ignored` (the
+// admin's `stream`, `name`) are skipped.
+common::result<consumer_config> parse_consumer_config(
+    const json& args, const std::string& where,
+    std::initializer_list<std::string_view> ignored = {});
+
+// Sends one message to a peer on the router; false when it could not be sent.
+using send_fn = std::function<bool(const std::string& peer, common::command, const common::header&,
+                                   std::string payload)>;
+
+struct host_counters {
+  std::uint64_t deliveries_unsent = 0;  // DELIVERs the router refused; redelivered after ack_wait
+  std::uint64_t dead_letters_stored = 0;
+  std::uint64_t state_save_failures = 0;
+};
+
+class consumer_host {
+ public:
+  consumer_host(stream_store& store, send_fn send, std::shared_ptr<spdlog::logger> log);
+  ~consumer_host();
+
+  // Loads the saved consumers of every stream. A consumer whose saved bytes do not decode is
+  // kept out of service (its CONSUMEs are answered storage_corrupt) and logged.
+  void load(time_point now);
+
+  // CONSUME from `peer` (agent name `agent`): joins, creating the consumer from `config` when it
+  // does not exist. Returns its consumer_info.
+  common::result<json> join(const std::string& peer, const std::string& agent,
+                            const common::header& h, const json& config, time_point now);
+  // CONSUME_STOP.
+  common::status leave(const std::string& peer, const common::header& h, time_point now);
+  // ACK, NACK, TERM, PROGRESS. The error is what to tell the member.
+  common::status answer(const std::string& peer, common::command cmd, const common::header& h,
+                        time_point now);
+  // The peer is gone (BYE, lost, replaced): it leaves every consumer it was a member of.
+  void peer_gone(const std::string& peer, time_point now);
+
+  // Admin (docs/protocol.md section 11 "Admin").
+  common::result<json> list(const std::string& stream) const;
+  common::result<json> info(const std::string& stream, const std::string& name) const;
+  common::result<json> add(const std::string& stream, const std::string& name, const json& config,
+                           time_point now);
+  common::result<json> remove(const std::string& stream, const std::string& name);
+  common::result<json> dlq_replay(const std::string& stream, sequence dlq_seq, time_point now);
+  // broker.stream_rm: the stream's consumers go with it.
+  void stream_removed(const std::string& stream);
+
+  // The stream's last sequence grew (after a flush).
+  void records_stored(const std::string& stream, sequence last_seq);
+  // Timers, deliveries, dead letters, saves. Call once per loop turn, after the turn's flush.
+  void run(time_point now);
+  // When run() next has timed work; now when a consumer has more to read.
+  std::optional<time_point> next_deadline() const;
+
+  const host_counters& counters() const { return counters_; }
+  std::size_t size() const { return consumers_.size(); }
+
+ private:
+  struct entry;
+  entry* find(const std::string& stream, const std::string& name);
+  const entry* find(const std::string& stream, const std::string& name) const;
+  common::result<entry*> create(const std::string& stream, const consumer_config& config,
+                                time_point now);
+  json info_json(const entry& e) const;
+  void execute(entry& e, std::vector<decision>& decisions, time_point now);
+  void send_delivery(entry& e, const deliver& d, const record& r);
+  common::result<record> read_one(const std::string& stream, sequence seq);
+  void store_dead_letters();
+  void save_states();
+  std::string blob(const entry& e) const;
+
+  stream_store& store_;
+  send_fn send_;
+  std::shared_ptr<spdlog::logger> log_;
+  // stream -> consumer name -> entry
+  std::map<std::string, std::map<std::string, std::unique_ptr<entry>>> consumers_;
+  std::map<std::string, std::string> agents_;  // member peer -> agent name, for views
+  struct dead_letter_record {
+    std::string stream;    // the consumer's stream (the record goes to stream-dlq)
+    std::string consumer;  // whose state must not be saved before it is stored
+    record rec;
+  };
+  std::vector<dead_letter_record> dead_letters_;  // appended, not yet flushed
+  host_counters counters_;
+};
+
+}  // namespace ensemble::broker::streams
