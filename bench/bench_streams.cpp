@@ -64,6 +64,7 @@ struct options {
   std::size_t always_rtt = 300;           // round trips under --sync always (each an fdatasync)
   std::size_t event_messages = 20'000;    // the event-path comparison (d), per run
   int event_repeat = 2;
+  int repeat = 2;  // runs of each side, size and sync policy; the table shows medians
   bool skip_event_path = false;
   bool skip_nats = false;
   std::string nats_server;           // default: nats-server on PATH
@@ -116,15 +117,6 @@ std::string find_on_path(const std::string& name) {
   return "";
 }
 
-// A child that exited (and is a zombie until reaped) can no longer answer.
-bool has_exited(pid_t pid) {
-  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
-  std::string line;
-  if (!std::getline(in, line)) return true;
-  const auto close = line.rfind(')');
-  return close == std::string::npos || close + 2 >= line.size() || line[close + 2] == 'Z';
-}
-
 std::string make_payload(std::size_t size, std::uint64_t index) {
   std::string p(std::max<std::size_t>(size, sizeof index), 'x');
   std::memcpy(p.data(), &index, sizeof index);
@@ -166,6 +158,8 @@ struct side_run {
   std::size_t consumed = 0;     // distinct events delivered and acked
   std::size_t redelivered = 0;  // deliveries of an event already delivered
   double cpu_rtt = 0, cpu_window = 0, cpu_consume = 0;  // server cores during each phase
+  double others =
+      0;  // cores the rest of the machine used meanwhile (not this bench, not its server)
   std::vector<std::string> failures;
 
   void fail(std::string what) {
@@ -188,6 +182,28 @@ class server_cpu {
   child& c_;
   double cpu0_;
   clock_type::time_point t0_;
+};
+
+// What everything but this process and its server used, in cores, over one side's run: how
+// noisy the shared machine was meanwhile.
+class machine_noise {
+ public:
+  explicit machine_noise(child& server)
+      : server_(server),
+        t0_(clock_type::now()),
+        busy0_(machine_cpu_seconds().busy),
+        ours0_(process_cpu_seconds(::getpid()) + server.cpu_seconds()) {}
+  double others() const {
+    const double wall = seconds_since(t0_);
+    const double ours = process_cpu_seconds(::getpid()) + server_.cpu_seconds() - ours0_;
+    return wall > 0 ? std::max(0.0, (machine_cpu_seconds().busy - busy0_ - ours) / wall) : 0;
+  }
+
+ private:
+  child& server_;
+  clock_type::time_point t0_;
+  double busy0_;
+  double ours0_;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -500,6 +516,7 @@ side_run run_ensemble(const options& o, std::size_t size, const std::string& syn
   side_run r;
   r.ran = true;
   auto broker = start_ensemble(o, sync);
+  const machine_noise noise(*broker.proc);
   zmq::context_t ctx(1);
   {
     ens_peer publisher(ctx, broker.router);
@@ -509,6 +526,7 @@ side_run run_ensemble(const options& o, std::size_t size, const std::string& syn
     ens_peer consumer(ctx, broker.router);
     ensemble_consume(consumer, r, o, *broker.proc);
   }
+  r.others = noise.others();
   if (const int status = broker.proc->finish(SIGTERM, 10s); status != 0) {
     r.fail("Ensemble: ensemble-broker exited with status " + std::to_string(status));
   }
@@ -565,6 +583,15 @@ nats_facts probe_nats(const options& o) {
 }
 
 #if ENSEMBLE_BENCH_HAVE_NATS
+
+// A child that exited (and is a zombie until reaped) can no longer answer.
+bool has_exited(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+  std::string line;
+  if (!std::getline(in, line)) return true;
+  const auto close = line.rfind(')');
+  return close == std::string::npos || close + 2 >= line.size() || line[close + 2] == 'Z';
+}
 
 struct nats_server {
   std::unique_ptr<temp_dir> dir;
@@ -866,6 +893,7 @@ side_run run_nats(const options& o, const nats_facts& facts, std::size_t size, b
   side_run r;
   r.ran = true;
   auto server = start_nats(facts, sync_always);
+  const machine_noise noise(*server.proc);
   async_acks acks;
   {
     nats_client c;
@@ -903,6 +931,7 @@ side_run run_nats(const options& o, const nats_facts& facts, std::size_t size, b
     nats_publish(c, r, o, size, sync_always ? o.always_rtt : o.rtt, *server.proc, acks);
     if (r.failures.empty()) nats_consume(c, r, o, *server.proc);
   }
+  r.others = noise.others();
   // nats-server exits 0 on SIGINT (1 on SIGTERM).
   if (const int status = server.proc->finish(SIGINT, 10s); status != 0) {
     r.fail("JetStream: nats-server exited with status " + std::to_string(status) + " (log " +
@@ -976,26 +1005,61 @@ void print_row(const std::string& size, const std::string& metric, const std::st
               c.c_str(), note.c_str());
 }
 
-void print_side_line(const char* side, std::size_t size, const side_run& r) {
+void print_side_line(const char* side, std::size_t size, int rep, const side_run& r) {
   if (!r.ran) return;
   std::printf(
-      "  %-9s %-7s rtt p50 %s us p99 %s us, %s/s | window %s/s | consume %s/s (%s of %s acked, "
-      "%s redelivered)\n            server cores: rtt %.2f, window %.2f, consume %.2f\n",
-      side, size_label(size).c_str(), fixed(r.rtt_p50).c_str(), fixed(r.rtt_p99).c_str(),
+      "  %-9s %-7s run %d: rtt p50 %s us p99 %s us, %s/s | window %s/s | consume %s/s (%s of %s "
+      "acked, %s redelivered)\n            server cores: rtt %.2f, window %.2f, consume %.2f | "
+      "others on the machine %.2f\n",
+      side, size_label(size).c_str(), rep + 1, fixed(r.rtt_p50).c_str(), fixed(r.rtt_p99).c_str(),
       thousands(r.rtt_rate).c_str(), thousands(r.window_rate).c_str(),
       thousands(r.consume_rate).c_str(), thousands(static_cast<double>(r.consumed)).c_str(),
       thousands(static_cast<double>(r.stored)).c_str(),
-      thousands(static_cast<double>(r.redelivered)).c_str(), r.cpu_rtt, r.cpu_window,
-      r.cpu_consume);
+      thousands(static_cast<double>(r.redelivered)).c_str(), r.cpu_rtt, r.cpu_window, r.cpu_consume,
+      r.others);
   std::fflush(stdout);
 }
 
+// The runs of one side for one size and sync policy: medians of the phases that completed in
+// every run.
+struct side_series {
+  std::vector<side_run> runs;
+  std::string skipped;
+  bool ran() const { return !runs.empty(); }
+  template <class F>
+  bool all(F ok) const {
+    return ran() && std::all_of(runs.begin(), runs.end(), ok);
+  }
+  template <class F>
+  double med(F value) const {
+    std::vector<double> v;
+    for (const auto& r : runs) v.push_back(value(r));
+    return median(v);
+  }
+};
+
 void print_table(const options& o, const std::string& sync_title,
-                 const std::map<std::size_t, std::pair<side_run, side_run>>& runs) {
-  std::printf("\n%s\n", sync_title.c_str());
+                 const std::map<std::size_t, std::pair<side_series, side_series>>& series) {
+  std::printf("\n%s; median of %d run(s)\n", sync_title.c_str(), o.repeat);
   print_row("size", "metric", "Ensemble", "JetStream", "Ens/JS");
   for (auto size : o.sizes) {
-    const auto& [e, j] = runs.at(size);
+    const auto& [es, js] = series.at(size);
+    side_run e, j;  // the medians
+    for (const auto& x : {std::make_pair(&es, &e), std::make_pair(&js, &j)}) {
+      const side_series& s = *x.first;
+      side_run& m = *x.second;
+      m.ran = s.ran();
+      m.skipped = s.skipped;
+      m.rtt_ok = s.all([](const side_run& r) { return r.rtt_ok; });
+      m.window_ok = s.all([](const side_run& r) { return r.window_ok; });
+      m.consume_ok = s.all([](const side_run& r) { return r.consume_ok; });
+      m.rtt_p50 = s.med([](const side_run& r) { return r.rtt_p50; });
+      m.rtt_p99 = s.med([](const side_run& r) { return r.rtt_p99; });
+      m.rtt_rate = s.med([](const side_run& r) { return r.rtt_rate; });
+      m.window_rate = s.med([](const side_run& r) { return r.window_rate; });
+      m.consume_rate = s.med([](const side_run& r) { return r.consume_rate; });
+      m.stored = s.ran() ? s.runs.front().stored : 0;
+    }
     const std::string sz = size_label(size);
     const bool rtt = e.rtt_ok && j.rtt_ok;
     const bool window = e.window_ok && j.window_ok;
@@ -1081,7 +1145,9 @@ int orchestrate(const options& o) {
 
   bool failed = false;
   const auto t0 = clock_type::now();
-  std::vector<std::pair<std::string, std::map<std::size_t, std::pair<side_run, side_run>>>> tables;
+  std::vector<double> others;
+  std::vector<std::pair<std::string, std::map<std::size_t, std::pair<side_series, side_series>>>>
+      tables;
   for (const auto& p : policies) {
     std::printf("\n--sync %s\n", p.ensemble_sync.c_str());
     std::string js_skip = nats_skip;
@@ -1090,24 +1156,30 @@ int orchestrate(const options& o) {
                 " does not know `jetstream { sync_interval: always }` (nats-server 2.10 added it)";
       std::printf("  JetStream %s\n", js_skip.c_str());
     }
-    std::map<std::size_t, std::pair<side_run, side_run>> runs;
-    for (auto size : o.sizes) {
-      // The two sides alternate per size, so that drift in the machine's load hits both alike.
-      side_run e = run_ensemble(o, size, p.ensemble_sync);
-      print_side_line("Ensemble", size, e);
-      side_run j;
-      if (js_skip.empty()) {
+    std::map<std::size_t, std::pair<side_series, side_series>> series;
+    for (int rep = 0; rep < o.repeat; ++rep) {
+      for (auto size : o.sizes) {
+        // The two sides alternate per size, so that drift in the machine's load hits both alike.
+        auto& [es, js] = series[size];
+        side_run e = run_ensemble(o, size, p.ensemble_sync);
+        print_side_line("Ensemble", size, rep, e);
+        failed = failed || !e.failures.empty();
+        others.push_back(e.others);
+        es.runs.push_back(std::move(e));
+        if (!js_skip.empty()) {
+          js.skipped = js_skip;
+          continue;
+        }
 #if ENSEMBLE_BENCH_HAVE_NATS
-        j = run_nats(o, facts, size, p.js_sync_always);
-        print_side_line("JetStream", size, j);
+        side_run j = run_nats(o, facts, size, p.js_sync_always);
+        print_side_line("JetStream", size, rep, j);
+        failed = failed || !j.failures.empty();
+        others.push_back(j.others);
+        js.runs.push_back(std::move(j));
 #endif
-      } else {
-        j.skipped = js_skip;
       }
-      failed = failed || !e.failures.empty() || !j.failures.empty();
-      runs.emplace(size, std::make_pair(std::move(e), std::move(j)));
     }
-    tables.emplace_back(p.title, std::move(runs));
+    tables.emplace_back(p.title, std::move(series));
   }
 
   // (d) bench_all's event scenario (SDK publisher, SDK and plain SUB subscribers), on a broker
@@ -1153,7 +1225,13 @@ int orchestrate(const options& o) {
       }
     }
   }
-  std::printf("\nbench wall time %.1f s\n", seconds_since(t0));
+  const double others_max = others.empty() ? 0 : *std::max_element(others.begin(), others.end());
+  std::printf(
+      "\nother processes on the machine used %.2f cores (median of the side runs), %.2f at "
+      "most%s\n",
+      median(others), others_max,
+      others_max > 0.25 ? ": the machine was not quiet, figures are noisy" : "");
+  std::printf("bench wall time %.1f s\n", seconds_since(t0));
   if (failed) {
     std::printf(
         "FAILED: some acks, deliveries or events did not arrive, or a server refused them (see "
@@ -1187,6 +1265,9 @@ int main(int argc, char** argv) {
   app.add_option("--sync", o.sync, "os, always or both")
       ->check(CLI::IsMember({"os", "always", "both"}))
       ->capture_default_str();
+  app.add_option("--repeat", o.repeat, "runs of each side, size and sync policy (medians)")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 20));
   app.add_option("--event-messages", o.event_messages,
                  "events per run of the event-path comparison")
       ->capture_default_str();
