@@ -157,7 +157,8 @@ struct side_run {
   std::size_t stored = 0;       // events acked as stored: what the consumer must get
   std::size_t consumed = 0;     // distinct events delivered and acked
   std::size_t redelivered = 0;  // deliveries of an event already delivered
-  double cpu_rtt = 0, cpu_window = 0, cpu_consume = 0;  // server cores during each phase
+  double cpu_rtt = 0, cpu_window = 0, cpu_consume = 0;           // server cores during each phase
+  double client_rtt = 0, client_window = 0, client_consume = 0;  // this process's cores
   double others =
       0;  // cores the rest of the machine used meanwhile (not this bench, not its server)
   std::vector<std::string> failures;
@@ -169,18 +170,28 @@ struct side_run {
   }
 };
 
-// Server cores over a phase: CPU seconds used / wall seconds.
+// Server and client cores over a phase: CPU seconds used / wall seconds. The client is this
+// process (libnats' threads included).
 class server_cpu {
  public:
-  explicit server_cpu(child& c) : c_(c), cpu0_(c.cpu_seconds()), t0_(clock_type::now()) {}
+  explicit server_cpu(child& c)
+      : c_(c),
+        cpu0_(c.cpu_seconds()),
+        self0_(process_cpu_seconds(::getpid())),
+        t0_(clock_type::now()) {}
   double cores() const {
     const double wall = seconds_since(t0_);
     return wall > 0 ? (c_.cpu_seconds() - cpu0_) / wall : 0;
+  }
+  double client_cores() const {
+    const double wall = seconds_since(t0_);
+    return wall > 0 ? (process_cpu_seconds(::getpid()) - self0_) / wall : 0;
   }
 
  private:
   child& c_;
   double cpu0_;
+  double self0_;
   clock_type::time_point t0_;
 };
 
@@ -379,6 +390,7 @@ void ensemble_publish(ens_peer& peer, side_run& r, const options& o, std::size_t
   }
   const double rtt_s = seconds_since(rtt_t0);
   r.cpu_rtt = cpu ? cpu->cores() : 0;
+  r.client_rtt = cpu ? cpu->client_cores() : 0;
   r.rtt_rate = rtt_s > 0 ? static_cast<double>(rtt_calls) / rtt_s : 0;
   r.rtt_p50 = percentile_us(rtt, 50);
   r.rtt_p99 = percentile_us(rtt, 99);
@@ -412,6 +424,7 @@ void ensemble_publish(ens_peer& peer, side_run& r, const options& o, std::size_t
   }
   const double window_s = seconds_since(t0);
   r.cpu_window = cpu->cores();
+  r.client_window = cpu->client_cores();
   r.window_rate = static_cast<double>(o.events) / window_s;
   r.window_ok = true;
   r.stored = next_seq - 1;
@@ -495,6 +508,7 @@ void ensemble_consume(ens_peer& peer, side_run& r, const options& o, child& serv
   }
   const double seconds = seconds_since(t0);
   r.cpu_consume = cpu.cores();
+  r.client_consume = cpu.client_cores();
   r.consume_rate = static_cast<double>(total) / seconds;
   // The broker's own word: nothing pending, the ack floor at the last event.
   auto info = peer.broker_call("consumer_info", {{"stream", k_stream}, {"name", k_consumer}});
@@ -724,6 +738,7 @@ void nats_publish(nats_client& c, side_run& r, const options& o, std::size_t siz
   }
   const double rtt_s = seconds_since(rtt_t0);
   r.cpu_rtt = cpu ? cpu->cores() : 0;
+  r.client_rtt = cpu ? cpu->client_cores() : 0;
   r.rtt_rate = rtt_s > 0 ? static_cast<double>(rtt_calls) / rtt_s : 0;
   r.rtt_p50 = percentile_us(rtt, 50);
   r.rtt_p99 = percentile_us(rtt, 99);
@@ -752,6 +767,7 @@ void nats_publish(nats_client& c, side_run& r, const options& o, std::size_t siz
   const natsStatus s = js_PublishAsyncComplete(c.js, &done);
   const double window_s = seconds_since(t0);
   r.cpu_window = cpu->cores();
+  r.client_window = cpu->client_cores();
   if (s != NATS_OK || acks.acked != o.events || acks.bad != 0) {
     std::lock_guard lock(acks.mutex);
     r.fail("JetStream: " + std::to_string(acks.acked.load()) + " of " + std::to_string(o.events) +
@@ -859,6 +875,7 @@ void nats_consume(nats_client& c, side_run& r, const options& o, child& server) 
   }
   const double seconds = seconds_since(t0);
   r.cpu_consume = cpu.cores();
+  r.client_consume = cpu.client_cores();
   if (r.failures.empty()) r.consume_rate = static_cast<double>(total) / seconds;
   // The server's own word. Its ack floor can trail the last AckSync by a moment: polled (not
   // timed) until it is there or the deadline.
@@ -1009,14 +1026,15 @@ void print_side_line(const char* side, std::size_t size, int rep, const side_run
   if (!r.ran) return;
   std::printf(
       "  %-9s %-7s run %d: rtt p50 %s us p99 %s us, %s/s | window %s/s | consume %s/s (%s of %s "
-      "acked, %s redelivered)\n            server cores: rtt %.2f, window %.2f, consume %.2f | "
+      "acked, %s redelivered)\n            cores server/client: rtt %.2f/%.2f, window %.2f/%.2f, "
+      "consume %.2f/%.2f | "
       "others on the machine %.2f\n",
       side, size_label(size).c_str(), rep + 1, fixed(r.rtt_p50).c_str(), fixed(r.rtt_p99).c_str(),
       thousands(r.rtt_rate).c_str(), thousands(r.window_rate).c_str(),
       thousands(r.consume_rate).c_str(), thousands(static_cast<double>(r.consumed)).c_str(),
       thousands(static_cast<double>(r.stored)).c_str(),
-      thousands(static_cast<double>(r.redelivered)).c_str(), r.cpu_rtt, r.cpu_window, r.cpu_consume,
-      r.others);
+      thousands(static_cast<double>(r.redelivered)).c_str(), r.cpu_rtt, r.client_rtt, r.cpu_window,
+      r.client_window, r.cpu_consume, r.client_consume, r.others);
   std::fflush(stdout);
 }
 
