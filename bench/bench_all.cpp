@@ -64,6 +64,11 @@ struct options {
   bool only_ensemble = false;
   int quiet_wait = -1;  // seconds to wait for an idle machine before each run; -1: default
   std::string log_level = "error";
+  // The broker with durable streams (--data, --streams): bench_streams measures the event path
+  // with a stream declared for other topics through these.
+  std::string broker_data;
+  std::string broker_streams;
+  bool result_lines = false;  // one "result-events k=v ..." line per run, for bench_streams
 
   // Role plumbing.
   std::string role;
@@ -713,11 +718,15 @@ struct broker_handle {
 
 broker_handle start_broker(const options& o) {
   broker_handle b;
-  b.proc = child::spawn(
-      "broker", sibling_exe("ensemble-broker"),
-      {"--router", "tcp://127.0.0.1:*", "--events", "tcp://127.0.0.1:*", "--log-level",
-       o.log_level == "error" ? "warn" : o.log_level, "--event-hwm", std::to_string(o.hwm),
-       "--journal", o.journal < 0 ? std::string("10000") : std::to_string(o.journal)});
+  std::vector<std::string> args{
+      "--router",    "tcp://127.0.0.1:*",
+      "--events",    "tcp://127.0.0.1:*",
+      "--log-level", o.log_level == "error" ? "warn" : o.log_level,
+      "--event-hwm", std::to_string(o.hwm),
+      "--journal",   o.journal < 0 ? std::string("10000") : std::to_string(o.journal)};
+  if (!o.broker_data.empty()) args.insert(args.end(), {"--data", o.broker_data});
+  if (!o.broker_streams.empty()) args.insert(args.end(), {"--streams", o.broker_streams});
+  b.proc = child::spawn("broker", sibling_exe("ensemble-broker"), args);
   auto fields = parse_fields(b.proc->expect("ensemble-broker ready", k_start_timeout));
   b.router = fields["router"];
   b.events = fields["events"];
@@ -1114,6 +1123,11 @@ int orchestrate(options o) {
         quiet();
         auto r = run_events(o, static_cast<event_kind>(k));
         print_event_line(event_names[k], size, rep, r);
+        if (o.result_lines) {
+          say("result-events kind=%s size=%zu run=%d rate=%.1f sent=%.0f failed=%.0f "
+              "received=%.0f lost=%.0f",
+              event_names[k], size, rep + 1, r.rate, r.sent, r.failed, r.received, r.lost());
+        }
         ev[size][k].runs.push_back(r);
       }
       for (int k = 0; commands && k < k_command_kinds; ++k) {
@@ -1287,6 +1301,12 @@ int main(int argc, char** argv) {
                  "--quick)");
   app.add_option("--log-level", o.log_level, "log level of the roles and the broker")
       ->capture_default_str();
+  app.add_option("--broker-data", o.broker_data,
+                 "start the broker with durable streams stored in this directory (--data)");
+  app.add_option("--broker-streams", o.broker_streams,
+                 "the broker's stream declarations (--streams; with --broker-data)");
+  app.add_flag("--result-lines", o.result_lines,
+               "also print one machine-readable 'result-events' line per event run");
   const std::string internal;  // role plumbing, set by the orchestrator only: hidden from --help
   app.add_option("--role", o.role)->group(internal);
   app.add_option("--endpoint", o.endpoint)->group(internal);

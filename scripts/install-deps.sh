@@ -1,7 +1,18 @@
 #!/usr/bin/env bash
 # Installs everything Ensemble needs to build, test and run its demo, from Debian's packages.
 # Idempotent: packages already present are skipped, and apt-get runs only when something is missing.
+#
+#   --nats   also NATS (nats-server, libnats-dev), for bench/bench_streams.cpp's JetStream side.
+#            Opt-in: nothing else needs it, and CI does not install it.
 set -euo pipefail
+
+nats=0
+for arg in "$@"; do
+  case "$arg" in
+    --nats) nats=1 ;;
+    *) echo "install-deps: unknown option '$arg' (known: --nats)" >&2; exit 2 ;;
+  esac
+done
 
 packages=(
   build-essential cmake ninja-build pkg-config git
@@ -11,6 +22,9 @@ packages=(
   nlohmann-json3-dev libsqlite3-dev libcli11-dev libyaml-cpp-dev
   python3 python3-zmq python3-msgpack
 )
+if [ "$nats" -eq 1 ]; then
+  packages+=(nats-server libnats-dev)
+fi
 
 missing=()
 for p in "${packages[@]}"; do
