@@ -84,6 +84,7 @@ double seconds_since(steady::time_point t) {
 struct processed {
   long long ns = 0;
   long pid = 0;
+  std::string broker;   // the broker run that delivered it
   std::string outcome;  // ok, nack, term
   std::uint64_t seq = 0;
   std::uint32_t deliveries = 0;
@@ -108,7 +109,8 @@ class member_log {
     for (std::size_t nl; (nl = chunk.find('\n', start)) != std::string::npos; start = nl + 1) {
       std::istringstream line(chunk.substr(start, nl - start));
       processed p;
-      line >> p.ns >> p.pid >> p.outcome >> p.seq >> p.deliveries >> p.id >> p.key >> p.payload;
+      line >> p.ns >> p.pid >> p.broker >> p.outcome >> p.seq >> p.deliveries >> p.id >> p.key >>
+          p.payload;
       EXPECT_FALSE(line.fail()) << path_ << ": unreadable line '" << chunk.substr(start, nl - start)
                                 << "'";
       if (p.outcome == "ok") ok_ids_.insert(p.id);
@@ -190,7 +192,7 @@ class chaos_streams_test : public ensemble::test::streams_fixture {
                              const std::function<bool(std::size_t)>& on_ack = {}) {
     publish_counts c;
     auto peer = std::make_unique<raw_peer>(ctx_, broker_->router());
-    std::unordered_map<std::string, std::size_t> outstanding;
+    std::unordered_map<std::string, std::size_t> outstanding;  // id -> index in events
     const auto send = [&](std::size_t i) {
       header h;
       h.id = events[i].id;
@@ -199,9 +201,14 @@ class chaos_streams_test : public ensemble::test::streams_fixture {
       h.ack = true;
       peer->send(command::publish, h, events[i].payload);
     };
+    // In publishing order, so that each key's events are stored in order (what a broker
+    // stored of one connection's publishes before it was killed is a prefix of them).
     const auto resend_all = [&] {
-      for (const auto& [id, i] : outstanding) send(i);
-      c.resent += outstanding.size();
+      std::vector<std::size_t> order;
+      for (const auto& [id, i] : outstanding) order.push_back(i);
+      std::sort(order.begin(), order.end());
+      for (auto i : order) send(i);
+      c.resent += order.size();
     };
     const auto until = steady::now() + size().long_wait;
     std::size_t next = 0;
@@ -306,18 +313,101 @@ std::vector<const processed*> all_lines(std::initializer_list<const member_log*>
   return out;
 }
 
+// The counter of a keyed event's payload ("k=<key>;n=<counter>").
+int counter_of(const std::string& payload) {
+  const auto at = payload.find(";n=");
+  return at == std::string::npos ? -1 : std::stoi(payload.substr(at + 3));
+}
+
+// Each key's events are in the stream in counter order (so that an order check of the
+// deliveries is about delivery, not publishing). Returns the records out of order.
+std::size_t stream_out_of_key_order(const std::vector<json>& records) {
+  std::map<std::string, int> expect_next;
+  std::size_t bad = 0;
+  for (const auto& r : records) {
+    const auto bytes = r["payload"].get_binary();
+    const int n = counter_of(std::string(bytes.begin(), bytes.end()));
+    const auto key = r["header"]["correlation_id"].get<std::string>();
+    if (n != ++expect_next[key] && ++bad <= 10) {
+      ADD_FAILURE() << key << ": counter " << n << " stored at #" << r["stream_seq"] << " where "
+                    << expect_next[key] << " was due";
+    }
+  }
+  return bad;
+}
+
+// The order in which an ordered_by consumer's members processed each key. Lines are taken
+// in processing order (all members' files merged by their CLOCK_MONOTONIC stamps). Within
+// one broker run, a key's counters go up by exactly one, or repeat as a redelivery of the same
+// event (same stream_seq, higher delivery count: a member was killed after it processed the
+// event and before its ACK reached the broker). The first line of a key in a later broker run
+// may go back (the new broker restored the consumer's state as last saved, without the acks
+// that reached the old one after that: at least once), but never skip: at most to the last
+// counter + 1.
+struct key_order {
+  std::size_t violations = 0;
+  std::size_t redeliveries = 0;  // same-event repeats within a run
+  std::size_t rewinds = 0;       // a key going back at a broker restart
+  std::size_t keys = 0;
+};
+key_order check_key_order(const std::vector<const processed*>& lines) {
+  struct last_seen {
+    std::string broker;
+    int counter = 0;
+    std::uint64_t seq = 0;
+    std::uint32_t deliveries = 0;
+  };
+  std::map<std::string, last_seen> by_key;
+  key_order out;
+  for (const auto* p : lines) {
+    if (p->outcome != "ok") continue;
+    const int n = counter_of(p->payload);
+    auto& last = by_key[p->key];
+    bool fine = n == last.counter + 1;
+    if (!fine && p->broker == last.broker && n == last.counter && p->seq == last.seq &&
+        p->deliveries > last.deliveries) {
+      fine = true;
+      ++out.redeliveries;
+    }
+    if (!fine && p->broker != last.broker && n >= 1 && n <= last.counter) {
+      fine = true;
+      ++out.rewinds;
+    }
+    if (!fine && ++out.violations <= 10) {
+      ADD_FAILURE() << p->key << ": counter " << n << " (#" << p->seq << ", delivery "
+                    << p->deliveries << ", pid " << p->pid << ", broker " << p->broker
+                    << ") processed after counter " << last.counter << " (#" << last.seq
+                    << ", delivery " << last.deliveries << ", broker " << last.broker << ")";
+    }
+    last = {p->broker, n, p->seq, p->deliveries};
+  }
+  out.keys = by_key.size();
+  return out;
+}
+
 TEST_F(chaos_streams_test, acked_events_survive_three_broker_kills_once_each_and_are_consumed) {
   start_with_orders(k_broker_args);
+  // Two consumers: one without ordering, and one ordered by correlation id (50 keys).
   member_log log(path("a.log"));
+  member_log keyed_log(path("a-keyed.log"));
   auto& m = start_member("audit-1", "audit", log.path(), json::object());
-  const auto events = make_events(size().restart_events, "a");
+  auto& keyed =
+      start_member("by-key-1", "by-key", keyed_log.path(), {{"ordered_by", "correlation_id"}});
+  const auto events = make_events(size().restart_events, "a", k_flap_keys);
   const auto started = steady::now();
 
-  // SIGKILL + restart at 1/4, 2/4 and 3/4 of the acks, with k_window publishes in flight.
+  // SIGKILL + restart at 1/4, 2/4 and 3/4 of the acks, with k_window publishes in flight, and
+  // each time once both members joined the broker run that is killed (publishing is faster
+  // than consuming: without this, two kills may come before a member saw the run between).
   int restarts = 0;
   const auto counts = publish_all(events, [&](std::size_t acked) {
     if (restarts >= k_restarts || acked < (restarts + 1) * events.size() / (k_restarts + 1)) {
       return false;
+    }
+    for (auto* p : {&m, &keyed}) {
+      EXPECT_TRUE(tk::wait_until(
+          [&] { return count_lines(*p, "stream-member consuming") >= 1u + restarts; }, k_wait))
+          << p->name() << " did not join the broker again after restart " << restarts;
     }
     restart_broker();
     ++restarts;
@@ -342,25 +432,38 @@ TEST_F(chaos_streams_test, acked_events_survive_three_broker_kills_once_each_and
   EXPECT_EQ(records.size(), events.size());
   EXPECT_EQ(missing, 0u) << "acked events missing from the stream";
   EXPECT_EQ(twice, 0u) << "events stored more than once";
+  ASSERT_EQ(stream_out_of_key_order(records), 0u);
 
-  // The consumer processed every one, across the restarts.
+  // Each consumer processed every one, across the restarts; the ordered one kept each key in
+  // order within a broker run, and went back at most to where its saved state was.
   ASSERT_TRUE(wait_all_processed({&log}, events))
-      << log.distinct_ok() << " of " << events.size() << " processed";
+      << log.distinct_ok() << " of " << events.size() << " processed by audit";
+  ASSERT_TRUE(wait_all_processed({&keyed_log}, events))
+      << keyed_log.distinct_ok() << " of " << events.size() << " processed by by-key";
   const auto last_seq = records.empty() ? 0 : records.back()["stream_seq"].get<std::uint64_t>();
-  ASSERT_TRUE(tk::wait_until([&] { return info("audit")["ack_floor"] == last_seq; }, k_wait))
-      << info("audit").dump();
+  for (const auto* consumer : {"audit", "by-key"}) {
+    ASSERT_TRUE(tk::wait_until([&] { return info(consumer)["ack_floor"] == last_seq; }, k_wait))
+        << info(consumer).dump();
+    EXPECT_EQ(info(consumer)["dead_lettered"], 0) << consumer;
+  }
   const auto lines = all_lines({&log});
+  const auto keyed_lines = all_lines({&keyed_log});
+  const auto order = check_key_order(keyed_lines);
+  EXPECT_EQ(order.violations, 0u);
   std::size_t redelivered = 0;
   for (const auto* p : lines) redelivered += p->deliveries > 1;
-  EXPECT_GE(count_lines(m, "stream-member consuming"), 1u + k_restarts)
-      << "the member did not join again after each restart";
+  for (auto* p : {&m, &keyed}) {
+    EXPECT_GE(count_lines(*p, "stream-member consuming"), 1u + k_restarts)
+        << p->name() << " did not join again after each restart";
+  }
   std::printf(
       "[chaos streams a] %zu events, %d broker SIGKILLs: %zu re-sent, %zu acked as duplicates, "
-      "%zu publish errors; stream holds %zu records (0 missing, 0 twice); member processed %zu "
-      "lines (%zu duplicates, %zu with deliveries > 1), joined %zu times; %.1f s\n",
+      "%zu publish errors; stream holds %zu records (0 missing, 0 twice); audit processed %zu "
+      "lines (%zu duplicates, %zu with deliveries > 1); by-key (ordered) %zu lines (%zu "
+      "duplicates, %zu keys went back at a restart, %zu same-event redeliveries); %.1f s\n",
       events.size(), restarts, counts.resent, counts.duplicate_acks, counts.errors, records.size(),
-      lines.size(), duplicates(lines), redelivered, count_lines(m, "stream-member consuming"),
-      seconds_since(started));
+      lines.size(), duplicates(lines), redelivered, keyed_lines.size(), duplicates(keyed_lines),
+      order.rewinds, order.redeliveries, seconds_since(started));
 }
 
 // Per key, in processing order (both members' lines merged by their CLOCK_MONOTONIC stamps), the
@@ -408,48 +511,15 @@ TEST_F(chaos_streams_test, a_flapping_member_loses_nothing_and_keys_stay_in_orde
   EXPECT_EQ(failed_joins, 0);
   EXPECT_GT(kills, 0);
 
-  // The stream holds each key's events in counter order (so the check below is about delivery).
   const auto records = read_all("orders");
   ASSERT_EQ(records.size(), events.size());
-  {
-    std::map<std::string, int> expect_next;
-    for (const auto& r : records) {
-      const auto payload = r["payload"].get_binary();
-      const std::string text(payload.begin(), payload.end());
-      const auto key = r["header"]["correlation_id"].get<std::string>();
-      const int n = std::stoi(text.substr(text.find(";n=") + 3));
-      ASSERT_EQ(n, ++expect_next[key]) << key << " stored out of order at #" << r["stream_seq"];
-    }
-  }
-
+  ASSERT_EQ(stream_out_of_key_order(records), 0u);
   const auto lines = all_lines({&steady_log, &flappy_log});
-  struct last_seen {
-    int counter = 0;
-    std::uint64_t seq = 0;
-    std::uint32_t deliveries = 0;
-  };
-  std::map<std::string, last_seen> by_key;
-  std::size_t out_of_order = 0, redeliveries_seen = 0;
-  for (const auto* p : lines) {
-    ASSERT_EQ(p->outcome, "ok");
-    const int n = std::stoi(p->payload.substr(p->payload.find(";n=") + 3));
-    auto& last = by_key[p->key];
-    const bool next_event = n == last.counter + 1;
-    const bool redelivery =
-        n == last.counter && p->seq == last.seq && p->deliveries > last.deliveries;
-    if (!next_event && !redelivery) {
-      if (++out_of_order <= 10) {
-        ADD_FAILURE() << p->key << ": counter " << n << " (#" << p->seq << ", delivery "
-                      << p->deliveries << ", pid " << p->pid << ") processed after counter "
-                      << last.counter << " (#" << last.seq << ", delivery " << last.deliveries
-                      << ")";
-      }
-    }
-    redeliveries_seen += redelivery;
-    last = {n, p->seq, p->deliveries};
-  }
-  EXPECT_EQ(out_of_order, 0u);
-  EXPECT_EQ(by_key.size(), k_flap_keys);
+  for (const auto* p : lines) EXPECT_EQ(p->outcome, "ok");
+  const auto order = check_key_order(lines);
+  EXPECT_EQ(order.violations, 0u);
+  EXPECT_EQ(order.rewinds, 0u) << "one broker run: no key may go back";
+  EXPECT_EQ(order.keys, k_flap_keys);
   const auto i = info("orders-by-key");
   EXPECT_EQ(i["dead_lettered"], 0);
   std::size_t flappy_ok = 0;
@@ -460,7 +530,7 @@ TEST_F(chaos_streams_test, a_flapping_member_loses_nothing_and_keys_stay_in_orde
       "same-event redeliveries in key order; broker: redelivered %s, delivered %s; %zu re-sent "
       "publishes; %.1f s\n",
       events.size(), k_flap_keys, kills.load(), lines.size(), lines.size() - flappy_ok, flappy_ok,
-      duplicates(lines), redeliveries_seen, i["redelivered"].dump().c_str(),
+      duplicates(lines), order.redeliveries, i["redelivered"].dump().c_str(),
       i["delivered"].dump().c_str(), counts.resent, seconds_since(started));
 }
 

@@ -7,12 +7,13 @@
 // Every handled delivery is one line appended to --out (O_APPEND, one write(2) each) before
 // its ACK is sent, so a test that SIGKILLs this process still counts what it processed:
 //
-//   <steady ns> <pid> <outcome> <stream_seq> <deliveries> <event id> <ordered_by key> <payload>
+//   <steady ns> <pid> <broker> <outcome> <stream_seq> <deliveries> <event id> <key> <payload>
 //
-// <outcome> is `ok` (acked), `nack` or `term` (a poison event, --poison); the key is the
-// correlation id (`-` when empty); the payload is printed as received (the tests publish short
-// text without spaces). The steady clock is CLOCK_MONOTONIC, shared by the processes of one
-// machine, so the lines of several members can be merged in processing order.
+// <broker> is the broker run that delivered it (WELCOME's `broker`); <outcome> is `ok` (acked),
+// `nack` or `term` (a poison event, --poison); the key is the correlation id (`-` when empty); the
+// payload is printed as received (the tests publish short text without spaces). The steady clock is
+// CLOCK_MONOTONIC, shared by the processes of one machine, so the lines of several members can be
+// merged in processing order.
 //
 // Poison: a delivery whose payload contains --poison is NACKed (or TERMed with
 // --poison-action term) with the reason "poison event: payload contains '<marker>'", unless
@@ -223,8 +224,8 @@ class member {
     ::clock_gettime(CLOCK_MONOTONIC, &ts);
     const std::string line =
         std::to_string(static_cast<long long>(ts.tv_sec) * 1'000'000'000LL + ts.tv_nsec) + " " +
-        std::to_string(::getpid()) + " " + outcome + " " + std::to_string(d.stream_seq) + " " +
-        std::to_string(d.deliveries) + " " + d.id + " " +
+        std::to_string(::getpid()) + " " + broker_id_ + " " + outcome + " " +
+        std::to_string(d.stream_seq) + " " + std::to_string(d.deliveries) + " " + d.id + " " +
         (d.correlation_id.empty() ? std::string("-") : d.correlation_id) + " " + payload + "\n";
     // One write(2) of the whole line: in the kernel before the answer leaves, so it survives a
     // SIGKILL of this process.
