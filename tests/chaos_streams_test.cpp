@@ -62,7 +62,7 @@ struct sizes {
 const sizes& size() {
   static const sizes s = std::getenv("ENSEMBLE_CHAOS_FULL") != nullptr
                              ? sizes{100'000, 50'000, 30s, 600s}
-                             : sizes{20'000, 20'000, 3s, 120s};
+                             : sizes{20'000, 50'000, 3s, 120s};
   return s;
 }
 constexpr int k_restarts = 3;               // a. broker SIGKILLs
