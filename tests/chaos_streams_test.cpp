@@ -155,18 +155,28 @@ class chaos_streams_test : public ensemble::test::streams_fixture {
 
   std::string path(const std::string& name) const { return dir_ + "/" + name; }
 
-  // A member process of `consumer` on stream orders, appending to `out`; returns once its
-  // CONSUME was accepted.
+  // The command line of a member of `consumer` on stream orders, appending to `out`.
+  std::vector<std::string> member_args(const std::string& name, const std::string& consumer,
+                                       const std::string& out, const json& config,
+                                       std::vector<std::string> more = {},
+                                       std::uint32_t capacity = k_member_capacity) {
+    std::vector<std::string> args{
+        "--router", broker_->router(), "--name", name,         "--stream",
+        "orders",   "--consumer",      consumer, "--capacity", std::to_string(capacity),
+        "--config", config.dump(),     "--out",  out};
+    args.insert(args.end(), more.begin(), more.end());
+    return args;
+  }
+  // Such a member as a process, once its CONSUME was accepted.
   tk::process& start_member(const std::string& name, const std::string& consumer,
                             const std::string& out, const json& config,
                             std::vector<std::string> more = {}) {
-    std::vector<std::string> args{
-        "--router", broker_->router(), "--name", name,         "--stream",
-        "orders",   "--consumer",      consumer, "--capacity", std::to_string(k_member_capacity),
-        "--config", config.dump(),     "--out",  out};
-    args.insert(args.end(), more.begin(), more.end());
     auto& slot = members_[name];
-    slot = tk::process::spawn({tk::binary_path("ensemble-test-stream-member"), args, {}, {}, name});
+    slot = tk::process::spawn({tk::binary_path("ensemble-test-stream-member"),
+                               member_args(name, consumer, out, config, std::move(more)),
+                               {},
+                               {},
+                               name});
     EXPECT_TRUE(slot->wait_for_line("stream-member consuming", k_wait))
         << name << " did not join " << consumer << ":\n"
         << slot->tail();
@@ -265,6 +275,12 @@ class chaos_streams_test : public ensemble::test::streams_fixture {
           return true;
         },
         deadline, 50ms);
+  }
+
+  // The records of orders-dlq; none while it does not exist (no consumer created it yet).
+  std::vector<json> dead_letters() {
+    if (call("stream_info", {{"name", "orders-dlq"}}).hdr.error_code == "not_found") return {};
+    return read_all("orders-dlq");
   }
 
   json info(const std::string& consumer) {
@@ -487,14 +503,12 @@ TEST_F(chaos_streams_test, a_flapping_member_loses_nothing_and_keys_stay_in_orde
   std::atomic<int> failed_joins{0};
   std::thread flapper([&] {
     while (!stop) {
-      auto p = tk::process::spawn(
-          {tk::binary_path("ensemble-test-stream-member"),
-           {"--router", broker_->router(), "--name", "flappy", "--stream", "orders", "--consumer",
-            "orders-by-key", "--capacity", std::to_string(k_member_capacity), "--config",
-            config.dump(), "--out", flappy_log.path()},
-           {},
-           {},
-           "flappy"});
+      auto p =
+          tk::process::spawn({tk::binary_path("ensemble-test-stream-member"),
+                              member_args("flappy", "orders-by-key", flappy_log.path(), config),
+                              {},
+                              {},
+                              "flappy"});
       if (!p->wait_for_line("stream-member consuming", k_wait)) ++failed_joins;
       std::this_thread::sleep_for(k_flap_period);
       p->kill();
@@ -605,6 +619,62 @@ TEST_F(chaos_streams_test, a_poison_event_is_dead_lettered_then_replayed_once_fi
       static_cast<unsigned long long>(poison_seq), attempts.size(),
       dead[0]["stream_seq"].dump().c_str(), h["error_message"].get<std::string>().c_str(),
       static_cast<unsigned long long>(replayed_seq), replay_lines);
+}
+
+// A handler that takes its process down on one event: each crash is a failed attempt (the
+// member is lost while holding it), so the event is dead-lettered after max_deliver crashes
+// instead of taking members down for ever, and the events after it flow again.
+TEST_F(chaos_streams_test, an_event_that_crashes_its_member_is_dead_lettered_after_max_deliver) {
+  start_with_orders(k_broker_args);
+  member_log log(path("e.log"));
+  auto events = make_events(10, "e");
+  events[4].payload = "n=4;CRASH";
+  ASSERT_EQ(publish_all(events).acked, events.size());
+
+  // Capacity 1, so that a crash fails no attempt but the poison's. A crashed member is
+  // started again at once, until the poison is in orders-dlq.
+  const auto args = member_args("fragile", "fragile", log.path(), {{"max_deliver", k_max_deliver}},
+                                {"--poison", "CRASH", "--poison-action", "crash"}, 1);
+  std::unique_ptr<tk::process> m;
+  int crashes = 0;
+  std::vector<json> dead;
+  ASSERT_TRUE(tk::wait_until(
+      [&] {
+        if (m && !m->running()) {
+          EXPECT_EQ(m->wait_exit(k_wait), -SIGKILL) << m->tail();
+          ++crashes;
+          m.reset();
+        }
+        if (!m) {
+          m = tk::process::spawn(
+              {tk::binary_path("ensemble-test-stream-member"), args, {}, {}, "fragile"});
+        }
+        dead = dead_letters();
+        return !dead.empty();
+      },
+      size().long_wait, 20ms))
+      << crashes << " crashes and no dead letter";
+  ASSERT_EQ(dead.size(), 1u);
+  const auto& h = dead[0]["header"];
+  EXPECT_EQ(h["id"], events[4].id);
+  EXPECT_EQ(h["deliveries"], k_max_deliver);
+  // The reason names the member by its connection's routing id instead of its agent name (see
+  // broker_consumers_test's dead_letter_reasons_name_the_member_by_its_agent_name), hence only
+  // the end of it here; printable characters only in the report line.
+  auto reason = h["error_message"].get<std::string>();
+  EXPECT_NE(reason.find("left while holding it"), std::string::npos) << reason;
+  for (auto& ch : reason) {
+    if (ch < 0x20 || ch > 0x7e) ch = '?';
+  }
+  events.erase(events.begin() + 4);
+  ASSERT_TRUE(wait_all_processed({&log}, events, k_wait));
+  EXPECT_EQ(crashes, static_cast<int>(k_max_deliver)) << "one crash per delivery of the poison";
+  EXPECT_EQ(info("fragile")["dead_lettered"], 1);
+  std::printf(
+      "[chaos streams e] an event that crashes its member: %d crashes, dead-lettered after %s "
+      "deliveries with '%s'; the %zu others processed (%zu lines)\n",
+      crashes, h["deliveries"].dump().c_str(), reason.c_str(), events.size(), log.lines().size());
+  if (m) m->kill();
 }
 
 TEST_F(chaos_streams_test, a_member_down_for_seconds_resumes_where_it_was) {

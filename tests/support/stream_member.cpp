@@ -16,12 +16,14 @@
 // merged in processing order.
 //
 // Poison: a delivery whose payload contains --poison is NACKed (or TERMed with
-// --poison-action term) with the reason "poison event: payload contains '<marker>'", unless
-// --fix-file exists: then it is handled like any other ("the fix is deployed").
+// --poison-action term) with the reason "poison event: payload contains '<marker>'", or makes
+// the process SIGKILL itself (--poison-action crash: a handler that takes its process down),
+// unless --fix-file exists: then it is handled like any other ("the fix is deployed").
 //
 // stdout gets lifecycle lines only: `stream-member consuming <stream>/<consumer> broker=<id>`
 // each time CONSUME is accepted, so that a test can wait for it.
 #include <fcntl.h>
+#include <signal.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -217,6 +219,7 @@ class member {
     std::string outcome = "ok";
     if (!s_.poison.empty() && payload.find(s_.poison) != std::string::npos &&
         (s_.fix_file.empty() || !std::filesystem::exists(s_.fix_file))) {
+      if (s_.poison_action == "crash") ::kill(::getpid(), SIGKILL);
       answer = s_.poison_action == "term" ? command::term : command::nack;
       outcome = s_.poison_action;
     }
@@ -269,7 +272,8 @@ int main(int argc, char** argv) {
   app.add_option("--config", s.config, "the consumer's configuration, JSON (CONSUME payload)");
   app.add_option("--out", s.out, "file the processed deliveries are appended to (default stdout)");
   app.add_option("--poison", s.poison, "payload marker of events to fail");
-  app.add_option("--poison-action", s.poison_action)->check(CLI::IsMember({"nack", "term"}));
+  app.add_option("--poison-action", s.poison_action)
+      ->check(CLI::IsMember({"nack", "term", "crash"}));
   app.add_option("--fix-file", s.fix_file, "while this file exists, poison events succeed");
   CLI11_PARSE(app, argc, argv);
   try {
