@@ -12,7 +12,8 @@
 //   c. a poison event reaches <stream>-dlq after max_deliver with its reason, survives a broker
 //      SIGKILL, and is processed once the fix is in and broker.dlq_replay put it back;
 //   d. a member down for a few seconds resumes from its position: it misses nothing, and only
-//      what it held at its kill is processed twice.
+//      what it held at its kill is processed twice;
+//   e. an event that makes its member crash is dead-lettered after max_deliver crashes.
 //
 // Sizes are constants below, chosen to keep each test well under a minute on a busy 2-core
 // machine; the comment on each says what the full size is. Every wait has a deadline and waits
