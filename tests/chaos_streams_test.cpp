@@ -407,7 +407,8 @@ TEST_F(chaos_streams_test, acked_events_survive_three_broker_kills_once_each_and
   // Two consumers: one without ordering, and one ordered by correlation id (50 keys).
   member_log log(path("a.log"));
   member_log keyed_log(path("a-keyed.log"));
-  auto& m = start_member("audit-1", "audit", log.path(), json::object());
+  // audit's ACKs carry ids: the broker confirms each once the state including it is saved.
+  auto& m = start_member("audit-1", "audit", log.path(), json::object(), {"--confirm-acks"});
   auto& keyed =
       start_member("by-key-1", "by-key", keyed_log.path(), {{"ordered_by", "correlation_id"}});
   const auto events = make_events(size().restart_events, "a", k_flap_keys);
@@ -465,10 +466,30 @@ TEST_F(chaos_streams_test, acked_events_survive_three_broker_kills_once_each_and
   }
   const auto lines = all_lines({&log});
   const auto keyed_lines = all_lines({&keyed_log});
+  // A confirmed ACK survives the kills: its event is never processed again after the
+  // confirmation arrived.
+  std::unordered_map<std::uint64_t, long long> confirmed_at;
+  for (const auto* p : lines) {
+    if (p->outcome == "confirmed") confirmed_at.emplace(p->seq, p->ns);
+  }
+  std::size_t after_confirmation = 0;
+  for (const auto* p : lines) {
+    const auto c = confirmed_at.find(p->seq);
+    if (p->outcome != "ok" || c == confirmed_at.end() || p->ns < c->second) continue;
+    if (++after_confirmation <= 10) {
+      ADD_FAILURE() << "#" << p->seq << " processed again (delivery " << p->deliveries
+                    << ", broker " << p->broker << ") after its ACK was confirmed";
+    }
+  }
+  EXPECT_EQ(after_confirmation, 0u);
+  EXPECT_GT(confirmed_at.size(), 0u);
   const auto order = check_key_order(keyed_lines);
   EXPECT_EQ(order.violations, 0u);
-  std::size_t redelivered = 0;
-  for (const auto* p : lines) redelivered += p->deliveries > 1;
+  std::size_t redelivered = 0, audit_ok = 0;
+  for (const auto* p : lines) {
+    redelivered += p->deliveries > 1;
+    audit_ok += p->outcome == "ok";
+  }
   for (auto* p : {&m, &keyed}) {
     EXPECT_GE(count_lines(*p, "stream-member consuming"), 1u + k_restarts)
         << p->name() << " did not join again after each restart";
@@ -476,11 +497,12 @@ TEST_F(chaos_streams_test, acked_events_survive_three_broker_kills_once_each_and
   std::printf(
       "[chaos streams a] %zu events, %d broker SIGKILLs: %zu re-sent, %zu acked as duplicates, "
       "%zu publish errors; stream holds %zu records (0 missing, 0 twice); audit processed %zu "
-      "lines (%zu duplicates, %zu with deliveries > 1); by-key (ordered) %zu lines (%zu "
+      "lines (%zu duplicates, %zu with deliveries > 1; %zu acks confirmed, none processed again); "
+      "by-key (ordered) %zu lines (%zu "
       "duplicates, %zu keys went back at a restart, %zu same-event redeliveries); %.1f s\n",
       events.size(), restarts, counts.resent, counts.duplicate_acks, counts.errors, records.size(),
-      lines.size(), duplicates(lines), redelivered, keyed_lines.size(), duplicates(keyed_lines),
-      order.rewinds, order.redeliveries, seconds_since(started));
+      audit_ok, duplicates(lines), redelivered, confirmed_at.size(), keyed_lines.size(),
+      duplicates(keyed_lines), order.rewinds, order.redeliveries, seconds_since(started));
 }
 
 // Per key, in processing order (both members' lines merged by their CLOCK_MONOTONIC stamps), the

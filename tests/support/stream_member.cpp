@@ -62,6 +62,7 @@ struct settings {
   std::string poison;
   std::string poison_action = "nack";
   std::string fix_file;
+  bool confirm_acks = false;
 };
 
 class member {
@@ -208,6 +209,10 @@ class member {
       std::fflush(stdout);
       return;
     }
+    if (cmd == command::reply && h.id.starts_with("ack-") && !h.is_error()) {
+      write_line(h.id.substr(4) + " 0 - - -", "confirmed");  // the id is ack-<stream_seq>
+      return;
+    }
     // A refused answer (not_pending: the event was done, or is someone else's now): harmless.
     ++refused_;
   }
@@ -223,26 +228,32 @@ class member {
       answer = s_.poison_action == "term" ? command::term : command::nack;
       outcome = s_.poison_action;
     }
-    timespec ts{};
-    ::clock_gettime(CLOCK_MONOTONIC, &ts);
-    const std::string line =
-        std::to_string(static_cast<long long>(ts.tv_sec) * 1'000'000'000LL + ts.tv_nsec) + " " +
-        std::to_string(::getpid()) + " " + broker_id_ + " " + outcome + " " +
-        std::to_string(d.stream_seq) + " " + std::to_string(d.deliveries) + " " + d.id + " " +
-        (d.correlation_id.empty() ? std::string("-") : d.correlation_id) + " " + payload + "\n";
-    // One write(2) of the whole line: in the kernel before the answer leaves, so it survives a
-    // SIGKILL of this process.
-    if (::write(out_fd_, line.data(), line.size()) != static_cast<ssize_t>(line.size())) {
-      std::fprintf(stderr, "stream-member: cannot write to %s\n", s_.out.c_str());
-      std::exit(4);
-    }
+    write_line(std::to_string(d.stream_seq) + " " + std::to_string(d.deliveries) + " " + d.id +
+                   " " + (d.correlation_id.empty() ? std::string("-") : d.correlation_id) + " " +
+                   payload,
+               outcome);
     header a;
     a.stream = d.stream;
     a.consumer = d.consumer;
     a.stream_seq = d.stream_seq;
+    if (answer == command::ack && s_.confirm_acks) a.id = "ack-" + std::to_string(d.stream_seq);
     if (answer != command::ack)
       a.error_message = "poison event: payload contains '" + s_.poison + "'";
     send(answer, a);
+  }
+
+  // One line of --out, in one write(2): in the kernel before the answer leaves, so it survives
+  // a SIGKILL of this process.
+  void write_line(const std::string& rest, const std::string& outcome) {
+    timespec ts{};
+    ::clock_gettime(CLOCK_MONOTONIC, &ts);
+    const std::string line =
+        std::to_string(static_cast<long long>(ts.tv_sec) * 1'000'000'000LL + ts.tv_nsec) + " " +
+        std::to_string(::getpid()) + " " + broker_id_ + " " + outcome + " " + rest + "\n";
+    if (::write(out_fd_, line.data(), line.size()) != static_cast<ssize_t>(line.size())) {
+      std::fprintf(stderr, "stream-member: cannot write to %s\n", s_.out.c_str());
+      std::exit(4);
+    }
   }
 
   settings s_;
@@ -275,6 +286,8 @@ int main(int argc, char** argv) {
   app.add_option("--poison-action", s.poison_action)
       ->check(CLI::IsMember({"nack", "term", "crash"}));
   app.add_option("--fix-file", s.fix_file, "while this file exists, poison events succeed");
+  app.add_flag("--confirm-acks", s.confirm_acks,
+               "ACK with an id, and log the broker's confirmation");
   CLI11_PARSE(app, argc, argv);
   try {
     member m(std::move(s));
