@@ -50,6 +50,18 @@ error with_retry(error e) {
 
 }  // namespace
 
+// A member's name in the policy, its reasons and refusals: the agent name and its connection
+// (an agent may have several), printable.
+std::string member_label(const std::string& agent, const std::string& peer) {
+  static constexpr char hex[] = "0123456789abcdef";
+  std::string out = agent + "#";
+  for (unsigned char c : peer) {
+    out.push_back(hex[c >> 4]);
+    out.push_back(hex[c & 15]);
+  }
+  return out;
+}
+
 bool is_dead_letter_stream(std::string_view name) {
   return name.ends_with(k_dlq_suffix);
 }
@@ -326,8 +338,10 @@ json consumer_host::info_json(const entry& e) const {
   }
   const auto c = e.policy.counters();
   for (const auto& m : e.policy.member_views()) {
-    auto a = agents_.find(m.id);
-    members.push_back({{"agent", a == agents_.end() ? std::string("?") : a->second},
+    auto p = member_peer_.find(m.id);
+    auto a = p == member_peer_.end() ? agents_.end() : agents_.find(p->second);
+    members.push_back({{"agent", a == agents_.end() ? m.id : a->second},
+                       {"member", m.id},
                        {"capacity", m.capacity},
                        {"in_flight", m.in_flight}});
   }
@@ -388,8 +402,10 @@ common::result<json> consumer_host::join(const std::string& peer, const std::str
       }
     }
   }
-  if (auto st = e->policy.on_member_join(peer, capacity, now); !st) return st.err();
   agents_[peer] = agent;
+  const std::string member = member_label(agent, peer);
+  member_peer_[member] = peer;
+  if (auto st = e->policy.on_member_join(member, capacity, now); !st) return st.err();
   log_->info("consumer {}/{}: member {} joined (capacity {})", h.stream, h.consumer, agent,
              capacity);
   return info_json(*e);
@@ -400,9 +416,9 @@ common::status consumer_host::leave(const std::string& peer, const header& h, ti
   if (e == nullptr || e->broken) {
     return not_found("no consumer '" + h.consumer + "' on stream '" + h.stream + "'");
   }
-  e->policy.on_member_leave(peer, now, e->todo);
+  e->policy.on_member_leave(member_of(peer), now, e->todo);
   e->dirty = true;
-  log_->info("consumer {}/{}: member {} left", h.stream, h.consumer, agents_[peer]);
+  log_->info("consumer {}/{}: member {} left", h.stream, h.consumer, member_of(peer));
   return common::ok_status();
 }
 
@@ -419,27 +435,27 @@ common::status consumer_host::answer(const std::string& peer, command cmd, const
                      "' on stream '" + h.stream + "'");
   }
   common::status st = common::ok_status();
+  const std::string member = member_of(peer);
   switch (cmd) {
     case command::ack:
-      st = e->policy.on_ack(peer, h.stream_seq, now, e->todo);
+      st = e->policy.on_ack(member, h.stream_seq, now, e->todo);
       break;
     case command::nack: {
       std::optional<std::chrono::milliseconds> delay;
       if (h.delay_ms > 0) delay = std::chrono::milliseconds(static_cast<std::int64_t>(h.delay_ms));
-      std::string reason = h.error_message.empty() ? "nacked by " + agents_[peer] : h.error_message;
+      std::string reason = h.error_message.empty() ? "nacked by " + member : h.error_message;
       if (!h.error_code.empty()) reason = h.error_code + ": " + reason;
-      st = e->policy.on_nack(peer, h.stream_seq, delay, reason, now, e->todo);
+      st = e->policy.on_nack(member, h.stream_seq, delay, reason, now, e->todo);
       break;
     }
     case command::term: {
-      std::string reason =
-          h.error_message.empty() ? "terminated by " + agents_[peer] : h.error_message;
+      std::string reason = h.error_message.empty() ? "terminated by " + member : h.error_message;
       if (!h.error_code.empty()) reason = h.error_code + ": " + reason;
-      st = e->policy.on_term(peer, h.stream_seq, reason, now, e->todo);
+      st = e->policy.on_term(member, h.stream_seq, reason, now, e->todo);
       break;
     }
     case command::progress:
-      st = e->policy.on_progress(peer, h.stream_seq, now);
+      st = e->policy.on_progress(member, h.stream_seq, now);
       break;
     default:
       return error::make(errc::bad_request, what + " is not an answer to a delivery");
@@ -457,15 +473,22 @@ common::status consumer_host::answer(const std::string& peer, command cmd, const
 void consumer_host::peer_gone(const std::string& peer, time_point now) {
   auto a = agents_.find(peer);
   if (a == agents_.end()) return;
+  const std::string member = member_label(a->second, peer);
   for (auto& [stream, by_name] : consumers_) {
     for (auto& [name, e] : by_name) {
-      if (e->broken || !e->policy.has_member(peer)) continue;
-      e->policy.on_member_leave(peer, now, e->todo);
+      if (e->broken || !e->policy.has_member(member)) continue;
+      e->policy.on_member_leave(member, now, e->todo);
       e->dirty = true;
-      log_->info("consumer {}/{}: member {} is gone", stream, name, a->second);
+      log_->info("consumer {}/{}: member {} is gone", stream, name, member);
     }
   }
+  member_peer_.erase(member);
   agents_.erase(a);
+}
+
+std::string consumer_host::member_of(const std::string& peer) const {
+  auto a = agents_.find(peer);
+  return member_label(a == agents_.end() ? std::string("?") : a->second, peer);
 }
 
 common::result<json> consumer_host::list(const std::string& stream) const {
@@ -605,10 +628,11 @@ void consumer_host::send_delivery(entry& e, const deliver& d, const record& r) {
   out.stream_seq = r.seq;
   out.consumer = e.name();
   out.deliveries = d.delivery_count;
-  if (!send_(d.member, command::deliver, out, r.payload)) {
+  auto peer = member_peer_.find(d.member);
+  if (peer == member_peer_.end() || !send_(peer->second, command::deliver, out, r.payload)) {
     ++counters_.deliveries_unsent;
     log_->debug("consumer {}/{}: DELIVER #{} to {} could not be sent; redelivered after ack_wait",
-                e.stream(), e.name(), r.seq, agents_[d.member]);
+                e.stream(), e.name(), r.seq, d.member);
   }
 }
 

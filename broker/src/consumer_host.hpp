@@ -120,7 +120,10 @@ class consumer_host {
   std::shared_ptr<spdlog::logger> log_;
   // stream -> consumer name -> entry
   std::map<std::string, std::map<std::string, std::unique_ptr<entry>>> consumers_;
-  std::map<std::string, std::string> agents_;  // member peer -> agent name, for views
+  std::map<std::string, std::string> agents_;       // member peer -> agent name
+  std::map<std::string, std::string> member_peer_;  // member label (agent#conn) -> peer
+  // The policy's name for the peer's membership: "<agent>#<connection id in hex>".
+  std::string member_of(const std::string& peer) const;
   struct dead_letter_record {
     std::string stream;    // the consumer's stream (the record goes to stream-dlq)
     std::string consumer;  // whose state must not be saved before it is stored
