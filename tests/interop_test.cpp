@@ -3,7 +3,9 @@
 // and a C++ SDK agent. The C++ agent calls the Python service and receives the event its
 // handler publishes; the Python subscriber receives the C++ agent's events by prefix, in
 // order, with the broker's sequence numbers; the Python agent stays registered by its own
-// heartbeats and leaves with BYE.
+// heartbeats and leaves with BYE; and the Python agent, as a member of a durable consumer,
+// receives the events the C++ agent stored, ACKs, NACKs and TERMs them (docs/protocol.md
+// section 11, "Durable consumers").
 //
 // The Python script reports what it sees as `interop-agent ...` lines on stdout; the test waits
 // on those lines, each wait with a deadline.
@@ -12,6 +14,9 @@
 #include <condition_variable>
 #include <csignal>
 #include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
 #include <mutex>
 #include <optional>
 #include <sstream>
@@ -329,6 +334,163 @@ TEST_F(interop_test, python_agent_stays_registered_by_heartbeat_and_leaves_with_
   auto gone = cpp_->call("PyEcho", "upper", {}, 200ms);
   ASSERT_FALSE(gone.ok());
   EXPECT_EQ(gone.err().code, "no_such_service") << gone.err().message;
+}
+
+// The Python agent as a member of a durable consumer, against a broker storing a stream.
+class interop_consume_test : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::string tried;
+    python_path_ = find_python(tried);
+    ASSERT_TRUE(python_path_.has_value()) << "the interop test needs python3 with the zmq and "
+                                             "msgpack modules. Tried:"
+                                          << tried;
+    char tmpl[] = "/tmp/ensemble-interop-consume-XXXXXX";
+    ASSERT_NE(::mkdtemp(tmpl), nullptr);
+    dir_ = tmpl;
+    std::ofstream(dir_ + "/streams.yaml") << "streams:\n"
+                                             "  - name: orders\n"
+                                             "    topics: [interop.order.]\n";
+    broker_ = tk::broker_process::start({"--heartbeat", std::to_string(k_heartbeat_ms),
+                                         "--liveness", std::to_string(k_liveness), "--data",
+                                         dir_ + "/data", "--streams", dir_ + "/streams.yaml"});
+    ea::options o;
+    o.name = "cpp-publisher";
+    o.broker = broker_->router();
+    o.events = broker_->events();
+    o.liveness = k_liveness;
+    cpp_ = std::make_unique<ea::agent>(o);
+    auto started = cpp_->start();
+    ASSERT_TRUE(started.ok()) << started.err().to_string();
+  }
+  void TearDown() override {
+    cpp_.reset();
+    if (HasFailure()) {
+      if (python_) std::cerr << "python agent output:\n" << python_->tail(60) << "\n";
+      if (broker_) std::cerr << "broker output:\n" << broker_->proc().tail() << "\n";
+    }
+    python_.reset();
+    broker_.reset();
+    std::error_code ec;
+    std::filesystem::remove_all(dir_, ec);
+  }
+
+  void start_python(const std::vector<std::string>& more) {
+    std::vector<std::string> args{k_script,    "--router",        broker_->router(),
+                                  "--events",  broker_->events(), "--name",
+                                  "py-member", "--liveness",      std::to_string(k_liveness)};
+    args.insert(args.end(), more.begin(), more.end());
+    python_ = tk::process::spawn({*python_path_,
+                                  args,
+                                  {{"PYTHONUNBUFFERED", "1"}, {"PYTHONDONTWRITEBYTECODE", "1"}},
+                                  {},
+                                  "interop_agent.py"});
+  }
+
+  json admin(const std::string& action, const json& args) {
+    auto r = cpp_->call("broker", action, ea::to_json_payload(args), k_wait);
+    EXPECT_TRUE(r.ok()) << action << ": " << (r.ok() ? "" : r.err().to_string());
+    if (!r.ok()) return json::object();
+    auto body = ea::from_json_payload(r->payload());
+    return body.ok() ? *body : json::object();
+  }
+
+  std::vector<std::string> python_lines(const std::string& text) const {
+    std::vector<std::string> out;
+    for (auto& line : python_->lines()) {
+      if (line.find(text) != std::string::npos) out.push_back(std::move(line));
+    }
+    return out;
+  }
+
+  std::optional<std::string> python_path_;
+  std::string dir_;
+  std::unique_ptr<tk::broker_process> broker_;
+  std::unique_ptr<ea::agent> cpp_;
+  std::unique_ptr<tk::process> python_;
+};
+
+TEST_F(interop_consume_test, python_member_acks_nacks_and_terms_stored_events) {
+  // Stored before the consumer exists: start "all" delivers them.
+  std::vector<ea::published> stored;
+  for (const char* what : {"ack", "nack_once", "term"}) {
+    ea::send_options so;
+    so.correlation_id = std::string("interop-") + what;
+    auto p = cpp_->publish_acked("interop.order.placed", ea::to_json_payload({{"do", what}}),
+                                 k_wait, so);
+    ASSERT_TRUE(p.ok()) << p.err().to_string();
+    EXPECT_EQ(p->stream, "orders");
+    stored.push_back(*p);
+  }
+  start_python({"--consume", "orders/py-billing", "--consume-capacity", "2", "--consume-config",
+                R"({"max_deliver": 3, "ack_wait_ms": 60000})"});
+  auto joined = python_->wait_for_line("interop-agent consuming", k_wait);
+  ASSERT_TRUE(joined.has_value()) << "the Python member did not join";
+  EXPECT_EQ(field(*joined, "stream"), "orders");
+  EXPECT_EQ(field(*joined, "consumer"), "py-billing");
+  EXPECT_EQ(field(*joined, "members"), "1");
+
+  json info;
+  ASSERT_TRUE(tk::wait_until(
+      [&] {
+        info = admin("consumer_info", {{"stream", "orders"}, {"name", "py-billing"}});
+        return info.value("ack_floor", 0ULL) >= 3;
+      },
+      k_wait, 20ms))
+      << info.dump();
+  EXPECT_EQ(info["acked"], 2) << info.dump();
+  EXPECT_EQ(info["redelivered"], 1) << info.dump();
+  EXPECT_EQ(info["dead_lettered"], 1) << info.dump();
+  EXPECT_EQ(info["config"]["max_deliver"], 3) << info.dump();  // its CONSUME payload
+  EXPECT_EQ(info["config"]["ack_wait_ms"], 60000) << info.dump();
+  ASSERT_EQ(info["members"].size(), 1u);
+  EXPECT_EQ(info["members"][0]["agent"], "py-member");
+  EXPECT_EQ(info["members"][0]["capacity"], 2);
+
+  // What the Python member saw and answered, per stream_seq.
+  std::map<std::string, std::vector<std::string>> answers;  // "seq" -> "deliveries:answer"
+  for (const auto& line : python_lines("interop-agent delivery ")) {
+    SCOPED_TRACE(line);
+    EXPECT_EQ(field(line, "stream"), "orders");
+    EXPECT_EQ(field(line, "consumer"), "py-billing");
+    EXPECT_EQ(field(line, "topic"), "interop.order.placed");
+    const auto seq = std::stoul(field(line, "stream_seq"));
+    ASSERT_GE(seq, 1u);
+    ASSERT_LE(seq, stored.size());
+    EXPECT_EQ(field(line, "id"), stored[seq - 1].id);
+    EXPECT_EQ(field(line, "correlation").rfind("interop-", 0), 0u);
+    answers[field(line, "stream_seq")].push_back(field(line, "deliveries") + ":" +
+                                                 field(line, "answer"));
+  }
+  EXPECT_EQ(answers["1"], std::vector<std::string>({"1:ACK"}));
+  EXPECT_EQ(answers["2"], std::vector<std::string>({"1:NACK", "2:ACK"}));
+  EXPECT_EQ(answers["3"], std::vector<std::string>({"1:TERM"}));
+  EXPECT_TRUE(python_lines("interop-agent refused").empty())
+      << python_lines("interop-agent refused").front();
+
+  // The TERM's code and reason are kept with the dead letter.
+  auto dlq = admin("stream_read", {{"name", "orders-dlq"}});
+  ASSERT_EQ(dlq["records"].size(), 1u) << dlq.dump();
+  const auto& dead = dlq["records"][0]["header"];
+  EXPECT_EQ(dead["stream_seq"], 3);
+  EXPECT_EQ(dead["consumer"], "py-billing");
+  // The code: in `error_code` (docs/protocol.md), or as the broker stores it today, the prefix
+  // `code: ` of error_message.
+  EXPECT_TRUE(dead.value("error_code", std::string()) == "interop_term" ||
+              dead.value("error_message", std::string()).rfind("interop_term: ", 0) == 0)
+      << dead.dump();
+  EXPECT_NE(dead["error_message"].get<std::string>().find(stored[2].id), std::string::npos)
+      << dead.dump();
+
+  // SIGTERM: BYE; the member is gone from the consumer.
+  python_->signal(SIGTERM);
+  ASSERT_EQ(python_->wait_exit(k_wait), 0);
+  EXPECT_TRUE(tk::wait_until(
+      [&] {
+        return admin("consumer_info", {{"stream", "orders"}, {"name", "py-billing"}})["members"]
+            .empty();
+      },
+      k_wait, 20ms));
 }
 
 }  // namespace

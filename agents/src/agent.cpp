@@ -171,7 +171,8 @@ struct outbound {
     hello,
     consume,
     consume_stop,
-    answer
+    answer,
+    progress
   };
   kind what = kind::request;
   header hdr;
@@ -671,6 +672,9 @@ void agent::impl::execute(outbound& o) {
       send(command::consume_stop, o.hdr, {}, send_tag{o.hdr.id, false});
       break;
     }
+    case outbound::kind::progress:
+      send(command::progress, o.hdr);
+      break;
     case outbound::kind::answer: {
       auto& st = *o.consumer;
       switch (o.answer) {
@@ -1644,6 +1648,24 @@ status agent::stop_consuming(const std::string& stream, const std::string& consu
   c.synced = stopped;
   d.post(std::move(c));
   return answer.get();  // settled by the REPLY, the call's deadline, or the agent stopping
+}
+
+status agent::progress(const message& delivery) {
+  if (delivery.what() != message::kind::delivery) {
+    return error{"bad_request",
+                 "progress() is for deliveries of a durable consumer; message '" + delivery.id() +
+                     "' is not one",
+                 false};
+  }
+  outbound o;
+  o.what = outbound::kind::progress;
+  o.hdr.stream = delivery.stream();
+  o.hdr.consumer = delivery.consumer();
+  o.hdr.stream_seq = delivery.stream_seq();
+  if (!impl_->submit(std::move(o))) {
+    return error{std::string(errc::broker_lost), "the agent stopped", false};
+  }
+  return common::ok_status();
 }
 
 std::optional<consume_stats> agent::consumer_stats(const std::string& stream,

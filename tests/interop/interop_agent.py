@@ -24,7 +24,14 @@ What it does (section numbers are docs/protocol.md's):
     other          -> error `unknown_action`;
 - a SUB on the events endpoint, subscribed to the `--subscribe` prefixes and then to a private
   probe topic, published until it arrives so that the subscriptions are known to be active
-  (4, Subscription).
+  (4, Subscription);
+- with `--consume STREAM/CONSUMER`, a member of that durable consumer (11, Durable consumers):
+  CONSUME after every WELCOME (a restarted broker forgot its members), with `--consume-config`
+  (a JSON map) as the msgpack payload and `--consume-capacity` as `capacity`. Each DELIVER is
+  answered by what its payload asks, `{do: ...}`:
+    nack_once -> NACK (reason "python nacks <id>") on the first delivery, ACK on the next;
+    term      -> TERM with error_code `interop_term`: a dead letter at once;
+    anything else -> ACK.
 
 Every fact is one line on stdout, flushed at once, starting with `interop-agent `:
   welcome broker=<id> heartbeat_ms=<n> max_message_size=<n> registrations=<k>
@@ -33,6 +40,8 @@ Every fact is one line on stdout, flushed at once, starting with `interop-agent 
   handled id=<id> action=<action> correlation=<id> attempt=<n>
   ack id=<id> topic=<topic> seq=<n>
   event topic=<topic> seq=<n> id=<id> publisher=<agent> correlation=<id> causation=<id> body=<json>
+  consuming stream=<s> consumer=<c> members=<n> ack_floor=<n>
+  delivery stream=<s> consumer=<c> stream_seq=<n> deliveries=<n> id=<id> topic=<t> answer=<ACK|NACK|TERM> correlation=<id> body=<json>
   heartbeat n=<broker heartbeats received>
   refused code=<error_code> id=<id> message=<error_message>
   bye
@@ -55,6 +64,8 @@ HELLO, WELCOME, BYE = 0x01, 0x02, 0x03
 REQUEST, DISPATCH, REPLY = 0x10, 0x11, 0x12
 PUBLISH, PUBLISH_ACK = 0x20, 0x21
 HEARTBEAT, ERROR = 0x30, 0x7F
+# Section 11, Durable consumers.
+CONSUME, DELIVER, ACK, NACK, TERM, PROGRESS, CONSUME_STOP = 0x40, 0x41, 0x42, 0x43, 0x44, 0x45, 0x46
 
 
 def say(*words):
@@ -102,6 +113,7 @@ class Agent:
         self.sub = self.ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.connect(args.events)
+        self.consume_calls = set()  # ids of our CONSUMEs waiting for their REPLY
 
     def next_id(self):
         self.counter += 1
@@ -151,6 +163,10 @@ class Agent:
             say("welcome broker=%s heartbeat_ms=%d max_message_size=%d registrations=%d"
                 % (self.broker_id, header.get("heartbeat_ms", 1000), self.max_message_size,
                    self.registrations))
+            # Section 11: members must CONSUME after HELLO, and again after every registration
+            # (a restarted broker, or one that declared us lost, forgot its members).
+            if self.args.consume:
+                self.send_consume()
         elif command == HEARTBEAT:
             self.heartbeats += 1
             say("heartbeat n=%d" % self.heartbeats)
@@ -159,13 +175,27 @@ class Agent:
         elif command == PUBLISH_ACK:
             say("ack id=%s topic=%s seq=%d" % (header.get("id", ""), header.get("topic", ""),
                                                header.get("seq", 0)))
+        elif command == DELIVER:
+            self.on_deliver(header, payload)
+        elif command == REPLY and header.get("id") in self.consume_calls:
+            self.consume_calls.discard(header["id"])
+            if header.get("error_code"):
+                say("refused code=%s id=%s message=%s" % (header["error_code"], header["id"],
+                                                          header.get("error_message", "")))
+                if header["error_code"] == "not_registered":
+                    self.send_hello()  # the WELCOME sends CONSUME again
+            else:
+                info = unpack(payload) if payload else {}
+                say("consuming stream=%s consumer=%s members=%d ack_floor=%d"
+                    % (field(info, "stream", ""), field(info, "consumer", ""),
+                       len(field(info, "members", [])), field(info, "ack_floor", 0)))
         elif command == ERROR:
             code = header.get("error_code", "")
             say("refused code=%s id=%s message=%s" % (code, header.get("id", ""),
                                                       header.get("error_message", "")))
             if code == "not_registered":
                 self.send_hello()  # the broker lost us (or restarted): register again at once
-        # REPLY would answer a call of ours; this agent makes none.
+        # Other REPLYs would answer calls of ours; this agent makes none.
 
     def on_dispatch(self, request, payload):
         action = request.get("action", "")
@@ -214,6 +244,45 @@ class Agent:
             % (request.get("id", ""), action, request.get("correlation_id", ""),
                request.get("attempt", 1)))
         self.send(REPLY, reply, result)
+
+    # --- durable consumer (section 11) ---------------------------------------------------------
+
+    def send_consume(self):
+        stream, consumer = self.args.consume.split("/", 1)
+        call_id = self.next_id()
+        self.consume_calls.add(call_id)
+        header = {"id": call_id, "stream": stream, "consumer": consumer,
+                  "capacity": self.args.consume_capacity}
+        config = json.loads(self.args.consume_config) if self.args.consume_config else None
+        self.send(CONSUME, header, pack(config) if config else b"")
+
+    def on_deliver(self, header, payload):
+        # DELIVER: the stored event's header plus stream, stream_seq, consumer, deliveries. An
+        # answer names the delivery by stream, consumer and stream_seq; without an `id` it is
+        # confirmed only when refused (an ERROR).
+        try:
+            body = unpack(payload) if payload else None
+        except Exception:
+            body = None
+        do = field(body, "do", "ack")
+        deliveries = header.get("deliveries", 1)
+        answer = {"stream": header.get("stream", ""), "consumer": header.get("consumer", ""),
+                  "stream_seq": header.get("stream_seq", 0)}
+        if do == "nack_once" and deliveries == 1:
+            command, name = NACK, "NACK"
+            answer["error_message"] = "python nacks %s" % header.get("id", "")
+        elif do == "term":
+            command, name = TERM, "TERM"
+            answer.update(error_code="interop_term",
+                          error_message="python refuses %s for good" % header.get("id", ""))
+        else:
+            command, name = ACK, "ACK"
+        say("delivery stream=%s consumer=%s stream_seq=%d deliveries=%d id=%s topic=%s answer=%s "
+            "correlation=%s body=%s"
+            % (answer["stream"], answer["consumer"], answer["stream_seq"], deliveries,
+               header.get("id", ""), header.get("topic", ""), name,
+               header.get("correlation_id", ""), show(payload)))
+        self.send(command, answer)
 
     def publish_handled(self, request, text):
         """An event caused by the request: same correlation and trace, causation = its id."""
@@ -325,6 +394,12 @@ def main():
                         help="silent heartbeat intervals before the broker counts as lost")
     parser.add_argument("--start-timeout", type=float, default=10.0,
                         help="seconds to wait for WELCOME and the subscriptions")
+    parser.add_argument("--consume", default=None, metavar="STREAM/CONSUMER",
+                        help="be a member of this durable consumer")
+    parser.add_argument("--consume-capacity", type=int, default=1,
+                        help="deliveries held at once (the CONSUME's capacity)")
+    parser.add_argument("--consume-config", default=None, metavar="JSON",
+                        help="the consumer's configuration, a JSON map (the CONSUME payload)")
     args = parser.parse_args()
     if not args.subscribe:
         args.subscribe = ["interop.cpp."]

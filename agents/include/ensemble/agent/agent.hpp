@@ -245,6 +245,10 @@ class agent {
   // Handlers still running finish and are answered.
   status stop_consuming(const std::string& stream, const std::string& consumer,
                         std::chrono::milliseconds deadline = std::chrono::seconds(5));
+  // From a consumer handler that takes longer than the consumer's ack_wait: tells the broker it
+  // is still working (PROGRESS), so the ack is due ack_wait from now instead of the delivery
+  // being given to another member. `bad_request` for a message that is not a delivery.
+  status progress(const message& delivery);
   // nullopt for a consumer this agent does not consume.
   std::optional<consume_stats> consumer_stats(const std::string& stream,
                                               const std::string& consumer) const;
