@@ -52,6 +52,10 @@ if "${cli[@]}" run OrderFulfillment --id order-out-of-stock --wait \
 fi
 
 echo
+echo "== ensemble consumers orders: the choreography's events are stored and consumed durably"
+"${cli[@]}" consumers orders
+
+echo
 echo "== ensemble trace order-ok: commands and events, including the services' own events"
 "${cli[@]}" trace order-ok
 echo

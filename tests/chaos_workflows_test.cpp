@@ -64,13 +64,15 @@ endings endings_of(const std::vector<tk::recorded_event>& events) {
 struct tally {
   int started = 0;
   int completed = 0;
-  int compensated = 0;  // failed, and the charge was refunded
-  int failed = 0;       // failed otherwise
-  int other = 0;        // cancelled, timed_out
-  int duplicates = 0;   // instances that ended more than once
-  int stuck = 0;        // not ended when the run was over
-  int lost = 0;         // started but unknown to the orchestrator
-  int unexplained = 0;  // failed without a stated reason
+  int compensated = 0;       // failed, and the charge was refunded
+  int failed = 0;            // failed otherwise
+  int other = 0;             // cancelled, timed_out
+  int duplicates = 0;        // instances that ended more than once
+  int stuck = 0;             // not ended when the run was over
+  int lost = 0;              // started but unknown to the orchestrator
+  int unexplained = 0;       // failed without a stated reason
+  int timeouts = 0;          // failed because a step timed out (a lost event, when nothing is slow)
+  int wrongly_refunded = 0;  // compensated although its items were in stock (it was shipped)
   std::size_t redelivered = 0;
   double seconds = 0;                  // from the first start to the last end
   std::map<std::string, int> reasons;  // failure reasons, first line, for the printout
@@ -78,10 +80,10 @@ struct tally {
   void print(const std::string& scenario, const std::string& faults) const {
     std::printf(
         "[chaos] %s: started %d, completed %d, compensated %d, failed %d, other %d, "
-        "duplicates %d, stuck %d, lost %d, unexplained %d (lifecycle redeliveries %zu; %s; %.1f "
-        "s)\n",
+        "duplicates %d, stuck %d, lost %d, unexplained %d, timeouts %d, in-stock refunded %d "
+        "(lifecycle redeliveries %zu; %s; %.1f s)\n",
         scenario.c_str(), started, completed, compensated, failed, other, duplicates, stuck, lost,
-        unexplained, redelivered, faults.c_str(), seconds);
+        unexplained, timeouts, wrongly_refunded, redelivered, faults.c_str(), seconds);
     for (const auto& [reason, n] : reasons) std::printf("[chaos]   %4d x %s\n", n, reason.c_str());
     std::fflush(stdout);
   }
@@ -164,6 +166,11 @@ class chaos : public ::testing::Test {
       const bool refunded =
           view->value("/steps/ChargePayment/status"_json_pointer, "") == "compensated";
       ++(refunded ? t.compensated : t.failed);
+      if (refunded && i % k_out_of_stock_every != 0) ++t.wrongly_refunded;
+      if (reason.find("timed out") != std::string::npos ||
+          reason.find("timeout") != std::string::npos) {
+        ++t.timeouts;
+      }
     }
     const auto ends = endings_of(rec.events());
     for (const auto& [id, ids] : ends.by_instance) {
@@ -277,6 +284,38 @@ TEST_F(chaos, BrokerRestarted) {
   auto running = wf.call("list", {{"status", "running"}});
   ASSERT_TRUE(running) << running.err().to_string();
   EXPECT_TRUE(running->at("instances").empty()) << running->dump();
+}
+
+// 3b. Both at once, on the example's durable streams: the orchestrator is SIGKILLed three times
+// and the broker SIGKILLed and restarted once (on its data directory) while 500 instances run.
+// The choreography's events are stored and consumed durably by the orchestrator and the
+// scriptable agents, so none is lost: every in-stock order completes, every out-of-stock one is
+// compensated, no fulfilment times out and no shipped order is refunded.
+TEST_F(chaos, OrchestratorKilledThreeTimesAndBrokerRestartedOnStreams) {
+  auto d = example();
+  ASSERT_FALSE(d.model().streams.empty()) << "the example declares its streams";
+  d.model().orchestrator->store = d.dir() + "/orchestrator.db";
+  d.start();
+  tk::event_recorder rec(d.router(), d.events(), {k_lifecycle});
+  start_all(d);
+
+  int kills = 0;
+  for (const std::size_t at : {100U, 250U, 400U}) {
+    ASSERT_TRUE(rec.wait([&](const auto& events) { return ended(events) >= at; }, 120s))
+        << "only " << ended(rec.events()) << " instances ended";
+    d.restart("orchestrator");
+    ++kills;
+    if (at == 100U) d.restart("broker");
+  }
+  const auto t = settle(d, rec, 120s);
+  t.print("orchestrator SIGKILLed 3 times and broker restarted, on streams",
+          std::to_string(kills) + " orchestrator kills, 1 broker restart");
+
+  expect_each_ended_once(t);
+  EXPECT_EQ(t.completed, k_instances - k_instances / k_out_of_stock_every);
+  EXPECT_EQ(t.compensated, k_instances / k_out_of_stock_every);
+  EXPECT_EQ(t.timeouts, 0);
+  EXPECT_EQ(t.wrongly_refunded, 0);
 }
 
 // 4. The orchestrator talks to the broker through a fault proxy that duplicates a fifth of its

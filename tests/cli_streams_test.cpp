@@ -422,8 +422,10 @@ const std::string k_streams_deployment =
     "    max_age: 7d\n"
     "    duplicate_window: 30s\n";
 
+// With an orchestrator whose state outlives the run (a store file), the streams do too: they
+// are kept beside the file.
 TEST_F(cli_streams_deployment_test, up_declares_the_streams_and_they_outlive_the_up) {
-  write(k_streams_deployment);
+  write(k_streams_deployment + "orchestrator:\n  store: state.db\n");
   auto [router, events] = up();
   ASSERT_FALSE(router.empty());
   EXPECT_TRUE(fs::is_directory(dir_ / ".ensemble" / "data")) << up_->tail(60);
@@ -443,6 +445,27 @@ TEST_F(cli_streams_deployment_test, up_declares_the_streams_and_they_outlive_the
   ASSERT_EQ(again.code, 0) << again;
   EXPECT_EQ(again.document()["count"], 1) << again;
   EXPECT_EQ(again.document()["last_seq"], 1) << again;
+  stop();
+}
+
+// Without one (no orchestrator, or an in-memory store), the streams live in a temporary
+// directory of the run: the next `up` starts from empty streams, and nothing is left behind.
+TEST_F(cli_streams_deployment_test, without_a_durable_orchestrator_the_streams_last_one_up) {
+  write(k_streams_deployment);
+  auto [router, events] = up();
+  ASSERT_FALSE(router.empty());
+  auto published = run_cli({"publish", "order.created", R"({"orderId": "A-1"})"}, dir_.string());
+  ASSERT_EQ(published.code, 0) << published;
+  auto info = run_cli({"streams", "info", "orders", "--json"}, dir_.string());
+  ASSERT_EQ(info.code, 0) << info;
+  EXPECT_EQ(info.document()["count"], 1) << info;
+  EXPECT_FALSE(fs::exists(dir_ / ".ensemble" / "data")) << "nothing stored beside the file";
+  stop();
+  std::tie(router, events) = up();
+  ASSERT_FALSE(router.empty());
+  auto again = run_cli({"streams", "info", "orders", "--json"}, dir_.string());
+  ASSERT_EQ(again.code, 0) << again;
+  EXPECT_EQ(again.document()["count"], 0) << again;
   stop();
 }
 

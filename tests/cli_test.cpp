@@ -32,6 +32,7 @@
 #include <string_view>
 #include <vector>
 
+#include "ensemble/cli/deployment.hpp"
 #include "ensemble/cli/graph.hpp"
 #include "ensemble/orchestrator/definition.hpp"
 #include "ensemble/testkit/process.hpp"
@@ -120,7 +121,10 @@ class temp_dir {
 // reverse order of start, the broker last.
 class deployment {
  public:
-  deployment() : broker_(tk::broker_process::start({"--log-level", "warn"})) {}
+  // With stream storage (in its own temporary directory) but no stream: the fulfilment
+  // example declares its streams at run time, as its deployment file does for `up`.
+  deployment()
+      : broker_(tk::broker_process::start({"--log-level", "warn", "--data", data_.path()})) {}
 
   const std::string& router() const { return broker_->router(); }
   const std::string& events() const { return broker_->events(); }
@@ -162,6 +166,15 @@ class deployment {
           "ensemble-agent ready");
   }
   void start_fulfillment() {
+    // The example's scriptable agents consume its streams durably: declare them first, from
+    // the example's deployment file (one source of truth).
+    const auto example = ensemble::cli::load_deployment(k_examples + "/order-fulfillment");
+    for (const auto& st : example.streams) {
+      std::string topics;
+      for (const auto& t : st.topics) topics += (topics.empty() ? "" : ",") + t;
+      auto added = ensemble({"streams", "add", st.name, "--topics", topics});
+      if (added.code != 0) throw std::runtime_error("streams add " + st.name + ": " + added.text());
+    }
     start_order_agent();
     for (const char* a : {"inventory", "shipping", "notification"}) {
       start_scriptable_agent(k_examples + "/order-fulfillment/agents/" + a + ".yaml");
@@ -185,6 +198,7 @@ class deployment {
     procs_.push_back(std::move(p));
   }
 
+  temp_dir data_;  // before broker_: constructed first, removed after it stops
   std::unique_ptr<tk::broker_process> broker_;
   std::vector<std::unique_ptr<tk::process>> procs_;
 };

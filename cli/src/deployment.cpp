@@ -450,6 +450,7 @@ deployment load_deployment(const std::string& path) {
 }
 
 std::string default_data_dir(const deployment& d) {
+  if (!d.orchestrator || d.orchestrator->store == ":memory:") return {};
   return (fs::path(d.dir) / ".ensemble" / "data").string();
 }
 

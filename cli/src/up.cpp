@@ -980,22 +980,37 @@ int run_up(const up_options& o) {
     std::cerr << "ensemble up: invalid deployment: " << e.what() << "\n";
     return 2;
   }
-  // Durable streams: the broker stores them in a directory beside the deployment (or where
-  // broker.data or --data says), so that they outlive this `up`; the file's `streams:` reach the
-  // broker as a --streams file, for this run only.
+  // Durable streams: the broker stores them where broker.data or --data says; else beside the
+  // deployment when the orchestrator's store is a file, so that both outlive this `up`; else in
+  // a temporary directory of this run (default_data_dir says why). The file's `streams:` reach
+  // the broker as a --streams file, for this run only.
+  std::filesystem::path streams_file;
+  std::filesystem::path run_data;  // the temporary data directory, removed on exit
+  struct remove_on_exit {
+    std::filesystem::path& file;
+    std::filesystem::path& dir;
+    ~remove_on_exit() {
+      std::error_code ignored;
+      if (!file.empty()) std::filesystem::remove(file, ignored);
+      if (!dir.empty()) std::filesystem::remove_all(dir, ignored);
+    }
+  } cleanup{streams_file, run_data};
   if (!o.data.empty()) {
     d.broker.data = std::filesystem::absolute(o.data).lexically_normal().string();
   } else if (d.broker.data.empty() && !d.streams.empty()) {
     d.broker.data = default_data_dir(d);
-  }
-  std::filesystem::path streams_file;
-  struct remove_on_exit {
-    std::filesystem::path& file;
-    ~remove_on_exit() {
-      std::error_code ignored;
-      if (!file.empty()) std::filesystem::remove(file, ignored);
+    if (d.broker.data.empty()) {
+      std::string tmpl =
+          (std::filesystem::temp_directory_path() / "ensemble-up-data-XXXXXX").string();
+      if (::mkdtemp(tmpl.data()) == nullptr) {
+        std::cerr << "ensemble up: cannot create a temporary data directory in "
+                  << std::filesystem::temp_directory_path() << ": " << std::strerror(errno) << "\n";
+        return 1;
+      }
+      run_data = tmpl;
+      d.broker.data = tmpl;
     }
-  } cleanup{streams_file};
+  }
   try {
     if (!d.broker.data.empty()) {
       std::error_code ec;
@@ -1038,8 +1053,9 @@ void add_up_commands(CLI::App& app, context& ctx) {
                  "on stop, how long each process gets after SIGTERM before SIGKILL")
       ->capture_default_str();
   up->add_option("--data", opts->data,
-                 "where the broker stores durable streams (default: broker.data, else "
-                 ".ensemble/data beside the deployment file when it declares streams)");
+                 "where the broker stores durable streams (default: broker.data; else, when "
+                 "the file declares streams, .ensemble/data beside it if the orchestrator's "
+                 "store is a file, or a temporary directory of this run)");
   up->add_flag("--no-color", opts->no_color, "no colours in the output (also: NO_COLOR)");
   up->callback([opts, &ctx] {
     opts->timeout = parse_duration_arg("--timeout", opts->timeout_text);

@@ -101,7 +101,11 @@ deployment load_deployment(const std::string& path);
 deployment parse_deployment(const std::string& yaml, const std::string& file);
 
 // Where `ensemble up` has the broker store streams when the file does not say (broker.data):
-// `.ensemble/data` in the deployment file's directory.
+// `.ensemble/data` in the deployment file's directory when the orchestrator's state outlives
+// the run (its store is a file); empty when it does not (`:memory:`, or no orchestrator), and
+// `up` uses a temporary directory of its own, removed when it stops. Streams kept beside the
+// file while the orchestrator forgets its instances would make a new run re-use event ids
+// (`<instance>/<step>/<attempt>`) that the streams still remember and drop as duplicates.
 std::string default_data_dir(const deployment& d);
 
 // Writes the deployment's streams as a broker --streams file (JSON) to `path`. Throws
