@@ -7,6 +7,7 @@
 // lost). The broker's view (broker.consumer_info, broker.stream_read) is the judge.
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
 #include <map>
 #include <mutex>
 #include <set>
@@ -31,6 +32,28 @@ struct seen {
   std::uint64_t seq = 0;
   std::uint32_t deliveries = 0;
   std::string agent, id, topic, correlation_id, causation_id, stream, payload;
+};
+
+// A door a handler waits at, with a deadline, until the test opens it.
+class gate {
+ public:
+  ~gate() { open(); }
+  void open() {
+    {
+      std::lock_guard lock(mutex_);
+      open_ = true;
+    }
+    cv_.notify_all();
+  }
+  void wait(std::chrono::milliseconds deadline) {
+    std::unique_lock lock(mutex_);
+    cv_.wait_for(lock, deadline, [this] { return open_; });
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  bool open_ = false;
 };
 
 class delivery_log {
@@ -78,9 +101,10 @@ class sdk_consume_test : public ensemble::test::streams_fixture {
     streams_fixture::TearDown();
   }
 
-  ea::agent& make_agent(const std::string& name, bool start = true) {
+  ea::agent& make_agent(const std::string& name, bool start = true, bool inline_handlers = false) {
     ea::options o;
     o.name = name;
+    o.inline_handlers = inline_handlers;
     o.broker = broker_->router();
     o.events = broker_->events();
     agents_.push_back(std::make_unique<ea::agent>(o));
@@ -331,8 +355,9 @@ TEST_F(sdk_consume_test, two_agents_share_a_consumer_within_their_capacity) {
   co.stream = "orders";
   co.consumer = "shared";
   co.capacity = k_capacity;
+  // shared-2 runs its handlers on its I/O thread (options.inline_handlers).
   for (const std::string name : {"shared-1", "shared-2"}) {
-    auto& a = make_agent(name);
+    auto& a = make_agent(name, true, name == "shared-2");
     ASSERT_TRUE(a.consume(co, [&, name](const ea::message& m) -> ea::status {
                    const int now = ++running;
                    int seen_most = most.load();
@@ -363,8 +388,13 @@ TEST_F(sdk_consume_test, two_agents_share_a_consumer_within_their_capacity) {
 TEST_F(sdk_consume_test, the_agent_joins_again_after_a_broker_restart_and_nothing_is_lost) {
   start_with_orders({"--heartbeat", "100"});
   constexpr int k_before = 60, k_after = 40;
+  constexpr std::uint64_t k_held_seq = 5;
   auto& worker = make_agent("restart-1");
   delivery_log got;
+  // The first delivery of k_held_seq is still being handled when the broker dies: its handler
+  // waits for `gate`, opened once the new broker delivered that event again.
+  gate held;
+  std::atomic<bool> holding{false};
   ea::consume_options co;
   co.stream = "orders";
   co.consumer = "durable";
@@ -372,14 +402,17 @@ TEST_F(sdk_consume_test, the_agent_joins_again_after_a_broker_restart_and_nothin
   ASSERT_TRUE(worker
                   .consume(co,
                            [&](const ea::message& m) -> ea::status {
+                             if (m.stream_seq() == k_held_seq && !holding.exchange(true)) {
+                               held.wait(k_wait);
+                             }
                              got.add("restart-1", m);
                              return ensemble::common::ok_status();
                            })
                   .ok());
   auto& pub = make_agent("orders-pub");
   publish_n(pub, "order.created", k_before);
-  // Some were handled, perhaps not all: kill the broker in the middle.
-  ASSERT_TRUE(tk::wait_until([&] { return got.total() >= 10; }, k_wait));
+  // Some were handled, perhaps not all, one is in the middle: kill the broker.
+  ASSERT_TRUE(tk::wait_until([&] { return holding.load() && got.total() >= 10; }, k_wait));
   const auto first_broker = worker.broker_id();
   broker_->restart();
 
@@ -392,6 +425,20 @@ TEST_F(sdk_consume_test, the_agent_joins_again_after_a_broker_restart_and_nothin
       k_wait))
       << "the agent did not join the consumer again";
   EXPECT_NE(worker.broker_id(), first_broker);
+
+  // The new broker delivers the held event again (it was in flight) to a free slot; then the first
+  // handler finishes and ACKs it too, and one of the two ACKs is refused not_pending: counted,
+  // harmless.
+  ASSERT_TRUE(tk::wait_until([&] { return got.times().count(k_held_seq) != 0; }, k_wait))
+      << "stream_seq " << k_held_seq << " was not delivered again";
+  held.open();
+  ASSERT_TRUE(tk::wait_until(
+      [&] {
+        auto s = worker.consumer_stats("orders", "durable");
+        return s && s->refused >= 1;
+      },
+      k_wait))
+      << "no ACK was refused";
 
   // Events stored after the restart reach it too. publish_acked may meet the restart first
   // (broker_lost); an acked event is stored.
@@ -424,6 +471,8 @@ TEST_F(sdk_consume_test, the_agent_joins_again_after_a_broker_restart_and_nothin
             << " events: " << duplicates << " duplicate(s) after the restart; " << stats->refused
             << " ack(s) refused, " << stats->dropped << " delivery(ies) dropped, " << stats->joins
             << " joins\n";
+  EXPECT_EQ(times.at(k_held_seq), 2);
+  EXPECT_GE(stats->refused, 1u);
   EXPECT_EQ(times.begin()->first, 1u);
   EXPECT_EQ(times.rbegin()->first, k_total);
   ASSERT_EQ(i["members"].size(), 1u) << i.dump();
