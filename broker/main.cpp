@@ -66,6 +66,11 @@ int main(int argc, char** argv) {
   app.add_option("--event-hwm", cfg.event_hwm, "events queued per subscriber before dropping")
       ->capture_default_str()
       ->check(CLI::Range(1, 10'000'000));  // 0 would mean "no limit" to libzmq
+  app.add_option("--topic-seq-max", cfg.topic_seq_max,
+                 "topics whose per-topic seq the broker tracks; a topic idle while as many "
+                 "others were published starts again at 1")
+      ->capture_default_str()
+      ->check(CLI::Range(std::size_t{2}, std::size_t{100'000'000}));
   app.add_option("--journal", cfg.journal_size,
                  "requests, replies and events kept for broker.trace (ensemble trace); 0: off")
       ->capture_default_str();

@@ -658,6 +658,38 @@ TEST_F(stream_store_test, duplicates_return_the_original_sequence_also_after_reo
   EXPECT_EQ(res->at(0).seq, 4u);
 }
 
+TEST_F(stream_store_test, the_ids_remembered_for_de_duplication_are_capped) {
+  open();
+  stream_config c = config("orders");
+  c.duplicate_window = std::chrono::minutes(10);
+  c.duplicate_ids_max = 100;
+  create(c);
+  for (int i = 1; i <= 1000; ++i) {
+    const record r = make_record(static_cast<std::uint64_t>(i), 0, "id-" + std::to_string(i));
+    ASSERT_TRUE(store_->append("orders", std::span(&r, 1)).ok());
+    ASSERT_TRUE(store_->flush().ok());
+  }
+  EXPECT_EQ(store_->stats().dedup_evicted, 900u);
+  // The last 100 ids are still recognised; an older one is stored again, as documented.
+  const record recent = make_record(2000, 0, "id-950");
+  auto res = store_->append("orders", std::span(&recent, 1));
+  ASSERT_TRUE(res.ok());
+  EXPECT_TRUE(res->at(0).duplicate);
+  EXPECT_EQ(res->at(0).seq, 950u);
+  const record old = make_record(2001, 0, "id-5");
+  res = store_->append("orders", std::span(&old, 1));
+  ASSERT_TRUE(res.ok());
+  EXPECT_FALSE(res->at(0).duplicate);
+  ASSERT_TRUE(store_->flush().ok());
+  // Also after reopening: the rebuilt window holds at most the cap.
+  open();
+  EXPECT_EQ(info("orders").config.duplicate_ids_max, 100u);
+  res = store_->append("orders", std::span(&recent, 1));
+  ASSERT_TRUE(res.ok());
+  EXPECT_TRUE(res->at(0).duplicate);
+  EXPECT_LE(store_->stats().dedup_evicted, 1001u - 100u);
+}
+
 TEST_F(stream_store_test, retention_by_event_count_is_exact_and_deletes_whole_segments) {
   segment_max_bytes_ = 4096;
   open();

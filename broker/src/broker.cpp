@@ -15,6 +15,7 @@
 #include "journal.hpp"
 #include "registry.hpp"
 #include "stream_config_file.hpp"
+#include "topic_sequencer.hpp"
 
 namespace ensemble::broker {
 
@@ -169,7 +170,7 @@ struct broker::impl {
   std::unique_ptr<streams::consumer_host> consumers;
   std::vector<stored_publish> stored_batch;
   steady_clock::time_point next_expire;
-  std::unordered_map<std::string, std::uint64_t> topic_seq;
+  topic_sequencer topic_seq{cfg.topic_seq_max};
   std::map<std::string, std::uint64_t> subscriptions;
   std::vector<zmq::message_t> in;
   std::vector<zmq::message_t> out;
@@ -379,7 +380,8 @@ void broker::impl::open_streams() {
     if (same != existing.end()) {
       if (same->topic_prefixes != c.topic_prefixes || same->max_age != c.max_age ||
           same->max_bytes != c.max_bytes || same->max_events != c.max_events ||
-          same->duplicate_window != c.duplicate_window) {
+          same->duplicate_window != c.duplicate_window ||
+          same->duplicate_ids_max != c.duplicate_ids_max) {
         log->warn(
             "stream {} in {} differs from the stored stream; the stored configuration is kept "
             "(remove the stream with broker.stream_rm to change it)",
@@ -804,7 +806,7 @@ void broker::impl::fan_out(header& h, zmq::message_t payload, const std::string&
   ++stats.events;
   // Topics starting with '_' are control topics (the SDK's subscription probes): fanned out
   // like any other, but not sequenced, so they leave no state behind.
-  h.seq = h.topic[0] == '_' ? 0 : ++topic_seq[h.topic];
+  h.seq = h.topic[0] == '_' ? 0 : topic_seq.next(h.topic);
   out.clear();
   out.emplace_back(h.topic.data(), h.topic.size());
   thread_local std::string buffer;
@@ -1057,6 +1059,16 @@ json broker::impl::stats_json() const {
           {"budget_waits", reg.budget_waits()},
           {"subscriptions", subscriptions},
           {"streams", std::move(per_stream)},
+          {"stream_store", store ? json{{"flushes", store->stats().flushes},
+                                        {"flush_failures", store->stats().flush_failures},
+                                        {"syncs", store->stats().syncs},
+                                        {"torn_records", store->stats().torn_records},
+                                        {"dedup_evicted", store->stats().dedup_evicted}}
+                                 : json::object()},
+          {"topic_seq",
+           {{"tracked", topic_seq.tracked()},
+            {"max", cfg.topic_seq_max},
+            {"generations", topic_seq.generations()}}},
           {"consumers",
            consumers ? json{{"count", consumers->size()},
                             {"deliveries_unsent", consumers->counters().deliveries_unsent},
@@ -1169,6 +1181,7 @@ json broker::impl::stream_json(const std::string& name) const {
             {"max_bytes", c.max_bytes},
             {"max_events", c.max_events},
             {"duplicate_window_ms", c.duplicate_window.count()},
+            {"duplicate_ids_max", c.duplicate_ids_max},
             {"first_seq", i->first_seq},
             {"last_seq", i->last_seq},
             {"count", i->count},
@@ -1271,10 +1284,10 @@ void broker::impl::on_stream_admin(const peer_id& peer, const header& request, c
     streams::stream_config c;
     std::uint64_t max_age_ms = 0;
     std::uint64_t window_ms = static_cast<std::uint64_t>(c.duplicate_window.count());
-    auto name =
-        a.allow({"name", "topics", "max_age_ms", "max_bytes", "max_events", "duplicate_window_ms"})
-            ? a.name()
-            : std::nullopt;
+    auto name = a.allow({"name", "topics", "max_age_ms", "max_bytes", "max_events",
+                         "duplicate_window_ms", "duplicate_ids_max"})
+                    ? a.name()
+                    : std::nullopt;
     if (name) {
       c.name = *name;
       if (auto problem = streams::check_stream_name(c.name); !problem.empty()) {
@@ -1296,7 +1309,9 @@ void broker::impl::on_stream_admin(const peer_id& peer, const header& request, c
       }
       if (a.problem.empty() && a.uint("max_age_ms", max_age_ms) &&
           a.uint("max_bytes", c.max_bytes) && a.uint("max_events", c.max_events) &&
-          a.uint("duplicate_window_ms", window_ms)) {
+          a.uint("duplicate_window_ms", window_ms) &&
+          a.uint("duplicate_ids_max", c.duplicate_ids_max)) {
+        if (c.duplicate_ids_max == 0) a.problem = action + ": 'duplicate_ids_max' must be >= 1";
         c.max_age = std::chrono::milliseconds(
             static_cast<std::int64_t>(std::min<std::uint64_t>(max_age_ms, INT64_MAX)));
         c.duplicate_window = std::chrono::milliseconds(
@@ -1491,8 +1506,8 @@ void broker::impl::on_consumer_command(const peer_id& peer, const worker* w,
     if (auto st = consumers->leave(peer, req, now); !st) return refuse(st.err());
     return confirm(json::object());
   }
+  // An accepted answer with an id is confirmed by the host once it is saved.
   if (auto st = consumers->answer(peer, m.cmd, req, now); !st) return refuse(st.err());
-  confirm(json::object());
 }
 
 void broker::impl::on_consumer_admin(const peer_id& peer, const header& request, const json& args,

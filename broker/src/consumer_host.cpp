@@ -167,6 +167,11 @@ struct consumer_host::entry {
   bool broken = false;         // saved state did not decode: out of service
   std::string broken_reason;
   json view;  // the configuration as it was given, for views and comparisons
+  time_point last_save{};
+  std::vector<std::pair<std::string, header>> confirms;  // peer, answer: REPLY once saved
+  bool save_now = false;  // a confirmation or a dead letter waits for the save
+  // Records read by this turn's next_deliveries(), so a delivery does not read them again.
+  std::map<sequence, record> read_ahead;
   const std::string& stream() const { return policy.config().stream; }
   const std::string& name() const { return policy.config().name; }
 };
@@ -439,7 +444,13 @@ common::status consumer_host::answer(const std::string& peer, command cmd, const
     default:
       return error::make(errc::bad_request, what + " is not an answer to a delivery");
   }
-  if (st) e->dirty = true;
+  if (st) {
+    e->dirty = true;
+    if (!h.id.empty()) {
+      e->confirms.emplace_back(peer, h);
+      e->save_now = true;
+    }
+  }
   return st;
 }
 
@@ -607,6 +618,10 @@ void consumer_host::execute(entry& e, std::vector<decision>& decisions, time_poi
   for (std::size_t i = 0; i < decisions.size(); ++i) {
     const decision d = decisions[i];  // executing may append decisions (a record gone)
     if (const auto* del = std::get_if<deliver>(&d)) {
+      if (auto cached = e.read_ahead.find(del->seq); cached != e.read_ahead.end()) {
+        send_delivery(e, *del, cached->second);
+        continue;
+      }
       auto r = read_one(e.stream(), del->seq);
       if (!r) {
         if (r.err().code == errc::not_found) {
@@ -644,6 +659,7 @@ void consumer_host::execute(entry& e, std::vector<decision>& decisions, time_poi
                  e.name(), dl->seq, r->topic, r->event_id, dl->delivery_count, dl->reason);
       dead_letters_.push_back(std::move(out));
       e.dirty = true;
+      e.save_now = true;
     } else {
       e.dirty = true;  // the ack floor moved
     }
@@ -670,10 +686,11 @@ void consumer_host::store_dead_letters() {
   dead_letters_.clear();
 }
 
-void consumer_host::save_states() {
+void consumer_host::save_states(time_point now) {
   for (auto& [stream, by_name] : consumers_) {
     for (auto& [name, e] : by_name) {
       if (!e->dirty || e->broken) continue;
+      if (!e->save_now && now - e->last_save < k_state_save_interval) continue;
       const bool waits =
           std::any_of(dead_letters_.begin(), dead_letters_.end(),
                       [&](const auto& d) { return d.stream == stream && d.consumer == name; });
@@ -682,9 +699,23 @@ void consumer_host::save_states() {
         ++counters_.state_save_failures;
         log_->error("consumer {}/{}: state not saved (retried): {} {}", stream, name, st.err().code,
                     st.err().message);
+        e->save_now = false;  // retried after the interval, not spun on
+        e->last_save = now;
         continue;
       }
       e->dirty = false;
+      e->save_now = false;
+      e->last_save = now;
+      for (auto& [peer, answered] : e->confirms) {
+        header h;
+        h.id = answered.id;
+        h.stream = answered.stream;
+        h.consumer = answered.consumer;
+        h.stream_seq = answered.stream_seq;
+        h.worker = "broker";
+        send_(peer, command::reply, h, std::string("\x80", 1));  // an empty msgpack map
+      }
+      e->confirms.clear();
     }
   }
 }
@@ -697,17 +728,23 @@ void consumer_host::run(time_point now) {
       e->policy.on_tick(now, e->todo);
       execute(*e, e->todo, now);
       const std::string& s = stream;
-      fetch_fn fetch = [this, &s](sequence from, std::size_t n) {
-        return store_.read(s, from, n, k_fetch_bytes);
+      entry* current = e.get();
+      fetch_fn fetch = [this, &s, current](sequence from, std::size_t n) {
+        auto got = store_.read(s, from, n, k_fetch_bytes);
+        if (got) {
+          for (const auto& r : got.value()) current->read_ahead.emplace(r.seq, r);
+        }
+        return got;
       };
       if (auto st = e->policy.next_deliveries(now, fetch, e->todo); !st) {
         log_->warn("consumer {}/{}: {} {}", stream, name, st.err().code, st.err().message);
       }
       execute(*e, e->todo, now);
+      e->read_ahead.clear();
     }
   }
   store_dead_letters();
-  save_states();
+  save_states(now);
 }
 
 std::optional<time_point> consumer_host::next_deadline() const {
@@ -717,6 +754,12 @@ std::optional<time_point> consumer_host::next_deadline() const {
       if (e->broken) continue;
       std::optional<time_point> d = e->policy.next_deadline();
       if (e->policy.more_to_read() || !e->todo.empty()) d = time_point::min();
+      if (e->dirty) {
+        const auto save_at = e->save_now && dead_letters_.empty()
+                                 ? time_point::min()
+                                 : e->last_save + k_state_save_interval;
+        if (!d || save_at < *d) d = save_at;
+      }
       if (d && (!out || *d < *out)) out = d;
     }
   }

@@ -47,6 +47,11 @@ common::result<consumer_config> parse_consumer_config(
 using send_fn = std::function<bool(const std::string& peer, common::command, const common::header&,
                                    std::string payload)>;
 
+// How often, at most, a consumer whose state changed is saved (the state is small, but a save
+// is a file write and rename, with --sync always an fdatasync). Confirmed answers and dead
+// letters are saved at once.
+inline constexpr std::chrono::milliseconds k_state_save_interval{100};
+
 struct host_counters {
   std::uint64_t deliveries_unsent = 0;  // DELIVERs the router refused; redelivered after ack_wait
   std::uint64_t dead_letters_stored = 0;
@@ -68,7 +73,9 @@ class consumer_host {
                             const common::header& h, const json& config, time_point now);
   // CONSUME_STOP.
   common::status leave(const std::string& peer, const common::header& h, time_point now);
-  // ACK, NACK, TERM, PROGRESS. The error is what to tell the member.
+  // ACK, NACK, TERM, PROGRESS. The error is what to tell the member. An accepted answer that
+  // carries an id is confirmed (a REPLY) once the consumer's state that includes it is saved:
+  // a confirmed ack survives a broker crash.
   common::status answer(const std::string& peer, common::command cmd, const common::header& h,
                         time_point now);
   // The peer is gone (BYE, lost, replaced): it leaves every consumer it was a member of.
@@ -105,7 +112,7 @@ class consumer_host {
   void send_delivery(entry& e, const deliver& d, const record& r);
   common::result<record> read_one(const std::string& stream, sequence seq);
   void store_dead_letters();
-  void save_states();
+  void save_states(time_point now);
   std::string blob(const entry& e) const;
 
   stream_store& store_;

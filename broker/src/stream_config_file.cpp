@@ -76,10 +76,13 @@ class reader {
         c.max_bytes = count(kv.second, at);
       } else if (key == "max_events") {
         c.max_events = count(kv.second, at);
+      } else if (key == "duplicate_ids_max") {
+        c.duplicate_ids_max = count(kv.second, at);
+        if (c.duplicate_ids_max == 0) fail(kv.second, at, "must be at least 1");
       } else {
         fail(kv.first, at,
              "unknown key; a stream has name, topics, max_age, max_bytes, max_events, "
-             "duplicate_window");
+             "duplicate_window, duplicate_ids_max");
       }
     }
     if (c.name.empty()) fail(node, path, "has no 'name'");

@@ -165,7 +165,8 @@ nlohmann::json config_to_json(const stream_config& c) {
           {"max_age_ms", c.max_age.count()},
           {"max_bytes", c.max_bytes},
           {"max_events", c.max_events},
-          {"duplicate_window_ms", c.duplicate_window.count()}};
+          {"duplicate_window_ms", c.duplicate_window.count()},
+          {"duplicate_ids_max", c.duplicate_ids_max}};
 }
 
 stream_config config_from_json(const nlohmann::json& j) {
@@ -176,6 +177,7 @@ stream_config config_from_json(const nlohmann::json& j) {
   c.max_bytes = j.at("max_bytes").get<std::uint64_t>();
   c.max_events = j.at("max_events").get<std::uint64_t>();
   c.duplicate_window = std::chrono::milliseconds(j.at("duplicate_window_ms").get<std::int64_t>());
+  c.duplicate_ids_max = j.value("duplicate_ids_max", c.duplicate_ids_max);
   return c;
 }
 
@@ -405,6 +407,7 @@ class file_store final : public stream_store {
         if (!p.event_id.empty() && s->config.duplicate_window.count() > 0) {
           s->dedup[p.event_id] = p.seq;
           s->dedup_order.push_back({p.ts_ms, p.event_id, p.seq});
+          cap_dedup(*s);
         }
       }
       s->stored_last_ts = s->pending_last_ts;
@@ -744,6 +747,17 @@ class file_store final : public stream_store {
     s.pending_dedup.clear();
   }
 
+  void cap_dedup(stream_state& s) {
+    const std::uint64_t cap = std::max<std::uint64_t>(1, s.config.duplicate_ids_max);
+    while (s.dedup_order.size() > cap) {
+      const auto& e = s.dedup_order.front();
+      auto it = s.dedup.find(e.event_id);
+      if (it != s.dedup.end() && it->second == e.seq) s.dedup.erase(it);
+      s.dedup_order.pop_front();
+      ++stats_.dedup_evicted;
+    }
+  }
+
   void expire_dedup(stream_state& s, std::int64_t now) {
     const std::int64_t horizon = now - s.config.duplicate_window.count();
     while (!s.dedup_order.empty() && s.dedup_order.front().ts_ms < horizon) {
@@ -890,6 +904,7 @@ class file_store final : public stream_store {
         if (!id.empty() && s.config.duplicate_window.count() > 0 && ts >= dedup_horizon) {
           s.dedup[std::string(id)] = seq;
           s.dedup_order.push_back({ts, std::string(id), seq});
+          cap_dedup(s);
         }
         off += size;
       }

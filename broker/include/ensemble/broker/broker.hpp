@@ -39,6 +39,9 @@ struct config {
   int event_hwm = 100'000;                            // per-subscriber queue on the XPUB
   int peer_hwm = 100'000;                             // per-peer queue on the ROUTER
   std::size_t journal_size = 10'000;  // trace journal records (broker.trace); 0: off
+  // Topics whose per-topic seq is tracked (docs/protocol.md section 7); an idle topic beyond
+  // them starts again at 1.
+  std::size_t topic_seq_max = 100'000;
   // Durable streams (docs/protocol.md section 11). Without a data directory the broker has
   // no streams and refuses to create any.
   std::string data_dir;                           // --data: stream storage

@@ -77,6 +77,8 @@ struct store_stats {
   std::uint64_t flushes = 0;
   std::uint64_t flush_failures = 0;
   std::uint64_t syncs = 0;  // fdatasync/fsync calls
+  // Event ids forgotten before their duplicate window ended (duplicate_ids_max reached).
+  std::uint64_t dedup_evicted = 0;
 };
 
 class stream_store {
