@@ -128,6 +128,19 @@ class sdk_consume_test : public ensemble::test::streams_fixture {
     return out;
   }
 
+  // Publishes {n: first..last-1} acked, again after a retryable error (the publisher meets a
+  // broker restart or a replaced connection with broker_lost): every one is stored once acked.
+  void publish_acked_through(ea::agent& pub, int first, int last) {
+    for (int n = first; n < last;) {
+      auto p = pub.publish_acked("order.created", ea::to_json_payload({{"n", n}}), k_wait);
+      if (p.ok()) {
+        ++n;
+      } else {
+        ASSERT_TRUE(p.err().retryable) << p.err().to_string();
+      }
+    }
+  }
+
   json info(const std::string& consumer) {
     return admin("consumer_info", {{"stream", "orders"}, {"name", consumer}});
   }
@@ -440,16 +453,8 @@ TEST_F(sdk_consume_test, the_agent_joins_again_after_a_broker_restart_and_nothin
       k_wait))
       << "no ACK was refused";
 
-  // Events stored after the restart reach it too. publish_acked may meet the restart first
-  // (broker_lost); an acked event is stored.
-  for (int n = k_before; n < k_before + k_after;) {
-    auto p = pub.publish_acked("order.created", ea::to_json_payload({{"n", n}}), k_wait);
-    if (p.ok()) {
-      ++n;
-    } else {
-      ASSERT_TRUE(p.err().retryable) << p.err().to_string();
-    }
-  }
+  // Events stored after the restart reach it too.
+  publish_acked_through(pub, k_before, k_before + k_after);
   const std::size_t k_total = k_before + k_after;
   ASSERT_TRUE(tk::wait_until([&] { return got.distinct() >= k_total; }, k_wait))
       << "handled " << got.distinct() << " of " << k_total << " events";
@@ -477,6 +482,54 @@ TEST_F(sdk_consume_test, the_agent_joins_again_after_a_broker_restart_and_nothin
   EXPECT_EQ(times.rbegin()->first, k_total);
   ASSERT_EQ(i["members"].size(), 1u) << i.dump();
   EXPECT_EQ(i["members"][0]["agent"], "restart-1");
+}
+
+TEST_F(sdk_consume_test, an_agent_that_replaced_its_connection_joins_again) {
+  start_with_orders({"--heartbeat", "100"});
+  auto& worker = make_agent("reconnect-1");
+  delivery_log got;
+  ea::consume_options co;
+  co.stream = "orders";
+  co.consumer = "reconnecting";
+  co.capacity = 2;
+  ASSERT_TRUE(worker
+                  .consume(co,
+                           [&](const ea::message& m) -> ea::status {
+                             got.add("reconnect-1", m);
+                             return ensemble::common::ok_status();
+                           })
+                  .ok());
+  auto& pub = make_agent("orders-pub");
+  publish_acked_through(pub, 0, 5);
+  ASSERT_TRUE(tk::wait_until([&] { return got.distinct() >= 5; }, k_wait));
+
+  // A silent broker (SIGSTOP): after `liveness` heartbeats the agent replaces its connection;
+  // the broker, resumed, registers it as a new peer, which must join the consumer again.
+  const auto broker_id = worker.broker_id();
+  broker_->proc().stop();
+  const bool replaced = tk::wait_until([&] { return !worker.registered(); }, k_wait);
+  broker_->proc().resume();
+  ASSERT_TRUE(replaced) << "the agent did not notice the silent broker";
+  ASSERT_TRUE(tk::wait_until(
+      [&] {
+        auto s = worker.consumer_stats("orders", "reconnecting");
+        return s && s->joins >= 2;
+      },
+      k_wait))
+      << "the agent did not join the consumer again";
+  EXPECT_EQ(worker.broker_id(), broker_id);  // the same broker run
+
+  publish_acked_through(pub, 5, 10);
+  json i;
+  ASSERT_TRUE(tk::wait_until(
+      [&] {
+        i = info("reconnecting");
+        return i.value("ack_floor", 0ULL) >= 10 && i["members"].size() == 1;
+      },
+      k_wait, 20ms))
+      << i.dump();
+  EXPECT_EQ(got.distinct(), 10u);
+  EXPECT_EQ(i["members"][0]["agent"], "reconnect-1");
 }
 
 TEST_F(sdk_consume_test, refusals_name_the_problem_and_stop_consuming_leaves) {
