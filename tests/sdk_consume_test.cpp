@@ -4,7 +4,8 @@
 // dead letters, two agents share one consumer without exceeding their capacity, and a broker
 // killed with SIGKILL and restarted on the same data directory is joined again by the agent,
 // which then receives everything that was not acked (duplicates allowed and counted, nothing
-// lost). The broker's view (broker.consumer_info, broker.stream_read) is the judge.
+// lost), as is an agent that replaced its connection to a silent broker. The broker's view
+// (broker.consumer_info, broker.stream_read) is the judge.
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
