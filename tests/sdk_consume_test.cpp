@@ -4,9 +4,11 @@
 // dead letters, two agents share one consumer without exceeding their capacity, and a broker
 // killed with SIGKILL and restarted on the same data directory is joined again by the agent,
 // which then receives everything that was not acked (duplicates allowed and counted, nothing
-// lost). The broker's view (broker.consumer_info, broker.stream_read) is the judge.
+// lost), as is an agent that replaced its connection to a silent broker. The broker's view
+// (broker.consumer_info, broker.stream_read) is the judge.
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
 #include <map>
 #include <mutex>
 #include <set>
@@ -31,6 +33,28 @@ struct seen {
   std::uint64_t seq = 0;
   std::uint32_t deliveries = 0;
   std::string agent, id, topic, correlation_id, causation_id, stream, payload;
+};
+
+// A door a handler waits at, with a deadline, until the test opens it.
+class gate {
+ public:
+  ~gate() { open(); }
+  void open() {
+    {
+      std::lock_guard lock(mutex_);
+      open_ = true;
+    }
+    cv_.notify_all();
+  }
+  void wait(std::chrono::milliseconds deadline) {
+    std::unique_lock lock(mutex_);
+    cv_.wait_for(lock, deadline, [this] { return open_; });
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  bool open_ = false;
 };
 
 class delivery_log {
@@ -78,9 +102,10 @@ class sdk_consume_test : public ensemble::test::streams_fixture {
     streams_fixture::TearDown();
   }
 
-  ea::agent& make_agent(const std::string& name, bool start = true) {
+  ea::agent& make_agent(const std::string& name, bool start = true, bool inline_handlers = false) {
     ea::options o;
     o.name = name;
+    o.inline_handlers = inline_handlers;
     o.broker = broker_->router();
     o.events = broker_->events();
     agents_.push_back(std::make_unique<ea::agent>(o));
@@ -102,6 +127,19 @@ class sdk_consume_test : public ensemble::test::streams_fixture {
       if (p.ok()) out.push_back(*p);
     }
     return out;
+  }
+
+  // Publishes {n: first..last-1} acked, again after a retryable error (the publisher meets a
+  // broker restart or a replaced connection with broker_lost): every one is stored once acked.
+  void publish_acked_through(ea::agent& pub, int first, int last) {
+    for (int n = first; n < last;) {
+      auto p = pub.publish_acked("order.created", ea::to_json_payload({{"n", n}}), k_wait);
+      if (p.ok()) {
+        ++n;
+      } else {
+        ASSERT_TRUE(p.err().retryable) << p.err().to_string();
+      }
+    }
   }
 
   json info(const std::string& consumer) {
@@ -331,8 +369,9 @@ TEST_F(sdk_consume_test, two_agents_share_a_consumer_within_their_capacity) {
   co.stream = "orders";
   co.consumer = "shared";
   co.capacity = k_capacity;
+  // shared-2 runs its handlers on its I/O thread (options.inline_handlers).
   for (const std::string name : {"shared-1", "shared-2"}) {
-    auto& a = make_agent(name);
+    auto& a = make_agent(name, true, name == "shared-2");
     ASSERT_TRUE(a.consume(co, [&, name](const ea::message& m) -> ea::status {
                    const int now = ++running;
                    int seen_most = most.load();
@@ -363,8 +402,13 @@ TEST_F(sdk_consume_test, two_agents_share_a_consumer_within_their_capacity) {
 TEST_F(sdk_consume_test, the_agent_joins_again_after_a_broker_restart_and_nothing_is_lost) {
   start_with_orders({"--heartbeat", "100"});
   constexpr int k_before = 60, k_after = 40;
+  constexpr std::uint64_t k_held_seq = 5;
   auto& worker = make_agent("restart-1");
   delivery_log got;
+  // The first delivery of k_held_seq is still being handled when the broker dies: its handler
+  // waits for `gate`, opened once the new broker delivered that event again.
+  gate held;
+  std::atomic<bool> holding{false};
   ea::consume_options co;
   co.stream = "orders";
   co.consumer = "durable";
@@ -372,14 +416,17 @@ TEST_F(sdk_consume_test, the_agent_joins_again_after_a_broker_restart_and_nothin
   ASSERT_TRUE(worker
                   .consume(co,
                            [&](const ea::message& m) -> ea::status {
+                             if (m.stream_seq() == k_held_seq && !holding.exchange(true)) {
+                               held.wait(k_wait);
+                             }
                              got.add("restart-1", m);
                              return ensemble::common::ok_status();
                            })
                   .ok());
   auto& pub = make_agent("orders-pub");
   publish_n(pub, "order.created", k_before);
-  // Some were handled, perhaps not all: kill the broker in the middle.
-  ASSERT_TRUE(tk::wait_until([&] { return got.total() >= 10; }, k_wait));
+  // Some were handled, perhaps not all, one is in the middle: kill the broker.
+  ASSERT_TRUE(tk::wait_until([&] { return holding.load() && got.total() >= 10; }, k_wait));
   const auto first_broker = worker.broker_id();
   broker_->restart();
 
@@ -393,16 +440,22 @@ TEST_F(sdk_consume_test, the_agent_joins_again_after_a_broker_restart_and_nothin
       << "the agent did not join the consumer again";
   EXPECT_NE(worker.broker_id(), first_broker);
 
-  // Events stored after the restart reach it too. publish_acked may meet the restart first
-  // (broker_lost); an acked event is stored.
-  for (int n = k_before; n < k_before + k_after;) {
-    auto p = pub.publish_acked("order.created", ea::to_json_payload({{"n", n}}), k_wait);
-    if (p.ok()) {
-      ++n;
-    } else {
-      ASSERT_TRUE(p.err().retryable) << p.err().to_string();
-    }
-  }
+  // The new broker delivers the held event again (it was in flight) to a free slot; then the first
+  // handler finishes and ACKs it too, and one of the two ACKs is refused not_pending: counted,
+  // harmless.
+  ASSERT_TRUE(tk::wait_until([&] { return got.times().count(k_held_seq) != 0; }, k_wait))
+      << "stream_seq " << k_held_seq << " was not delivered again";
+  held.open();
+  ASSERT_TRUE(tk::wait_until(
+      [&] {
+        auto s = worker.consumer_stats("orders", "durable");
+        return s && s->refused >= 1;
+      },
+      k_wait))
+      << "no ACK was refused";
+
+  // Events stored after the restart reach it too.
+  publish_acked_through(pub, k_before, k_before + k_after);
   const std::size_t k_total = k_before + k_after;
   ASSERT_TRUE(tk::wait_until([&] { return got.distinct() >= k_total; }, k_wait))
       << "handled " << got.distinct() << " of " << k_total << " events";
@@ -424,10 +477,60 @@ TEST_F(sdk_consume_test, the_agent_joins_again_after_a_broker_restart_and_nothin
             << " events: " << duplicates << " duplicate(s) after the restart; " << stats->refused
             << " ack(s) refused, " << stats->dropped << " delivery(ies) dropped, " << stats->joins
             << " joins\n";
+  EXPECT_EQ(times.at(k_held_seq), 2);
+  EXPECT_GE(stats->refused, 1u);
   EXPECT_EQ(times.begin()->first, 1u);
   EXPECT_EQ(times.rbegin()->first, k_total);
   ASSERT_EQ(i["members"].size(), 1u) << i.dump();
   EXPECT_EQ(i["members"][0]["agent"], "restart-1");
+}
+
+TEST_F(sdk_consume_test, an_agent_that_replaced_its_connection_joins_again) {
+  start_with_orders({"--heartbeat", "100"});
+  auto& worker = make_agent("reconnect-1");
+  delivery_log got;
+  ea::consume_options co;
+  co.stream = "orders";
+  co.consumer = "reconnecting";
+  co.capacity = 2;
+  ASSERT_TRUE(worker
+                  .consume(co,
+                           [&](const ea::message& m) -> ea::status {
+                             got.add("reconnect-1", m);
+                             return ensemble::common::ok_status();
+                           })
+                  .ok());
+  auto& pub = make_agent("orders-pub");
+  publish_acked_through(pub, 0, 5);
+  ASSERT_TRUE(tk::wait_until([&] { return got.distinct() >= 5; }, k_wait));
+
+  // A silent broker (SIGSTOP): after `liveness` heartbeats the agent replaces its connection;
+  // the broker, resumed, registers it as a new peer, which must join the consumer again.
+  const auto broker_id = worker.broker_id();
+  broker_->proc().stop();
+  const bool replaced = tk::wait_until([&] { return !worker.registered(); }, k_wait);
+  broker_->proc().resume();
+  ASSERT_TRUE(replaced) << "the agent did not notice the silent broker";
+  ASSERT_TRUE(tk::wait_until(
+      [&] {
+        auto s = worker.consumer_stats("orders", "reconnecting");
+        return s && s->joins >= 2;
+      },
+      k_wait))
+      << "the agent did not join the consumer again";
+  EXPECT_EQ(worker.broker_id(), broker_id);  // the same broker run
+
+  publish_acked_through(pub, 5, 10);
+  json i;
+  ASSERT_TRUE(tk::wait_until(
+      [&] {
+        i = info("reconnecting");
+        return i.value("ack_floor", 0ULL) >= 10 && i["members"].size() == 1;
+      },
+      k_wait, 20ms))
+      << i.dump();
+  EXPECT_EQ(got.distinct(), 10u);
+  EXPECT_EQ(i["members"][0]["agent"], "reconnect-1");
 }
 
 TEST_F(sdk_consume_test, refusals_name_the_problem_and_stop_consuming_leaves) {
