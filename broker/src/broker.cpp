@@ -403,8 +403,18 @@ void broker::impl::open_streams() {
   refresh_stream_topics();
   consumers = std::make_unique<streams::consumer_host>(
       *store,
-      [this](const std::string& peer, command cmd, const header& h, std::string payload) {
-        return send_to(peer, cmd, h, zmq::message_t(payload.data(), payload.size()));
+      [this](const std::string& peer, command cmd, std::string_view encoded,
+             std::string_view payload) {
+        out.clear();
+        out.emplace_back(peer.data(), peer.size());
+        common::build_encoded_message(out, cmd, encoded,
+                                      zmq::message_t(payload.data(), payload.size()));
+        if (!common::send_frames(router, out)) {
+          ++stats.undeliverable;
+          return false;
+        }
+        ++stats.messages_out;
+        return true;
       },
       log);
   consumers->load(steady_clock::now());

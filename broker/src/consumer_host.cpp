@@ -611,7 +611,83 @@ common::result<record> consumer_host::read_one(const std::string& stream, sequen
   return std::move(got->front());
 }
 
+namespace {
+
+// The element count and prefix length of the msgpack map at the start of `bytes`.
+bool map_prefix(std::string_view bytes, std::uint32_t& count, std::size_t& length) {
+  if (bytes.empty()) return false;
+  const auto b = static_cast<unsigned char>(bytes[0]);
+  if ((b & 0xf0) == 0x80) {
+    count = b & 0x0f;
+    length = 1;
+    return true;
+  }
+  const auto at = [&](std::size_t i) {
+    return static_cast<std::uint32_t>(static_cast<unsigned char>(bytes[i]));
+  };
+  if (b == 0xde && bytes.size() >= 3) {
+    count = at(1) << 8 | at(2);
+    length = 3;
+    return true;
+  }
+  if (b == 0xdf && bytes.size() >= 5) {
+    count = at(1) << 24 | at(2) << 16 | at(3) << 8 | at(4);
+    length = 5;
+    return true;
+  }
+  return false;
+}
+
+// The map `stored` with the pairs of the map `extra` appended, without decoding either (the
+// delivery path's hot spot was decoding and re-encoding every stored header). The caller makes
+// sure no key is in both. False when either is not a msgpack map.
+bool append_pairs(std::string_view stored, std::string_view extra, std::string& out) {
+  std::uint32_t a = 0, b = 0;
+  std::size_t la = 0, lb = 0;
+  if (!map_prefix(stored, a, la) || !map_prefix(extra, b, lb)) return false;
+  const std::uint64_t n = std::uint64_t{a} + b;
+  out.clear();
+  out.reserve(stored.size() + extra.size());
+  if (n < 16) {
+    out.push_back(static_cast<char>(0x80 | n));
+  } else if (n < 65536) {
+    out.push_back(static_cast<char>(0xde));
+    out.push_back(static_cast<char>(n >> 8));
+    out.push_back(static_cast<char>(n & 0xff));
+  } else {
+    return false;
+  }
+  out.append(stored.substr(la));
+  out.append(extra.substr(lb));
+  return true;
+}
+
+}  // namespace
+
 void consumer_host::send_delivery(entry& e, const deliver& d, const record& r) {
+  auto peer = member_peer_.find(d.member);
+  thread_local std::string encoded;
+  // Fast path: the stored header (the fanned-out event's fields and `stream`) plus the
+  // delivery's own fields. A record whose header already names a consumer (a replayed dead
+  // letter), or any of the delivery's fields, takes the decoding path below.
+  header fields;
+  fields.stream_seq = r.seq;
+  fields.consumer = e.name();
+  fields.deliveries = d.delivery_count;
+  const bool plain = r.header.find("consumer") == std::string::npos &&
+                     r.header.find("deliveries") == std::string::npos &&
+                     r.header.find("stream_seq") == std::string::npos &&
+                     r.header.find("\xa3seq") == std::string::npos;
+  if (plain && append_pairs(r.header, common::encode_header(fields), encoded)) {
+    if (peer == member_peer_.end() || !send_(peer->second, command::deliver, encoded, r.payload)) {
+      ++counters_.deliveries_unsent;
+      log_->debug(
+          "consumer {}/{}: DELIVER #{} to {} could not be sent; redelivered after "
+          "ack_wait",
+          e.stream(), e.name(), r.seq, d.member);
+    }
+    return;
+  }
   auto h = common::decode_header(r.header);
   header out;
   if (h) {
@@ -628,8 +704,9 @@ void consumer_host::send_delivery(entry& e, const deliver& d, const record& r) {
   out.stream_seq = r.seq;
   out.consumer = e.name();
   out.deliveries = d.delivery_count;
-  auto peer = member_peer_.find(d.member);
-  if (peer == member_peer_.end() || !send_(peer->second, command::deliver, out, r.payload)) {
+  encoded.clear();
+  common::encode_header(out, encoded);
+  if (peer == member_peer_.end() || !send_(peer->second, command::deliver, encoded, r.payload)) {
     ++counters_.deliveries_unsent;
     log_->debug("consumer {}/{}: DELIVER #{} to {} could not be sent; redelivered after ack_wait",
                 e.stream(), e.name(), r.seq, d.member);
@@ -737,7 +814,7 @@ void consumer_host::save_states(time_point now) {
         h.consumer = answered.consumer;
         h.stream_seq = answered.stream_seq;
         h.worker = "broker";
-        send_(peer, command::reply, h, std::string("\x80", 1));  // an empty msgpack map
+        send_(peer, command::reply, common::encode_header(h), std::string_view("\x80", 1));
       }
       e->confirms.clear();
     }

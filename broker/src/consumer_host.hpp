@@ -44,8 +44,10 @@ common::result<consumer_config> parse_consumer_config(
     std::initializer_list<std::string_view> ignored = {});
 
 // Sends one message to a peer on the router; false when it could not be sent.
-using send_fn = std::function<bool(const std::string& peer, common::command, const common::header&,
-                                   std::string payload)>;
+// Sends one message to a peer on the router, its header already encoded; false when it could
+// not be sent.
+using send_fn = std::function<bool(const std::string& peer, common::command,
+                                   std::string_view encoded_header, std::string_view payload)>;
 
 // How often, at most, a consumer whose state changed is saved (the state is small, but a save
 // is a file write and rename, with --sync always an fdatasync). Confirmed answers and dead

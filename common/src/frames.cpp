@@ -75,16 +75,21 @@ result<parsed_message> parse_message(std::vector<zmq::message_t>& frames, std::s
   return out;
 }
 
-void build_message(std::vector<zmq::message_t>& frames, command cmd, const header& h,
-                   zmq::message_t payload) {
+void build_encoded_message(std::vector<zmq::message_t>& frames, command cmd,
+                           std::string_view encoded_header, zmq::message_t payload) {
   frames.emplace_back(k_protocol_tag.data(), k_protocol_tag.size());
   const auto byte = static_cast<std::uint8_t>(cmd);
   frames.emplace_back(&byte, 1);
+  frames.emplace_back(encoded_header.data(), encoded_header.size());
+  frames.push_back(std::move(payload));
+}
+
+void build_message(std::vector<zmq::message_t>& frames, command cmd, const header& h,
+                   zmq::message_t payload) {
   thread_local std::string buffer;
   buffer.clear();
   encode_header(h, buffer);
-  frames.emplace_back(buffer.data(), buffer.size());
-  frames.push_back(std::move(payload));
+  build_encoded_message(frames, cmd, buffer, std::move(payload));
 }
 
 bool recv_frames(zmq::socket_t& socket, std::vector<zmq::message_t>& frames,

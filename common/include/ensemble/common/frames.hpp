@@ -39,6 +39,9 @@ result<parsed_message> parse_message(std::vector<zmq::message_t>& frames, std::s
 // Appends [tag][command][header][payload] to `frames`.
 void build_message(std::vector<zmq::message_t>& frames, command cmd, const header& h,
                    zmq::message_t payload = zmq::message_t{});
+// The same with the header already msgpack-encoded.
+void build_encoded_message(std::vector<zmq::message_t>& frames, command cmd,
+                           std::string_view encoded_header, zmq::message_t payload);
 
 // Receives one whole multipart message into `frames` (cleared first). Returns false when no
 // message was waiting (non-blocking) or the socket was interrupted.
