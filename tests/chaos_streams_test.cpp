@@ -66,10 +66,11 @@ const sizes& size() {
                              : sizes{20'000, 50'000, 3s, 120s};
   return s;
 }
-constexpr int k_restarts = 3;               // a. broker SIGKILLs
-constexpr std::size_t k_flap_keys = 50;     // b. ordered_by keys
-constexpr auto k_flap_period = 200ms;       // b. a flapping member lives this long once joined
-constexpr std::uint32_t k_max_deliver = 3;  // c.
+constexpr int k_restarts = 3;            // a. broker SIGKILLs
+constexpr std::size_t k_flap_keys = 50;  // b. ordered_by keys
+constexpr auto k_flap_period = 200ms;    // b. a flapping member lives at most this long once joined
+constexpr std::size_t k_flap_handled = 200;  // b. ... or until it handled this many deliveries
+constexpr std::uint32_t k_max_deliver = 3;   // c.
 constexpr std::size_t k_down_events_before = 4'000;  // d. published before the kill
 constexpr std::size_t k_down_batch = 100;            // d. published every 100 ms while it is down
 constexpr std::size_t k_window = 256;                // unacknowledged publishes at once
@@ -533,7 +534,18 @@ TEST_F(chaos_streams_test, a_flapping_member_loses_nothing_and_keys_stay_in_orde
                               {},
                               "flappy"});
       if (!p->wait_for_line("stream-member consuming", k_wait)) ++failed_joins;
-      std::this_thread::sleep_for(k_flap_period);
+      // Killed mid-work: once it handled k_flap_handled more deliveries, or k_flap_period after
+      // it joined, whichever comes first (its own reader of the log: the test thread polls
+      // flappy_log).
+      member_log progress(flappy_log.path());
+      progress.poll();
+      const auto before = progress.lines().size();
+      tk::wait_until(
+          [&] {
+            progress.poll();
+            return stop || progress.lines().size() >= before + k_flap_handled;
+          },
+          k_flap_period);
       p->kill();
       p->wait_exit(k_wait);
       ++kills;
@@ -736,7 +748,10 @@ TEST_F(chaos_streams_test, a_member_down_for_seconds_resumes_where_it_was) {
     publish_all(more);
     while_down += more.size();
     events.insert(events.end(), more.begin(), more.end());
-    std::this_thread::sleep_for(100ms);  // pacing of the workload, not a synchronisation
+    // Paces the workload and checks, meanwhile, that no member shows up while the only one is
+    // down (the broker must not keep a ghost member, nor deliver to one).
+    ASSERT_FALSE(tk::wait_until([&] { return !info("ledger")["members"].empty(); }, 100ms))
+        << "a member of 'ledger' appeared while its only member was down";
   }
   log.poll();
   const auto before_restart = log.lines().size();
