@@ -67,6 +67,8 @@ header full_header() {
   h.seq = 12;
   h.ts = 1764050000123456ULL;
   h.publisher = "orders";
+  h.caller = "shop";
+  h.caller_scope = "own";
   h.error_code = "card_declined";
   h.error_message = "the card was declined";
   h.agent = "payments";
@@ -95,6 +97,8 @@ void expect_same(const header& a, const header& b) {
   EXPECT_EQ(a.seq, b.seq);
   EXPECT_EQ(a.ts, b.ts);
   EXPECT_EQ(a.publisher, b.publisher);
+  EXPECT_EQ(a.caller, b.caller);
+  EXPECT_EQ(a.caller_scope, b.caller_scope);
   EXPECT_EQ(a.stream, b.stream);
   EXPECT_EQ(a.stream_seq, b.stream_seq);
   EXPECT_EQ(a.duplicate, b.duplicate);
@@ -206,6 +210,8 @@ TEST(protocol_test, header_each_field_alone_round_trips_and_is_the_only_key) {
       {"seq", [](header& h) { h.seq = 1; }},
       {"ts", [](header& h) { h.ts = 1; }},
       {"publisher", [](header& h) { h.publisher = "p"; }},
+      {"caller", [](header& h) { h.caller = "c"; }},
+      {"caller_scope", [](header& h) { h.caller_scope = "own"; }},
       {"stream", [](header& h) { h.stream = "orders"; }},
       {"stream_seq", [](header& h) { h.stream_seq = ~0ULL; }},
       {"duplicate", [](header& h) { h.duplicate = true; }},
@@ -605,11 +611,11 @@ TEST(protocol_test, parse_routing_id_in_front_and_no_payload_frame) {
 }
 
 TEST(protocol_test, parse_every_command_byte_is_accepted) {
-  for (command c : {command::hello, command::welcome, command::bye, command::request,
-                    command::dispatch, command::reply, command::publish, command::publish_ack,
-                    command::heartbeat, command::consume, command::deliver, command::ack,
-                    command::nack, command::term, command::progress, command::consume_stop,
-                    command::error}) {
+  for (command c :
+       {command::hello, command::welcome, command::bye, command::request, command::dispatch,
+        command::reply, command::publish, command::publish_ack, command::heartbeat,
+        command::consume, command::deliver, command::ack, command::nack, command::term,
+        command::progress, command::consume_stop, command::error}) {
     const auto byte = static_cast<std::uint8_t>(c);
     SCOPED_TRACE(ec::command_name(byte));
     EXPECT_TRUE(ec::is_known_command(byte));

@@ -46,6 +46,8 @@ struct message_access {
     m.seq_ = h.seq;
     m.ts_ = h.ts;
     m.publisher_ = std::move(h.publisher);
+    m.caller_ = std::move(h.caller);
+    m.caller_scope_ = std::move(h.caller_scope);
     m.worker_ = std::move(h.worker);
     m.stream_ = std::move(h.stream);
     m.stream_seq_ = h.stream_seq;

@@ -187,7 +187,7 @@ using u64 = std::uint64_t;
 constexpr std::string_view k_any_uint = "a non-negative integer";
 constexpr std::string_view k_any_u32 = "a non-negative integer up to 4294967295";
 
-constexpr std::array<field_codec, 31> k_fields{{
+constexpr std::array<field_codec, 33> k_fields{{
     str_field<&header::id>("id"),
     str_field<&header::service>("service"),
     str_field<&header::action>("action"),
@@ -206,6 +206,8 @@ constexpr std::array<field_codec, 31> k_fields{{
     uint_field<u64, &header::seq>("seq", k_any_uint),
     uint_field<u64, &header::ts>("ts", k_any_uint),
     str_field<&header::publisher>("publisher"),
+    str_field<&header::caller>("caller"),
+    str_field<&header::caller_scope>("caller_scope"),
     str_field<&header::stream>("stream"),
     uint_field<u64, &header::stream_seq>("stream_seq", k_any_uint),
     bool_field<&header::duplicate>("duplicate"),
@@ -360,6 +362,7 @@ void encode_header(const header& h, std::string& out) {
   n += h.ack ? 1 : 0;
   count_num(h.token), count_str(h.worker), count_num(h.seq), count_num(h.ts);
   count_str(h.publisher), count_str(h.error_code), count_str(h.error_message);
+  count_str(h.caller), count_str(h.caller_scope);
   count_str(h.agent);
   n += h.services.empty() ? 0 : 1;
   count_num(h.heartbeat_ms), count_num(h.max_message_size), count_str(h.broker);
@@ -401,6 +404,8 @@ void encode_header(const header& h, std::string& out) {
   put_num("seq", h.seq);
   put_num("ts", h.ts);
   put_str("publisher", h.publisher);
+  put_str("caller", h.caller);
+  put_str("caller_scope", h.caller_scope);
   put_str("error_code", h.error_code);
   put_str("error_message", h.error_message);
   put_str("agent", h.agent);

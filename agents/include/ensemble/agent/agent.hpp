@@ -86,7 +86,12 @@ class message {
   std::uint64_t seq() const { return seq_; }                   // events
   std::uint64_t timestamp_us() const { return ts_; }           // events
   const std::string& publisher() const { return publisher_; }  // events
-  const std::string& worker() const { return worker_; }        // replies
+  // Requests: who sent it, as the broker stamped it (its authenticated identity when the broker
+  // runs secured), and "own" when the caller may act only on what it owns (docs/protocol.md
+  // section 12).
+  const std::string& caller() const { return caller_; }
+  const std::string& caller_scope() const { return caller_scope_; }
+  const std::string& worker() const { return worker_; }  // replies
   // Events stored by a durable stream (fanned out or delivered), and publish acknowledgements
   // of stored events: the stream and the event's sequence in it (empty / 0 otherwise).
   const std::string& stream() const { return stream_; }
@@ -109,7 +114,7 @@ class message {
   std::string correlation_id_, causation_id_, trace_id_, idempotency_key_;
   std::uint32_t attempt_ = 1;
   std::uint64_t seq_ = 0, ts_ = 0;
-  std::string publisher_, worker_;
+  std::string publisher_, worker_, caller_, caller_scope_;
   std::string stream_, consumer_;
   std::uint64_t stream_seq_ = 0;
   std::uint32_t deliveries_ = 0;

@@ -42,7 +42,7 @@ enum class command : std::uint8_t {
   term = 0x44,          // member -> broker: failed for good; dead-letter now
   progress = 0x45,      // member -> broker: still working; the ack is due ack_wait from now
   consume_stop = 0x46,  // member -> broker: leave the consumer; REPLY
-  error = 0x7f,        // broker -> peer: a message that could not be tied to a request
+  error = 0x7f,         // broker -> peer: a message that could not be tied to a request
 };
 
 // Name for logs and error messages; "0x42" for bytes that are not a command.
@@ -77,20 +77,22 @@ struct header {
   bool ack = false;        // publish: answer with publish_ack
 
   // Broker bookkeeping.
-  std::uint64_t token = 0;  // dispatch, worker's reply: the broker's handle for the request
-  std::string worker;       // reply: agent that handled the request
-  std::uint64_t seq = 0;    // event, publish_ack: per-topic sequence number
-  std::uint64_t ts = 0;     // event: broker time, microseconds since the Unix epoch
-  std::string publisher;    // event: agent name of the publisher
+  std::uint64_t token = 0;   // dispatch, worker's reply: the broker's handle for the request
+  std::string worker;        // reply: agent that handled the request
+  std::uint64_t seq = 0;     // event, publish_ack: per-topic sequence number
+  std::uint64_t ts = 0;      // event: broker time, microseconds since the Unix epoch
+  std::string publisher;     // event: agent name (secured: identity) of the publisher
+  std::string caller;        // dispatch: who sent the request (secured: its identity)
+  std::string caller_scope;  // dispatch: "own" = act only on what `caller` owns
 
   // Durable streams (docs/protocol.md "Durable streams").
   std::string stream;            // event, publish_ack: the stream that stored the event
   std::uint64_t stream_seq = 0;  // event, publish_ack: its sequence in that stream
   bool duplicate = false;  // publish_ack: the id was stored before; stream_seq is the original's
-  std::string consumer;           // consume..consume_stop, deliver: the durable consumer
-  std::uint32_t deliveries = 0;   // deliver: delivery count, 1 the first time
-  std::uint32_t capacity = 0;     // consume: deliveries the member may hold at once; 0 = 1
-  std::uint64_t delay_ms = 0;     // nack: redeliver no sooner than this; 0 = backoff schedule
+  std::string consumer;    // consume..consume_stop, deliver: the durable consumer
+  std::uint32_t deliveries = 0;  // deliver: delivery count, 1 the first time
+  std::uint32_t capacity = 0;    // consume: deliveries the member may hold at once; 0 = 1
+  std::uint64_t delay_ms = 0;    // nack: redeliver no sooner than this; 0 = backoff schedule
 
   // Outcome (reply, error). No error_code means success.
   std::string error_code;
