@@ -446,6 +446,13 @@ TEST_F(broker_security_test, a_revoked_key_is_disconnected_and_refused_while_oth
   orders_sub->subscribe("payment.");
   orders_sub->sync(*client, "_ensemble.sync.orders-3");
   monitor client_events(ctx_, client->socket(), "orders");
+  // A SUB of orders that is connected but has sent nothing yet: the reload cannot know it.
+  zmq::socket_t silent_sub(ctx_, zmq::socket_type::sub);
+  silent_sub.set(zmq::sockopt::linger, 0);
+  as(orders_).apply(silent_sub);
+  monitor silent_events(ctx_, silent_sub, "orders-silent");  // before connect: no event missed
+  silent_sub.connect(broker_->events());
+  ASSERT_TRUE(silent_events.wait_for(ZMQ_EVENT_HANDSHAKE_SUCCEEDED));
 
   write_auth(auth_text(key_pair{}.keys.public_key));  // orders gets a new key: the old is revoked
   reload();
@@ -455,6 +462,11 @@ TEST_F(broker_security_test, a_revoked_key_is_disconnected_and_refused_while_oth
   // Both of orders' connections were closed: the events one is gone from the subscriptions.
   ASSERT_TRUE(tk::wait_until(
       [&] { return admin("stats")["subscriptions"].value("payment.", 0) == 0; }, k_wait));
+
+  // The silent one is closed as soon as it shows itself.
+  silent_sub.set(zmq::sockopt::subscribe, "payment.");
+  EXPECT_TRUE(silent_events.wait_for(ZMQ_EVENT_DISCONNECTED));
+  EXPECT_TRUE(silent_events.wait_for(ZMQ_EVENT_HANDSHAKE_FAILED_AUTH));
 
   // payments (unchanged) still serves ops.
   auto ops = peer(ops_);

@@ -1861,6 +1861,16 @@ void broker::impl::identify(zmq::message_t& frame, bool events) {
   c.key = key != nullptr ? key : "";
   c.inode = st.st_ino;
   c.events = events;
+  // A connection first seen after a reload revoked its key (it had sent nothing before, so the
+  // reload could not know it): it is closed now, and this message has no identity's rights.
+  const auth::identity* owner = auth_table.by_key(c.key);
+  if (owner == nullptr || owner->name != sender_name) {
+    sender = nullptr;
+    ::shutdown(fd, SHUT_RDWR);
+    log->info("closed the {} connection of {} (key {}): the key is no longer {}'s",
+              events ? "events" : "router", c.identity, c.key, c.identity);
+    connections.erase(fd);
+  }
 }
 
 void broker::impl::on_secured_subscription(zmq::message_t& m, bool subscribe,
