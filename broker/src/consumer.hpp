@@ -45,6 +45,9 @@ namespace consumer_errc {
 inline constexpr std::string_view not_pending = "not_pending";
 // A nack or progress note from a member that does not hold the delivery.
 inline constexpr std::string_view not_held = "not_held";
+// A CONSUME or consumer_add over one of the broker's bounds: consumers per stream, members per
+// consumer (docs/protocol.md section 10).
+inline constexpr std::string_view too_many = "too_many";
 }  // namespace consumer_errc
 
 enum class start_position { all, new_only, from_sequence, from_time };
