@@ -355,6 +355,47 @@ TEST_F(consumer_host_test, a_confirmation_that_cannot_be_sent_is_counted_and_the
   EXPECT_EQ(store_->info("orders-dlq")->last_seq, 1u) << "the dead letter was stored once";
 }
 
+// A NACK repeated because its confirmation was lost must not fail the delivery the member got
+// since: with `deliveries` it names the delivery it answers, and a repeat is refused.
+TEST_F(consumer_host_test, an_answer_naming_its_delivery_does_not_touch_a_later_one) {
+  start();
+  ASSERT_TRUE(join("p1", "billing", {{"max_deliver", 5u}}).ok());
+  publish(1);
+  run();
+  ASSERT_EQ(take(command::deliver).size(), 1u);
+
+  auto nack = [&](std::uint32_t deliveries, command cmd = command::nack) {
+    header h;
+    h.id = "nack-" + std::to_string(deliveries);
+    h.stream = "orders";
+    h.consumer = "billing";
+    h.stream_seq = 1;
+    h.deliveries = deliveries;
+    return host_->answer("p1", cmd, h, now_);
+  };
+  ASSERT_TRUE(nack(1).ok());
+  run();
+  auto again = take(command::deliver);
+  ASSERT_EQ(again.size(), 1u);
+  EXPECT_EQ(again[0].hdr.deliveries, 2u);
+
+  // The first NACK once more: delivery 2 is held, not 1.
+  auto repeated = nack(1);
+  ASSERT_FALSE(repeated.ok());
+  EXPECT_EQ(repeated.err().code, es::consumer_errc::not_held);
+  EXPECT_TRUE(contains(repeated.err().message, "answers delivery 1"));
+  EXPECT_TRUE(contains(repeated.err().message, "holds delivery 2"));
+  EXPECT_FALSE(nack(1, command::term).ok());
+  EXPECT_FALSE(nack(1, command::progress).ok());
+  run();
+  EXPECT_TRUE(take(command::deliver).empty()) << "delivery 2 was failed by a stale answer";
+  auto i = host_->info("orders", "billing");
+  EXPECT_EQ(i->at("members")[0]["in_flight"], 1);
+  EXPECT_EQ(i->at("refused"), 3);
+  // The answer for delivery 2 is accepted.
+  EXPECT_TRUE(nack(2, command::term).ok());
+}
+
 TEST_F(consumer_host_test, a_turn_visits_only_consumers_with_input_or_a_due_timer) {
   start();
   constexpr int k_consumers = 1000;

@@ -157,6 +157,8 @@ class consumer {
                          time_point now, std::vector<decision>& out);
   // Still working: the ack is due ack_wait from now.
   common::status on_progress(const member_id& member, sequence seq, time_point now);
+  // An answer the wiring refused before it reached the policy (counted in `refused`).
+  void count_refused() { ++totals_.refused; }
   // The wiring could not read a pending record any more (retention removed it): forget it.
   void on_record_gone(sequence seq, std::vector<decision>& out);
   // Expired acks and due delays.

@@ -479,6 +479,21 @@ common::status consumer_host::answer(const std::string& peer, command cmd, const
   }
   common::status st = common::ok_status();
   const std::string member = member_of(peer);
+  if (h.deliveries != 0 && cmd != command::ack) {
+    // The answer names the delivery it is about: a NACK, TERM or PROGRESS repeated after the
+    // event came back to this member must not fail (or extend) the new delivery.
+    const auto& pending = e->policy.pending();
+    auto p = pending.find(h.stream_seq);
+    if (p != pending.end() && p->second.delivery_count != h.deliveries &&
+        p->second.st == pending_entry::state::in_flight && p->second.member == member) {
+      e->policy.count_refused();
+      return error::make(consumer_errc::not_held,
+                         what + " #" + std::to_string(h.stream_seq) + " of consumer '" +
+                             h.consumer + "' on stream '" + h.stream + "' answers delivery " +
+                             std::to_string(h.deliveries) + "; member '" + member +
+                             "' holds delivery " + std::to_string(p->second.delivery_count));
+    }
+  }
   switch (cmd) {
     case command::ack:
       st = e->policy.on_ack(member, h.stream_seq, now, e->todo);
