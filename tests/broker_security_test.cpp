@@ -75,6 +75,15 @@ class monitor {
   zmq::socket_t pair_;
 };
 
+// The next event that is not a subscription probe (sync() drains the probes it sees, but one
+// may still be on its way).
+std::optional<event_sub::event> next_event(event_sub& sub) {
+  std::optional<event_sub::event> e;
+  while ((e = sub.next(k_wait)) && e->topic.rfind("_ensemble.sync.", 0) == 0) {
+  }
+  return e;
+}
+
 struct key_pair {
   ec::curve_keys keys = ec::generate_curve_keys();
 };
@@ -336,7 +345,7 @@ TEST_F(broker_security_test, publish_needs_the_right_and_publisher_is_the_identi
   real.ack = true;
   payments->send(command::publish, real);
   EXPECT_EQ(payments->expect(command::publish_ack).hdr.id, "p-1");
-  const auto e = subscriber->next(k_wait);
+  const auto e = next_event(*subscriber);
   ASSERT_TRUE(e.has_value());
   EXPECT_EQ(e->hdr.id, "p-1");  // the rogue's event, refused before, never went out
   EXPECT_EQ(e->hdr.publisher, "payments");
@@ -379,7 +388,7 @@ TEST_F(broker_security_test, a_forbidden_subscription_receives_nothing) {
   e.ack = true;
   payments->send(command::publish, e);
   payments->expect(command::publish_ack);
-  const auto got = allowed->next(k_wait);
+  const auto got = next_event(*allowed);
   ASSERT_TRUE(got.has_value());
   EXPECT_EQ(got->hdr.id, "p-1");
   // The XPUB keeps one subscriber's events in order: had payment.done gone to the forbidden

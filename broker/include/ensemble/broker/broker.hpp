@@ -49,6 +49,9 @@ struct config {
   std::string data_dir;                           // --data: stream storage
   std::string streams_file;                       // --streams: streams declared at start
   streams::sync stream_sync = streams::sync::os;  // --sync: when a stored publish is acked
+  // Durable consumers per stream, and members per consumer (each >= 1); over: too_many.
+  std::size_t max_consumers = 1'000;         // --max-consumers
+  std::size_t max_consumer_members = 1'000;  // --max-consumer-members
   // Secured mode (docs/protocol.md section 12): both or neither. The router and events sockets
   // are then CURVE servers; each connection authenticates as an identity of the auth file,
   // which says what it may do.
