@@ -45,6 +45,9 @@ constexpr const char* k_zap_domain = "ensemble";
 // The connection metadata the ZAP handler adds: the public key the peer authenticated with
 // (User-Id holds its identity's name). ZAP properties take precedence over what a peer sends.
 constexpr const char* k_key_property = "Ensemble-Key";
+// And a serial number per handshake: a message whose serial is the one learned for its
+// descriptor comes from the same connection, without a system call per message.
+constexpr const char* k_connection_property = "Ensemble-Connection";
 
 struct counters {
   std::uint64_t messages_in = 0;
@@ -80,8 +83,11 @@ struct auth_counters {
 
 // A connection of a secured peer, learned from the messages it sends (libzmq gives each
 // message's file descriptor): what a reload needs to close the connections of a revoked key.
-// The socket's inode tells a reused descriptor number from the connection it was learned on.
+// The handshake serial tells a new connection on a reused descriptor number without a system
+// call per message; the socket's inode, checked before a shutdown, tells a descriptor that was
+// closed and reused since it was learned.
 struct connection_entry {
+  std::string serial;  // of the handshake (k_connection_property)
   std::string identity;
   std::string key;
   ino_t inode = 0;
@@ -238,6 +244,7 @@ struct broker::impl {
   auth_counters auth_stats;
   auth::refusal_log_limiter refusal_log;
   std::uint64_t handshake_lines = 0;  // handshake refusals logged this second
+  std::uint64_t handshakes = 0;       // accepted, numbering connections
   steady_clock::time_point handshake_window;
   // The identity of the message being handled: its name (the connection's User-Id) and its
   // entry (null when a reload removed it and the connection is not closed yet).
@@ -1820,15 +1827,18 @@ void broker::impl::handle_zap(steady_clock::time_point now) {
         status = "200";
         text = "OK";
         user = id->name;
-        // One ZMTP property: name length (1 byte), name, value length (4 bytes, big endian),
+        // ZMTP properties: name length (1 byte), name, value length (4 bytes, big endian),
         // value.
-        const std::string_view name = k_key_property;
-        metadata += static_cast<char>(name.size());
-        metadata += name;
-        for (int shift = 24; shift >= 0; shift -= 8) {
-          metadata += static_cast<char>((key.size() >> shift) & 0xff);
-        }
-        metadata += key;
+        const auto property = [&](std::string_view name, const std::string& value) {
+          metadata += static_cast<char>(name.size());
+          metadata += name;
+          for (int shift = 24; shift >= 0; shift -= 8) {
+            metadata += static_cast<char>((value.size() >> shift) & 0xff);
+          }
+          metadata += value;
+        };
+        property(k_key_property, key);
+        property(k_connection_property, std::to_string(++handshakes));
       }
     } else if (well_formed) {
       text = "CURVE is required";
@@ -1871,11 +1881,17 @@ void broker::impl::identify(zmq::message_t& frame, bool events) {
   sender_name = user != nullptr ? std::string_view(user) : std::string_view();
   sender = auth_table.by_name(sender_name);
   const int fd = zmq_msg_get(frame.handle(), ZMQ_SRCFD);
-  struct stat st {};
-  if (fd < 0 || ::fstat(fd, &st) != 0) return;
+  const char* serial = zmq_msg_gets(frame.handle(), k_connection_property);
+  if (fd < 0 || serial == nullptr) return;
   connection_entry& c = connections[fd];
-  if (c.inode == st.st_ino && c.events == events && c.identity == sender_name) return;
+  if (c.serial == serial) return;  // the connection learned already
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) {
+    connections.erase(fd);
+    return;
+  }
   const char* key = zmq_msg_gets(frame.handle(), k_key_property);
+  c.serial = serial;
   c.identity = std::string(sender_name);
   c.key = key != nullptr ? key : "";
   c.inode = st.st_ino;
