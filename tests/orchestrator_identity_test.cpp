@@ -165,6 +165,35 @@ TEST_F(orchestrator_identity_test, started_by_is_recorded_shown_and_inherited_by
   EXPECT_FALSE(anon_view->contains("started_by")) << anon_view->dump();
 }
 
+// Through the broker: the DISPATCH's `caller` (in plain mode the calling agent's name) is who
+// started the instance. Plain mode never sets caller_scope, so every caller sees everything.
+TEST_F(orchestrator_identity_test, the_service_records_the_dispatch_caller_as_started_by) {
+  const json slow = json::parse(R"({"workflow": {"name": "Slowly", "steps": [
+    {"name": "Hold", "kind": "wait", "duration": "1h"}]}})");
+  start_orchestrator({write("slowly.json", slow)});
+  auto& alice = add_agent("alice", [](ea::agent&) {});
+  auto& bob = add_agent("bob", [](ea::agent&) {});
+  auto call = [](ea::agent& as, const std::string& action, const json& args) -> json {
+    auto r = as.call("orchestrator", action, ea::to_json_payload(args), 5s);
+    EXPECT_TRUE(r) << action << ": " << (r ? "" : r.err().to_string());
+    if (!r) return json::object();
+    auto body = ea::from_json_payload(r->payload());
+    return body ? *body : json::object();
+  };
+  call(alice, "start", {{"workflow", "Slowly"}, {"id", "by-alice"}});
+  call(bob, "start", {{"workflow", "Slowly"}, {"id", "by-bob"}});
+  EXPECT_EQ(call(bob, "get", {{"id", "by-alice"}}).value("started_by", ""), "alice");
+  EXPECT_EQ(call(alice, "get", {{"id", "by-bob"}}).value("started_by", ""), "bob");
+  const json listed = call(alice, "list", json::object());
+  std::map<std::string, std::string> starters;
+  for (const auto& i : listed.value("instances", json::array())) {
+    starters[i.value("id", "")] = i.value("started_by", "");
+  }
+  EXPECT_EQ(starters,
+            (std::map<std::string, std::string>{{"by-alice", "alice"}, {"by-bob", "bob"}}));
+  EXPECT_EQ(call(alice, "cancel", {{"id", "by-bob"}}).value("status", ""), "cancelled");
+}
+
 TEST_F(orchestrator_identity_test, an_own_scope_caller_acts_only_on_the_instances_it_started) {
   const json slow = json::parse(R"({"workflow": {"name": "Slowly", "steps": [
     {"name": "Hold", "kind": "wait", "duration": "1h"}]}})");
