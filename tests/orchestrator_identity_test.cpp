@@ -2,7 +2,9 @@
 // SDK agents: "from" on await and choreography steps ignores (and counts) events of publishers
 // it does not list, `start` records its caller as started_by, and a caller_scope "own" caller
 // acts only on the instances it started (docs/workflows.md, "Who may complete a step" and "Who
-// started an instance"). Plain mode: `publisher` is the agent name the publisher gave itself.
+// started an instance"). Plain mode: `publisher` is the agent name the publisher gave itself;
+// the secured tests at the end run the same rules on identities the broker authenticated.
+#include "ensemble/common/curve_keys.hpp"
 #include "support/orchestrator_fixture.hpp"
 
 namespace ensemble::test {
@@ -258,6 +260,153 @@ TEST_F(orchestrator_identity_test, an_own_scope_caller_acts_only_on_the_instance
   auto nobody = o.request("get", {{"id", "a-2"}}, 5s, eo::requester{.caller = "", .scope = "own"});
   ASSERT_FALSE(nobody);
   EXPECT_EQ(nobody.err().code, "unauthorized");
+}
+
+// Secured mode, end to end: a broker with CURVE keys and an auth file, the orchestrator and its
+// callers connected with their keys. The broker stamps the authenticated identity as `caller`
+// and `publisher`, and `caller_scope: own` on requests that only a call_own right allows.
+constexpr const char* k_auth = R"(identities:
+  orchestrator:
+    keys: [keys/orchestrator.key]
+    offer: [orchestrator]
+    publish: [""]
+    subscribe: [""]
+    admin: ["*"]
+  alice:
+    keys: [keys/alice.key]
+    call: [orchestrator.start]
+    call_own: ["orchestrator.*"]
+  bob:
+    keys: [keys/bob.key]
+    call: [orchestrator.start]
+    call_own: ["orchestrator.*"]
+  ops:
+    keys: [keys/ops.key]
+    call: ["orchestrator.*"]
+  shipping:
+    keys: [keys/shipping.key]
+    publish: [parcel.]
+  mallory:
+    keys: [keys/mallory.key]
+    publish: [parcel.]
+)";
+
+class orchestrator_secured_test : public orchestrator_fixture {
+ protected:
+  void SetUp() override {
+    if (!common::curve_available()) GTEST_SKIP() << "this libzmq has no CURVE";
+    orchestrator_fixture::SetUp();
+    broker_.reset();
+    for (const char* name :
+         {"broker", "orchestrator", "alice", "bob", "ops", "shipping", "mallory"}) {
+      common::write_curve_key_files(dir_ + "/keys", name, common::generate_curve_keys(), true);
+    }
+    std::ofstream(dir_ + "/auth.yaml") << k_auth;
+    broker_ = tk::broker_process::start({"--heartbeat", "200", "--log-level", "warn", "--curve-key",
+                                         dir_ + "/keys/broker.key_secret", "--auth",
+                                         dir_ + "/auth.yaml"});
+  }
+
+  eo::orchestrator& start_secured_orchestrator(const std::vector<std::string>& workflows) {
+    eo::options o;
+    o.broker = broker_->router();
+    o.events = broker_->events();
+    o.workflows = workflows;
+    o.key_file = dir_ + "/keys/orchestrator.key_secret";
+    o.broker_key = dir_ + "/keys/broker.key";
+    orchestrator_ = std::make_unique<eo::orchestrator>(o);
+    auto s = orchestrator_->start();
+    EXPECT_TRUE(s) << (s ? "" : s.err().to_string());
+    return *orchestrator_;
+  }
+
+  // An agent known by its key: no name, it takes its identity's.
+  ea::agent& keyed(const std::string& identity) {
+    ea::options o;
+    o.broker = broker_->router();
+    o.events = broker_->events();
+    o.key_file = dir_ + "/keys/" + identity + ".key_secret";
+    o.broker_key = dir_ + "/keys/broker.key";
+    auto a = std::make_unique<ea::agent>(o);
+    auto s = a->start();
+    EXPECT_TRUE(s) << identity << ": " << (s ? "" : s.err().to_string());
+    agents_.push_back(std::move(a));
+    return *agents_.back();
+  }
+
+  static common::result<json> call(ea::agent& as, const std::string& action, const json& args) {
+    auto r = as.call("orchestrator", action, ea::to_json_payload(args), 5s);
+    if (!r) return r.err();
+    return ea::from_json_payload(r->payload());
+  }
+};
+
+TEST_F(orchestrator_secured_test,
+       a_call_own_caller_sees_and_cancels_only_the_instances_it_started) {
+  const json slow = json::parse(R"({"workflow": {"name": "Slowly", "steps": [
+    {"name": "Hold", "kind": "wait", "duration": "1h"}]}})");
+  start_secured_orchestrator({write("slowly.json", slow)});
+  auto& alice = keyed("alice");
+  auto& bob = keyed("bob");
+  auto& ops = keyed("ops");
+  ASSERT_TRUE(call(alice, "start", {{"workflow", "Slowly"}, {"id", "a-1"}}));
+  ASSERT_TRUE(call(bob, "start", {{"workflow", "Slowly"}, {"id", "b-1"}}));
+
+  auto mine = call(alice, "get", {{"id", "a-1"}});
+  ASSERT_TRUE(mine) << mine.err().to_string();
+  EXPECT_EQ((*mine)["started_by"], "alice");
+  for (const std::string action : {"get", "history", "cancel"}) {
+    auto refused = call(bob, action, {{"id", "a-1"}});
+    ASSERT_FALSE(refused) << action << " of alice's instance was allowed to bob";
+    EXPECT_EQ(refused.err().code, "unauthorized") << refused.err().to_string();
+    EXPECT_NE(refused.err().message.find("'bob'"), std::string::npos) << refused.err().message;
+    EXPECT_NE(refused.err().message.find(action), std::string::npos) << refused.err().message;
+    EXPECT_NE(refused.err().message.find("\"a-1\""), std::string::npos) << refused.err().message;
+  }
+  auto bob_list = call(bob, "list", json::object());
+  ASSERT_TRUE(bob_list) << bob_list.err().to_string();
+  ASSERT_EQ((*bob_list)["instances"].size(), 1u) << bob_list->dump();
+  EXPECT_EQ((*bob_list)["instances"][0]["id"], "b-1");
+  // A `call` right (no caller_scope) acts on everything.
+  auto all = call(ops, "list", json::object());
+  ASSERT_TRUE(all) << all.err().to_string();
+  EXPECT_EQ((*all)["instances"].size(), 2u);
+  auto by_ops = call(ops, "get", {{"id", "a-1"}});
+  ASSERT_TRUE(by_ops) << by_ops.err().to_string();
+  EXPECT_EQ((*by_ops)["status"], "running") << "bob's refused cancel changed it";
+  auto cancelled = call(bob, "cancel", {{"id", "b-1"}});
+  ASSERT_TRUE(cancelled) << cancelled.err().to_string();
+}
+
+// `publisher` is the authenticated identity: an agent cannot pass for `shipping` (its HELLO
+// would be refused), so "from" tells the real shipping service from anyone else allowed to
+// publish the topic.
+TEST_F(orchestrator_secured_test, from_names_identities_that_no_other_peer_can_pass_for) {
+  const json def = json::parse(R"({"workflow": {"name": "Ship", "steps": [
+    {"name": "Shipped", "kind": "await", "topic": "parcel.shipped", "from": ["shipping"],
+     "timeout": "1h"}],
+    "output": {"by": "${steps.Shipped.output.by}"}}})");
+  auto& o = start_secured_orchestrator({write("ship.json", def)});
+  auto& mallory = keyed("mallory");
+  auto& shipping = keyed("shipping");
+  const auto id = start("Ship", json::object());
+  ASSERT_TRUE(tk::wait_until(
+      [&] {
+        auto v = o.request("get", {{"id", id}});
+        return v && v->value("/steps/Shipped/waiting/phase"_json_pointer, "") == "awaiting";
+      },
+      10s, 10ms));
+  ea::send_options corr;
+  corr.correlation_id = id;
+  ASSERT_TRUE(
+      mallory.publish_acked("parcel.shipped", ea::to_json_payload({{"by", "mallory"}}), 2s, corr));
+  ASSERT_TRUE(tk::wait_until([&] { return ignored(o, "parcel.shipped") == 1; }, 10s, 10ms));
+  ASSERT_TRUE(shipping.publish_acked("parcel.shipped", ea::to_json_payload({{"by", "shipping"}}),
+                                     2s, corr));
+  const json done = wait_done(id);
+  ASSERT_EQ(done["status"], "completed") << done.dump(2);
+  EXPECT_EQ(done["output"]["by"], "shipping");
+  EXPECT_EQ(done["steps"]["Shipped"]["event"]["publisher"], "shipping");
 }
 
 }  // namespace
