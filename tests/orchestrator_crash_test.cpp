@@ -197,6 +197,45 @@ TEST_F(orchestrator_crash_test, an_event_published_while_down_is_caught_up_from_
   EXPECT_EQ(stats->value("events_caught_up", 0), 1);
 }
 
+// The journal keeps each event's publisher: the catch-up honours "from" as live delivery does.
+TEST_F(orchestrator_crash_test, the_catch_up_ignores_events_of_publishers_from_does_not_list) {
+  const auto workflows = write("ship.json", json::parse(R"({"workflow": {"name": "Ship",
+    "steps": [{"name": "Shipped", "kind": "await", "topic": "thing.shipped",
+               "from": ["shipping"], "timeout": "1h"}],
+    "output": {"by": "${steps.Shipped.output.by}"}}})"));
+  const auto store = dir_ + "/store.db";
+  auto orch = run_orchestrator(*broker_, workflows, store);
+  tk::workflow_client wf(broker_->router(), broker_->events());
+  ASSERT_TRUE(wf.start("Ship", json::object(), "s-1"));
+  ASSERT_TRUE(tk::wait_until(
+      [&] {
+        auto v = wf.get("s-1");
+        return v && v->value("/steps/Shipped/status"_json_pointer, "") == "running";
+      },
+      10s, 10ms));
+  orch->kill();
+  ASSERT_TRUE(orch->wait_exit(5s).has_value());
+  // While it is down: first a forged answer, then the real one.
+  ea::send_options correlated;
+  correlated.correlation_id = "s-1";
+  for (const std::string name : {"mallory", "shipping"}) {
+    ea::agent a(
+        ea::options{.name = name, .broker = broker_->router(), .events = broker_->events()});
+    ASSERT_TRUE(a.start());
+    ASSERT_TRUE(
+        a.publish_acked("thing.shipped", ea::to_json_payload({{"by", name}}), 5s, correlated));
+  }
+  orch = run_orchestrator(*broker_, workflows, store);
+  auto done = wf.wait("s-1", 20s);
+  ASSERT_TRUE(done) << done.err().to_string();
+  EXPECT_EQ(done->at("status"), "completed");
+  EXPECT_EQ(done->at("output").at("by"), "shipping");
+  auto stats = wf.call("stats", json::object());
+  ASSERT_TRUE(stats) << stats.err().to_string();
+  EXPECT_EQ(stats->value("events_caught_up", 0), 1);
+  EXPECT_EQ(stats->value("events_ignored_from", 0), 1);
+}
+
 TEST_F(orchestrator_crash_test, validate_flag_checks_files_and_names_the_problem) {
   const auto good = write("good.json", json::parse(R"({"workflow": {"name": "Ok", "steps": [
     {"name": "A", "service": "S", "action": "a"}]}})"));

@@ -99,6 +99,66 @@ TEST_F(orchestrator_streams_test,
       10s, 20ms));
 }
 
+// "from" on a topic a stream stores: the event comes through the durable consumer, whose
+// DELIVER carries the publisher the broker stamped and stored.
+TEST_F(orchestrator_streams_test, from_ignores_a_delivered_event_of_an_unlisted_publisher) {
+  const auto workflows = write("ship.json", json::parse(R"({"workflow": {"name": "Ship",
+    "steps": [{"name": "Shipped", "kind": "await", "topic": "thing.shipped",
+               "from": ["shipping"], "timeout": "1h"}],
+    "output": {"by": "${steps.Shipped.output.by}"}}})"));
+  auto orch = run_orchestrator(workflows);
+  ASSERT_TRUE(orch->wait_for_line("events of stream things come from durable consumer", 5s))
+      << orch->tail();
+  tk::workflow_client wf(broker_->router(), broker_->events());
+  ASSERT_TRUE(wf.start("Ship", json::object(), "s-1"));
+  ASSERT_TRUE(tk::wait_until(
+      [&] {
+        auto v = wf.get("s-1");
+        return v && v->value("/steps/Shipped/waiting/phase"_json_pointer, "") == "awaiting";
+      },
+      10s, 10ms));
+  ea::send_options correlated;
+  correlated.correlation_id = "s-1";
+  auto publish_as = [&](const std::string& name) {
+    ea::agent a(
+        ea::options{.name = name, .broker = broker_->router(), .events = broker_->events()});
+    ASSERT_TRUE(a.start());
+    auto stored =
+        a.publish_acked("thing.shipped", ea::to_json_payload({{"by", name}}), 5s, correlated);
+    ASSERT_TRUE(stored) << stored.err().to_string();
+    EXPECT_EQ(stored->stream, "things");
+  };
+  publish_as("mallory");
+  json stats;
+  ASSERT_TRUE(tk::wait_until(
+      [&] {
+        auto r = wf.call("stats", json::object());
+        if (r) stats = *r;
+        return r && r->value("events_ignored_from", 0) == 1;
+      },
+      10s, 20ms))
+      << stats.dump() << "\n"
+      << orch->tail();
+  EXPECT_EQ(stats["events_ignored_from_by_topic"]["thing.shipped"], 1);
+  EXPECT_NE(orch->tail().find("from publisher 'mallory' ignored"), std::string::npos)
+      << orch->tail();
+  auto running = wf.get("s-1");
+  ASSERT_TRUE(running);
+  EXPECT_EQ(running->at("status"), "running");
+  publish_as("shipping");
+  auto done = wf.wait("s-1", 20s);
+  ASSERT_TRUE(done) << done.err().to_string() << "\n" << orch->tail();
+  EXPECT_EQ(done->at("status"), "completed");
+  EXPECT_EQ(done->at("output").at("by"), "shipping");
+  // Both deliveries were acked: the ignored one is not redelivered.
+  ASSERT_TRUE(tk::wait_until(
+      [&] {
+        auto info = admin("consumer_info", {{"stream", "things"}, {"name", "orchestrator"}});
+        return info.value("acked", 0) >= 2 && info.value("lag", 1) == 0;
+      },
+      10s, 20ms));
+}
+
 // A trigger: an event that arrives while the orchestrator is down starts its instance when it
 // comes back (plain subscriptions could not, and the journal catch-up never covered triggers).
 TEST_F(orchestrator_streams_test, a_trigger_published_while_down_starts_its_instance_once) {

@@ -561,6 +561,80 @@ TEST_F(sqlite_store_test, an_sqlite_file_of_another_application_is_refused) {
   EXPECT_NE(message.find("not an Ensemble store"), std::string::npos) << message;
 }
 
+TEST_F(sqlite_store_test, started_by_is_stored_and_list_filters_on_it) {
+  {
+    auto s = open();
+    commit_batch b;
+    b.instances = {make_instance("a1", 10), make_instance("b1", 20), make_instance("a2", 30),
+                   make_instance("n1", 40)};
+    b.instances[0].started_by = "alice";
+    b.instances[1].started_by = "bob";
+    b.instances[2].started_by = "alice";
+    commit_ok(*s, b);
+  }
+  auto s = open();  // read back from the file
+  EXPECT_EQ(ok(s->get("a1"))->started_by, "alice");
+  EXPECT_EQ(ok(s->get("n1"))->started_by, "");
+  list_filter f;
+  f.started_by = "alice";
+  EXPECT_EQ(ids_of(ok(s->list(f))), (std::vector<std::string>{"a2", "a1"}));
+  f.started_by = "carol";
+  EXPECT_TRUE(ok(s->list(f)).empty());
+  f.started_by = "bob";
+  f.status = instance_status::running;
+  f.workflow = "OrderProcessing";
+  EXPECT_EQ(ids_of(ok(s->list(f))), (std::vector<std::string>{"b1"}));
+  f.workflow = "Ship";
+  EXPECT_TRUE(ok(s->list(f)).empty());
+  EXPECT_EQ(ids_of(ok(s->list({}))), (std::vector<std::string>{"n1", "a2", "b1", "a1"}));
+}
+
+// A file written before instances recorded started_by (schema version 1, built here with the
+// statements that version used) is upgraded in place and keeps every row.
+TEST_F(sqlite_store_test, a_store_of_schema_version_1_is_upgraded_and_keeps_its_instances) {
+  raw_sql(path_, R"sql(
+CREATE TABLE definitions(name TEXT NOT NULL, version INTEGER NOT NULL, doc TEXT NOT NULL,
+  PRIMARY KEY(name, version));
+CREATE TABLE instances(id TEXT NOT NULL PRIMARY KEY, workflow TEXT NOT NULL,
+  version INTEGER NOT NULL, status TEXT NOT NULL, parent_id TEXT NOT NULL,
+  created_us INTEGER NOT NULL, updated_us INTEGER NOT NULL, active INTEGER NOT NULL, state BLOB);
+CREATE INDEX instances_active ON instances(created_us) WHERE active = 1;
+CREATE INDEX instances_created ON instances(created_us);
+CREATE INDEX instances_status ON instances(status, created_us);
+CREATE INDEX instances_workflow ON instances(workflow, created_us);
+CREATE TABLE history(instance_id TEXT NOT NULL, seq INTEGER NOT NULL, ts_us INTEGER NOT NULL,
+  kind TEXT NOT NULL, step TEXT NOT NULL, data BLOB, PRIMARY KEY(instance_id, seq)) WITHOUT ROWID;
+CREATE TABLE triggers(workflow TEXT NOT NULL, event_id TEXT NOT NULL, instance_id TEXT NOT NULL,
+  PRIMARY KEY(workflow, event_id)) WITHOUT ROWID;
+CREATE TABLE buffer(id TEXT NOT NULL PRIMARY KEY, topic TEXT NOT NULL,
+  correlation_id TEXT NOT NULL, received_us INTEGER NOT NULL, event BLOB);
+CREATE INDEX buffer_received ON buffer(received_us);
+INSERT INTO instances VALUES ('old-1', 'OrderProcessing', 1, 'running', '', 10, 11, 1,
+  '{"step": 1}');
+INSERT INTO history VALUES ('old-1', 1, 10, 'started', '', '{"input": {}}');
+PRAGMA application_id = 1164858228;  -- "EnSt"
+PRAGMA user_version = 1;
+)sql");
+  {
+    auto s = open();
+    auto active = ok(s->load_active());
+    ASSERT_EQ(active.size(), 1u);
+    EXPECT_EQ(active[0].id, "old-1");
+    EXPECT_EQ(active[0].started_by, "") << "rows of version 1 have no started_by";
+    EXPECT_EQ(active[0].state, (json{{"step", 1}}));
+    EXPECT_EQ(ok(s->history("old-1")).size(), 1u);
+    commit_batch b;
+    b.instances = {make_instance("new-1", 20)};
+    b.instances[0].started_by = "alice";
+    commit_ok(*s, b);
+  }
+  auto s = open();  // now a version 2 file: opens as is
+  list_filter f;
+  f.started_by = "alice";
+  EXPECT_EQ(ids_of(ok(s->list(f))), (std::vector<std::string>{"new-1"}));
+  EXPECT_EQ(ids_of(ok(s->list({}))), (std::vector<std::string>{"new-1", "old-1"}));
+}
+
 TEST_F(sqlite_store_test, a_store_of_a_newer_schema_version_is_refused) {
   open().reset();
   raw_sql(path_, "PRAGMA user_version = 99");
@@ -810,7 +884,8 @@ TEST_F(sqlite_store_test, a_damaged_file_is_refused_at_open) {
   }
   // --store-check off opens it; what is damaged then fails where it is read, with an error.
   auto s = open_sqlite_store(path_, {.check = store_check::off, .max_size_bytes = 0});
-  auto listed = s->list(list_filter{.status = std::nullopt, .workflow = "", .limit = 1000});
+  auto listed = s->list(list_filter{
+      .status = std::nullopt, .workflow = "", .started_by = std::nullopt, .limit = 1000});
   if (listed.ok()) {
     EXPECT_LT(listed->size(), 300u) << "the garbage damaged nothing the list reads";
   } else {

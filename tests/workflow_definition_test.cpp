@@ -415,6 +415,45 @@ TEST(DefinitionErrors, EventStepFields) {
                "/workflow/steps/0/until/1", {"must be a string"});
 }
 
+TEST(Definition, FromListsWhoMayCompleteAnAwaitOrAChoreography) {
+  const auto def = parse(with_steps(R"([
+    {"name": "A", "kind": "await", "topic": "t.a", "timeout": "1s", "from": ["shipping"]},
+    {"name": "C", "kind": "choreography", "start": {"topic": "c.start"}, "until": ["c.done"],
+     "timeout": "1s", "from": ["shipping", "shipping-eu"]},
+    {"name": "D", "kind": "await", "topic": "t.d", "timeout": "1s"}])"));
+  EXPECT_EQ(def.steps[0].from, std::vector<std::string>{"shipping"});
+  EXPECT_EQ(def.steps[1].from, (std::vector<std::string>{"shipping", "shipping-eu"}));
+  EXPECT_TRUE(def.steps[2].from.empty()) << "no \"from\": anyone";
+}
+
+TEST(DefinitionErrors, FromOnlyOnAwaitAndChoreographyAndOnlyNames) {
+  expect_error(with_steps(R"([{"name": "A", "service": "S", "action": "a", "from": ["x"]}])"),
+               "/workflow/steps/0/from",
+               {"unknown key \"from\" in a command step", "only await and choreography"});
+  expect_error(with_steps(R"([{"name": "A", "kind": "publish", "topic": "t", "from": ["x"]}])"),
+               "/workflow/steps/0/from", {"unknown key \"from\" in a publish step"});
+  expect_error(with_steps(R"([{"name": "W", "kind": "wait", "duration": "1s", "from": ["x"]}])"),
+               "/workflow/steps/0/from", {"unknown key \"from\"", "only await and choreography"});
+  expect_error(
+      with_steps(R"([{"name": "A", "kind": "await", "topic": "t", "timeout": "1s", "from": []}])"),
+      "/workflow/steps/0/from", {"non-empty array of publisher names"});
+  expect_error(
+      with_steps(R"([{"name": "A", "kind": "await", "topic": "t", "timeout": "1s", "from": "x"}])"),
+      "/workflow/steps/0/from", {"non-empty array of publisher names", "got \"x\""});
+  expect_error(with_steps(R"([{"name": "A", "kind": "await", "topic": "t", "timeout": "1s",
+                               "from": ["ok", 7]}])"),
+               "/workflow/steps/0/from/1", {"must be a string"});
+  expect_error(with_steps(R"([{"name": "A", "kind": "await", "topic": "t", "timeout": "1s",
+                               "from": ["two words"]}])"),
+               "/workflow/steps/0/from/0", {"publisher name", "without spaces"});
+  expect_error(with_steps(R"([{"name": "C", "kind": "choreography", "start": {"topic": "a"},
+                               "until": ["b"], "timeout": "1s", "from": ["x", ""]}])"),
+               "/workflow/steps/0/from/1", {"publisher name is empty"});
+  expect_error(with_steps(R"([{"name": "C", "kind": "choreography", "start": {"topic": "a"},
+                               "until": ["b"], "timeout": "1s", "from": ["x", "x"]}])"),
+               "/workflow/steps/0/from/1", {"\"x\" is listed twice"});
+}
+
 TEST(DefinitionErrors, GroupStepFields) {
   expect_error(with_steps(R"([{"name": "P", "kind": "parallel", "branches": []}])"),
                "/workflow/steps/0/branches", {"non-empty array of branches"});

@@ -53,14 +53,14 @@ constexpr std::array<std::string_view, 3> k_workflow_fields{"input", "id", "name
 constexpr std::array<std::string_view, 5> k_common_keys{"name", "kind", "compensate", "on_error",
                                                         "description"};
 const std::array<std::vector<std::string_view>, 8> k_kind_keys{{
-    {"service", "action", "input", "timeout", "retry"},          // command
-    {"topic", "payload", "retry"},                               // publish
-    {"topic", "match", "timeout", "retry"},                      // await
-    {"start", "until", "fail_on", "match", "timeout", "retry"},  // choreography
-    {"branches"},                                                // parallel
-    {"cases", "default"},                                        // switch
-    {"duration"},                                                // wait
-    {"workflow", "input", "timeout", "retry"},                   // workflow
+    {"service", "action", "input", "timeout", "retry"},                  // command
+    {"topic", "payload", "retry"},                                       // publish
+    {"topic", "match", "from", "timeout", "retry"},                      // await
+    {"start", "until", "fail_on", "match", "from", "timeout", "retry"},  // choreography
+    {"branches"},                                                        // parallel
+    {"cases", "default"},                                                // switch
+    {"duration"},                                                        // wait
+    {"workflow", "input", "timeout", "retry"},                           // workflow
 }};
 
 // Every key a step of some kind may have: what a key is compared with when "kind" is missing.
@@ -299,6 +299,30 @@ class parser {
     return topics;
   }
 
+  // "from": agent names (identities in secured mode), as the broker writes them in `publisher`.
+  std::vector<std::string> publisher_list(const json& v, const std::string& ptr) const {
+    if (!v.is_array() || v.empty()) {
+      fail(ptr,
+           "must be a non-empty array of publisher names (agent names, or identities in secured "
+           "mode), e.g. [\"shipping\"], got " +
+               got(v));
+    }
+    std::vector<std::string> names;
+    for (std::size_t i = 0; i < v.size(); ++i) {
+      attempt([&] {
+        std::string name = string_at(v[i], child(ptr, i));
+        if (std::string problem = common::check_name("publisher name", name); !problem.empty()) {
+          fail(child(ptr, i), problem);
+        }
+        if (std::find(names.begin(), names.end(), name) != names.end()) {
+          fail(child(ptr, i), "publisher " + in_quotes(name) + " is listed twice");
+        }
+        names.push_back(std::move(name));
+      });
+    }
+    return names;
+  }
+
   millis duration(const json& v, const std::string& ptr, bool positive) const {
     const auto d = parse_duration(v);
     if (!d) fail(ptr, k_duration_help + ", got " + got(v));
@@ -354,6 +378,11 @@ class parser {
     } else if (s.kind == step_kind::publish) {
       hints = {{"timeout", "publishing does not wait for anyone; use an await step"}};
     }
+    if (s.kind != step_kind::await && s.kind != step_kind::choreography) {
+      hints.emplace("from",
+                    "only await and choreography steps take \"from\": the publishers whose "
+                    "events may complete them");
+    }
     check_keys(j, ptr, allowed,
                "a" + std::string(s.kind == step_kind::await ? "n " : " ") +
                    std::string(to_string(s.kind)) + " step",
@@ -389,6 +418,8 @@ class parser {
         });
         optional_key(j, ptr, "match",
                      [&](const json& v, const std::string& at) { s.match = condition_at(v, at); });
+        optional_key(j, ptr, "from",
+                     [&](const json& v, const std::string& at) { s.from = publisher_list(v, at); });
         attempt([&] {
           require(j, ptr, "timeout",
                   "an await step must say how long to wait, e.g. \"timeout\": \"30s\"");
@@ -536,6 +567,8 @@ class parser {
     }
     optional_key(j, ptr, "match",
                  [&](const json& v, const std::string& at) { s.match = condition_at(v, at); });
+    optional_key(j, ptr, "from",
+                 [&](const json& v, const std::string& at) { s.from = publisher_list(v, at); });
     attempt([&] {
       require(j, ptr, "timeout",
               "a choreography step must say how long to wait for its outcome, e.g. "

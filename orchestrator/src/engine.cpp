@@ -29,6 +29,8 @@ constexpr std::int64_t k_republish_us = 1'000'000;
 // While the store cannot commit, the pending batch is tried again this often: the attempt is
 // the probe that notices space has returned.
 constexpr std::int64_t k_store_retry_us = 500'000;
+// Events ignored for their publisher ("from") are logged at most this often per topic.
+constexpr std::int64_t k_ignored_log_interval_us = 1'000'000;
 
 std::string key_of(const std::string& a, const std::string& b) {
   return a + '\n' + b;
@@ -85,6 +87,7 @@ struct engine::instance {
   std::shared_ptr<const definition> def;
   instance_status status = instance_status::running;
   std::string parent_id;
+  std::string started_by;  // the `caller` of its start (a sub-workflow: its parent's)
   std::int64_t created_us = 0;
   std::int64_t updated_us = 0;
   json state;
@@ -204,6 +207,7 @@ void engine::run(agent::agent& ag) {
     in->def = def;
     in->status = r.status;
     in->parent_id = r.parent_id;
+    in->started_by = r.started_by;
     in->created_us = r.created_us;
     in->updated_us = r.updated_us;
     in->state = std::move(r.state);
@@ -777,11 +781,13 @@ engine::instance& engine::create_instance(std::shared_ptr<const definition> def,
                                           const std::string& id, json wf_input,
                                           const std::string& parent_id,
                                           const std::string& parent_step,
-                                          const std::string& trace_id, const std::string& cause) {
+                                          const std::string& trace_id, const std::string& cause,
+                                          const std::string& started_by) {
   auto in = std::make_unique<instance>();
   in->id = id;
   in->def = def;
   in->parent_id = parent_id;
+  in->started_by = started_by;
   in->created_us = in->updated_us = now_us();
   in->state = json{{"workflow",
                     {{"id", id},
@@ -800,8 +806,9 @@ engine::instance& engine::create_instance(std::shared_ptr<const definition> def,
   instance& ref = *in;
   live_[id] = std::move(in);
   touch(ref);
-  history(ref, "started", "",
-          json{{"input", ref.state["workflow"]["input"]}, {"parent", parent_id}});
+  json started = {{"input", ref.state["workflow"]["input"]}, {"parent", parent_id}};
+  if (!started_by.empty()) started["started_by"] = started_by;
+  history(ref, "started", "", std::move(started));
   add_outbox(ref, "workflow." + def->name + ".started",
              json{{"instance_id", id},
                   {"workflow", def->name},
@@ -1078,7 +1085,8 @@ void engine::start_attempt(instance& in, const step& s) {
                    {"fail_on", s.fail_on},
                    {"attempt", attempt},
                    {"topic", s.kind == step_kind::choreography ? json(s.event.topic) : json()},
-                   {"event_id", s.kind == step_kind::choreography ? json(key) : json()}});
+                   {"event_id", s.kind == step_kind::choreography ? json(key) : json()},
+                   {"from", s.from.empty() ? json() : json(s.from)}});
       register_await(in, s);
       arm(in, s.name, rs["due_us"]);
       try_buffer(in, s);
@@ -1100,8 +1108,9 @@ void engine::start_attempt(instance& in, const step& s) {
       rs["child_id"] = child_id;
       history(in, "step_started", s.name,
               json{{"kind", "workflow"}, {"workflow", s.workflow}, {"child", child_id}});
-      instance& child = create_instance(child_def, child_id, std::move(*child_input), in.id, s.name,
-                                        in.run()["trace_id"], in.run().value("cause", ""));
+      instance& child =
+          create_instance(child_def, child_id, std::move(*child_input), in.id, s.name,
+                          in.run()["trace_id"], in.run().value("cause", ""), in.started_by);
       if (s.timeout) {
         const auto due = child.created_us + s.timeout->count() * 1000;
         child.run()["deadline_us"] = due;
@@ -1375,17 +1384,29 @@ bool engine::try_buffer(instance& in, const step& s) {
   for (const auto* topics : {&s.until, &s.fail_on}) {
     for (const auto& t : *topics) {
       if (s.match.empty()) {
-        auto it = buffer_index_.find(key_of(t, in.id));
-        if (it == buffer_index_.end()) continue;
-        json ev = std::move(*it->second);
-        buffer_.erase(it->second);
-        buffer_index_.erase(it);
-        batch_.buffer_remove.push_back(ev["id"]);
-        deliver(in, s, ev);
-        return true;
+        auto range = buffer_index_.equal_range(key_of(t, in.id));
+        for (auto it = range.first; it != range.second; ++it) {
+          // An event from a publisher that "from" does not list stays where it is: it is not
+          // this step's answer.
+          if (!from_allowed(s, *it->second)) {
+            ignore_from(in, s, *it->second);
+            continue;
+          }
+          json ev = std::move(*it->second);
+          buffer_.erase(it->second);
+          buffer_index_.erase(it);
+          batch_.buffer_remove.push_back(ev["id"]);
+          deliver(in, s, ev);
+          return true;
+        }
+        continue;
       }
       for (auto it = buffer_.begin(); it != buffer_.end(); ++it) {
         if ((*it)["topic"] != t || !matches(in, s, *it)) continue;
+        if (!from_allowed(s, *it)) {
+          ignore_from(in, s, *it);
+          continue;
+        }
         json ev = std::move(*it);
         auto range = buffer_index_.equal_range(key_of(t, ev.value("correlation_id", "")));
         for (auto i = range.first; i != range.second; ++i) {
@@ -1515,7 +1536,7 @@ std::string engine::handle_event(json ev, bool replayed) {
         pending_triggers_[mark] = id;
         batch_.triggers.push_back({def->name, event_id, id});
         instance& inst = create_instance(def, id, std::move(start_input), "", "",
-                                         ev.value("trace_id", ""), event_id);
+                                         ev.value("trace_id", ""), event_id, "");
         advance(inst);
         if (triggered.empty()) triggered = id;
         break;
@@ -1523,13 +1544,19 @@ std::string engine::handle_event(json ev, bool replayed) {
     }
   }
   if (await_topics_.count(topic) == 0) return triggered;
+  // An event that a waiting step refused for its publisher ("from") is not buffered either: it
+  // is not the answer of the step it was addressed to.
+  bool refused = false;
   // Awaits correlated by instance id.
   const std::string corr = ev.value("correlation_id", "");
   if (auto it = default_awaits_.find(key_of(topic, corr)); it != default_awaits_.end()) {
     auto inst = live_.find(corr);
     if (inst != live_.end()) {
       const step* s = inst->second->def->find(it->second);
-      if (s != nullptr) {
+      if (s != nullptr && !from_allowed(*s, ev)) {
+        ignore_from(*inst->second, *s, ev);
+        refused = true;
+      } else if (s != nullptr) {
         if (replayed) count_caught_up();
         deliver(*inst->second, *s, ev);
         advance(*inst->second);
@@ -1545,14 +1572,53 @@ std::string engine::handle_event(json ev, bool replayed) {
       if (inst == live_.end()) continue;
       const step* s = inst->second->def->find(step_name);
       if (s == nullptr || !matches(*inst->second, *s, ev)) continue;
+      if (!from_allowed(*s, ev)) {
+        ignore_from(*inst->second, *s, ev);
+        refused = true;
+        continue;
+      }
       if (replayed) count_caught_up();
       deliver(*inst->second, *s, ev);
       advance(*inst->second);
       return triggered;
     }
   }
-  if (!replayed) buffer_event(std::move(ev));
+  if (!replayed && !refused) buffer_event(std::move(ev));
   return triggered;
+}
+
+bool engine::from_allowed(const step& s, const json& ev) {
+  if (s.from.empty()) return true;
+  const std::string publisher = ev.value("publisher", "");
+  return std::find(s.from.begin(), s.from.end(), publisher) != s.from.end();
+}
+
+void engine::ignore_from(instance& in, const step& s, const json& ev) {
+  const std::string topic = ev.value("topic", "");
+  {
+    std::lock_guard lock(stats_mutex_);
+    ++stats_.events_ignored_from;
+    ++stats_.events_ignored_from_by_topic[topic];
+  }
+  // One line per topic per second at most: a publisher that floods a topic must not flood the
+  // log too.
+  auto& limit = ignored_log_[topic];
+  const auto now = now_us();
+  if (limit.last_us != 0 && now - limit.last_us < k_ignored_log_interval_us) {
+    ++limit.suppressed;
+    return;
+  }
+  std::string listed;
+  for (const auto& name : s.from) listed += (listed.empty() ? "" : ", ") + name;
+  const std::string more = limit.suppressed == 0 ? std::string()
+                                                 : " (and " + std::to_string(limit.suppressed) +
+                                                       " more on this topic since the last line)";
+  log_->warn(
+      "instance {}: step {}: event {} on {} from publisher '{}' ignored: \"from\" lists only "
+      "{}{}",
+      in.id, s.name, ev.value("id", ""), topic, ev.value("publisher", ""), listed, more);
+  limit.last_us = now;
+  limit.suppressed = 0;
 }
 
 void engine::count_caught_up() {
@@ -1683,6 +1749,7 @@ instance_record engine::record_of(instance& in) {
   r.version = in.def->version;
   r.status = in.status;
   r.parent_id = in.parent_id;
+  r.started_by = in.started_by;
   r.created_us = in.created_us;
   r.updated_us = in.updated_us;
   r.active = !is_terminal(in.status) || !in.run()["outbox"].empty();
@@ -1759,6 +1826,7 @@ json engine::view(const instance_record& r) const {
             {"created_us", r.created_us},
             {"updated_us", r.updated_us}};
   if (!r.parent_id.empty()) v["parent_id"] = r.parent_id;
+  if (!r.started_by.empty()) v["started_by"] = r.started_by;
   if (r.state.is_object()) {
     v["input"] = r.state["workflow"].value("input", json());
     v["steps"] = r.state.value("steps", json::object());
@@ -1805,6 +1873,7 @@ json engine::waiting_of(const instance& in, const step& s) const {
     } else {
       w["match"] = s.match;
     }
+    if (!s.from.empty()) w["from"] = s.from;
     w["attempt"] = attempts;
     w["since_us"] = rs.value("since_us", std::int64_t{0});
     w["deadline_us"] = rs.value("due_us", std::int64_t{0});
@@ -1851,6 +1920,28 @@ result<json> engine::admin(std::string_view action, const json& args, const orig
   auto not_found = [](const std::string& id) {
     return error{"not_found", "no instance with id \"" + id + "\"", false};
   };
+  // caller_scope "own" (docs/protocol.md section 12): the caller acts only on the instances it
+  // started. A scope this orchestrator does not know grants nothing.
+  const bool own = !from.caller_scope.empty();
+  if (own && (from.caller_scope != "own" || from.caller.empty())) {
+    return error{
+        "unauthorized",
+        from.caller_scope != "own"
+            ? "caller '" + from.caller + "' has the caller_scope '" + from.caller_scope +
+                  "', which this orchestrator does not know; refusing " + std::string(action)
+            : "a request with caller_scope 'own' names no caller; refusing " + std::string(action),
+        false};
+  }
+  // Refuses `action` on instance `id`, started by `started_by`, to an own-scope caller that did
+  // not start it.
+  auto owned = [&](const std::string& id, const std::string& started_by) -> std::optional<error> {
+    if (!own || started_by == from.caller) return std::nullopt;
+    return error{"unauthorized",
+                 "caller '" + from.caller + "' may " + std::string(action) +
+                     " only the instances it started; instance \"" + id +
+                     "\" was not (caller_scope own)",
+                 false};
+  };
 
   if (action == "start") {
     auto name = string_arg("workflow", true);
@@ -1878,6 +1969,7 @@ result<json> engine::admin(std::string_view action, const json& args, const orig
       auto found = snapshot(*id);
       if (!found) return found.err();
       if (auto& existing = *found) {
+        if (auto refused = owned(*id, existing->started_by)) return *refused;
         if (existing->workflow != def->name) {
           return error{"conflict", "instance \"" + *id + "\" exists and runs " + existing->workflow,
                        false};
@@ -1892,7 +1984,7 @@ result<json> engine::admin(std::string_view action, const json& args, const orig
     }
     const std::string instance_id = id->empty() ? ids_.next() : *id;
     instance& in = create_instance(def, instance_id, args.value("input", json::object()), "", "",
-                                   from.trace_id, from.message_id);
+                                   from.trace_id, from.message_id, from.caller);
     advance(in);
     return json{{"id", instance_id},
                 {"workflow", def->name},
@@ -1906,6 +1998,7 @@ result<json> engine::admin(std::string_view action, const json& args, const orig
     auto r = snapshot(*id);
     if (!r) return r.err();
     if (!*r) return not_found(*id);
+    if (auto refused = owned(*id, (*r)->started_by)) return *refused;
     json v = view(**r);
     if (auto it = live_.find(*id); it != live_.end() && v["steps"].is_object()) {
       for (auto& [name, step_view] : v["steps"].items()) {
@@ -1933,6 +2026,7 @@ result<json> engine::admin(std::string_view action, const json& args, const orig
     auto wf = string_arg("workflow", false);
     if (!wf) return wf.err();
     f.workflow = *wf;
+    if (own) f.started_by = from.caller;
     if (args.is_object() && args.contains("limit")) {
       if (!args["limit"].is_number_unsigned()) return bad("\"limit\" must be a positive integer");
       f.limit = args["limit"].get<std::size_t>();
@@ -1960,11 +2054,13 @@ result<json> engine::admin(std::string_view action, const json& args, const orig
       auto r = db_->get(*id);
       if (!r) return r.err();
       if (!*r) return not_found(*id);
+      if (auto refused = owned(*id, (*r)->started_by)) return *refused;
       return error{"conflict",
                    "instance \"" + *id + "\" already ended " + std::string(to_string((*r)->status)),
                    false};
     }
     instance& in = *it->second;
+    if (auto refused = owned(*id, in.started_by)) return *refused;
     if (in.status == instance_status::running) {
       abandon(in, in.def->steps);
       begin_compensation(in, instance_status::cancelled,
@@ -1980,10 +2076,13 @@ result<json> engine::admin(std::string_view action, const json& args, const orig
   if (action == "history") {
     auto id = string_arg("id", true);
     if (!id) return id.err();
-    if (live_.count(*id) == 0) {
+    if (auto it = live_.find(*id); it != live_.end()) {
+      if (auto refused = owned(*id, it->second->started_by)) return *refused;
+    } else {
       auto r = db_->get(*id);
       if (!r) return r.err();
       if (!*r) return not_found(*id);
+      if (auto refused = owned(*id, (*r)->started_by)) return *refused;
     }
     later = [this, id = *id]() -> result<json> {
       json entries = json::array();
@@ -2020,6 +2119,8 @@ result<json> engine::admin(std::string_view action, const json& args, const orig
                 {"events_published", s.events_published},
                 {"events_matched", s.events_matched},
                 {"events_caught_up", s.events_caught_up},
+                {"events_ignored_from", s.events_ignored_from},
+                {"events_ignored_from_by_topic", s.events_ignored_from_by_topic},
                 {"commits", s.commits},
                 {"active", live_.size()},
                 {"buffered_events", buffer_.size()}};

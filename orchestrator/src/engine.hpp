@@ -44,9 +44,13 @@ using common::error;
 using common::result;
 
 // Where an admin request came from, for the trace context of what it starts.
+// Where an admin request came from: for the trace context of what it starts, and who asks
+// (the DISPATCH's `caller` and `caller_scope`, docs/protocol.md section 12).
 struct origin {
   std::string message_id;
   std::string trace_id;
+  std::string caller;
+  std::string caller_scope;  // "own": only instances `caller` started
 };
 
 class engine {
@@ -110,7 +114,7 @@ class engine {
   instance& create_instance(std::shared_ptr<const definition> def, const std::string& id,
                             json wf_input, const std::string& parent_id,
                             const std::string& parent_step, const std::string& trace_id,
-                            const std::string& cause);
+                            const std::string& cause, const std::string& started_by);
   void resume(instance& in);
   void advance(instance& in);
   walk_state walk(instance& in, const sequence& seq, json& failure);
@@ -130,6 +134,10 @@ class engine {
   bool try_buffer(instance& in, const step& s);
   bool matches(instance& in, const step& s, const json& ev);
   void deliver(instance& in, const step& s, const json& ev);
+  // Whether `ev`'s publisher may complete `s` (its "from" lists it, or it has none).
+  static bool from_allowed(const step& s, const json& ev);
+  // Counts and logs (rate-limited, per topic) an event that `s` refused for its publisher.
+  void ignore_from(instance& in, const step& s, const json& ev);
   // `replayed`: found in the broker's journal by the catch-up after a restart. Only delivered to
   // an await that is waiting for it: never starts an instance, never buffered.
   // Returns the id of the instance a trigger started, if any.
@@ -202,6 +210,11 @@ class engine {
   std::vector<instance_record> loaded_;
   std::vector<buffered_event> loaded_buffer_;
   std::int64_t next_purge_us_ = 0;
+  struct log_limit {
+    std::int64_t last_us = 0;
+    std::uint64_t suppressed = 0;
+  };
+  std::unordered_map<std::string, log_limit> ignored_log_;  // topic -> last warning
 
   // Cross-thread.
   mutable std::mutex mutex_;

@@ -101,6 +101,8 @@ common::status orchestrator::start() {
   ao.name = d.opts.name;
   ao.broker = d.opts.broker;
   ao.events = d.opts.events;
+  ao.key_file = d.opts.key_file;
+  ao.broker_key = d.opts.broker_key;
   d.agent = std::make_unique<agent::agent>(ao);
   auto* engine = d.engine.get();
   auto* self = impl_.get();
@@ -123,7 +125,9 @@ common::status orchestrator::start() {
           const auto now = std::chrono::steady_clock::now();
           auto budget = std::chrono::duration_cast<std::chrono::milliseconds>(m.deadline() - now);
           if (budget.count() <= 0) budget = std::chrono::milliseconds(1);
-          auto r = engine->request(m.action(), *args, budget, detail::origin{m.id(), m.trace_id()});
+          auto r =
+              engine->request(m.action(), *args, budget,
+                              detail::origin{m.id(), m.trace_id(), m.caller(), m.caller_scope()});
           if (!r) return r.err();
           return agent::to_json_payload(*r);
         });
@@ -204,6 +208,17 @@ common::result<json> orchestrator::request(std::string_view action, const json& 
                          true};
   }
   return impl_->engine->request(action, args, deadline, {});
+}
+
+common::result<json> orchestrator::request(std::string_view action, const json& args,
+                                           std::chrono::milliseconds deadline,
+                                           const requester& who) {
+  if (!impl_->started) {
+    return common::error{std::string(common::errc::shutting_down), "orchestrator not started",
+                         true};
+  }
+  return impl_->engine->request(action, args, deadline,
+                                detail::origin{"", "", who.caller, who.scope});
 }
 
 stats orchestrator::counters() const {

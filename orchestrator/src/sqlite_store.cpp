@@ -91,8 +91,10 @@ constexpr const char* k_way_out =
 constexpr int k_check_max_errors = 10;
 // PRAGMA application_id: marks the file as an Ensemble store ("EnSt").
 constexpr std::int64_t k_application_id = 0x456e5374;
-// PRAGMA user_version: the schema version this build writes and reads.
-constexpr std::int64_t k_schema_version = 1;
+// PRAGMA user_version: the schema version this build writes and reads. Version 1 (no
+// instances.started_by) is still read: it is upgraded in place at open.
+constexpr std::int64_t k_schema_version = 2;
+constexpr std::int64_t k_oldest_schema_version = 1;
 constexpr int k_busy_timeout_ms = 5000;
 // The WAL is checkpointed into the database file by a background thread once it holds this
 // many pages (SQLite's own default threshold: ~4 MB with 4 KiB pages) ...
@@ -125,11 +127,13 @@ CREATE TABLE instances(
   created_us INTEGER NOT NULL,
   updated_us INTEGER NOT NULL,
   active INTEGER NOT NULL,
-  state BLOB);
+  state BLOB,
+  started_by TEXT NOT NULL DEFAULT '');
 CREATE INDEX instances_active ON instances(created_us) WHERE active = 1;
 CREATE INDEX instances_created ON instances(created_us);
 CREATE INDEX instances_status ON instances(status, created_us);
 CREATE INDEX instances_workflow ON instances(workflow, created_us);
+CREATE INDEX instances_started_by ON instances(started_by, created_us);
 CREATE TABLE history(
   instance_id TEXT NOT NULL,
   seq INTEGER NOT NULL,
@@ -152,8 +156,14 @@ CREATE TABLE buffer(
 CREATE INDEX buffer_received ON buffer(received_us);
 )sql";
 
+// Version 1 -> 2: who started each instance (`list` of a caller_scope own caller filters on it).
+constexpr const char* k_upgrade_to_2_sql = R"sql(
+ALTER TABLE instances ADD COLUMN started_by TEXT NOT NULL DEFAULT '';
+CREATE INDEX instances_started_by ON instances(started_by, created_us);
+)sql";
+
 constexpr const char* k_instance_columns =
-    "id, workflow, version, status, parent_id, created_us, updated_us, active, state";
+    "id, workflow, version, status, parent_id, created_us, updated_us, active, state, started_by";
 
 std::string_view primary_code_name(int rc) {
   switch (rc & 0xff) {
@@ -444,6 +454,7 @@ class sqlite_store final : public store {
       const bool created = fresh && create_schema();
       check_tables();
       if (!created && !in_memory) check_integrity(opts.check);
+      if (!created) upgrade_schema();
       if (opts.max_size_bytes > 0) limit_size(opts.max_size_bytes);
       prepare();
       if (!in_memory) start_checkpointer();
@@ -523,7 +534,8 @@ class sqlite_store final : public store {
             .bind(5, r.parent_id)
             .bind(6, r.created_us)
             .bind(7, r.updated_us)
-            .bind(8, std::int64_t{r.active ? 1 : 0});
+            .bind(8, std::int64_t{r.active ? 1 : 0})
+            .bind(10, r.started_by);
         bind_document(u, 9, r.state);
         u.step([&] { return "commit: upsert instance '" + r.id + "'"; });
       }
@@ -613,12 +625,15 @@ class sqlite_store final : public store {
     try {
       const bool by_status = filter.status.has_value();
       const bool by_workflow = !filter.workflow.empty();
-      const statement& s = list_[(by_status ? 1 : 0) + (by_workflow ? 2 : 0)];
+      const bool by_starter = filter.started_by.has_value();
+      const statement& s =
+          list_[(by_status ? 1 : 0) + (by_workflow ? 2 : 0) + (by_starter ? 4 : 0)];
       use u(db(), s);
       constexpr auto k_max = static_cast<std::size_t>(std::numeric_limits<std::int64_t>::max());
       u.bind(1, static_cast<std::int64_t>(std::min(filter.limit, k_max)));
       if (by_status) u.bind(2, to_string(*filter.status));
       if (by_workflow) u.bind(3, filter.workflow);
+      if (by_starter) u.bind(4, *filter.started_by);
       while (u.step([] { return "list instances"; })) read_instance(u, out);
     } catch (const std::exception& e) {
       return read_error(e);
@@ -789,7 +804,7 @@ class sqlite_store final : public store {
 
   bool classify(std::int64_t app_id, std::int64_t version, std::int64_t objects) const {
     if (app_id == k_application_id) {
-      if (version == k_schema_version) return false;
+      if (version >= k_oldest_schema_version && version <= k_schema_version) return false;
       if (version > k_schema_version) {
         throw common::config_error(
             path_, "store schema version " + std::to_string(version) +
@@ -797,7 +812,8 @@ class sqlite_store final : public store {
                        std::to_string(k_schema_version));
       }
       throw common::config_error(path_, "store schema version " + std::to_string(version) +
-                                            " is not supported; this build reads version " +
+                                            " is not supported; this build reads versions " +
+                                            std::to_string(k_oldest_schema_version) + " to " +
                                             std::to_string(k_schema_version));
     }
     if (app_id == 0 && version == 0 && objects == 0) return true;
@@ -854,6 +870,27 @@ class sqlite_store final : public store {
     }
   }
 
+  // Brings a store of an older schema version this build reads up to k_schema_version, in one
+  // transaction (and not at all if another process did it meanwhile).
+  void upgrade_schema() {
+    if (query_int("PRAGMA user_version") == k_schema_version) return;
+    exec("BEGIN IMMEDIATE", "upgrade schema: begin");
+    try {
+      const std::int64_t from = query_int("PRAGMA user_version");
+      if (from < 2) exec(k_upgrade_to_2_sql, "upgrade schema to version 2 (instances.started_by)");
+      exec(("PRAGMA user_version=" + std::to_string(k_schema_version)).c_str(),
+           "upgrade schema: set user_version");
+      exec("COMMIT", "upgrade schema: commit");
+      if (from != k_schema_version) {
+        log_->info("store {}: schema upgraded from version {} to {}", path_, from,
+                   k_schema_version);
+      }
+    } catch (...) {
+      sqlite3_exec(db(), "ROLLBACK", nullptr, nullptr, nullptr);
+      throw;
+    }
+  }
+
   void check_tables() {
     for (auto table : k_tables) {
       statement s(db(), "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1");
@@ -875,11 +912,12 @@ class sqlite_store final : public store {
     upsert_instance_ =
         statement(db(),
                   "INSERT INTO instances(id, workflow, version, status, parent_id, created_us, "
-                  "updated_us, active, state) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) "
-                  "ON CONFLICT(id) DO UPDATE SET workflow = excluded.workflow, version = "
-                  "excluded.version, status = excluded.status, parent_id = excluded.parent_id, "
-                  "created_us = excluded.created_us, updated_us = excluded.updated_us, active = "
-                  "excluded.active, state = excluded.state");
+                  "updated_us, active, state, started_by) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, "
+                  "?8, ?9, ?10) ON CONFLICT(id) DO UPDATE SET workflow = excluded.workflow, "
+                  "version = excluded.version, status = excluded.status, parent_id = "
+                  "excluded.parent_id, created_us = excluded.created_us, updated_us = "
+                  "excluded.updated_us, active = excluded.active, state = excluded.state, "
+                  "started_by = excluded.started_by");
     insert_history_ = statement(db(),
                                 "INSERT INTO history(instance_id, seq, ts_us, kind, step, data) "
                                 "VALUES (?1, ?2, ?3, ?4, ?5, ?6)");
@@ -897,11 +935,16 @@ class sqlite_store final : public store {
         db(),
         (select_instances + " FROM instances WHERE active = 1 ORDER BY created_us, rowid").c_str());
     get_instance_ = statement(db(), (select_instances + " FROM instances WHERE id = ?1").c_str());
-    // Indexed by [has status filter + 2 * has workflow filter]; ?1 is the limit.
-    const char* k_where[] = {"", " WHERE status = ?2", " WHERE workflow = ?3",
-                             " WHERE status = ?2 AND workflow = ?3"};
+    // Indexed by [has status filter + 2 * has workflow filter + 4 * has started_by filter];
+    // ?1 is the limit.
+    const char* k_where[] = {"status = ?2", "workflow = ?3", "started_by = ?4"};
     for (std::size_t i = 0; i < list_.size(); ++i) {
-      list_[i] = statement(db(), (select_instances + " FROM instances" + k_where[i] +
+      std::string where;
+      for (std::size_t bit = 0; bit < 3; ++bit) {
+        if ((i & (std::size_t{1} << bit)) == 0) continue;
+        where += (where.empty() ? " WHERE " : " AND ") + std::string(k_where[bit]);
+      }
+      list_[i] = statement(db(), (select_instances + " FROM instances" + where +
                                   " ORDER BY created_us DESC, rowid DESC LIMIT ?1")
                                      .c_str());
     }
@@ -961,6 +1004,7 @@ class sqlite_store final : public store {
     r.updated_us = u.integer(6);
     r.active = u.integer(7) != 0;
     r.state = u.document(8);
+    r.started_by = u.text(9);
     if (r.state.is_discarded()) {
       undecodable("the state of instance '" + r.id + "' (workflow " + r.workflow +
                   ") does not decode");
@@ -1038,7 +1082,7 @@ class sqlite_store final : public store {
   statement upsert_instance_, insert_history_, insert_trigger_, insert_buffer_, delete_buffer_;
   statement purge_buffer_, load_buffer_, load_active_, get_instance_, load_history_;
   statement count_by_status_, triggered_by_, load_definition_, insert_definition_;
-  std::array<statement, 4> list_;
+  std::array<statement, 8> list_;
   std::vector<std::uint8_t> msgpack_buffer_;
   std::string text_buffer_;
   int wal_pages_ = 0;

@@ -96,6 +96,9 @@ struct step {
   // await, choreography: condition an event must satisfy besides its topic; empty: the event's
   // correlation_id must equal the instance id.
   std::string match;
+  // await, choreography: the publishers (agent names; identities in secured mode) whose events
+  // may complete the step; empty: anyone. An event from another publisher is ignored.
+  std::vector<std::string> from;
 
   // parallel
   std::vector<sequence> branches;

@@ -23,6 +23,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -50,6 +51,10 @@ struct options {
   std::chrono::milliseconds default_timeout{10'000};    // command steps without `timeout`
   std::chrono::milliseconds buffer_retention{600'000};  // unawaited events are kept this long
   std::size_t buffer_limit = 100'000;                   // ... and at most this many
+  // Secured broker: agent::options::key_file and broker_key (both or neither). `name` must then
+  // be the key's identity in the broker's auth file.
+  std::string key_file = {};
+  std::string broker_key = {};
 };
 
 struct stats {
@@ -59,6 +64,21 @@ struct stats {
       0;  // awaited events found in the broker's journal after a restart
   std::uint64_t commits = 0, committed_instances = 0;
   std::size_t active = 0, buffered_events = 0;
+  // Events that matched an await or choreography step but whose publisher its "from" does not
+  // list: ignored. In total and per topic.
+  std::uint64_t events_ignored_from = 0;
+  std::map<std::string, std::uint64_t> events_ignored_from_by_topic;
+};
+
+// Who sends an admin request, as the broker's DISPATCH says (docs/protocol.md section 12): the
+// `orchestrator` service fills it from the `caller` and `caller_scope` header fields. `start`
+// records `caller` as the instance's started_by; with scope "own" the actions on one instance
+// are refused (`unauthorized`) for an instance that `caller` did not start, and `list` shows
+// only its instances. An application embedding the orchestrator that authenticates its own
+// users may pass it to request() too.
+struct requester {
+  std::string caller;  // empty: unknown (nobody is recorded as started_by)
+  std::string scope;   // "" or "own"
 };
 
 class orchestrator {
@@ -79,6 +99,9 @@ class orchestrator {
   // deadline_exceeded. Errors: bad_request (names the field), not_found, ...
   common::result<json> request(std::string_view action, const json& args,
                                std::chrono::milliseconds deadline = std::chrono::seconds(10));
+  // The same, on behalf of `who`.
+  common::result<json> request(std::string_view action, const json& args,
+                               std::chrono::milliseconds deadline, const requester& who);
 
   stats counters() const;
   const options& config() const;

@@ -46,7 +46,10 @@ struct instance_record {
   std::string workflow;
   std::uint32_t version = 1;
   instance_status status = instance_status::running;
-  std::string parent_id;        // sub-workflows: the parent instance; empty otherwise
+  std::string parent_id;  // sub-workflows: the parent instance; empty otherwise
+  // The `caller` of the `start` request (a sub-workflow: its parent's); empty when unknown (a
+  // trigger, the C++ API without a requester, rows written before it was recorded).
+  std::string started_by;
   std::int64_t created_us = 0;  // wall clock, microseconds since the Unix epoch
   std::int64_t updated_us = 0;
   // The engine still has work for it: not terminal, or terminal with events not yet
@@ -94,8 +97,9 @@ struct commit_batch {
 
 struct list_filter {
   std::optional<instance_status> status;
-  std::string workflow;     // empty: all
-  std::size_t limit = 100;  // newest first
+  std::string workflow;                   // empty: all
+  std::optional<std::string> started_by;  // only the instances this caller started
+  std::size_t limit = 100;                // newest first
 };
 
 class store {
