@@ -46,6 +46,8 @@ std::optional<run_record> read_run_file(const fs::path& file) {
   r.events = j["events"];
   r.pid = j["pid"].get<pid_t>();
   if (j.contains("deployment") && j["deployment"].is_string()) r.deployment = j["deployment"];
+  if (j.contains("key") && j["key"].is_string()) r.key = j["key"];
+  if (j.contains("broker_key") && j["broker_key"].is_string()) r.broker_key = j["broker_key"];
   return r;
 }
 
@@ -55,8 +57,12 @@ void write_run_file(const fs::path& file, const run_record& r) {
   if (ec) {
     throw std::runtime_error("cannot create " + file.parent_path().string() + ": " + ec.message());
   }
-  const json j = {
+  json j = {
       {"router", r.router}, {"events", r.events}, {"deployment", r.deployment}, {"pid", r.pid}};
+  if (!r.key.empty()) {
+    j["key"] = r.key;
+    j["broker_key"] = r.broker_key;
+  }
   const fs::path tmp = file.string() + "." + std::to_string(::getpid()) + ".tmp";
   {
     std::ofstream out(tmp);

@@ -21,6 +21,10 @@ struct run_record {
   std::string events;      // the broker's events endpoint
   std::string deployment;  // the deployment file `up` runs
   pid_t pid = 0;           // of `ensemble up`
+  // A secured deployment (docs/deployments.md, "Security"): the secret key file of the
+  // deployment's `user` identity and the broker's public key file; empty otherwise.
+  std::string key;
+  std::string broker_key;
 };
 
 // `.ensemble/up.json` under `dir` (default: the working directory), absolute.
