@@ -22,6 +22,8 @@
 // Every wait has a deadline; an ack that does not come, a refused publish, an event consumed
 // twice or never: the bench says so loudly and exits 1.
 
+#include <unistd.h>
+
 #include <CLI/CLI.hpp>
 #include <atomic>
 #include <cinttypes>
@@ -70,6 +72,9 @@ struct options {
   std::string nats_server;           // default: nats-server on PATH
   std::string js_consumer = "push";  // the faster of the two here (docs/benchmarks.md)
   std::string log_level = "warn";
+  // Ensemble only: consumers without members created on the stream before measuring (durable
+  // consumers whose services are down), which the broker must not pay for on every turn.
+  std::size_t idle_consumers = 0;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -532,6 +537,17 @@ side_run run_ensemble(const options& o, std::size_t size, const std::string& syn
   auto broker = start_ensemble(o, sync);
   const machine_noise noise(*broker.proc);
   zmq::context_t ctx(1);
+  if (o.idle_consumers > 0) {
+    ens_peer admin(ctx, broker.router);
+    for (std::size_t i = 0; i < o.idle_consumers && r.failures.empty(); ++i) {
+      auto added = admin.broker_call(
+          "consumer_add",
+          {{"stream", k_stream}, {"name", "idle-" + std::to_string(i)}, {"start", "new"}});
+      if (!added)
+        r.fail("Ensemble: idle consumer " + std::to_string(i) + ": " + added.err().message);
+    }
+    ::sync();  // their state files are written back now, not during the measurement
+  }
   {
     ens_peer publisher(ctx, broker.router);
     ensemble_publish(publisher, r, o, size, sync == "always" ? o.always_rtt : o.rtt, *broker.proc);
@@ -1299,6 +1315,11 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--nats-server", o.nats_server, "the nats-server executable (default: on PATH)");
   app.add_option("--log-level", o.log_level, "the broker's log level")->capture_default_str();
+  app.add_option("--idle-consumers", o.idle_consumers,
+                 "Ensemble: consumers without members created on the stream before measuring "
+                 "(at most 999 under the broker's default --max-consumers)")
+      ->capture_default_str()
+      ->check(CLI::Range(std::size_t{0}, std::size_t{999}));
   CLI11_PARSE(app, argc, argv);
   try {
     return ensemble::bench::orchestrate(o);

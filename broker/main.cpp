@@ -80,6 +80,14 @@ int main(int argc, char** argv) {
                  "YAML or JSON file declaring streams (name, topics, max_age, max_bytes, "
                  "max_events), created at start if missing; needs --data")
       ->check(CLI::ExistingFile);
+  app.add_option("--max-consumers", cfg.max_consumers,
+                 "durable consumers one stream may have; creating more: too_many")
+      ->capture_default_str()
+      ->check(CLI::Range(std::size_t{1}, std::size_t{1'000'000}));
+  app.add_option("--max-consumer-members", cfg.max_consumer_members,
+                 "members one durable consumer may have; more joining: too_many")
+      ->capture_default_str()
+      ->check(CLI::Range(std::size_t{1}, std::size_t{1'000'000}));
   std::string sync = "os";
   app.add_option("--sync", sync,
                  "when a stored publish is acked: os (written to the kernel: survives a killed "

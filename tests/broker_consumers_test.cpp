@@ -368,4 +368,52 @@ TEST_F(broker_consumers_test, refusals_name_what_is_wrong) {
             "not_found");
 }
 
+// docs/protocol.md sections 10 and 11: --max-consumers and --max-consumer-members bound what
+// peers can make the broker hold; over them CONSUME and consumer_add are refused too_many.
+TEST_F(broker_consumers_test, consumers_and_members_over_the_bounds_are_refused_too_many) {
+  start_with_orders({"--max-consumers", "2", "--max-consumer-members", "1"});
+  auto m1 = member("m1");
+  auto m2 = member("m2");
+  ASSERT_FALSE(consume(*m1, "a", 1).is_error());
+  ASSERT_FALSE(consume(*m1, "b", 1).is_error());
+
+  auto r = consume(*m1, "c", 1);
+  EXPECT_EQ(r.error_code, "too_many");
+  EXPECT_EQ(r.stream, "orders");
+  EXPECT_EQ(r.consumer, "c");
+  EXPECT_NE(r.error_message.find("stream 'orders'"), std::string::npos) << r.error_message;
+  EXPECT_NE(r.error_message.find("'c'"), std::string::npos) << r.error_message;
+  EXPECT_NE(r.error_message.find("--max-consumers 2"), std::string::npos) << r.error_message;
+  auto added = admin_error("consumer_add", {{"stream", "orders"}, {"name", "c"}});
+  EXPECT_EQ(added.error_code, "too_many");
+  EXPECT_NE(added.error_message.find("--max-consumers 2"), std::string::npos)
+      << added.error_message;
+
+  r = consume(*m2, "a", 1);
+  EXPECT_EQ(r.error_code, "too_many");
+  EXPECT_NE(r.error_message.find("consumer 'a' of stream 'orders'"), std::string::npos)
+      << r.error_message;
+  EXPECT_NE(r.error_message.find("--max-consumer-members 1"), std::string::npos) << r.error_message;
+  EXPECT_FALSE(consume(*m1, "a", 3).is_error()) << "a member already there changes its capacity";
+
+  auto stats = admin("stats");
+  EXPECT_EQ(stats["consumers"]["count"], 2);
+  EXPECT_EQ(stats["consumers"]["consumers_refused"], 2);
+  EXPECT_EQ(stats["consumers"]["members_refused"], 1);
+  EXPECT_EQ(stats["consumers"]["max_consumers"], 2);
+  EXPECT_EQ(stats["consumers"]["max_consumer_members"], 1);
+  EXPECT_EQ(stats["errors_by_code"]["too_many"], 3);
+
+  // Room comes back when a consumer is removed or a member leaves.
+  admin("consumer_rm", {{"stream", "orders"}, {"name", "b"}});
+  EXPECT_FALSE(consume(*m2, "c", 1).is_error());
+  header stop;
+  stop.id = next_id("stop-");
+  stop.stream = "orders";
+  stop.consumer = "a";
+  m1->send(command::consume_stop, stop);
+  EXPECT_FALSE(m1->expect(command::reply, k_wait).hdr.is_error());
+  EXPECT_FALSE(consume(*m2, "a", 1).is_error());
+}
+
 }  // namespace

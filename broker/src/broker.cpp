@@ -223,6 +223,7 @@ struct broker::impl {
   std::string unreachable_message(const worker& gone) const;
   json services_json() const;
   json stats_json() const;
+  json consumers_stats_json() const;
 };
 
 bool broker::impl::send_to(const peer_id& peer, command cmd, const header& h,
@@ -401,6 +402,13 @@ void broker::impl::open_streams() {
     existing.push_back(c);
   }
   refresh_stream_topics();
+  if (cfg.max_consumers == 0) throw common::config_error("--max-consumers", "must be >= 1");
+  if (cfg.max_consumer_members == 0) {
+    throw common::config_error("--max-consumer-members", "must be >= 1");
+  }
+  streams::host_limits limits;
+  limits.max_consumers_per_stream = cfg.max_consumers;
+  limits.max_members_per_consumer = cfg.max_consumer_members;
   consumers = std::make_unique<streams::consumer_host>(
       *store,
       [this](const std::string& peer, command cmd, std::string_view encoded,
@@ -416,7 +424,7 @@ void broker::impl::open_streams() {
         ++stats.messages_out;
         return true;
       },
-      log);
+      log, limits);
   consumers->load(steady_clock::now());
   for (const auto& c : existing) {
     auto i = store->info(c.name);
@@ -1079,13 +1087,24 @@ json broker::impl::stats_json() const {
            {{"tracked", topic_seq.tracked()},
             {"max", cfg.topic_seq_max},
             {"generations", topic_seq.generations()}}},
-          {"consumers",
-           consumers ? json{{"count", consumers->size()},
-                            {"deliveries_unsent", consumers->counters().deliveries_unsent},
-                            {"dead_letters_stored", consumers->counters().dead_letters_stored},
-                            {"state_save_failures", consumers->counters().state_save_failures}}
-                     : json::object()},
+          {"consumers", consumers_stats_json()},
           {"services", std::move(per_service)}};
+}
+
+json broker::impl::consumers_stats_json() const {
+  if (!consumers) return json::object();
+  const auto& c = consumers->counters();
+  return {{"count", consumers->size()},
+          {"deliveries_unsent", c.deliveries_unsent},
+          {"dead_letters_stored", c.dead_letters_stored},
+          {"dead_letter_retries", c.dead_letter_retries},
+          {"state_save_failures", c.state_save_failures},
+          {"confirmations_unsent", c.confirmations_unsent},
+          {"consumers_refused", c.consumers_refused},
+          {"members_refused", c.members_refused},
+          {"max_consumers", cfg.max_consumers},
+          {"max_consumer_members", cfg.max_consumer_members},
+          {"visits", c.visits}};
 }
 
 void broker::impl::journal_reply(const header& request, const std::string& worker,

@@ -45,6 +45,9 @@ namespace consumer_errc {
 inline constexpr std::string_view not_pending = "not_pending";
 // A nack or progress note from a member that does not hold the delivery.
 inline constexpr std::string_view not_held = "not_held";
+// A CONSUME or consumer_add over one of the broker's bounds: consumers per stream, members per
+// consumer (docs/protocol.md section 10).
+inline constexpr std::string_view too_many = "too_many";
 }  // namespace consumer_errc
 
 enum class start_position { all, new_only, from_sequence, from_time };
@@ -154,6 +157,8 @@ class consumer {
                          time_point now, std::vector<decision>& out);
   // Still working: the ack is due ack_wait from now.
   common::status on_progress(const member_id& member, sequence seq, time_point now);
+  // An answer the wiring refused before it reached the policy (counted in `refused`).
+  void count_refused() { ++totals_.refused; }
   // The wiring could not read a pending record any more (retention removed it): forget it.
   void on_record_gone(sequence seq, std::vector<decision>& out);
   // Expired acks and due delays.

@@ -175,21 +175,32 @@ struct consumer_host::entry {
   entry(consumer_config config, sequence last_seq) : policy(std::move(config), last_seq) {}
   consumer policy;
   std::vector<decision> todo;  // decided by inputs, executed by run()
-  bool dirty = false;          // state to save
+  bool dirty = false;          // state to save (then it is in unsaved_)
   bool broken = false;         // saved state did not decode: out of service
   std::string broken_reason;
   json view;  // the configuration as it was given, for views and comparisons
   time_point last_save{};
-  std::vector<std::pair<std::string, header>> confirms;  // peer, answer: REPLY once saved
-  bool save_now = false;  // a confirmation or a dead letter waits for the save
+  struct confirmation {
+    std::string peer;
+    command cmd;
+    header answer;
+  };
+  std::vector<confirmation> confirms;  // REPLY once saved
+  bool save_now = false;               // a confirmation or a dead letter waits for the save
+  // Dead letters decided whose record could not be read (a storage error): read again at
+  // dead_letter_retry_at; the state is not saved while any waits.
+  std::vector<dead_letter> dead_letter_retry;
+  time_point dead_letter_retry_at{};
+  std::optional<time_point> timer;  // its place in consumer_host::timers_
   // Records read by this turn's next_deliveries(), so a delivery does not read them again.
   std::map<sequence, record> read_ahead;
   const std::string& stream() const { return policy.config().stream; }
   const std::string& name() const { return policy.config().name; }
 };
 
-consumer_host::consumer_host(stream_store& store, send_fn send, std::shared_ptr<spdlog::logger> log)
-    : store_(store), send_(std::move(send)), log_(std::move(log)) {}
+consumer_host::consumer_host(stream_store& store, send_fn send, std::shared_ptr<spdlog::logger> log,
+                             host_limits limits)
+    : store_(store), send_(std::move(send)), log_(std::move(log)), limits_(limits) {}
 
 consumer_host::~consumer_host() = default;
 
@@ -259,9 +270,16 @@ void consumer_host::load(time_point now) {
                    e->policy.ack_floor(), c.pending, c.ack_pending);
       }
       (void)now;
+      if (!e->broken) wake(*e);  // its restored entries are read again on the first turn
       consumers_[sc.name][name] = std::move(e);
     }
   }
+}
+
+std::size_t consumer_host::size() const {
+  std::size_t n = 0;
+  for (const auto& [stream, by_name] : consumers_) n += by_name.size();
+  return n;
 }
 
 consumer_host::entry* consumer_host::find(const std::string& stream, const std::string& name) {
@@ -292,21 +310,18 @@ common::result<consumer_host::entry*> consumer_host::create(const std::string& s
     return with_retry(info.err());
   }
   if (auto st = check_config(config); !st) return st.err();
-  // The dead-letter stream exists from the first consumer on: visible before it is needed.
-  const std::string dlq = dlq_of(stream);
-  if (auto d = store_.info(dlq); !d) {
-    stream_config dc;
-    dc.name = dlq;
-    dc.max_age = info->config.max_age;
-    dc.max_bytes = info->config.max_bytes;
-    dc.max_events = info->config.max_events;
-    dc.duplicate_window =
-        std::max(info->config.duplicate_window, std::chrono::milliseconds(std::chrono::hours(24)));
-    if (auto st = store_.create_stream(dc); !st && st.err().code != errc::already_exists) {
-      return with_retry(st.err());
-    }
-    log_->info("stream {} created for the dead letters of {}", dlq, stream);
+  if (auto s = consumers_.find(stream);
+      s != consumers_.end() && s->second.size() >= limits_.max_consumers_per_stream) {
+    ++counters_.consumers_refused;
+    return error::make(consumer_errc::too_many,
+                       "consumer '" + config.name + "' of stream '" + stream +
+                           "' not created: the stream has " + std::to_string(s->second.size()) +
+                           " consumers, the broker's limit (--max-consumers " +
+                           std::to_string(limits_.max_consumers_per_stream) +
+                           "); remove one with broker.consumer_rm or join an existing one");
   }
+  // The dead-letter stream exists from the first consumer on: visible before it is needed.
+  if (auto st = ensure_dlq(stream, info.value()); !st) return with_retry(st.err());
   consumer_config c = config;
   sequence last = info->last_seq;
   if (c.start == start_position::from_time) {
@@ -326,6 +341,23 @@ common::result<consumer_host::entry*> consumer_host::create(const std::string& s
   consumers_[stream][c.name] = std::move(e);
   log_->info("consumer {}/{} created: {}", stream, c.name, consumer_config_json(c).dump());
   return out;
+}
+
+common::status consumer_host::ensure_dlq(const std::string& stream, const stream_info& info) {
+  const std::string dlq = dlq_of(stream);
+  if (auto d = store_.info(dlq); d) return common::ok_status();
+  stream_config dc;
+  dc.name = dlq;
+  dc.max_age = info.config.max_age;
+  dc.max_bytes = info.config.max_bytes;
+  dc.max_events = info.config.max_events;
+  dc.duplicate_window =
+      std::max(info.config.duplicate_window, std::chrono::milliseconds(std::chrono::hours(24)));
+  if (auto st = store_.create_stream(dc); !st && st.err().code != errc::already_exists) {
+    return st.err();
+  }
+  log_->info("stream {} created for the dead letters of {}", dlq, stream);
+  return common::ok_status();
 }
 
 json consumer_host::info_json(const entry& e) const {
@@ -402,10 +434,20 @@ common::result<json> consumer_host::join(const std::string& peer, const std::str
       }
     }
   }
-  agents_[peer] = agent;
   const std::string member = member_label(agent, peer);
+  if (!e->policy.has_member(member) && e->policy.members() >= limits_.max_members_per_consumer) {
+    ++counters_.members_refused;
+    return error::make(consumer_errc::too_many,
+                       where + ": consumer '" + h.consumer + "' of stream '" + h.stream + "' has " +
+                           std::to_string(e->policy.members()) +
+                           " members, the broker's limit (--max-consumer-members " +
+                           std::to_string(limits_.max_members_per_consumer) +
+                           "); join again once one left, or use another consumer");
+  }
+  agents_[peer] = agent;
   member_peer_[member] = peer;
   if (auto st = e->policy.on_member_join(member, capacity, now); !st) return st.err();
+  wake(*e);
   log_->info("consumer {}/{}: member {} joined (capacity {})", h.stream, h.consumer, agent,
              capacity);
   return info_json(*e);
@@ -417,7 +459,8 @@ common::status consumer_host::leave(const std::string& peer, const header& h, ti
     return not_found("no consumer '" + h.consumer + "' on stream '" + h.stream + "'");
   }
   e->policy.on_member_leave(member_of(peer), now, e->todo);
-  e->dirty = true;
+  mark_dirty(*e);
+  wake(*e);
   log_->info("consumer {}/{}: member {} left", h.stream, h.consumer, member_of(peer));
   return common::ok_status();
 }
@@ -436,6 +479,21 @@ common::status consumer_host::answer(const std::string& peer, command cmd, const
   }
   common::status st = common::ok_status();
   const std::string member = member_of(peer);
+  if (h.deliveries != 0 && cmd != command::ack) {
+    // The answer names the delivery it is about: a NACK, TERM or PROGRESS repeated after the
+    // event came back to this member must not fail (or extend) the new delivery.
+    const auto& pending = e->policy.pending();
+    auto p = pending.find(h.stream_seq);
+    if (p != pending.end() && p->second.delivery_count != h.deliveries &&
+        p->second.st == pending_entry::state::in_flight && p->second.member == member) {
+      e->policy.count_refused();
+      return error::make(consumer_errc::not_held,
+                         what + " #" + std::to_string(h.stream_seq) + " of consumer '" +
+                             h.consumer + "' on stream '" + h.stream + "' answers delivery " +
+                             std::to_string(h.deliveries) + "; member '" + member +
+                             "' holds delivery " + std::to_string(p->second.delivery_count));
+    }
+  }
   switch (cmd) {
     case command::ack:
       st = e->policy.on_ack(member, h.stream_seq, now, e->todo);
@@ -461,9 +519,10 @@ common::status consumer_host::answer(const std::string& peer, command cmd, const
       return error::make(errc::bad_request, what + " is not an answer to a delivery");
   }
   if (st) {
-    e->dirty = true;
+    mark_dirty(*e);
+    wake(*e);
     if (!h.id.empty()) {
-      e->confirms.emplace_back(peer, h);
+      e->confirms.push_back({peer, cmd, h});
       e->save_now = true;
     }
   }
@@ -478,7 +537,8 @@ void consumer_host::peer_gone(const std::string& peer, time_point now) {
     for (auto& [name, e] : by_name) {
       if (e->broken || !e->policy.has_member(member)) continue;
       e->policy.on_member_leave(member, now, e->todo);
-      e->dirty = true;
+      mark_dirty(*e);
+      wake(*e);
       log_->info("consumer {}/{}: member {} is gone", stream, name, member);
     }
   }
@@ -534,12 +594,16 @@ common::result<json> consumer_host::remove(const std::string& stream, const std:
   std::erase_if(dead_letters_, [&](const dead_letter_record& d) {
     return d.stream == stream && d.consumer == name;
   });
+  forget(*e);
   consumers_[stream].erase(name);
   log_->info("consumer {}/{} removed", stream, name);
   return json{{"stream", stream}, {"consumer", name}, {"removed", true}};
 }
 
 void consumer_host::stream_removed(const std::string& stream) {
+  if (auto s = consumers_.find(stream); s != consumers_.end()) {
+    for (auto& [name, e] : s->second) forget(*e);
+  }
   if (consumers_.erase(stream) > 0) log_->info("stream {} removed with its consumers", stream);
   std::erase_if(dead_letters_, [&](const dead_letter_record& d) { return d.stream == stream; });
 }
@@ -597,7 +661,10 @@ void consumer_host::records_stored(const std::string& stream, sequence last_seq)
   auto s = consumers_.find(stream);
   if (s == consumers_.end()) return;
   for (auto& [name, e] : s->second) {
-    if (!e->broken) e->policy.on_records_available(last_seq);
+    if (e->broken) continue;
+    e->policy.on_records_available(last_seq);
+    // Only members read: a consumer without any has nothing to do with new records.
+    if (e->policy.members() > 0) wake(*e);
   }
 }
 
@@ -713,9 +780,57 @@ void consumer_host::send_delivery(entry& e, const deliver& d, const record& r) {
   }
 }
 
+bool consumer_host::build_dead_letter(entry& e, const dead_letter& dl) {
+  auto r = read_one(e.stream(), dl.seq);
+  if (!r) {
+    if (r.err().code == errc::not_found) {
+      // Retention removed the record before it could be stored as a dead letter: there is
+      // nothing left to store.
+      log_->error("consumer {}/{}: dead letter #{} ({}) not stored: {}", e.stream(), e.name(),
+                  dl.seq, dl.reason, r.err().message);
+      return true;
+    }
+    ++counters_.dead_letter_retries;
+    log_->error(
+        "consumer {}/{}: dead letter #{} ({}) could not be read to store it, retried in {} ms "
+        "(the consumer's state is not saved past it): {} {}",
+        e.stream(), e.name(), dl.seq, dl.reason, k_dead_letter_retry_interval.count(), r.err().code,
+        r.err().message);
+    return false;
+  }
+  auto h = common::decode_header(r->header);
+  header dh = h ? h.value() : header{};
+  if (!h) dh.id = r->event_id;
+  dh.stream = e.stream();
+  dh.stream_seq = dl.seq;
+  dh.consumer = e.name();
+  dh.deliveries = dl.delivery_count;
+  dh.error_message = dl.reason;
+  dead_letter_record out;
+  out.stream = e.stream();
+  out.consumer = e.name();
+  out.rec.topic = r->topic;
+  out.rec.event_id = e.stream() + ":" + std::to_string(dl.seq) + ":" + e.name();
+  out.rec.header = common::encode_header(dh);
+  out.rec.payload = std::move(r->payload);
+  log_->warn("consumer {}/{}: #{} {} id={} dead-lettered after {} deliveries: {}", e.stream(),
+             e.name(), dl.seq, r->topic, r->event_id, dl.delivery_count, dl.reason);
+  dead_letters_.push_back(std::move(out));
+  return true;
+}
+
+void consumer_host::retry_dead_letters(entry& e, time_point now) {
+  if (e.dead_letter_retry.empty() || now < e.dead_letter_retry_at) return;
+  std::vector<dead_letter> todo;
+  todo.swap(e.dead_letter_retry);
+  for (const auto& dl : todo) {
+    if (!build_dead_letter(e, dl)) e.dead_letter_retry.push_back(dl);
+  }
+  if (!e.dead_letter_retry.empty()) e.dead_letter_retry_at = now + k_dead_letter_retry_interval;
+  e.save_now = true;
+}
+
 void consumer_host::execute(entry& e, std::vector<decision>& decisions, time_point now) {
-  (void)now;
-  std::map<sequence, record> cache;
   for (std::size_t i = 0; i < decisions.size(); ++i) {
     const decision d = decisions[i];  // executing may append decisions (a record gone)
     if (const auto* del = std::get_if<deliver>(&d)) {
@@ -735,34 +850,18 @@ void consumer_host::execute(entry& e, std::vector<decision>& decisions, time_poi
       }
       send_delivery(e, *del, r.value());
     } else if (const auto* dl = std::get_if<dead_letter>(&d)) {
-      auto r = read_one(e.stream(), dl->seq);
-      if (!r) {
-        log_->error("consumer {}/{}: dead letter #{} ({}) could not be read to store it: {} {}",
-                    e.stream(), e.name(), dl->seq, dl->reason, r.err().code, r.err().message);
-        continue;
+      // The policy counts it done at once; the wiring keeps it until it is read and stored,
+      // and the consumer's state is not saved before (a crash reads it again from the saved
+      // state, where it is still pending).
+      if (!build_dead_letter(e, *dl)) {
+        if (e.dead_letter_retry.empty())
+          e.dead_letter_retry_at = now + k_dead_letter_retry_interval;
+        e.dead_letter_retry.push_back(*dl);
       }
-      auto h = common::decode_header(r->header);
-      header dh = h ? h.value() : header{};
-      if (!h) dh.id = r->event_id;
-      dh.stream = e.stream();
-      dh.stream_seq = dl->seq;
-      dh.consumer = e.name();
-      dh.deliveries = dl->delivery_count;
-      dh.error_message = dl->reason;
-      dead_letter_record out;
-      out.stream = e.stream();
-      out.consumer = e.name();
-      out.rec.topic = r->topic;
-      out.rec.event_id = e.stream() + ":" + std::to_string(dl->seq) + ":" + e.name();
-      out.rec.header = common::encode_header(dh);
-      out.rec.payload = std::move(r->payload);
-      log_->warn("consumer {}/{}: #{} {} id={} dead-lettered after {} deliveries: {}", e.stream(),
-                 e.name(), dl->seq, r->topic, r->event_id, dl->delivery_count, dl->reason);
-      dead_letters_.push_back(std::move(out));
-      e.dirty = true;
+      mark_dirty(e);
       e.save_now = true;
     } else {
-      e.dirty = true;  // the ack floor moved
+      mark_dirty(e);  // the ack floor moved
     }
   }
   decisions.clear();
@@ -770,99 +869,175 @@ void consumer_host::execute(entry& e, std::vector<decision>& decisions, time_poi
 
 void consumer_host::store_dead_letters() {
   if (dead_letters_.empty()) return;
-  for (const auto& d : dead_letters_) {
+  std::vector<bool> appended(dead_letters_.size(), false);
+  for (std::size_t i = 0; i < dead_letters_.size(); ++i) {
+    const auto& d = dead_letters_[i];
     auto a = store_.append(dlq_of(d.stream), std::span<const record>(&d.rec, 1));
-    if (!a) {
-      log_->error("dead letter of {}/{} not appended to {}: {} {}", d.stream, d.consumer,
-                  dlq_of(d.stream), a.err().code, a.err().message);
+    if (a) {
+      appended[i] = true;
+      continue;
+    }
+    ++counters_.dead_letter_retries;
+    log_->error("dead letter {} of {}/{} not appended to {}, retried: {} {}", d.rec.event_id,
+                d.stream, d.consumer, dlq_of(d.stream), a.err().code, a.err().message);
+    if (a.err().code == errc::not_found) {
+      // Its dead-letter stream was removed (broker.stream_rm): made again, as at creation.
+      if (auto info = store_.info(d.stream); info) (void)ensure_dlq(d.stream, info.value());
     }
   }
   if (auto st = store_.flush(); !st) {
     // Kept and appended again next turn; the consumers' states are not saved past them.
+    ++counters_.dead_letter_retries;
     log_->error("{} dead letter(s) not stored, retried: {} {}", dead_letters_.size(), st.err().code,
                 st.err().message);
     return;
   }
-  counters_.dead_letters_stored += dead_letters_.size();
-  dead_letters_.clear();
+  std::vector<dead_letter_record> kept;
+  for (std::size_t i = 0; i < dead_letters_.size(); ++i) {
+    if (appended[i]) {
+      ++counters_.dead_letters_stored;
+    } else {
+      kept.push_back(std::move(dead_letters_[i]));
+    }
+  }
+  dead_letters_ = std::move(kept);
+}
+
+void consumer_host::mark_dirty(entry& e) {
+  e.dirty = true;
+  unsaved_.insert(&e);
+}
+
+void consumer_host::schedule(entry& e) {
+  if (e.timer) {
+    timers_.erase({*e.timer, &e});
+    e.timer.reset();
+  }
+  if (e.broken) return;
+  std::optional<time_point> due = e.policy.next_deadline();
+  if (!e.dead_letter_retry.empty() && (!due || e.dead_letter_retry_at < *due)) {
+    due = e.dead_letter_retry_at;
+  }
+  if (!due) return;
+  e.timer = *due;
+  timers_.emplace(*due, &e);
+}
+
+void consumer_host::forget(entry& e) {
+  active_.erase(&e);
+  unsaved_.erase(&e);
+  if (e.timer) timers_.erase({*e.timer, &e});
+  e.timer.reset();
 }
 
 void consumer_host::save_states(time_point now) {
-  for (auto& [stream, by_name] : consumers_) {
-    for (auto& [name, e] : by_name) {
-      if (!e->dirty || e->broken) continue;
-      if (!e->save_now && now - e->last_save < k_state_save_interval) continue;
-      const bool waits =
-          std::any_of(dead_letters_.begin(), dead_letters_.end(),
-                      [&](const auto& d) { return d.stream == stream && d.consumer == name; });
-      if (waits) continue;
-      if (auto st = store_.save_consumer_state(stream, name, blob(*e)); !st) {
-        ++counters_.state_save_failures;
-        log_->error("consumer {}/{}: state not saved (retried): {} {}", stream, name, st.err().code,
-                    st.err().message);
-        e->save_now = false;  // retried after the interval, not spun on
-        e->last_save = now;
-        continue;
-      }
-      e->dirty = false;
-      e->save_now = false;
-      e->last_save = now;
-      for (auto& [peer, answered] : e->confirms) {
-        header h;
-        h.id = answered.id;
-        h.stream = answered.stream;
-        h.consumer = answered.consumer;
-        h.stream_seq = answered.stream_seq;
-        h.worker = "broker";
-        send_(peer, command::reply, common::encode_header(h), std::string_view("\x80", 1));
-      }
-      e->confirms.clear();
+  if (unsaved_.empty()) return;
+  const std::vector<entry*> todo(unsaved_.begin(), unsaved_.end());
+  for (entry* e : todo) {
+    const std::string& stream = e->stream();
+    const std::string& name = e->name();
+    if (e->broken) {
+      unsaved_.erase(e);
+      continue;
     }
+    if (!e->save_now && now - e->last_save < k_state_save_interval) continue;
+    if (!e->dead_letter_retry.empty()) continue;  // not past a dead letter not yet read
+    const bool waits = std::any_of(dead_letters_.begin(), dead_letters_.end(), [&](const auto& d) {
+      return d.stream == stream && d.consumer == name;
+    });
+    if (waits) continue;
+    if (auto st = store_.save_consumer_state(stream, name, blob(*e)); !st) {
+      ++counters_.state_save_failures;
+      log_->error("consumer {}/{}: state not saved (retried): {} {}", stream, name, st.err().code,
+                  st.err().message);
+      e->save_now = false;  // retried after the interval, not spun on
+      e->last_save = now;
+      continue;
+    }
+    e->dirty = false;
+    e->save_now = false;
+    e->last_save = now;
+    unsaved_.erase(e);
+    for (const auto& c : e->confirms) {
+      header h;
+      h.id = c.answer.id;
+      h.stream = c.answer.stream;
+      h.consumer = c.answer.consumer;
+      h.stream_seq = c.answer.stream_seq;
+      h.worker = "broker";
+      if (!send_(c.peer, command::reply, common::encode_header(h), std::string_view("\x80", 1))) {
+        // The answer is applied and saved; only its confirmation is lost with the peer. A
+        // member that did not get it sends the answer again (docs/protocol.md section 11).
+        ++counters_.confirmations_unsent;
+        log_->warn(
+            "consumer {}/{}: confirmation of {} #{} id={} could not be sent (the peer is gone); "
+            "the answer stands",
+            stream, name, common::command_name(static_cast<std::uint8_t>(c.cmd)),
+            c.answer.stream_seq, c.answer.id);
+      }
+    }
+    e->confirms.clear();
   }
 }
 
-void consumer_host::run(time_point now) {
-  if (consumers_.empty()) return;
-  for (auto& [stream, by_name] : consumers_) {
-    for (auto& [name, e] : by_name) {
-      if (e->broken) continue;
-      e->policy.on_tick(now, e->todo);
-      execute(*e, e->todo, now);
-      const std::string& s = stream;
-      entry* current = e.get();
-      fetch_fn fetch = [this, &s, current](sequence from, std::size_t n) {
-        auto got = store_.read(s, from, n, k_fetch_bytes);
-        if (got) {
-          for (const auto& r : got.value()) current->read_ahead.emplace(r.seq, r);
-        }
-        return got;
-      };
-      if (auto st = e->policy.next_deliveries(now, fetch, e->todo); !st) {
-        log_->warn("consumer {}/{}: {} {}", stream, name, st.err().code, st.err().message);
-      }
-      execute(*e, e->todo, now);
-      e->read_ahead.clear();
+void consumer_host::visit(entry& e, time_point now) {
+  ++counters_.visits;
+  ++counters_.last_run_visits;
+  if (e.broken) return;
+  retry_dead_letters(e, now);
+  e.policy.on_tick(now, e.todo);
+  execute(e, e.todo, now);
+  entry* current = &e;
+  fetch_fn fetch = [this, current](sequence from, std::size_t n) {
+    auto got = store_.read(current->stream(), from, n, k_fetch_bytes);
+    if (got) {
+      for (const auto& r : got.value()) current->read_ahead.emplace(r.seq, r);
     }
+    return got;
+  };
+  if (auto st = e.policy.next_deliveries(now, fetch, e.todo); !st) {
+    log_->warn("consumer {}/{}: {} {}", e.stream(), e.name(), st.err().code, st.err().message);
+  }
+  execute(e, e.todo, now);
+  e.read_ahead.clear();
+  // A read budget spent with members still waiting: the next turn goes on.
+  if (e.policy.more_to_read() || !e.todo.empty()) wake(e);
+  schedule(e);
+}
+
+void consumer_host::run(time_point now) {
+  counters_.last_run_visits = 0;
+  while (!timers_.empty() && timers_.begin()->first <= now) {
+    entry* e = timers_.begin()->second;
+    timers_.erase(timers_.begin());
+    e->timer.reset();
+    active_.insert(e);
+  }
+  if (!active_.empty()) {
+    // In (stream, name) order, as a walk of every consumer would go.
+    std::vector<entry*> todo(active_.begin(), active_.end());
+    active_.clear();
+    std::sort(todo.begin(), todo.end(), [](const entry* a, const entry* b) {
+      return std::tie(a->stream(), a->name()) < std::tie(b->stream(), b->name());
+    });
+    for (entry* e : todo) visit(*e, now);
   }
   store_dead_letters();
   save_states(now);
 }
 
 std::optional<time_point> consumer_host::next_deadline() const {
+  if (!active_.empty()) return time_point::min();
   std::optional<time_point> out;
-  for (const auto& [stream, by_name] : consumers_) {
-    for (const auto& [name, e] : by_name) {
-      if (e->broken) continue;
-      std::optional<time_point> d = e->policy.next_deadline();
-      if (e->policy.more_to_read() || !e->todo.empty()) d = time_point::min();
-      if (e->dirty) {
-        const auto save_at = e->save_now && dead_letters_.empty()
-                                 ? time_point::min()
-                                 : e->last_save + k_state_save_interval;
-        if (!d || save_at < *d) d = save_at;
-      }
-      if (d && (!out || *d < *out)) out = d;
-    }
+  if (!timers_.empty()) out = timers_.begin()->first;
+  for (const entry* e : unsaved_) {
+    if (e->broken || !e->dead_letter_retry.empty()) continue;  // its retry timer covers it
+    const bool waits = std::any_of(dead_letters_.begin(), dead_letters_.end(), [&](const auto& d) {
+      return d.stream == e->stream() && d.consumer == e->name();
+    });
+    if (waits) continue;  // saved once they are stored: the retry below
+    const auto save_at = e->save_now ? time_point::min() : e->last_save + k_state_save_interval;
+    if (!out || save_at < *out) out = save_at;
   }
   if (!dead_letters_.empty()) {
     // A failed flush is retried, not spun on.

@@ -17,6 +17,7 @@
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <set>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -54,15 +55,40 @@ using send_fn = std::function<bool(const std::string& peer, common::command,
 // letters are saved at once.
 inline constexpr std::chrono::milliseconds k_state_save_interval{100};
 
+// How long a dead letter whose record could not be read (a storage error) waits before it is
+// read again; the consumer's state is not saved past it meanwhile.
+inline constexpr std::chrono::milliseconds k_dead_letter_retry_interval{500};
+
+// Bounds on what peers can make the broker hold (docs/protocol.md section 10): each consumer is
+// a state file and memory, each member an entry in its rotation. Over a bound, CONSUME and
+// broker.consumer_add are refused `too_many`. Consumers loaded at start are all kept, even past
+// a lowered bound; the bound applies to creating more.
+struct host_limits {
+  std::size_t max_consumers_per_stream = 1'000;
+  std::size_t max_members_per_consumer = 1'000;
+};
+
 struct host_counters {
   std::uint64_t deliveries_unsent = 0;  // DELIVERs the router refused; redelivered after ack_wait
   std::uint64_t dead_letters_stored = 0;
+  // Dead letters whose record could not be read or appended; retried, never dropped.
+  std::uint64_t dead_letter_retries = 0;
   std::uint64_t state_save_failures = 0;
+  // Confirmations (REPLY to an ACK, NACK, TERM or PROGRESS with an id) the router could not
+  // send: the peer is gone. Not retried; the member re-sends its answer (they are idempotent).
+  std::uint64_t confirmations_unsent = 0;
+  std::uint64_t consumers_refused = 0;  // creations over max_consumers_per_stream
+  std::uint64_t members_refused = 0;    // joins over max_members_per_consumer
+  // Consumers run() looked at, in all and in its last call: only those with new input (records,
+  // answers, members) or a due timer are.
+  std::uint64_t visits = 0;
+  std::uint64_t last_run_visits = 0;
 };
 
 class consumer_host {
  public:
-  consumer_host(stream_store& store, send_fn send, std::shared_ptr<spdlog::logger> log);
+  consumer_host(stream_store& store, send_fn send, std::shared_ptr<spdlog::logger> log,
+                host_limits limits = {});
   ~consumer_host();
 
   // Loads the saved consumers of every stream. A consumer whose saved bytes do not decode is
@@ -101,7 +127,7 @@ class consumer_host {
   std::optional<time_point> next_deadline() const;
 
   const host_counters& counters() const { return counters_; }
-  std::size_t size() const { return consumers_.size(); }
+  std::size_t size() const;  // consumers, on every stream
 
  private:
   struct entry;
@@ -113,9 +139,22 @@ class consumer_host {
   void execute(entry& e, std::vector<decision>& decisions, time_point now);
   void send_delivery(entry& e, const deliver& d, const record& r);
   common::result<record> read_one(const std::string& stream, sequence seq);
+  // Reads a dead letter's record and queues it for the dead-letter stream; false when the
+  // record could not be read now (it is kept on the entry and tried again).
+  bool build_dead_letter(entry& e, const dead_letter& dl);
+  void retry_dead_letters(entry& e, time_point now);
+  common::status ensure_dlq(const std::string& stream, const stream_info& info);
   void store_dead_letters();
   void save_states(time_point now);
   std::string blob(const entry& e) const;
+  // The entry has input for run(): visit it on the next call.
+  void wake(entry& e) { active_.insert(&e); }
+  // Its state changed: save it (at most every k_state_save_interval, or at once).
+  void mark_dirty(entry& e);
+  // Puts the entry in the timer queue at its next deadline (policy timers, retries).
+  void schedule(entry& e);
+  void forget(entry& e);  // off the run queues: it is being removed
+  void visit(entry& e, time_point now);
 
   stream_store& store_;
   send_fn send_;
@@ -132,7 +171,13 @@ class consumer_host {
     record rec;
   };
   std::vector<dead_letter_record> dead_letters_;  // appended, not yet flushed
+  host_limits limits_;
   host_counters counters_;
+  // What run() visits: the entries with input, and those whose timer is due. Entries are owned
+  // by consumers_; forget() takes one off both before it is destroyed.
+  std::set<entry*> active_;
+  std::set<std::pair<time_point, entry*>> timers_;  // one per entry at most: entry::timer
+  std::set<entry*> unsaved_;                        // dirty: state to save
 };
 
 }  // namespace ensemble::broker::streams

@@ -47,6 +47,9 @@ struct config {
   std::string data_dir;                           // --data: stream storage
   std::string streams_file;                       // --streams: streams declared at start
   streams::sync stream_sync = streams::sync::os;  // --sync: when a stored publish is acked
+  // Durable consumers per stream, and members per consumer (each >= 1); over: too_many.
+  std::size_t max_consumers = 1'000;         // --max-consumers
+  std::size_t max_consumer_members = 1'000;  // --max-consumer-members
 };
 
 struct endpoints {
