@@ -1,4 +1,5 @@
-// ensemble-broker: parses options and runs ensemble::broker until SIGINT/SIGTERM.
+// ensemble-broker: parses options and runs ensemble::broker until SIGINT/SIGTERM; SIGHUP reads
+// --auth again.
 #include <CLI/CLI.hpp>
 #include <csignal>
 #include <cstdio>
@@ -12,6 +13,10 @@ namespace {
 ensemble::broker::broker* g_broker = nullptr;
 void on_signal(int) {
   if (g_broker != nullptr) g_broker->request_stop();
+}
+// Async-signal-safe: sets a flag and wakes the broker's loop, which reloads.
+void on_hangup(int) {
+  if (g_broker != nullptr) g_broker->request_reload();
 }
 }  // namespace
 
@@ -94,6 +99,18 @@ int main(int argc, char** argv) {
                  "broker) or always (fdatasync'ed, once per poll batch: survives a power loss)")
       ->capture_default_str()
       ->check(CLI::IsMember({"os", "always"}));
+  app.add_option("--curve-key", cfg.curve_secret_key_file,
+                 "secured mode (docs/protocol.md section 12): the broker's secret key file "
+                 "(ensemble keygen broker); needs --auth")
+      ->check(CLI::ExistingFile);
+  app.add_option("--auth", cfg.auth_file,
+                 "secured mode: YAML or JSON file of identities (public keys) and their rights "
+                 "(offer, call, call_own, publish, subscribe, consume, admin); needs --curve-key. "
+                 "SIGHUP reads it again")
+      ->check(CLI::ExistingFile);
+  app.add_flag("--insecure", cfg.insecure,
+               "plain mode (no keys) on an endpoint other machines can reach; without it plain "
+               "mode binds only tcp://127.*, tcp://[::1], tcp://localhost, ipc:// and inproc://");
   CLI11_PARSE(app, argc, argv);
   cfg.stream_sync = sync == "always" ? ensemble::broker::streams::sync::always
                                      : ensemble::broker::streams::sync::os;
@@ -109,6 +126,13 @@ int main(int argc, char** argv) {
     sigemptyset(&sa.sa_mask);
     sigaction(SIGINT, &sa, nullptr);
     sigaction(SIGTERM, &sa, nullptr);
+    if (!cfg.auth_file.empty()) {
+      // Only in secured mode: without --auth, SIGHUP keeps its default (a hangup stops it).
+      struct sigaction hup {};
+      hup.sa_handler = on_hangup;
+      sigemptyset(&hup.sa_mask);
+      sigaction(SIGHUP, &hup, nullptr);
+    }
     // The one line launchers and tests wait for: the real endpoints, ephemeral ports resolved.
     std::printf("ensemble-broker ready router=%s events=%s\n", b.bound().router.c_str(),
                 b.bound().events.c_str());

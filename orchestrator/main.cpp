@@ -6,6 +6,7 @@
 #include <iostream>
 
 #include "ensemble/agent/agent.hpp"
+#include "ensemble/common/curve_keys.hpp"
 #include "ensemble/common/logging.hpp"
 #include "ensemble/common/signals.hpp"
 #include "ensemble/orchestrator/definition.hpp"
@@ -18,6 +19,19 @@ namespace {
 // orchestrator cannot start, 2 bad configuration, 3 the store file is damaged.
 constexpr int k_exit_config = 2;
 constexpr int k_exit_store_damaged = 3;
+// --key and --broker-key go together; their files are checked before anything starts, so that a
+// mistake is one line naming the option and the file (exit 2), not a failed start.
+void check_keys(eo::options& opts) {
+  namespace ec = ensemble::common;
+  if (opts.key_file.empty() != opts.broker_key.empty()) {
+    throw ec::config_error(opts.key_file.empty() ? "--broker-key" : "--key",
+                           "a secured broker needs both --key and --broker-key");
+  }
+  if (opts.key_file.empty()) return;
+  ec::read_curve_key_file(opts.key_file, "--key", true);
+  opts.broker_key = ec::read_public_key(opts.broker_key, "--broker-key");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -59,6 +73,10 @@ int main(int argc, char** argv) {
       ->expected(1, -1);
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error, off")
       ->capture_default_str();
+  app.add_option("--key", opts.key_file,
+                 "secured broker: this orchestrator's secret key file (NAME.key_secret)");
+  app.add_option("--broker-key", opts.broker_key,
+                 "secured broker: its public key, 40 characters or a key file");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -73,6 +91,7 @@ int main(int argc, char** argv) {
       validate.insert(validate.end(), opts.workflows.begin(), opts.workflows.end());
       return eo::validate_definition_files(validate, stdout, stderr);
     }
+    check_keys(opts);
     opts.default_timeout = std::chrono::milliseconds(timeout_ms);
     opts.check_store = *eo::parse_store_check(store_check);
     eo::orchestrator o(opts);

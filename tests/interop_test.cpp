@@ -5,7 +5,8 @@
 // order, with the broker's sequence numbers; the Python agent stays registered by its own
 // heartbeats and leaves with BYE; and the Python agent, as a member of a durable consumer,
 // receives the events the C++ agent stored, ACKs, NACKs and TERMs them (docs/protocol.md
-// section 11, "Durable consumers").
+// section 11, "Durable consumers"). With CURVE keys (section 12), the Python agent serves a C++
+// caller of a secured broker under its identity.
 //
 // The Python script reports what it sees as `interop-agent ...` lines on stdout; the test waits
 // on those lines, each wait with a deadline.
@@ -25,7 +26,9 @@
 
 #include "ensemble/agent/agent.hpp"
 #include "ensemble/agent/json.hpp"
+#include "ensemble/common/curve_keys.hpp"
 #include "ensemble/testkit/process.hpp"
+#include "support/temp_dir.hpp"
 
 namespace ea = ensemble::agent;
 namespace tk = ensemble::testkit;
@@ -494,3 +497,67 @@ TEST_F(interop_consume_test, python_member_acks_nacks_and_terms_stored_events) {
 }
 
 }  // namespace
+
+// Secured mode (section 12): the Python agent is a CURVE client with its own key, read from the
+// certificate files `ensemble keygen` writes (zmq.auth.load_certificate); it serves a C++ caller
+// under its identity, and the event its handler publishes reaches the caller's subscription.
+TEST(interop_secured_test, python_agent_with_curve_keys_serves_a_cpp_caller) {
+  namespace ec = ensemble::common;
+  if (!ec::curve_available()) GTEST_SKIP() << "this libzmq has no CURVE";
+  std::string tried;
+  const auto python = find_python(tried);
+  ASSERT_TRUE(python.has_value()) << "the interop test needs python3 with zmq and msgpack. Tried:"
+                                  << tried;
+  ensemble::test::temp_dir dir{"ensemble-interop-secured"};
+  for (const char* name : {"broker", "py-agent", "cpp-caller"}) {
+    ec::write_curve_key_files(dir.file("keys"), name, ec::generate_curve_keys());
+  }
+  const auto auth = dir.write("auth.yaml", R"(identities:
+  py-agent:
+    keys: [keys/py-agent.key]
+    offer: [PyEcho]
+    publish: [interop.py.]
+  cpp-caller:
+    keys: [keys/cpp-caller.key]
+    call: ["PyEcho.*"]
+    subscribe: [interop.py.]
+)");
+  auto broker = tk::broker_process::start({"--heartbeat", std::to_string(k_heartbeat_ms),
+                                           "--liveness", std::to_string(k_liveness), "--curve-key",
+                                           dir.file("keys/broker.key_secret"), "--auth", auth});
+  auto py = tk::process::spawn(
+      {*python,
+       {k_script, "--router", broker->router(), "--events", broker->events(), "--name", "py-agent",
+        "--service", "PyEcho", "--subscribe", "interop.py.", "--liveness",
+        std::to_string(k_liveness), "--key", dir.file("keys/py-agent.key_secret"), "--broker-key",
+        dir.file("keys/broker.key")},
+       {{"PYTHONUNBUFFERED", "1"}, {"PYTHONDONTWRITEBYTECODE", "1"}},
+       {},
+       "interop_agent.py"});
+  ASSERT_TRUE(py->wait_for_line("interop-agent ready", k_wait))
+      << "the Python agent did not start:\n"
+      << py->tail() << "\nbroker:\n"
+      << broker->proc().tail();
+
+  ea::options o;
+  o.broker = broker->router();
+  o.events = broker->events();
+  o.liveness = k_liveness;
+  o.key_file = dir.file("keys/cpp-caller.key_secret");
+  o.broker_key = ec::read_public_key(dir.file("keys/broker.key"), "");  // as 40 characters
+  ea::agent caller(o);
+  event_log events;
+  ASSERT_TRUE(caller.subscribe("interop.py.", [&](const ea::message& m) { events.add(m); }).ok());
+  auto started = caller.start();
+  ASSERT_TRUE(started.ok()) << started.err().to_string();
+
+  auto r = caller.call("PyEcho", "upper", ea::to_json_payload({{"text", "secured"}}), k_wait);
+  ASSERT_TRUE(r.ok()) << r.err().to_string() << "\n" << py->tail();
+  EXPECT_EQ(r->worker(), "py-agent");
+  auto body = ea::from_json_payload(r->payload());
+  ASSERT_TRUE(body.ok());
+  EXPECT_EQ((*body)["text"], "SECURED");
+  auto e = events.wait_for("interop.py.handled");
+  ASSERT_TRUE(e.has_value()) << py->tail();
+  EXPECT_EQ(e->publisher(), "py-agent");
+}

@@ -8,6 +8,8 @@
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
+#include <cstdio>
+#include <cstring>
 #include <deque>
 #include <map>
 #include <mutex>
@@ -17,6 +19,7 @@
 #include <unordered_map>
 
 #include "ensemble/common/clock.hpp"
+#include "ensemble/common/curve_keys.hpp"
 #include "ensemble/common/frames.hpp"
 #include "ensemble/common/ids.hpp"
 #include "ensemble/common/logging.hpp"
@@ -220,6 +223,7 @@ struct probe {
 
 struct agent::impl {
   explicit impl(options o) : opts(std::move(o)), log(common::component_logger("agent")) {
+    name_given = !opts.name.empty();
     if (opts.name.empty()) opts.name = "agent-" + ids.prefix().substr(0, 8);
     opts.send_queue = std::max<std::size_t>(1, opts.send_queue);
     wake_fd = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
@@ -229,6 +233,7 @@ struct agent::impl {
   }
 
   options opts;
+  bool name_given = false;  // options.name was set (else a random one, or the key file's)
   std::shared_ptr<spdlog::logger> log;
   common::id_generator ids;
   zmq::context_t ctx{1};
@@ -249,9 +254,21 @@ struct agent::impl {
   bool wake_pending = false;
   bool outbox_closed = false;
 
+  // Secured mode: this agent's key pair and the broker's public key, read by start(). Without
+  // keys, `secured` is false and the sockets use ZeroMQ's NULL mechanism.
+  bool secured = false;
+  common::curve_keys keys;
+  std::string broker_public_key;
+
   // State owned by the I/O thread.
   std::unique_ptr<zmq::socket_t> dealer;
   std::unique_ptr<zmq::socket_t> sub;
+  // The DEALER's socket monitor (handshake outcomes): how a refused key is told apart from an
+  // unreachable broker. A new one comes with each new DEALER.
+  std::unique_ptr<zmq::socket_t> monitor;
+  std::uint64_t monitors_opened = 0;
+  std::vector<zmq::message_t> monitor_frames;
+  bool refusal_logged = false;  // since the last successful handshake
   std::thread io;
   std::thread::id io_id;
   std::unordered_map<std::string, pending_call> calls;
@@ -433,6 +450,10 @@ struct agent::impl {
   // --- I/O thread ---
   void io_main();
   void connect();
+  void secure(zmq::socket_t& s) const;
+  void open_monitor();
+  void on_monitor_event();
+  void on_refused(const std::string& why);
   void send(command cmd, const header& h, bytes payload = {}, send_tag tag = {});
   bool try_send(std::vector<zmq::message_t>& message_frames);
   void sent(command cmd, bool counted);
@@ -549,7 +570,8 @@ void agent::impl::flush_before(steady::time_point deadline) {
 
 void agent::impl::send_hello(bool first) {
   header h;
-  h.agent = opts.name;
+  // Secured without a name: the broker names this agent with its key's identity.
+  if (!secured || name_given) h.agent = opts.name;
   {
     std::lock_guard lock(config_mutex);
     for (const auto& [name, def] : services) h.services.push_back({name, def.capacity});
@@ -564,13 +586,119 @@ void agent::impl::send_hello(bool first) {
   held.push_front(held_message{std::move(hello), {}, false, false});
 }
 
+// The CURVE client options of docs/protocol.md section 12, "Connecting" (before connect()).
+void agent::impl::secure(zmq::socket_t& s) const {
+  if (!secured) return;
+  s.set(zmq::sockopt::curve_serverkey, broker_public_key);
+  s.set(zmq::sockopt::curve_publickey, keys.public_key);
+  s.set(zmq::sockopt::curve_secretkey, keys.secret_key);
+}
+
+// Watches the handshakes of the current DEALER. Called before it connects, so that no event is
+// missed.
+void agent::impl::open_monitor() {
+  monitor.reset();
+  const std::string endpoint = "inproc://ensemble-agent-monitor-" + std::to_string(++monitors_opened);
+  const int events = ZMQ_EVENT_HANDSHAKE_SUCCEEDED | ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL |
+                     ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL | ZMQ_EVENT_HANDSHAKE_FAILED_AUTH;
+  if (zmq_socket_monitor(dealer->handle(), endpoint.c_str(), events) != 0) throw zmq::error_t();
+  monitor = std::make_unique<zmq::socket_t>(ctx, zmq::socket_type::pair);
+  monitor->set(zmq::sockopt::linger, 0);
+  monitor->connect(endpoint);
+}
+
+namespace {
+
+std::string hex(std::uint32_t v) {
+  char text[16];
+  std::snprintf(text, sizeof text, "0x%x", v);
+  return text;
+}
+
+}  // namespace
+
+// One event of the DEALER's monitor: two frames, [uint16 event, uint32 value] in host order and
+// the endpoint (libzmq's monitor format, version 1).
+void agent::impl::on_monitor_event() {
+  if (monitor_frames.empty() || monitor_frames[0].size() < 6) return;
+  std::uint16_t event = 0;
+  std::uint32_t value = 0;
+  std::memcpy(&event, monitor_frames[0].data(), sizeof event);
+  std::memcpy(&value, static_cast<const char*>(monitor_frames[0].data()) + 2, sizeof value);
+  switch (event) {
+    case ZMQ_EVENT_HANDSHAKE_SUCCEEDED:
+      if (refusal_logged) {
+        log->info("{}: the broker at {} accepted this agent's connection again", opts.name,
+                  opts.broker);
+      }
+      refusal_logged = false;
+      return;
+    case ZMQ_EVENT_HANDSHAKE_FAILED_AUTH:
+      on_refused("ZAP status " + std::to_string(value) +
+                 ": no identity of its auth file has this agent's public key " + keys.public_key +
+                 " (" + opts.key_file + ")");
+      return;
+    case ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL:
+      if (value == ZMQ_PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH) {
+        on_refused(secured ? "the broker at " + opts.broker +
+                                 " does not run secured mode: it expects no CURVE key; start it "
+                                 "with --curve-key, or connect without keys"
+                           : "the broker at " + opts.broker +
+                                 " runs secured mode: this agent needs a key "
+                                 "(options.key_file and options.broker_key; `ensemble keygen`)");
+      } else {
+        on_refused("ZeroMQ protocol error " + hex(value) + " with the broker at " + opts.broker);
+      }
+      return;
+    case ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+      // A CURVE server that cannot open the client's HELLO (it was sealed for another server
+      // key) drops the connection without a word. Without CURVE, a connection lost while
+      // greeting is just a connection lost (a broker stopping): reconnection deals with it.
+      if (secured) {
+        on_refused("the broker at " + opts.broker +
+                   " dropped the connection during the CURVE handshake: is " + broker_public_key +
+                   " (options.broker_key) its public key?");
+      } else {
+        log->debug("{}: connection to {} lost during the handshake (errno {})", opts.name,
+                   opts.broker, value);
+      }
+      return;
+    default:
+      return;
+  }
+}
+
+// The broker refused this agent's connection at the handshake: start() fails with it; later (a
+// revoked key, a broker restarted with other keys) it is logged, once until a handshake passes.
+void agent::impl::on_refused(const std::string& why) {
+  const std::string message = "the broker refused this key at the handshake (" + why + ")";
+  {
+    std::lock_guard lock(state_mutex);
+    if (!welcomed_once) {
+      welcomed_once = true;  // start() is told; nothing else waits on the first WELCOME
+      first_welcome.set_value(error{std::string(errc::unauthorized), message, false});
+      refusal_logged = true;
+      return;
+    }
+  }
+  if (!refusal_logged) {
+    log->error("{}: unauthorized: {}", opts.name, message);
+    refusal_logged = true;
+  } else {
+    log->debug("{}: unauthorized: {}", opts.name, message);
+  }
+}
+
 void agent::impl::connect() {
+  monitor.reset();
   dealer = std::make_unique<zmq::socket_t>(ctx, zmq::socket_type::dealer);
   dealer->set(zmq::sockopt::linger, 0);
   dealer->set(zmq::sockopt::sndhwm, 100'000);
   dealer->set(zmq::sockopt::rcvhwm, 100'000);
   dealer->set(zmq::sockopt::reconnect_ivl, 50);
   dealer->set(zmq::sockopt::reconnect_ivl_max, 1000);
+  secure(*dealer);
+  open_monitor();
   dealer->connect(opts.broker);
   last_from_broker = steady::now();
   events_unconfirmed = 0;
@@ -1116,6 +1244,22 @@ void agent::impl::on_dealer_message(steady::time_point now) {
         complete_call(m.hdr.id, error{m.hdr.error_code, m.hdr.error_message, m.hdr.retryable});
       } else if (!m.hdr.consumer.empty()) {
         on_answer_refused(m.hdr);
+      } else if (m.hdr.error_code == errc::unauthorized) {
+        // In secured mode: before the first WELCOME, what the agent sent is its HELLO (and the
+        // probes, which every identity may publish): its name or a service is not its identity's.
+        {
+          std::lock_guard lock(state_mutex);
+          if (!welcomed_once) {
+            welcomed_once = true;
+            first_welcome.set_value(error{m.hdr.error_code, "the broker at " + opts.broker +
+                                                                " refused this agent: " +
+                                                                m.hdr.error_message,
+                                          false});
+            break;
+          }
+        }
+        log->error("{}: the broker refused a message (id={}): {}: {}", opts.name, m.hdr.id,
+                   m.hdr.error_code, m.hdr.error_message);
       } else {
         log->warn("{}: broker refused a message (id={}): {}: {}", opts.name, m.hdr.id,
                   m.hdr.error_code, m.hdr.error_message);
@@ -1194,9 +1338,15 @@ void agent::impl::on_timers(steady::time_point now) {
   for (auto it = probes.begin(); it != probes.end();) {
     if (now >= it->deadline) {
       sub->set(zmq::sockopt::unsubscribe, it->topic);
-      it->synced->set_value(error{std::string(errc::deadline_exceeded),
-                                  "subscription not confirmed by the broker before the deadline",
-                                  true});
+      // A secured broker does not apply a subscription the identity has no right to, and
+      // cannot say so (a SUB has no way back).
+      it->synced->set_value(error{
+          std::string(errc::deadline_exceeded),
+          std::string("subscription not confirmed by the broker before the deadline") +
+              (secured ? " (a secured broker ignores a subscription outside this identity's "
+                         "'subscribe' right)"
+                       : ""),
+          true});
       it = probes.erase(it);
       continue;
     }
@@ -1248,10 +1398,11 @@ void agent::impl::io_main() {
     const auto timeout =
         wake <= now ? 0ms : std::chrono::ceil<std::chrono::milliseconds>(wake - now);
     const short dealer_events = held.empty() ? ZMQ_POLLIN : ZMQ_POLLIN | ZMQ_POLLOUT;
-    std::array<zmq::pollitem_t, 3> items{{
+    std::array<zmq::pollitem_t, 4> items{{
         {dealer->handle(), 0, dealer_events, 0},
         {sub->handle(), 0, ZMQ_POLLIN, 0},
         {nullptr, wake_fd, ZMQ_POLLIN, 0},
+        {monitor->handle(), 0, ZMQ_POLLIN, 0},
     }};
     try {
       zmq::poll(items.data(), items.size(), std::min(timeout, std::chrono::milliseconds(1000)));
@@ -1270,6 +1421,9 @@ void agent::impl::io_main() {
       for (int i = 0; i < 1024 && common::recv_frames(*sub, frames); ++i) {
         on_event(steady::now());
       }
+    }
+    if ((items[3].revents & ZMQ_POLLIN) != 0) {
+      while (common::recv_frames(*monitor, monitor_frames)) on_monitor_event();
     }
     on_timers(steady::now());
   }
@@ -1369,12 +1523,33 @@ status agent::start() {
       return error{"bad_request", problem, false};
     }
   }
+  if (d.opts.key_file.empty() != d.opts.broker_key.empty()) {
+    return error{"bad_request",
+                 std::string(d.opts.key_file.empty() ? "options.broker_key is set but not "
+                                                       "options.key_file"
+                                                     : "options.key_file is set but not "
+                                                       "options.broker_key") +
+                     ": a secured broker needs both (this agent's secret key file and the "
+                     "broker's public key), a plain broker neither",
+                 false};
+  }
+  if (!d.opts.key_file.empty()) {
+    try {
+      d.keys = common::read_curve_key_file(d.opts.key_file, "options.key_file", true);
+      d.broker_public_key = common::read_public_key(d.opts.broker_key, "options.broker_key");
+    } catch (const common::config_error& e) {
+      return error{"bad_request", e.what(), false};
+    }
+    d.secured = true;
+    if (!d.name_given && !d.keys.name.empty()) d.opts.name = d.keys.name;
+  }
   try {
     d.sub = std::make_unique<zmq::socket_t>(d.ctx, zmq::socket_type::sub);
     d.sub->set(zmq::sockopt::linger, 0);
     d.sub->set(zmq::sockopt::rcvhwm, 100'000);
     d.sub->set(zmq::sockopt::reconnect_ivl, 50);
     d.sub->set(zmq::sockopt::reconnect_ivl_max, 1000);
+    d.secure(*d.sub);
     d.sub->connect(d.opts.events);
     d.heartbeat = d.opts.heartbeat;
     d.connect();
@@ -1449,6 +1624,10 @@ status agent::start() {
                      std::to_string(d.opts.start_timeout.count()) + " ms",
                  true};
   }
+  if (auto w = welcome.get(); !w) {  // refused at the handshake, or its HELLO refused
+    stop(0ms);
+    return w.err();
+  }
   if (synced.valid()) {
     auto s = synced.get();
     if (!s) {
@@ -1508,6 +1687,7 @@ void agent::stop(std::chrono::milliseconds grace) {
   }
   d.event_jobs.close();
   if (d.event_thread.joinable()) d.event_thread.join();
+  d.monitor.reset();
   d.dealer.reset();
   d.sub.reset();
   d.is_registered = false;

@@ -1,14 +1,21 @@
 #include "ensemble/broker/broker.hpp"
 
 #include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
+#include <array>
 #include <atomic>
 #include <cerrno>
+#include <functional>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <unordered_map>
 
+#include "auth.hpp"
 #include "consumer_host.hpp"
+#include "ensemble/common/curve_keys.hpp"
 #include "ensemble/common/frames.hpp"
 #include "ensemble/common/ids.hpp"
 #include "ensemble/common/logging.hpp"
@@ -32,6 +39,12 @@ constexpr std::size_t k_batch = 1024;  // messages handled per socket per poll r
 constexpr std::string_view k_broker_service = "broker";
 constexpr std::string_view k_streams_disabled = "streams_disabled";  // no --data
 constexpr std::uint64_t k_stream_read_max = 10'000;                  // records per stream_read
+// Secured mode: the ZAP handler's endpoint (RFC 27) and the domain of the broker's sockets.
+constexpr const char* k_zap_endpoint = "inproc://zeromq.zap.01";
+constexpr const char* k_zap_domain = "ensemble";
+// The connection metadata the ZAP handler adds: the public key the peer authenticated with
+// (User-Id holds its identity's name). ZAP properties take precedence over what a peer sends.
+constexpr const char* k_key_property = "Ensemble-Key";
 
 struct counters {
   std::uint64_t messages_in = 0;
@@ -55,6 +68,24 @@ struct stream_counters {
   std::uint64_t duplicates = 0;
   std::uint64_t storage_errors = 0;
   std::map<std::string, std::uint64_t> errors_by_code;
+};
+
+// Secured mode, in broker.stats `auth`.
+struct auth_counters {
+  std::uint64_t handshakes_refused = 0;
+  std::array<std::uint64_t, auth::k_rights> refused{};
+  std::uint64_t reloads = 0;
+  std::uint64_t reload_failures = 0;
+};
+
+// A connection of a secured peer, learned from the messages it sends (libzmq gives each
+// message's file descriptor): what a reload needs to close the connections of a revoked key.
+// The socket's inode tells a reused descriptor number from the connection it was learned on.
+struct connection_entry {
+  std::string identity;
+  std::string key;
+  ino_t inode = 0;
+  bool events = false;  // on the XPUB (a subscriber), else on the ROUTER
 };
 
 // A PUBLISH appended to a stream in this poll batch, waiting for the batch's flush before it
@@ -89,6 +120,13 @@ std::string peer_label(const worker* w, const peer_id& peer) {
 // call: their registrations and goodbyes are logged at debug, those of workers at info.
 spdlog::level::level_enum lifecycle_level(const worker* w) {
   return w != nullptr && !w->offers.empty() ? spdlog::level::info : spdlog::level::debug;
+}
+
+// Plain mode binds only what other machines cannot reach (docs/protocol.md section 12).
+bool is_loopback(std::string_view endpoint) {
+  return endpoint.starts_with("ipc://") || endpoint.starts_with("inproc://") ||
+         endpoint.starts_with("tcp://127.") || endpoint.starts_with("tcp://[::1]:") ||
+         endpoint.starts_with("tcp://localhost:");
 }
 
 std::string bind_or_throw(zmq::socket_t& socket, const std::string& endpoint, const char* what) {
@@ -137,6 +175,22 @@ struct broker::impl {
     // prefix's first and last: stats.subscriptions counts subscribers per prefix.
     xpub.set(zmq::sockopt::xpub_verboser, 1);
     xpub.set(zmq::sockopt::linger, 500);
+    secured = !cfg.curve_secret_key_file.empty() || !cfg.auth_file.empty();
+    if (secured) {
+      set_up_security();
+    } else if (!cfg.insecure) {
+      for (const auto& [endpoint, option] : {std::pair{cfg.router_endpoint, "--router"},
+                                             std::pair{cfg.events_endpoint, "--events"}}) {
+        if (is_loopback(endpoint)) continue;
+        throw common::config_error(
+            option, endpoint +
+                        " is not a loopback endpoint, and without keys anyone who reaches it may "
+                        "register any service, call anything and read every event. Run secured "
+                        "(--curve-key FILE --auth FILE), or give --insecure to bind it anyway. "
+                        "Plain mode binds tcp://127.*, tcp://[::1], tcp://localhost, ipc:// "
+                        "and inproc://");
+      }
+    }
     eps.router = bind_or_throw(router, cfg.router_endpoint, "--router");
     eps.events = bind_or_throw(xpub, cfg.events_endpoint, "--events");
     wake_fd = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
@@ -176,6 +230,21 @@ struct broker::impl {
   std::vector<zmq::message_t> out;
   std::vector<decision> decisions;
   std::uint64_t next_token = 0;
+  // Secured mode (docs/protocol.md section 12).
+  bool secured = false;
+  std::atomic<bool> reload_requested{false};
+  zmq::socket_t zap;  // the ZAP handler (REP), polled by the loop
+  auth::table auth_table;
+  auth_counters auth_stats;
+  auth::refusal_log_limiter refusal_log;
+  std::uint64_t handshake_lines = 0;  // handshake refusals logged this second
+  steady_clock::time_point handshake_window;
+  // The identity of the message being handled: its name (the connection's User-Id) and its
+  // entry (null when a reload removed it and the connection is not closed yet).
+  std::string_view sender_name;
+  const auth::identity* sender = nullptr;
+  std::unordered_map<int, connection_entry> connections;       // by file descriptor
+  std::map<std::string, std::uint64_t> refused_subscriptions;  // prefix -> not applied
   steady_clock::time_point started = steady_clock::now();
   steady_clock::time_point next_heartbeat;
   bool stopping = false;
@@ -183,8 +252,26 @@ struct broker::impl {
 
   void run();
   void open_streams();
+  void set_up_security();
+  void handle_zap(steady_clock::time_point now);
+  void identify(zmq::message_t& frame, bool events);
+  error refusal(auth::right r, const std::string& what, steady_clock::time_point now);
+  bool consume_allowed(const peer_id& peer, const common::parsed_message& m,
+                       steady_clock::time_point now);
+  void reload_auth(steady_clock::time_point now);
+  std::size_t close_connections(const std::function<bool(const connection_entry&)>& which);
+  // Who a peer is, in what the broker stamps (caller, publisher, worker): its identity in
+  // secured mode, else the name it gave itself.
+  std::string caller_of(const worker* w, const peer_id& peer) const {
+    return secured ? std::string(sender_name) : peer_label(w, peer);
+  }
+  std::string publisher_of(const worker* w) const {
+    if (secured) return std::string(sender_name);
+    return w != nullptr ? w->agent : std::string();
+  }
   void handle_router(steady_clock::time_point now);
   void handle_subscription();
+  void on_secured_subscription(zmq::message_t& m, bool subscribe, const std::string& prefix);
   void on_request(const peer_id& peer, const worker* w, common::parsed_message& m,
                   steady_clock::time_point now);
   void on_reply(const peer_id& peer, const worker* w, common::parsed_message& m);
@@ -224,6 +311,8 @@ struct broker::impl {
   json services_json() const;
   json stats_json() const;
   json consumers_stats_json() const;
+  json plain_stats_json() const;
+  json auth_json() const;
 };
 
 bool broker::impl::send_to(const peer_id& peer, command cmd, const header& h,
@@ -282,11 +371,14 @@ void broker::impl::run() {
   log->info("broker {} serving router={} events={} heartbeat={}ms liveness={}", broker_id,
             eps.router, eps.events, cfg.heartbeat.count(), cfg.liveness);
   next_heartbeat = steady_clock::now() + cfg.heartbeat;
-  std::array<zmq::pollitem_t, 3> items{{
+  // The ZAP handler is polled only in secured mode (there is no ZAP socket otherwise).
+  std::array<zmq::pollitem_t, 4> items{{
       {router.handle(), 0, ZMQ_POLLIN, 0},
       {xpub.handle(), 0, ZMQ_POLLIN, 0},
       {nullptr, wake_fd, ZMQ_POLLIN, 0},
+      {secured ? zap.handle() : nullptr, 0, ZMQ_POLLIN, 0},
   }};
+  const std::size_t polled = secured ? 4 : 3;
   while (true) {
     auto now = steady_clock::now();
     auto wake_at = next_heartbeat;
@@ -299,7 +391,7 @@ void broker::impl::run() {
                              ? std::chrono::milliseconds(0)
                              : std::chrono::ceil<std::chrono::milliseconds>(wake_at - now);
     try {
-      zmq::poll(items.data(), items.size(), timeout);
+      zmq::poll(items.data(), polled, timeout);
     } catch (const zmq::error_t& e) {
       if (e.num() != EINTR) log->error("poll failed: {}", e.what());
     }
@@ -309,6 +401,9 @@ void broker::impl::run() {
       [[maybe_unused]] auto n = ::read(wake_fd, &value, sizeof value);
     }
     if (stop_requested.load() && !stopping) begin_stop(now);
+    if (reload_requested.exchange(false)) reload_auth(now);
+    // Handshakes first: a peer waiting for its ZAP answer sends nothing until it has it.
+    if (secured && (items[3].revents & ZMQ_POLLIN) != 0) handle_zap(now);
 
     if ((items[0].revents & ZMQ_POLLIN) != 0) {
       for (std::size_t i = 0; i < k_batch && common::recv_frames(router, in); ++i) {
@@ -465,6 +560,10 @@ void broker::impl::handle_subscription() {
     if (m.size() == 0) continue;
     const auto* p = static_cast<const char*>(m.data());
     std::string prefix(p + 1, m.size() - 1);
+    if (secured) {
+      on_secured_subscription(m, p[0] == 1, prefix);
+      continue;
+    }
     if (p[0] == 1) {
       ++subscriptions[prefix];
       log->debug("subscription to '{}'", prefix);
@@ -482,6 +581,11 @@ void broker::impl::handle_router(steady_clock::time_point now) {
     return;
   }
   const peer_id peer(static_cast<const char*>(in[0].data()), in[0].size());
+  // Secured: who sent it, read from this message's connection (never cached by routing id: a
+  // peer may choose the routing id another used before it disconnected). The first frame the
+  // peer sent carries the connection's metadata; libzmq 4.3.4 leaves it off the routing-id
+  // frame when the message was prefetched by a poll.
+  if (secured) identify(in[1], false);
   std::size_t bytes = 0;
   for (std::size_t i = 1; i < in.size(); ++i) bytes += in[i].size();
   stats.bytes_in += bytes;
@@ -619,9 +723,27 @@ void broker::impl::on_request(const peer_id& peer, const worker* w, common::pars
     }
     return;
   }
+  auth::verdict allowed = auth::verdict::allowed;
+  if (secured) {
+    allowed = auth::check_call(sender, h.service, h.action);
+    if (allowed == auth::verdict::refused) {
+      const bool admin = h.service == k_broker_service;
+      reply_error(peer, h,
+                  refusal(admin ? auth::right::admin : auth::right::call,
+                          "action '" + h.service + "." + h.action + "'", now));
+      return;
+    }
+  }
   if (h.service == k_broker_service) {
     on_admin(peer, h, m.payload);
     return;
+  }
+  // Who called, for the worker; whatever the client put there is replaced.
+  h.caller = caller_of(w, peer);
+  if (allowed == auth::verdict::allowed_own) {
+    h.caller_scope = "own";
+  } else {
+    h.caller_scope.clear();
   }
   if (stopping) {
     reply_error(peer, h, error::make(errc::shutting_down, "broker is shutting down"));
@@ -643,7 +765,7 @@ void broker::impl::on_request(const peer_id& peer, const worker* w, common::pars
     e.causation_id = h.causation_id;
     e.service = h.service;
     e.action = h.action;
-    e.from = w != nullptr ? w->agent : std::string_view();
+    e.from = secured ? sender_name : w != nullptr ? w->agent : std::string_view();
     e.attempt = h.attempt;
   }
   r.hdr = std::move(h);
@@ -737,7 +859,11 @@ void broker::impl::on_reply(const peer_id& peer, const worker* w, common::parsed
     header& h = m.hdr;
     h.id = r->hdr.id;  // the client's id, whatever the worker echoed
     h.token = 0;
-    if (h.worker.empty() && w != nullptr) h.worker = w->agent;
+    if (secured) {
+      h.worker = std::string(sender_name);  // the worker's identity, whatever it wrote
+    } else if (h.worker.empty() && w != nullptr) {
+      h.worker = w->agent;
+    }
     if (h.is_error()) {
       ++c.errors;
       ++c.errors_by_code[h.error_code];
@@ -795,6 +921,11 @@ void broker::impl::on_publish(const peer_id& peer, const worker* w, common::pars
     send_error(peer, error::make(errc::bad_request, problem), h.id);
     return;
   }
+  if (secured && auth::check_publish(sender, h.topic) == auth::verdict::refused) {
+    send_error(peer, refusal(auth::right::publish, "topic '" + h.topic + "'", steady_clock::now()),
+               h.id);
+    return;
+  }
   // The broker stamps these; whatever the publisher sent is dropped.
   h.stream.clear();
   h.stream_seq = 0;
@@ -808,7 +939,7 @@ void broker::impl::on_publish(const peer_id& peer, const worker* w, common::pars
   const bool wants_ack = h.ack;
   h.ack = false;
   h.ts = common::wall_clock_us();
-  h.publisher = w != nullptr ? w->agent : std::string();
+  h.publisher = publisher_of(w);
   fan_out(h, std::move(m.payload), peer_label(w, peer));
   if (wants_ack) {
     header ack;
@@ -877,7 +1008,7 @@ bool broker::impl::store_publish(const peer_id& peer, const worker* w, common::p
   p.wants_ack = h.ack;
   h.ack = false;
   h.ts = common::wall_clock_us();
-  h.publisher = w != nullptr ? w->agent : std::string();
+  h.publisher = publisher_of(w);
   h.seq = 0;  // per topic and per broker run: given when fanned out, not stored
   h.stream = stream;
   streams::record rec;
@@ -971,6 +1102,25 @@ void broker::impl::commit_streams() {
 void broker::impl::on_hello(const peer_id& peer, common::parsed_message& m,
                             steady_clock::time_point now) {
   header& h = m.hdr;
+  if (secured) {
+    // Nobody registers as another agent; a refused HELLO registers nothing.
+    std::optional<error> refused;
+    if (!h.agent.empty() && h.agent != sender_name) {
+      refused =
+          refusal(auth::right::name,
+                  "agent name '" + h.agent + "' (a peer's agent name is its identity's)", now);
+    }
+    for (std::size_t i = 0; !refused && i < h.services.size(); ++i) {
+      if (auth::check_offer(sender, h.services[i].name) == auth::verdict::refused) {
+        refused = refusal(auth::right::offer, "service '" + h.services[i].name + "'", now);
+      }
+    }
+    if (refused) {
+      send_error(peer, *refused, h.id);
+      return;
+    }
+    h.agent = std::string(sender_name);
+  }
   std::string agent = h.agent;
   if (agent.empty()) agent = peer_label(nullptr, peer);
   if (auto problem = common::check_name("'agent'", agent); !problem.empty()) {
@@ -1036,6 +1186,12 @@ json broker::impl::services_json() const {
 }
 
 json broker::impl::stats_json() const {
+  json all = plain_stats_json();
+  if (secured) all["auth"] = auth_json();
+  return all;
+}
+
+json broker::impl::plain_stats_json() const {
   json per_service = json::object();
   for (const auto& [name, s] : reg.services()) {
     per_service[name] = {{"requests", s.counters.requests},
@@ -1453,6 +1609,12 @@ void broker::request_stop() {
   [[maybe_unused]] auto n = ::write(impl_->wake_fd, &one, sizeof one);
 }
 
+void broker::request_reload() {
+  impl_->reload_requested.store(true);
+  const std::uint64_t one = 1;
+  [[maybe_unused]] auto n = ::write(impl_->wake_fd, &one, sizeof one);
+}
+
 }  // namespace ensemble::broker
 
 namespace ensemble::broker {
@@ -1466,6 +1628,7 @@ void broker::impl::forget_removed_peers(steady_clock::time_point now) {
 // CONSUME, CONSUME_STOP, ACK, NACK, TERM, PROGRESS (docs/protocol.md "Durable consumers").
 void broker::impl::on_consumer_command(const peer_id& peer, const worker* w,
                                        common::parsed_message& m, steady_clock::time_point now) {
+  if (secured && m.cmd == command::consume && !consume_allowed(peer, m, now)) return;
   const header& req = m.hdr;
   const bool is_join = m.cmd == command::consume || m.cmd == command::consume_stop;
   // Answers without an id are confirmed only when refused, and then with an ERROR.
@@ -1592,6 +1755,285 @@ void broker::impl::on_consumer_admin(const peer_id& peer, const header& request,
   }
   if (!answer) return reply_error(peer, request, answer.err());
   reply_body(peer, request, answer.value());
+}
+
+}  // namespace ensemble::broker
+
+// Secured mode (docs/protocol.md section 12): the handshake, the sender's identity, refusals
+// and reloads. Nothing here runs in plain mode.
+namespace ensemble::broker {
+
+void broker::impl::set_up_security() {
+  if (cfg.curve_secret_key_file.empty()) {
+    throw common::config_error("--auth " + cfg.auth_file,
+                               "needs --curve-key FILE, the broker's secret key (ensemble keygen "
+                               "broker): secured mode takes both");
+  }
+  if (cfg.auth_file.empty()) {
+    throw common::config_error("--curve-key " + cfg.curve_secret_key_file,
+                               "needs --auth FILE, the identities that may connect and their "
+                               "rights: secured mode takes both");
+  }
+  if (!common::curve_available()) {
+    throw common::config_error("--curve-key", "this libzmq was built without CURVE support");
+  }
+  const auto keys = common::read_curve_key_file(cfg.curve_secret_key_file,
+                                                "--curve-key " + cfg.curve_secret_key_file, true);
+  auth_table = auth::load_auth_file(cfg.auth_file);
+  // The ZAP handler is bound before the CURVE sockets: libzmq lets every handshake through
+  // when nobody serves ZAP.
+  zap = zmq::socket_t(ctx, zmq::socket_type::rep);
+  zap.set(zmq::sockopt::linger, 0);
+  try {
+    zap.bind(k_zap_endpoint);
+  } catch (const zmq::error_t& e) {
+    throw common::config_error("--curve-key", std::string("cannot bind the ZAP handler ") +
+                                                  k_zap_endpoint + ": " + e.what());
+  }
+  for (zmq::socket_t* s : {&router, &xpub}) {
+    s->set(zmq::sockopt::curve_server, 1);
+    s->set(zmq::sockopt::curve_secretkey, keys.secret_key);
+    s->set(zmq::sockopt::zap_domain, k_zap_domain);
+  }
+  // Every subscription is checked before it is applied (set(subscribe) after reading it).
+  xpub.set(zmq::sockopt::xpub_manual, 1);
+  log->info("secured mode: broker key {} ({}), {} identities from {}", keys.public_key,
+            cfg.curve_secret_key_file, auth_table.identities().size(), cfg.auth_file);
+}
+
+// ZAP requests (RFC 27): [version][request id][domain][address][routing id][mechanism]
+// [client public key]; the answer is [version][request id][status][text][user id][metadata].
+void broker::impl::handle_zap(steady_clock::time_point now) {
+  std::vector<zmq::message_t> req;
+  for (std::size_t i = 0; i < k_batch && common::recv_frames(zap, req); ++i) {
+    std::string status = "400";
+    std::string text = "unknown key";
+    std::string user;
+    std::string metadata;
+    std::string key;
+    const bool well_formed = req.size() >= 7 && common::as_view(req[0]) == "1.0";
+    if (well_formed && common::as_view(req[5]) == "CURVE" && req[6].size() == 32) {
+      std::array<char, 41> z85{};
+      zmq_z85_encode(z85.data(), static_cast<const std::uint8_t*>(req[6].data()), 32);
+      key.assign(z85.data(), 40);
+      if (const auth::identity* id = auth_table.by_key(key)) {
+        status = "200";
+        text = "OK";
+        user = id->name;
+        // One ZMTP property: name length (1 byte), name, value length (4 bytes, big endian),
+        // value.
+        const std::string_view name = k_key_property;
+        metadata += static_cast<char>(name.size());
+        metadata += name;
+        for (int shift = 24; shift >= 0; shift -= 8) {
+          metadata += static_cast<char>((key.size() >> shift) & 0xff);
+        }
+        metadata += key;
+      }
+    } else if (well_formed) {
+      text = "CURVE is required";
+    }
+    if (status != "200") {
+      ++auth_stats.handshakes_refused;
+      if (now - handshake_window >= std::chrono::seconds(1)) {
+        handshake_window = now;
+        handshake_lines = 0;
+      }
+      if (++handshake_lines <= auth::refusal_log_limiter::k_lines_per_second) {
+        log->warn("handshake refused ({}): key {} from {} (domain {})", text,
+                  key.empty() ? "-" : key,
+                  req.size() > 3 ? std::string(common::as_view(req[3])) : "?",
+                  req.size() > 2 ? std::string(common::as_view(req[2])) : "?");
+      }
+    } else if (log->should_log(spdlog::level::debug)) {
+      log->debug("handshake of {} from {} accepted", user, std::string(common::as_view(req[3])));
+    }
+    std::vector<zmq::message_t> answer;
+    answer.emplace_back("1.0", 3);
+    if (req.size() > 1) {
+      answer.emplace_back(req[1].data(), req[1].size());
+    } else {
+      answer.emplace_back();
+    }
+    answer.emplace_back(status.data(), status.size());
+    answer.emplace_back(text.data(), text.size());
+    answer.emplace_back(user.data(), user.size());
+    answer.emplace_back(metadata.data(), metadata.size());
+    common::send_frames(zap, answer);
+  }
+}
+
+// The identity of the message this frame is part of (libzmq attaches the connection's
+// metadata to the frames a peer sent), and the connection it came on, for a reload that must
+// close it.
+void broker::impl::identify(zmq::message_t& frame, bool events) {
+  const char* user = zmq_msg_gets(frame.handle(), "User-Id");
+  sender_name = user != nullptr ? std::string_view(user) : std::string_view();
+  sender = auth_table.by_name(sender_name);
+  const int fd = zmq_msg_get(frame.handle(), ZMQ_SRCFD);
+  struct stat st {};
+  if (fd < 0 || ::fstat(fd, &st) != 0) return;
+  connection_entry& c = connections[fd];
+  if (c.inode == st.st_ino && c.events == events && c.identity == sender_name) return;
+  const char* key = zmq_msg_gets(frame.handle(), k_key_property);
+  c.identity = std::string(sender_name);
+  c.key = key != nullptr ? key : "";
+  c.inode = st.st_ino;
+  c.events = events;
+}
+
+void broker::impl::on_secured_subscription(zmq::message_t& m, bool subscribe,
+                                           const std::string& prefix) {
+  if (zmq_msg_gets(m.handle(), "User-Id") == nullptr) {
+    // libzmq reports the subscriptions of a connection that closed without metadata, the
+    // refused ones too: uncount a refused one first. Which one it was cannot be told, but each
+    // report is one subscription gone, so the counts come back to zero with the subscribers.
+    if (subscribe) return;
+    for (auto* counts : {&refused_subscriptions, &subscriptions}) {
+      auto it = counts->find(prefix);
+      if (it == counts->end()) continue;
+      if (--it->second == 0) counts->erase(it);
+      break;
+    }
+    return;
+  }
+  identify(m, true);
+  const bool allowed = auth::check_subscribe(sender, prefix) == auth::verdict::allowed;
+  if (!subscribe) {
+    // The same verdict as when it subscribed: a change of the right closes the connection.
+    xpub.set(zmq::sockopt::unsubscribe, prefix);
+    auto& counts = allowed ? subscriptions : refused_subscriptions;
+    auto it = counts.find(prefix);
+    if (it != counts.end() && --it->second == 0) counts.erase(it);
+    return;
+  }
+  if (!allowed) {
+    ++refused_subscriptions[prefix];
+    (void)refusal(auth::right::subscribe, "prefix '" + prefix + "' (not applied)",
+                  steady_clock::now());
+    return;
+  }
+  xpub.set(zmq::sockopt::subscribe, prefix);  // applies to the connection just read
+  ++subscriptions[prefix];
+  log->debug("subscription of {} to '{}'", sender_name, prefix);
+}
+
+error broker::impl::refusal(auth::right r, const std::string& what, steady_clock::time_point now) {
+  ++auth_stats.refused[static_cast<std::size_t>(r)];
+  auto message = auth::refusal_message(sender_name, r, what);
+  std::uint64_t suppressed = 0;
+  if (refusal_log.admit(sender_name, now, suppressed)) {
+    if (suppressed > 0) {
+      log->warn("refused: {} ({} more refusals of '{}' were not logged)", message, suppressed,
+                sender_name);
+    } else {
+      log->warn("refused: {}", message);
+    }
+  }
+  return error::make(errc::unauthorized, std::move(message));
+}
+
+// CONSUME needs the consume right on its stream; the refusal has the form of section 11's
+// (a REPLY with the id, else an ERROR, repeating stream, consumer and stream_seq).
+bool broker::impl::consume_allowed(const peer_id& peer, const common::parsed_message& m,
+                                   steady_clock::time_point now) {
+  const header& req = m.hdr;
+  if (auth::check_consume(sender, req.stream) == auth::verdict::allowed) return true;
+  const error err = refusal(auth::right::consume, "stream '" + req.stream + "'", now);
+  header h;
+  h.id = req.id;
+  h.stream = req.stream;
+  h.consumer = req.consumer;
+  h.stream_seq = req.stream_seq;
+  h.error_code = err.code;
+  h.error_message = err.message;
+  h.retryable = err.retryable;
+  h.worker = std::string(k_broker_service);
+  count_error(err.code);
+  send_to(peer, req.id.empty() ? command::error : command::reply, h);
+  return false;
+}
+
+json broker::impl::auth_json() const {
+  json refused = json::object();
+  for (std::size_t r = 0; r < auth::k_rights; ++r) {
+    const auto which = static_cast<auth::right>(r);
+    if (which == auth::right::call_own) continue;  // a refused call is counted under call
+    refused[std::string(auth::right_name(which))] = auth_stats.refused[r];
+  }
+  return {{"identities", auth_table.identities().size()},
+          {"handshakes_refused", auth_stats.handshakes_refused},
+          {"refused", std::move(refused)},
+          {"refused_subscriptions", refused_subscriptions},
+          {"reloads", auth_stats.reloads},
+          {"reload_failures", auth_stats.reload_failures}};
+}
+
+// SIGHUP. Connections of identities whose entry did not change are not touched.
+void broker::impl::reload_auth(steady_clock::time_point now) {
+  if (!secured) {
+    log->info("reload requested, but the broker runs without --auth: nothing to reload");
+    return;
+  }
+  auth::table next;
+  try {
+    next = auth::load_auth_file(cfg.auth_file);
+  } catch (const common::config_error& e) {
+    ++auth_stats.reload_failures;
+    log->error("reload of {} failed; the previous rights stay in force: {}", cfg.auth_file,
+               e.what());
+    return;
+  }
+  const auto changes = auth::diff(auth_table, next);
+  auth_table = std::move(next);
+  sender = nullptr;
+  sender_name = {};
+  ++auth_stats.reloads;
+  const auto listed = [](const std::vector<std::string>& names, std::string_view name) {
+    return std::find(names.begin(), names.end(), name) != names.end();
+  };
+  // An identity whose rights changed is unregistered as if lost: its HELLO is checked again.
+  std::vector<peer_id> unregister;
+  for (const auto& [id, w] : reg.workers()) {
+    if (listed(changes.changed, w->agent)) unregister.push_back(id);
+  }
+  for (const auto& id : unregister) reg.remove_worker(id, decisions);
+  execute_decisions(now);
+  forget_removed_peers(now);
+  const auto closed = close_connections([&](const connection_entry& c) {
+    return listed(changes.closed_keys, c.key) ||
+           (c.events && listed(changes.subscribe_changed, c.identity));
+  });
+  std::string names;
+  for (const auto& n : changes.changed) names += (names.empty() ? "" : ", ") + n;
+  log->info(
+      "reloaded {}: {} identities; rights changed for [{}] ({} peer(s) unregistered); {} key(s) "
+      "no longer listed, {} connection(s) closed",
+      cfg.auth_file, auth_table.identities().size(), names, unregister.size(),
+      changes.closed_keys.size(), closed);
+}
+
+// Shuts down the matching connections' sockets: libzmq then drops them (an XPUB reports their
+// subscriptions gone) and a peer that reconnects goes through the handshake again. A
+// descriptor whose socket is not the one learned (closed, and the number reused) is left alone.
+std::size_t broker::impl::close_connections(
+    const std::function<bool(const connection_entry&)>& which) {
+  std::size_t closed = 0;
+  for (auto it = connections.begin(); it != connections.end();) {
+    if (!which(it->second)) {
+      ++it;
+      continue;
+    }
+    struct stat st {};
+    if (::fstat(it->first, &st) == 0 && st.st_ino == it->second.inode && S_ISSOCK(st.st_mode)) {
+      ::shutdown(it->first, SHUT_RDWR);
+      ++closed;
+      log->info("closed the {} connection of {} (key {})", it->second.events ? "events" : "router",
+                it->second.identity, it->second.key);
+    }
+    it = connections.erase(it);
+  }
+  return closed;
 }
 
 }  // namespace ensemble::broker

@@ -43,8 +43,11 @@ int run_agent(const agent_args& args, const context& ctx) {
   // and the signal is taken by wait_for_shutdown_signal() below, on this thread.
   common::block_stop_signals();
 
-  scriptable_agent a(std::move(spec),
-                     {.broker = ctx.broker, .events = ctx.events_endpoint(), .name = args.name});
+  scriptable_agent a(std::move(spec), {.broker = ctx.broker,
+                                       .events = ctx.events_endpoint(),
+                                       .name = args.name,
+                                       .key_file = ctx.key_file,
+                                       .broker_key = ctx.broker_key});
   if (auto s = a.start(); !s) {
     std::cerr << "ensemble agent: " << args.spec << ": cannot start: " << s.err().to_string()
               << "\n";
@@ -70,7 +73,9 @@ void add_agent_commands(CLI::App& app, context& ctx) {
       "  ensemble-agent ready name=NAME services=A,B\n"
       "and runs until SIGINT or SIGTERM, then exits 0. A bad spec is reported on stderr with "
       "the file and the YAML path of the problem, exit code 2; a broker that cannot be reached "
-      "within 5 s, exit code 1.");
+      "within 5 s, or that refuses its key (`unauthorized`), exit code 1. For a secured broker give "
+      "--key and --broker-key (or ENSEMBLE_KEY and ENSEMBLE_BROKER_KEY): the agent's name (the "
+      "spec's, or --name) must then be its key's identity in the broker's auth file.");
   cmd->add_option("spec", args->spec, "the agent spec (YAML)")->required();
   cmd->add_option("--name", args->name, "agent name (overrides the spec's `name`)");
   cmd->add_flag("--check", args->check, "validate the spec and exit without connecting");

@@ -3,10 +3,12 @@
 #include <cstdlib>
 #include <iostream>
 #include <string_view>
+#include <tuple>
 #include <vector>
 
 #include "client.hpp"
 #include "ensemble/cli/cli.hpp"
+#include "ensemble/common/curve_keys.hpp"
 #include "ensemble/common/logging.hpp"
 #include "ensemble/common/result.hpp"
 #include "run_file.hpp"
@@ -30,7 +32,8 @@ std::string context::events_endpoint() const {
 namespace {
 
 // Global options that take a value as the next word (for finding the subcommand in argv).
-constexpr std::string_view k_valued_globals[] = {"--broker", "--events", "--log-level"};
+constexpr std::string_view k_valued_globals[] = {"--broker", "--events", "--log-level", "--key",
+                                                  "--broker-key"};
 
 // Edit distance with transpositions (optimal string alignment), for "did you mean": "evnets"
 // is one edit from "events".
@@ -185,6 +188,42 @@ void resolve_broker(context& ctx, bool broker_given, bool events_given) {
   }
   ctx.broker = r->router;
   if (!events_given) ctx.events = r->events;
+  // A secured `up` records the broker's public key, and may name a key file for its commands.
+  if (ctx.broker_key.empty() && !r->broker_key.empty()) {
+    ctx.broker_key = r->broker_key;
+    ctx.broker_key_source = file.string() + " (broker_key)";
+  }
+  if (ctx.key_file.empty() && !r->key.empty()) {
+    ctx.key_file = r->key;
+    ctx.key_source = file.string() + " (key)";
+  }
+}
+
+// Commands that never connect to the broker: they ignore the keys.
+bool connects(CLI::App& app) {
+  for (const char* name : {"up", "keygen", "validate", "graph"}) {
+    if (app.got_subcommand(name)) return false;
+  }
+  return true;
+}
+
+// Both keys or neither; the secret key file readable and private, the broker's key well formed.
+// Throws common::config_error naming the option (or variable, or run file) and the file.
+void check_keys(context& ctx) {
+  if (ctx.key_file.empty() && ctx.broker_key.empty()) return;
+  if (ctx.key_file.empty()) {
+    throw common::config_error(ctx.broker_key_source,
+                               "the broker's public key is given but not this process's secret "
+                               "key: give --key FILE or ENSEMBLE_KEY too (`ensemble keygen NAME` "
+                               "writes one)");
+  }
+  if (ctx.broker_key.empty()) {
+    throw common::config_error(ctx.key_source + " '" + ctx.key_file + "'",
+                               "a key is given but not the broker's public key: give "
+                               "--broker-key KEY|FILE or ENSEMBLE_BROKER_KEY too");
+  }
+  common::read_curve_key_file(ctx.key_file, ctx.key_source, true);
+  ctx.broker_key = common::read_public_key(ctx.broker_key, ctx.broker_key_source);
 }
 
 }  // namespace
@@ -199,6 +238,15 @@ int run(int argc, char** argv) {
   }
   if (env_events != nullptr && *env_events == '\0') env_events = nullptr;
   if (env_events != nullptr) ctx.events = env_events;
+  for (auto [variable, value, source] :
+       {std::tuple{"ENSEMBLE_KEY", &ctx.key_file, &ctx.key_source},
+        std::tuple{"ENSEMBLE_BROKER_KEY", &ctx.broker_key, &ctx.broker_key_source}}) {
+    const char* env = std::getenv(variable);
+    if (env != nullptr && *env != '\0') {
+      *value = env;
+      *source = variable;
+    }
+  }
   if (ctx.broker.empty()) ctx.broker = "tcp://127.0.0.1:5555";
   ctx.log_level = "warn";
 
@@ -207,7 +255,8 @@ int run(int argc, char** argv) {
   app.footer(
       "Without --broker or ENSEMBLE_BROKER, commands use the deployment that `ensemble up` runs "
       "from the same directory (it records its endpoints in .ensemble/up.json), else "
-      "tcp://127.0.0.1:5555. Ctrl-C ends any command at once (exit 130; SIGTERM: 143); `up` and "
+      "tcp://127.0.0.1:5555. A secured broker (docs/agents.md, \"Keys\") takes --key and "
+      "--broker-key, or ENSEMBLE_KEY and ENSEMBLE_BROKER_KEY. Ctrl-C ends any command at once (exit 130; SIGTERM: 143); `up` and "
       "`agent` stop cleanly and exit 0.");
   auto* broker_opt =
       app.add_option("--broker", ctx.broker, "broker router endpoint (env ENSEMBLE_BROKER)")
@@ -217,6 +266,15 @@ int run(int argc, char** argv) {
                      "broker events endpoint (env ENSEMBLE_EVENTS; default: router port + 1)");
   app.add_option("--log-level", ctx.log_level, "trace, debug, info, warn, error, off")
       ->capture_default_str();
+  auto* key_opt = app.add_option("--key", ctx.key_file,
+                                 "secured broker: this process's secret key file, NAME.key_secret "
+                                 "(env ENSEMBLE_KEY; `ensemble keygen`)");
+  auto* broker_key_opt =
+      app.add_option("--broker-key", ctx.broker_key,
+                     "secured broker: its public key, 40 characters or a key file (env "
+                     "ENSEMBLE_BROKER_KEY)");
+  // The global options may also follow the command (`ensemble call --key K ...`).
+  app.fallthrough();
   app.parse_complete_callback([&] {
     try {
       common::set_log_level(ctx.log_level);
@@ -224,15 +282,19 @@ int run(int argc, char** argv) {
       throw CLI::ValidationError("--log-level", e.what());
     }
     if (broker_opt->count() > 0) ctx.broker_source = "--broker";
+    if (key_opt->count() > 0) ctx.key_source = "--key";
+    if (broker_key_opt->count() > 0) ctx.broker_key_source = "--broker-key";
     const bool events_given = events_opt->count() > 0 || env_events != nullptr;
     if (!app.got_subcommand("up")) {
       resolve_broker(ctx, !ctx.broker_source.empty(), events_given);
     }
+    if (connects(app)) check_keys(ctx);
     // `up` and `agent` take SIGINT/SIGTERM themselves and stop cleanly; every other command
     // ends at once, whatever it is waiting for.
     if (!app.got_subcommand("up") && !app.got_subcommand("agent")) exit_on_stop_signal();
   });
   add_up_commands(app, ctx);
+  add_key_commands(app, ctx);
   add_agent_commands(app, ctx);
   add_workflow_commands(app, ctx);
   add_broker_commands(app, ctx);

@@ -18,9 +18,12 @@ namespace ensemble::cli {
 
 client::client(const context& ctx, std::chrono::milliseconds start_timeout) : ctx_(ctx) {
   agent::options o;
-  o.name = "ensemble-cli-" + common::random_id().substr(0, 8);
   o.broker = ctx.broker;
   o.events = ctx.events_endpoint();
+  o.key_file = ctx.key_file;
+  o.broker_key = ctx.broker_key;
+  // A secured broker names the CLI with its key's identity (any other name is refused).
+  if (o.key_file.empty()) o.name = "ensemble-cli-" + common::random_id().substr(0, 8);
   o.start_timeout = start_timeout;
   agent_ = std::make_unique<agent::agent>(o);
 }
@@ -30,6 +33,14 @@ common::status client::start() {
     return common::error{std::string(common::errc::broker_lost), ctx_.broker_problem, false};
   }
   auto s = agent_->start();
+  if (!s && s.err().code == common::errc::unauthorized) {
+    // The broker answered: it is reachable, and refused this key or this identity.
+    const std::string key = ctx_.key_file.empty()
+                                ? std::string("no key given: --key and --broker-key, or "
+                                              "ENSEMBLE_KEY and ENSEMBLE_BROKER_KEY")
+                                : "key " + ctx_.key_file + " from " + ctx_.key_source;
+    return common::error{s.err().code, s.err().message + "; " + key, false};
+  }
   if (!s) {
     std::string where;
     if (ctx_.broker_source.empty()) {

@@ -46,8 +46,11 @@ std::optional<run_record> read_run_file(const fs::path& file) {
   r.events = j["events"];
   r.pid = j["pid"].get<pid_t>();
   if (j.contains("deployment") && j["deployment"].is_string()) r.deployment = j["deployment"];
-  if (j.contains("key") && j["key"].is_string()) r.key = j["key"];
   if (j.contains("broker_key") && j["broker_key"].is_string()) r.broker_key = j["broker_key"];
+  if (j.contains("key") && j["key"].is_string()) {
+    const fs::path key = j["key"].get<std::string>();
+    r.key = key.is_relative() ? (file.parent_path().parent_path() / key).string() : key.string();
+  }
   return r;
 }
 
@@ -59,10 +62,8 @@ void write_run_file(const fs::path& file, const run_record& r) {
   }
   json j = {
       {"router", r.router}, {"events", r.events}, {"deployment", r.deployment}, {"pid", r.pid}};
-  if (!r.key.empty()) {
-    j["key"] = r.key;
-    j["broker_key"] = r.broker_key;
-  }
+  if (!r.broker_key.empty()) j["broker_key"] = r.broker_key;
+  if (!r.key.empty()) j["key"] = r.key;
   const fs::path tmp = file.string() + "." + std::to_string(::getpid()) + ".tmp";
   {
     std::ofstream out(tmp);

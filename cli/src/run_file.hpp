@@ -21,10 +21,11 @@ struct run_record {
   std::string events;      // the broker's events endpoint
   std::string deployment;  // the deployment file `up` runs
   pid_t pid = 0;           // of `ensemble up`
-  // A secured deployment (docs/deployments.md, "Security"): the secret key file of the
-  // deployment's `user` identity and the broker's public key file; empty otherwise.
-  std::string key;
-  std::string broker_key;
+  // A secured deployment: the broker's public key (40 Z85 characters), and the secret key file
+  // its commands use (absolute, or relative to the run file's directory's parent: the directory
+  // `up` runs in). Empty for a plain broker; written only when set.
+  std::string broker_key = {};
+  std::string key = {};
 };
 
 // `.ensemble/up.json` under `dir` (default: the working directory), absolute.

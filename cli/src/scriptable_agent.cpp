@@ -944,6 +944,8 @@ common::status scriptable_agent::start() {
   opts.name = d.name;
   opts.broker = d.conn.broker;
   opts.events = d.conn.events;
+  opts.key_file = d.conn.key_file;
+  opts.broker_key = d.conn.broker_key;
   d.sdk = std::make_unique<ea::agent>(opts);
   for (const auto& svc : d.spec.services) d.sdk->set_capacity(svc.name, svc.capacity);
   for (auto& st : d.actions) {

@@ -863,10 +863,10 @@ std::string launcher::record_endpoints() {
     // Not a run file, or unreadable: replaced below (or the write fails and says so).
   }
   try {
-    run_record record{router_, events_, d_.file, ::getpid(), {}, {}};
+    run_record record{router_, events_, d_.file, ::getpid()};
     if (!d_.keys.auth_file.empty()) {
       record.key = d_.keys.secret_files.at(std::string(user_identity));
-      record.broker_key = d_.keys.broker_public;
+      record.broker_key = common::read_public_key(d_.keys.broker_public, "the broker's key");
     }
     write_run_file(file, record);
   } catch (const std::exception& e) {

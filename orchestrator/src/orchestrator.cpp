@@ -101,6 +101,8 @@ common::status orchestrator::start() {
   ao.name = d.opts.name;
   ao.broker = d.opts.broker;
   ao.events = d.opts.events;
+  ao.key_file = d.opts.key_file;
+  ao.broker_key = d.opts.broker_key;
   d.agent = std::make_unique<agent::agent>(ao);
   auto* engine = d.engine.get();
   auto* self = impl_.get();

@@ -32,6 +32,10 @@ What it does (section numbers are docs/protocol.md's):
     nack_once -> NACK (reason "python nacks <id>") on the first delivery, ACK on the next;
     term      -> TERM with error_code `interop_term`: a dead letter at once;
     anything else -> ACK.
+- with `--key FILE --broker-key KEY|FILE`, a client of a secured broker (12, Connecting): both
+  sockets are CURVE clients, with this agent's pair read from its secret certificate file
+  (`zmq.auth.load_certificate`) and the broker's public key given as its 40 Z85 characters or
+  a certificate file. `--name` must then be the key's identity (or "" to send no `agent`).
 
 Every fact is one line on stdout, flushed at once, starting with `interop-agent `:
   welcome broker=<id> heartbeat_ms=<n> max_message_size=<n> registrations=<k>
@@ -95,6 +99,24 @@ def show(value):
         return "hex:" + value.hex()
 
 
+def curve_options(args):
+    """Section 12, Connecting: the socket options of a CURVE client, or none in plain mode."""
+    if not args.key and not args.broker_key:
+        return []
+    if not args.key or not args.broker_key:
+        sys.exit("interop_agent: --key and --broker-key go together")
+    import zmq.auth
+    public, secret = zmq.auth.load_certificate(args.key)
+    if secret is None:
+        sys.exit("interop_agent: --key %s holds no secret-key" % args.key)
+    if len(args.broker_key) == 40 and not os.path.exists(args.broker_key):
+        server = args.broker_key.encode()
+    else:
+        server, _ = zmq.auth.load_certificate(args.broker_key)
+    return [(zmq.CURVE_SERVERKEY, server), (zmq.CURVE_PUBLICKEY, public),
+            (zmq.CURVE_SECRETKEY, secret)]
+
+
 class Agent:
     def __init__(self, args):
         self.args = args
@@ -110,10 +132,16 @@ class Agent:
         self.stopping = False
         self.id_prefix = os.urandom(8).hex()  # section 3: "<16 hex random>-<hex counter>"
         self.counter = 0
+        self.curve = curve_options(args)
         self.sub = self.ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.LINGER, 0)
+        self.secure(self.sub)
         self.sub.connect(args.events)
         self.consume_calls = set()  # ids of our CONSUMEs waiting for their REPLY
+
+    def secure(self, socket):
+        for option, value in self.curve:
+            socket.setsockopt(option, value)
 
     def next_id(self):
         self.counter += 1
@@ -126,6 +154,7 @@ class Agent:
             self.dealer.close(linger=0)
         self.dealer = self.ctx.socket(zmq.DEALER)
         self.dealer.setsockopt(zmq.LINGER, 1000)  # lets BYE leave before the process exits
+        self.secure(self.dealer)
         self.dealer.connect(self.args.router)
         self.last_heard = time.monotonic()
         self.send_hello()
@@ -137,9 +166,10 @@ class Agent:
         self.dealer.send_multipart(frames)
 
     def send_hello(self):
-        self.send(HELLO, {"agent": self.args.name,
-                          "services": [{"name": self.args.service,
-                                        "capacity": self.args.capacity}]})
+        hello = {"services": [{"name": self.args.service, "capacity": self.args.capacity}]}
+        if self.args.name:  # secured mode: absent means "the key's identity" (section 12)
+            hello["agent"] = self.args.name
+        self.send(HELLO, hello)
 
     def receive(self):
         """One router message as (command, header, payload), or None if it is not well formed."""
@@ -400,6 +430,10 @@ def main():
                         help="deliveries held at once (the CONSUME's capacity)")
     parser.add_argument("--consume-config", default=None, metavar="JSON",
                         help="the consumer's configuration, a JSON map (the CONSUME payload)")
+    parser.add_argument("--key", default=None, metavar="FILE",
+                        help="secured broker: this agent's secret certificate file")
+    parser.add_argument("--broker-key", default=None, metavar="KEY|FILE",
+                        help="secured broker: its public key (40 Z85 characters or a file)")
     args = parser.parse_args()
     if not args.subscribe:
         args.subscribe = ["interop.cpp."]

@@ -20,9 +20,10 @@ namespace ensemble::test {
 
 class event_sub {
  public:
-  event_sub(zmq::context_t& ctx, const std::string& endpoint)
+  event_sub(zmq::context_t& ctx, const std::string& endpoint, const curve_client& curve = {})
       : socket_(ctx, zmq::socket_type::sub) {
     socket_.set(zmq::sockopt::linger, 0);
+    curve.apply(socket_);
     socket_.connect(endpoint);
   }
   void subscribe(const std::string& prefix) { socket_.set(zmq::sockopt::subscribe, prefix); }

@@ -28,6 +28,23 @@
 
 namespace ensemble::test {
 
+// A CURVE client's keys (docs/protocol.md section 12, "Connecting"): the broker's public key
+// and the peer's own pair, as 40 Z85 characters each. Empty: a plain connection.
+struct curve_client {
+  std::string server_key;
+  std::string public_key;
+  std::string secret_key;
+
+  bool empty() const { return server_key.empty(); }
+  // Sets the options on a DEALER or SUB before it connects.
+  void apply(zmq::socket_t& socket) const {
+    if (empty()) return;
+    socket.set(zmq::sockopt::curve_serverkey, server_key);
+    socket.set(zmq::sockopt::curve_publickey, public_key);
+    socket.set(zmq::sockopt::curve_secretkey, secret_key);
+  }
+};
+
 // One message received by a raw_peer, decoded.
 struct wire_message {
   common::command cmd = common::command::heartbeat;
@@ -43,11 +60,15 @@ class raw_peer {
  public:
   static constexpr std::chrono::milliseconds k_default_wait{5000};
 
-  raw_peer(zmq::context_t& ctx, const std::string& endpoint)
+  raw_peer(zmq::context_t& ctx, const std::string& endpoint, const curve_client& curve = {})
       : socket_(ctx, zmq::socket_type::dealer) {
     socket_.set(zmq::sockopt::linger, 0);
+    curve.apply(socket_);
     socket_.connect(endpoint);
   }
+
+  // For what a test needs beyond the protocol (a socket monitor).
+  zmq::socket_t& socket() { return socket_; }
 
   void send(common::command cmd, const common::header& h, std::string_view payload = {}) {
     std::vector<zmq::message_t> frames;

@@ -65,6 +65,16 @@ struct options {
   // fails with `queue_full` after that. Requests and replies wait there too but are not counted.
   std::size_t send_queue = 10'000;                  // events waiting in the SDK, at least 1
   std::chrono::milliseconds publish_timeout{5000};  // publish(): longest wait for room
+  // Secured mode (docs/protocol.md section 12, docs/agents.md "Keys"): both set, or neither.
+  // `key_file` is this agent's secret key file (NAME.key_secret, written by `ensemble keygen`,
+  // mode 0600); `broker_key` is the broker's public key, as 40 Z85 characters or the path of a
+  // certificate file holding it. With both, the connections are CURVE clients and the broker
+  // knows the agent by the identity its auth file gives this key: leave `name` empty to take
+  // that identity's name (name() is then the key file's name, a label for logs), or give
+  // exactly the identity's name. A key the broker does not know makes start() fail at once
+  // with `unauthorized`. Environment variables are the CLI's business, not the SDK's.
+  std::string key_file = {};
+  std::string broker_key = {};
 };
 
 // A request being handled, an event received, a reply to a call, or a delivery of a durable
@@ -259,7 +269,11 @@ class agent {
                                               const std::string& consumer) const;
 
   // Connects, registers, waits for the broker's WELCOME (options.start_timeout), and joins the
-  // consumers given to consume() before.
+  // consumers given to consume() before. Fails at once, without waiting for the timeout, with
+  // `bad_request` for unreadable keys (options.key_file, options.broker_key) and with
+  // `unauthorized` when the broker refuses the connection at the CURVE handshake (a key it does
+  // not know, a wrong broker key, keys given to a plain broker or none to a secured one) or
+  // refuses the HELLO (the name or a service is not this identity's).
   status start();
   // Stops taking work, lets running handlers finish (up to `grace`), says BYE, joins threads.
   void stop(std::chrono::milliseconds grace = std::chrono::seconds(5));

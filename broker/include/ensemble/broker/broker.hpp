@@ -4,9 +4,11 @@
 //
 // Usage: fill a `config`, construct a `broker` (binds its sockets, throws on a bad endpoint),
 // read `endpoints()` for the actual addresses (ephemeral ports resolved), then `run()` on a
-// thread of your choice. `request_stop()` may be called from any thread or a signal handler;
-// run() then answers what is queued with `shutting_down`, gives in-flight requests
-// `shutdown_grace` to finish, and returns.
+// thread of your choice. With `curve_secret_key_file` and `auth_file` it runs in secured mode
+// (docs/protocol.md section 12); without, it refuses non-loopback endpoints unless `insecure`.
+// `request_stop()` may be called from any thread or a signal handler; run() then answers what
+// is queued with `shutting_down`, gives in-flight requests `shutdown_grace` to finish, and
+// returns.
 //
 // Wire protocol: docs/protocol.md.
 
@@ -50,6 +52,13 @@ struct config {
   // Durable consumers per stream, and members per consumer (each >= 1); over: too_many.
   std::size_t max_consumers = 1'000;         // --max-consumers
   std::size_t max_consumer_members = 1'000;  // --max-consumer-members
+  // Secured mode (docs/protocol.md section 12): both or neither. The router and events sockets
+  // are then CURVE servers; each connection authenticates as an identity of the auth file,
+  // which says what it may do.
+  std::string curve_secret_key_file;  // --curve-key: the broker's secret certificate
+  std::string auth_file;              // --auth: identities, their keys and rights
+  // Plain mode binds only loopback, ipc:// and inproc:// endpoints unless this is set.
+  bool insecure = false;  // --insecure
 };
 
 struct endpoints {
@@ -71,6 +80,9 @@ class broker {
   void run();
   // Thread- and async-signal-safe.
   void request_stop();
+  // Secured mode: read the auth file again (SIGHUP). Thread- and async-signal-safe; the loop
+  // does the work. A file that does not load leaves the rights in force.
+  void request_reload();
 
  private:
   struct impl;

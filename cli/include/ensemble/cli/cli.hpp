@@ -29,6 +29,15 @@ struct context {
   // Set when the run file cannot be used (its `up` is gone, it is not a run file): the reason,
   // naming the file. Commands that need the broker report it instead of connecting.
   std::string broker_problem;
+  // Secured mode (docs/agents.md, "Keys"): this process's secret key file (--key, else
+  // ENSEMBLE_KEY, else the run file's `key`) and the broker's public key (--broker-key, else
+  // ENSEMBLE_BROKER_KEY, else the run file's `broker_key`), both empty for a plain broker.
+  // Checked once the command line is parsed, for commands that connect: `broker_key` is then the
+  // 40 Z85 characters, whichever form was given.
+  std::string key_file;
+  std::string broker_key;
+  std::string key_source;         // "--key", "ENSEMBLE_KEY" or the run file's path
+  std::string broker_key_source;  // "--broker-key", "ENSEMBLE_BROKER_KEY" or the run file's path
   int exit_code = 0;
 
   // The events endpoint to use: `events` if given, else derived from `broker`.
@@ -36,6 +45,7 @@ struct context {
 };
 
 void add_up_commands(CLI::App& app, context& ctx);     // up
+void add_key_commands(CLI::App& app, context& ctx);    // keygen
 void add_agent_commands(CLI::App& app, context& ctx);  // agent
 void add_workflow_commands(CLI::App& app,
                            context& ctx);  // validate run status list cancel trace graph

@@ -154,6 +154,9 @@ struct connection {
   std::string broker = "tcp://127.0.0.1:5555";
   std::string events = "tcp://127.0.0.1:5556";
   std::string name;  // overrides the spec's name when not empty
+  // Secured mode: agent::options::key_file and broker_key (both or neither).
+  std::string key_file = {};
+  std::string broker_key = {};
 };
 
 class scriptable_agent {

@@ -50,6 +50,10 @@ struct options {
   std::chrono::milliseconds default_timeout{10'000};    // command steps without `timeout`
   std::chrono::milliseconds buffer_retention{600'000};  // unawaited events are kept this long
   std::size_t buffer_limit = 100'000;                   // ... and at most this many
+  // Secured broker: agent::options::key_file and broker_key (both or neither). `name` must then
+  // be the key's identity in the broker's auth file.
+  std::string key_file = {};
+  std::string broker_key = {};
 };
 
 struct stats {
