@@ -39,9 +39,12 @@ TEST(secured_deployment, the_example_runs_secured_and_refuses_who_has_no_right) 
   ASSERT_TRUE(done) << done.err().to_string();
   EXPECT_EQ(done->at("status"), "completed") << done->dump(2);
   // The events carry the identities the broker authenticated.
-  EXPECT_TRUE(rec.expect(tk::topic("shipment.dispatched").correlated("s-1").where(
-                             [](const tk::recorded_event& e) { return e.publisher == "shipping"; }),
-                         10s));
+  const auto instance = done->at("id").get<std::string>();
+  EXPECT_TRUE(rec.expect(
+      tk::topic("shipment.dispatched").correlated(instance).where([](const tk::recorded_event& e) {
+        return e.publisher == "shipping";
+      }),
+      10s));
 
   // A key the broker does not know: refused at the handshake, not a timeout.
   ea::agent stranger(d.connect_as_stranger());
@@ -64,8 +67,7 @@ TEST(secured_deployment, the_example_runs_secured_and_refuses_who_has_no_right) 
   auto forged = rogue.publish_acked("order.paid", ea::to_json_payload({{"orderId", "x"}}), 5s);
   ASSERT_FALSE(forged);
   EXPECT_EQ(forged.err().code, "unauthorized") << forged.err().to_string();
-  auto allowed =
-      rogue.publish_acked("shipment.note", ea::to_json_payload({{"orderId", "x"}}), 5s);
+  auto allowed = rogue.publish_acked("shipment.note", ea::to_json_payload({{"orderId", "x"}}), 5s);
   EXPECT_TRUE(allowed) << allowed.err().to_string();
 
   ea::agent impostor(d.connect_as("rogue"));

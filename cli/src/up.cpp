@@ -55,6 +55,7 @@
 #include "ensemble/cli/cli.hpp"
 #include "ensemble/cli/deployment.hpp"
 #include "ensemble/cli/scriptable_agent.hpp"
+#include "ensemble/common/curve_keys.hpp"
 #include "ensemble/common/ids.hpp"
 #include "ensemble/common/spawn.hpp"
 #include "run_file.hpp"

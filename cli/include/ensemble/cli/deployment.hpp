@@ -81,7 +81,13 @@ struct orchestrator_section : process_spec {
 // What one identity may do when the deployment runs secured (docs/protocol.md section 12):
 // the lists of the broker's auth file.
 struct rights {
-  std::vector<std::string> offer, call, call_own, publish, subscribe, consume, admin;
+  std::vector<std::string> offer = {};
+  std::vector<std::string> call = {};
+  std::vector<std::string> call_own = {};
+  std::vector<std::string> publish = {};
+  std::vector<std::string> subscribe = {};
+  std::vector<std::string> consume = {};
+  std::vector<std::string> admin = {};
   bool empty() const;
   // Adds `more`'s entries that are not there yet.
   void merge(const rights& more);
