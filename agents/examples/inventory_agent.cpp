@@ -1,7 +1,6 @@
 // Example agent: serves InventoryService.reserve and publishes `inventory.reserved` for every
 // reservation, so that other services can react without being called (choreography).
 #include <CLI/CLI.hpp>
-
 #include <atomic>
 #include <cstdio>
 #include <iostream>
@@ -18,6 +17,10 @@ int main(int argc, char** argv) {
   CLI::App app{"Example agent: InventoryService.reserve, publishes inventory.reserved"};
   app.add_option("--broker", opts.broker, "broker router endpoint")->capture_default_str();
   app.add_option("--events", opts.events, "broker events endpoint")->capture_default_str();
+  // A secured broker (docs/protocol.md section 12); `ensemble up` sets both variables.
+  app.add_option("--key", opts.key_file, "this agent's secret key file")->envname("ENSEMBLE_KEY");
+  app.add_option("--broker-key", opts.broker_key, "the broker's public key, or its key file")
+      ->envname("ENSEMBLE_BROKER_KEY");
   app.add_option("--name", opts.name, "agent name")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
 

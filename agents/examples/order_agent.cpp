@@ -73,6 +73,10 @@ int main(int argc, char** argv) {
   CLI::App app{"Example agent: OrderService, PaymentService, NotificationService"};
   app.add_option("--broker", opts.broker, "broker router endpoint")->capture_default_str();
   app.add_option("--events", opts.events, "broker events endpoint")->capture_default_str();
+  // A secured broker (docs/protocol.md section 12); `ensemble up` sets both variables.
+  app.add_option("--key", opts.key_file, "this agent's secret key file")->envname("ENSEMBLE_KEY");
+  app.add_option("--broker-key", opts.broker_key, "the broker's public key, or its key file")
+      ->envname("ENSEMBLE_BROKER_KEY");
   app.add_option("--name", opts.name, "agent name")->capture_default_str();
   app.add_option("--limit", limit, "charges above this amount are declined")->capture_default_str();
   CLI11_PARSE(app, argc, argv);

@@ -2,7 +2,6 @@
 // the reply, then the event the inventory published while handling it — both carry the same
 // correlation id. With --orders N it places N orders and exits; otherwise it keeps listening.
 #include <CLI/CLI.hpp>
-
 #include <condition_variable>
 #include <cstdio>
 #include <iostream>
@@ -22,8 +21,13 @@ int main(int argc, char** argv) {
   CLI::App app{"Example agent: calls InventoryService.reserve and listens to inventory events"};
   app.add_option("--broker", opts.broker, "broker router endpoint")->capture_default_str();
   app.add_option("--events", opts.events, "broker events endpoint")->capture_default_str();
-  app.add_option("--orders", orders, "orders to place")->capture_default_str()->check(
-      CLI::Range(0, 1'000'000));
+  // A secured broker (docs/protocol.md section 12); `ensemble up` sets both variables.
+  app.add_option("--key", opts.key_file, "this agent's secret key file")->envname("ENSEMBLE_KEY");
+  app.add_option("--broker-key", opts.broker_key, "the broker's public key, or its key file")
+      ->envname("ENSEMBLE_BROKER_KEY");
+  app.add_option("--orders", orders, "orders to place")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 1'000'000));
   app.add_flag("--keep-running", keep_running, "stay up after the orders, until SIGINT/SIGTERM");
   CLI11_PARSE(app, argc, argv);
 
@@ -34,8 +38,8 @@ int main(int argc, char** argv) {
   (void)agent.subscribe("inventory.", [&](const ea::message& e) {
     auto body = ea::from_json_payload(e.payload());
     std::printf("[shop] event   %s seq=%llu from %s correlation=%s causation=%s: %s\n",
-                e.topic().c_str(), static_cast<unsigned long long>(e.seq()),
-                e.publisher().c_str(), e.correlation_id().c_str(), e.causation_id().c_str(),
+                e.topic().c_str(), static_cast<unsigned long long>(e.seq()), e.publisher().c_str(),
+                e.correlation_id().c_str(), e.causation_id().c_str(),
                 body ? body->dump().c_str() : "<undecodable>");
     std::fflush(stdout);
     std::lock_guard lock(mutex);

@@ -342,11 +342,67 @@ void parse_streams(const reader& r, const json& list, const std::string& path, d
   }
 }
 
+// A `rights:` mapping: the lists of the broker's auth file (docs/protocol.md section 12).
+rights parse_rights(const reader& r, const json& node, const std::string& path) {
+  r.expect_map(node, path,
+               {"offer", "call", "call_own", "publish", "subscribe", "consume", "admin"}, "rights");
+  rights out;
+  const std::pair<const char*, std::vector<std::string>*> lists[] = {
+      {"offer", &out.offer},     {"call", &out.call},           {"call_own", &out.call_own},
+      {"publish", &out.publish}, {"subscribe", &out.subscribe}, {"consume", &out.consume},
+      {"admin", &out.admin}};
+  for (const auto& [key, list] : lists) {
+    r.with_key(node, path, key, [&, list = list](const json& v, const std::string& at) {
+      *list = r.strings(v, at);
+    });
+  }
+  return out;
+}
+
+// `security: curve` or `security: {mode: curve, keys: DIR, identities: {NAME: rights}}`.
+void parse_security(const reader& r, const json& node, const std::string& path, deployment& d) {
+  auto& sec = d.security;
+  sec.where = r.where(path);
+  sec.keys_dir = (fs::path(d.dir) / ".ensemble" / "keys").string();
+  auto mode = [&](const json& v, const std::string& at) {
+    const auto text = r.string(v, at);
+    if (text == "curve") return security_section::mode::curve;
+    if (text == "none") return security_section::mode::none;
+    r.fail(at, "unknown security mode \"" + text + "\" (expected curve or none)");
+  };
+  if (node.is_string()) {
+    sec.kind = mode(node, path);
+    return;
+  }
+  r.expect_map(node, path, {"mode", "keys", "identities"}, "the security section");
+  if (node.is_null()) return;
+  if (!node.contains("mode")) r.base().report(path, "missing required key \"mode\" (curve)");
+  r.with_key(node, path, "mode",
+             [&](const json& v, const std::string& at) { sec.kind = mode(v, at); });
+  r.with_key(node, path, "keys", [&](const json& v, const std::string& at) {
+    sec.keys_dir = r.path_in_dir(r.nonempty_string(v, at));
+  });
+  r.with_key(node, path, "identities", [&](const json& v, const std::string& at) {
+    if (!v.is_object()) r.fail(at, "must be a mapping of names to rights, got " + r.base().got(v));
+    for (const auto& [name, rights_node] : v.items()) {
+      const auto name_at = r.child(at, name);
+      r.base().attempt([&, &name = name, &rights_node = rights_node] {
+        if (!valid_name(name)) {
+          r.fail(name_at, "\"" + name +
+                              "\" is not a valid identity name (letters, digits, '-', "
+                              "'_', '.'; at most 64)");
+        }
+        sec.identities[name] = parse_rights(r, rights_node, name_at);
+      });
+    }
+  });
+}
+
 agent_section parse_agent(const reader& r, const json& node, const std::string& path,
                           std::set<std::string>& names) {
   r.expect_map(node, path,
                {"name", "program", "spec", "args", "env", "workdir", "replicas", "services",
-                "ready_line", "restart"},
+                "ready_line", "restart", "rights"},
                "an agent");
   if (node.is_null()) r.fail(path, "an agent needs at least a name and a program or spec");
   agent_section a;
@@ -387,6 +443,8 @@ agent_section parse_agent(const reader& r, const json& node, const std::string& 
   r.with_key(node, path, "ready_line", [&](const json& v, const std::string& at) {
     a.ready_line = r.nonempty_string(v, at);
   });
+  r.with_key(node, path, "rights",
+             [&](const json& v, const std::string& at) { a.rights = parse_rights(r, v, at); });
   if (named) {
     for (const auto& n : replica_names(a)) {
       if (!names.insert(n).second) {
@@ -415,7 +473,8 @@ deployment parse_deployment(const std::string& yaml, const std::string& file) {
   }
   const reader r(base, d.dir);
   base.attempt([&] {
-    r.expect_map(root, "", {"broker", "orchestrator", "agents", "streams"}, "a deployment");
+    r.expect_map(root, "", {"broker", "orchestrator", "agents", "streams", "security"},
+                 "a deployment");
     base.attempt([&] { parse_broker(r, root, d); });
     r.with_key(root, "", "orchestrator",
                [&](const json& o, const std::string&) { parse_orchestrator(r, o, d); });
@@ -430,7 +489,11 @@ deployment parse_deployment(const std::string& yaml, const std::string& file) {
     });
     r.with_key(root, "", "streams",
                [&](const json& list, const std::string& at) { parse_streams(r, list, at, d); });
+    r.with_key(root, "", "security",
+               [&](const json& v, const std::string& at) { parse_security(r, v, at, d); });
   });
+  if (d.security.keys_dir.empty())
+    d.security.keys_dir = (fs::path(d.dir) / ".ensemble" / "keys").string();
   base.throw_if_any();
   return d;
 }
@@ -653,6 +716,16 @@ exec_plan command_for(const planned_process& c, const deployment& d, const std::
                                             {"dir", d.dir},
                                             {"broker", router.empty() ? d.broker.router : router},
                                             {"events", events.empty() ? d.broker.events : events}};
+  // Secured: the process's own secret key and the broker's public key ({key}, {broker_key}).
+  std::string key;
+  std::string broker_key;
+  if (!d.keys.auth_file.empty() && c.kind != process_role::broker) {
+    const auto found = d.keys.secret_files.find(c.name);
+    if (found != d.keys.secret_files.end()) key = found->second;
+    broker_key = d.keys.broker_public;
+  }
+  values["key"] = key;
+  values["broker_key"] = broker_key;
   const std::string& r = values["broker"];
   const std::string& e = values["events"];
 
@@ -663,6 +736,10 @@ exec_plan command_for(const planned_process& c, const deployment& d, const std::
   switch (c.kind) {
     case process_role::broker:
       p.argv.insert(p.argv.end(), {"--router", r, "--events", e});
+      if (!d.keys.auth_file.empty()) {
+        p.argv.insert(p.argv.end(),
+                      {"--curve-key", d.keys.broker_secret, "--auth", d.keys.auth_file});
+      }
       if (!d.broker.data.empty()) p.argv.insert(p.argv.end(), {"--data", d.broker.data});
       if (!d.broker.streams_file.empty()) {
         p.argv.insert(p.argv.end(), {"--streams", d.broker.streams_file});
@@ -672,11 +749,13 @@ exec_plan command_for(const planned_process& c, const deployment& d, const std::
       p.argv.insert(p.argv.end(), {"--broker", r, "--events", e, "--store", d.orchestrator->store});
       for (const auto& w : d.orchestrator->workflows)
         p.argv.insert(p.argv.end(), {"--workflows", w});
+      if (!key.empty()) p.argv.insert(p.argv.end(), {"--key", key, "--broker-key", broker_key});
       break;
     case process_role::agent:
       if (!c.extra.empty()) {
         // The scriptable agent: `ensemble --broker B --events E agent SPEC [args]`.
         p.argv.insert(p.argv.end(), {"--broker", r, "--events", e});
+        if (!key.empty()) p.argv.insert(p.argv.end(), {"--key", key, "--broker-key", broker_key});
       }
       break;
   }
@@ -696,6 +775,10 @@ exec_plan command_for(const planned_process& c, const deployment& d, const std::
     env["ENSEMBLE_EVENTS"] = e;
   }
   if (c.kind == process_role::agent) env["ENSEMBLE_AGENT_NAME"] = c.name;
+  if (!key.empty()) {
+    env["ENSEMBLE_KEY"] = key;
+    env["ENSEMBLE_BROKER_KEY"] = broker_key;
+  }
   for (const auto& [k, v] : s.env) env[k] = substitute(v, values);
   for (const auto& [k, v] : env) p.env.push_back(k + "=" + v);
   return p;

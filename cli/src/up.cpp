@@ -55,6 +55,7 @@
 #include "ensemble/cli/cli.hpp"
 #include "ensemble/cli/deployment.hpp"
 #include "ensemble/cli/scriptable_agent.hpp"
+#include "ensemble/common/curve_keys.hpp"
 #include "ensemble/common/ids.hpp"
 #include "ensemble/common/spawn.hpp"
 #include "run_file.hpp"
@@ -282,7 +283,9 @@ void launcher::plan_children() {
   static const std::array<const char*, 9> k_palette = {"32", "33", "34", "91", "92",
                                                        "93", "94", "95", "96"};
   std::size_t next_color = 0;
-  for (auto& p : plan_processes(d_, self_exe)) {
+  auto plan = plan_processes(d_, self_exe);
+  prepare_security(d_, plan);  // secured: keys and the broker's auth file
+  for (auto& p : plan) {
     auto c = std::make_unique<child>();
     static_cast<planned_process&>(*c) = std::move(p);
     switch (c->kind) {
@@ -831,6 +834,12 @@ asio::awaitable<void> launcher::main_flow() {
     write_all(STDOUT_FILENO, table.str());
     const auto recorded = record_endpoints();
     say("ready router=" + router_ + " events=" + events_);
+    if (!d_.keys.auth_file.empty()) {
+      say("secured (CURVE): keys and the broker's auth file in " + d_.security.keys_dir +
+          "; commands of other terminals act as identity '" + std::string(user_identity) +
+          "' (--key " + d_.keys.secret_files.at(std::string(user_identity)) + " --broker-key " +
+          d_.keys.broker_public + ")");
+    }
     say(recorded);
     while (!stop_requested_) co_await wait_change(changes_, steady::time_point::max());
   } else if (!stop_requested_) {
@@ -855,7 +864,12 @@ std::string launcher::record_endpoints() {
     // Not a run file, or unreadable: replaced below (or the write fails and says so).
   }
   try {
-    write_run_file(file, {router_, events_, d_.file, ::getpid()});
+    run_record record{router_, events_, d_.file, ::getpid()};
+    if (!d_.keys.auth_file.empty()) {
+      record.key = d_.keys.secret_files.at(std::string(user_identity));
+      record.broker_key = common::read_public_key(d_.keys.broker_public, "the broker's key");
+    }
+    write_run_file(file, record);
   } catch (const std::exception& e) {
     return std::string("endpoints not recorded: ") + e.what() + "; give other commands --broker " +
            router_ + " --events " + events_;

@@ -15,6 +15,8 @@
 
 #include "ensemble/agent/agent.hpp"
 #include "ensemble/agent/json.hpp"
+#include "ensemble/common/curve_keys.hpp"
+#include "ensemble/common/ids.hpp"
 #include "ensemble/common/result.hpp"
 #include "own_agent.hpp"
 
@@ -284,6 +286,49 @@ deployment& deployment::scriptable_agent(const std::string& name, const std::str
   return *this;
 }
 
+deployment& deployment::identity(const std::string& name, cli::rights r) {
+  model().security.identities[name] = std::move(r);
+  return *this;
+}
+
+bool deployment::secured() const {
+  return impl_->model.security.kind == cli::security_section::mode::curve;
+}
+
+agent::options deployment::connect_as(const std::string& identity) const {
+  if (!impl_->started) throw std::logic_error("deployment: connect_as() before start()");
+  agent::options o;
+  o.broker = impl_->router;
+  o.events = impl_->events;
+  o.name = identity;
+  if (secured()) {
+    const auto& keys = impl_->model.keys;
+    const auto it = keys.secret_files.find(identity);
+    if (it == keys.secret_files.end()) {
+      std::string known;
+      for (const auto& [name, file] : keys.secret_files)
+        known += (known.empty() ? "" : ", ") + name;
+      throw std::invalid_argument("deployment: no identity '" + identity +
+                                  "' (identities: " + known + ")");
+    }
+    o.key_file = it->second;
+    o.broker_key = keys.broker_public;
+  }
+  return o;
+}
+
+agent::options deployment::connect_as_stranger() const {
+  auto o = connect_as();
+  o.name = "stranger";
+  if (secured()) {
+    auto keys = common::generate_curve_keys();
+    keys.name = "stranger-" + common::random_id().substr(0, 8);
+    o.key_file =
+        common::write_curve_key_files(impl_->dir + "/strangers", keys.name, keys).secret_file;
+  }
+  return o;
+}
+
 deployment& deployment::through_proxy(const std::string& name) {
   if (impl_->started) throw std::logic_error("deployment: through_proxy() after start()");
   impl_->proxied.insert(name);
@@ -312,14 +357,21 @@ void deployment::start() {
     broker.streams_file = d.dir + "/streams.json";
     cli::write_streams_file(d.model, broker.streams_file);
   }
-  for (auto& p : cli::plan_processes(d.model, binary_path("ensemble"))) {
-    d.members.push_back({std::move(p), nullptr, nullptr});
-  }
+  auto plan = cli::plan_processes(d.model, binary_path("ensemble"));
+  if (d.opts.secured) d.model.security.kind = cli::security_section::mode::curve;
+  // Keys live in the deployment's temp dir, never beside a file: a test starts from its own.
+  d.model.security.keys_dir = d.dir + "/keys";
+  cli::prepare_security(d.model, plan);
+  for (auto& p : plan) d.members.push_back({std::move(p), nullptr, nullptr});
   for (const auto& name : d.proxied) (void)d.find(name);  // a typo fails here, by name
 
   try {
     d.launch_broker_member(d.members.front(), broker.router, broker.events, until);
-    d.probe = detail::start_own_agent("probe", d.router, d.events, left_until(until));
+    agent::options probe;
+    probe.broker = d.router;
+    probe.events = d.events;
+    if (secured()) probe = connect_as();  // the probe asks broker.services: admin rights
+    d.probe = detail::start_own_agent("probe", probe, left_until(until));
     // The orchestrator before the agents (it must not miss their first events), each group
     // started together and then awaited.
     for (auto role : {cli::process_role::orchestrator, cli::process_role::agent}) {

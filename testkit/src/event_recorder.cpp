@@ -35,10 +35,23 @@ std::string event_match::describe() const {
   return out;
 }
 
+namespace {
+agent::options endpoints(const std::string& router, const std::string& events) {
+  agent::options o;
+  o.broker = router;
+  o.events = events;
+  return o;
+}
+}  // namespace
+
 event_recorder::event_recorder(const std::string& router, const std::string& events,
                                std::vector<std::string> prefixes,
+                               std::chrono::milliseconds deadline)
+    : event_recorder(endpoints(router, events), std::move(prefixes), deadline) {}
+
+event_recorder::event_recorder(const agent::options& connect, std::vector<std::string> prefixes,
                                std::chrono::milliseconds deadline) {
-  agent_ = detail::start_own_agent("recorder", router, events, deadline);
+  agent_ = detail::start_own_agent("recorder", connect, deadline);
   for (const auto& prefix : prefixes) {
     // After start(), subscribe() returns once the broker fans the prefix out to us.
     auto s = agent_->subscribe(

@@ -18,23 +18,29 @@ inline std::chrono::milliseconds left_until(std::chrono::steady_clock::time_poin
       until - std::chrono::steady_clock::now(), std::chrono::steady_clock::duration::zero()));
 }
 
-// A started agent named "testkit-<role>-<random>". Throws std::runtime_error naming `role` if the
-// broker does not welcome it within `deadline`.
+// A started agent connected as `o` says (endpoints, keys, name: "testkit-<role>-<random>" when
+// empty). Throws std::runtime_error naming `role` if the broker does not welcome it within
+// `deadline`.
+inline std::unique_ptr<agent::agent> start_own_agent(const std::string& role, agent::options o,
+                                                     std::chrono::milliseconds deadline) {
+  if (o.name.empty()) o.name = "testkit-" + role + "-" + common::random_id().substr(0, 8);
+  o.start_timeout = deadline;
+  auto a = std::make_unique<agent::agent>(o);
+  if (auto s = a->start(); !s) {
+    throw std::runtime_error(role + ": the broker at " + o.broker +
+                             " does not answer: " + s.err().to_string());
+  }
+  return a;
+}
+
 inline std::unique_ptr<agent::agent> start_own_agent(const std::string& role,
                                                      const std::string& router,
                                                      const std::string& events,
                                                      std::chrono::milliseconds deadline) {
   agent::options o;
-  o.name = "testkit-" + role + "-" + common::random_id().substr(0, 8);
   o.broker = router;
   o.events = events;
-  o.start_timeout = deadline;
-  auto a = std::make_unique<agent::agent>(o);
-  if (auto s = a->start(); !s) {
-    throw std::runtime_error(role + ": the broker at " + router +
-                             " does not answer: " + s.err().to_string());
-  }
-  return a;
+  return start_own_agent(role, std::move(o), deadline);
 }
 
 }  // namespace ensemble::testkit::detail

@@ -29,6 +29,12 @@ workflow_client::workflow_client(const std::string& router, const std::string& e
   agent_ = detail::start_own_agent("client", router, events, deadline);
 }
 
+workflow_client::workflow_client(const agent::options& connect, std::string service,
+                                 std::chrono::milliseconds deadline)
+    : service_(std::move(service)) {
+  agent_ = detail::start_own_agent("client", connect, deadline);
+}
+
 workflow_client::~workflow_client() {
   agent_->stop(0ms);
 }

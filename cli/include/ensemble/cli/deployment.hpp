@@ -78,12 +78,49 @@ struct orchestrator_section : process_spec {
   std::vector<std::string> workflows;  // absolute paths of files and directories
 };
 
+// What one identity may do when the deployment runs secured (docs/protocol.md section 12):
+// the lists of the broker's auth file.
+struct rights {
+  std::vector<std::string> offer = {};
+  std::vector<std::string> call = {};
+  std::vector<std::string> call_own = {};
+  std::vector<std::string> publish = {};
+  std::vector<std::string> subscribe = {};
+  std::vector<std::string> consume = {};
+  std::vector<std::string> admin = {};
+  bool empty() const;
+  // Adds `more`'s entries that are not there yet.
+  void merge(const rights& more);
+};
+
+// `security:` — how the deployment's processes prove who they are (docs/deployments.md,
+// "Security").
+struct security_section {
+  enum class mode { none, curve };
+  mode kind = mode::none;
+  // Where the key pairs are kept (absolute): `security.keys`, default `.ensemble/keys` beside
+  // the deployment file. Keys found there are reused; missing ones are generated.
+  std::string keys_dir;
+  // Identities besides the deployment's processes and `user` (`security.identities`).
+  std::map<std::string, rights> identities;
+  std::string where;  // "<file>: security"
+};
+
+// What prepare_security() wrote: the files each process is started with.
+struct security_files {
+  std::string broker_secret;  // the broker's --curve-key
+  std::string broker_public;  // its public key file: every other process's --broker-key
+  std::string auth_file;      // the broker's --auth, derived from the deployment
+  std::map<std::string, std::string> secret_files;  // identity -> its secret key file
+};
+
 struct agent_section : process_spec {
   std::string name;
   std::string spec;  // absolute path of a scriptable agent spec; then `program` is empty
   int replicas = 1;
   std::vector<std::string> services;  // ready once all of them are registered with the broker
   std::string ready_line;             // ... and a line containing this text was printed
+  cli::rights rights;  // `rights:`, added to what is derived from its services and spec
 };
 
 struct deployment {
@@ -93,6 +130,9 @@ struct deployment {
   std::optional<orchestrator_section> orchestrator;
   std::vector<agent_section> agents;
   std::vector<stream_section> streams;
+  security_section security;
+  // Filled by prepare_security() when security is on; command_for() passes the keys.
+  security_files keys;
 };
 
 // `path` is a deployment file, or a directory holding deployment.yaml.
@@ -169,5 +209,25 @@ using exec_plan = common::spawn_plan;
 // ENSEMBLE_AGENT_NAME are set for everything but the broker.
 exec_plan command_for(const planned_process& p, const deployment& d, const std::string& router,
                       const std::string& events);
+
+// ----- Security (docs/deployments.md, "Security").
+
+// The identity every user of a secured deployment's second terminal acts as: all rights.
+inline constexpr std::string_view user_identity = "user";
+
+// The rights of each identity of a secured deployment, derived from what it declares: the
+// orchestrator serves `orchestrator`, calls any service, publishes and receives any topic and
+// consumes any stream; an agent offers its services and, for a scriptable agent, publishes the
+// topics its spec publishes (up to the first `${`), receives the ones it reacts to and consumes
+// its stream; each section's `rights:` is added; `user` may do everything; the file's
+// `security.identities` are added as they are.
+std::map<std::string, rights> derive_rights(const deployment& d,
+                                            const std::vector<planned_process>& plan);
+
+// Makes sure every identity of `plan` (and the broker, and `user`) has a key pair in
+// d.security.keys_dir, generating what is missing (secret files mode 0600), writes the broker's
+// auth file there from derive_rights(), and records the files in d.keys. Throws
+// common::config_error naming the file that could not be read or written.
+void prepare_security(deployment& d, const std::vector<planned_process>& plan);
 
 }  // namespace ensemble::cli

@@ -26,6 +26,7 @@
 #include <string>
 #include <vector>
 
+#include "ensemble/agent/agent.hpp"
 #include "ensemble/cli/deployment.hpp"
 #include "ensemble/testkit/fault_proxy.hpp"
 #include "ensemble/testkit/process.hpp"
@@ -40,6 +41,10 @@ struct deployment_options {
   std::chrono::milliseconds ready_timeout{30'000};  // start() and each restart()
   std::chrono::milliseconds stop_grace{3'000};      // SIGTERM to SIGKILL at teardown
   std::size_t log_lines = 30;                       // per process, printed when a test fails
+  // Secured (docs/protocol.md section 12): the broker runs with CURVE and an auth file derived
+  // from the deployment (docs/deployments.md, "Security"), every process with its own key
+  // pair, kept in the deployment's temp dir. A file's `security: curve` turns it on as well.
+  bool secured = false;
 };
 
 class deployment {
@@ -73,6 +78,10 @@ class deployment {
   // own fault_proxy, available as proxy(name) once started.
   deployment& through_proxy(const std::string& name);
 
+  // Secured deployments: an identity with exactly these rights (and a key of its own), for a
+  // test that acts as a peer with limited rights through connect_as(name).
+  deployment& identity(const std::string& name, cli::rights r);
+
   // Starts everything in order and waits until each process is ready. Throws
   // std::runtime_error naming what did not become ready, with the last lines of its log.
   void start();
@@ -82,7 +91,14 @@ class deployment {
   // --- Running.
   const std::string& router() const;  // the broker's endpoints, for clients of the test
   const std::string& events() const;
-  const std::string& dir() const;          // the temp dir (stores, ipc sockets, written specs)
+  const std::string& dir() const;  // the temp dir (stores, ipc sockets, written specs)
+  bool secured() const;
+  // SDK options that connect to this deployment's broker as `identity`: endpoints, agent name
+  // and, when secured, the identity's key and the broker's public key. "user" has every right;
+  // any process name or identity() works too. Plain deployments: the endpoints and the name.
+  agent::options connect_as(const std::string& identity = "user") const;
+  // Options with a fresh key pair the broker does not know: its handshake is refused.
+  agent::options connect_as_stranger() const;
   std::vector<std::string> names() const;  // every process, in start order
   process& proc(const std::string& name);  // its current run
   fault_proxy& proxy(const std::string& name);

@@ -25,9 +25,7 @@
 #include <string>
 #include <vector>
 
-namespace ensemble::agent {
-class agent;
-}
+#include "ensemble/agent/agent.hpp"
 
 namespace ensemble::testkit {
 
@@ -45,8 +43,8 @@ struct recorded_event {
 // Which events an expectation is about: topic("order.paid").correlated("o-1").where(...).
 // Empty fields match anything.
 struct event_match {
-  std::string topic;           // exact, or a prefix when it ends with '.'
-  std::string correlation_id;  // exact
+  std::string topic;                                     // exact, or a prefix when it ends with '.'
+  std::string correlation_id;                            // exact
   std::function<bool(const recorded_event&)> condition;  // any further condition
 
   event_match& correlated(std::string id) {
@@ -74,6 +72,9 @@ class event_recorder {
   // if the broker cannot be reached within `deadline`.
   event_recorder(const std::string& router, const std::string& events,
                  std::vector<std::string> prefixes,
+                 std::chrono::milliseconds deadline = std::chrono::seconds(10));
+  // Connected as `connect` says: a secured deployment's deployment::connect_as().
+  event_recorder(const agent::options& connect, std::vector<std::string> prefixes,
                  std::chrono::milliseconds deadline = std::chrono::seconds(10));
   ~event_recorder();
   event_recorder(const event_recorder&) = delete;

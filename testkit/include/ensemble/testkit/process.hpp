@@ -79,9 +79,10 @@ struct launched_broker {
   std::string router;
   std::string events;
 };
-launched_broker launch_broker(
-    const std::function<process_options(const std::string& router, const std::string& events)>& make,
-    const std::string& router, const std::string& events, std::chrono::milliseconds deadline);
+launched_broker launch_broker(const std::function<process_options(const std::string& router,
+                                                                  const std::string& events)>& make,
+                              const std::string& router, const std::string& events,
+                              std::chrono::milliseconds deadline);
 
 // A real ensemble-broker process on ephemeral 127.0.0.1 ports (or given endpoints).
 class broker_process {

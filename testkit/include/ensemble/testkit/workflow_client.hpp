@@ -15,11 +15,8 @@
 #include <nlohmann/json.hpp>
 #include <string>
 
+#include "ensemble/agent/agent.hpp"
 #include "ensemble/common/result.hpp"
-
-namespace ensemble::agent {
-class agent;
-}
 
 namespace ensemble::testkit {
 
@@ -29,6 +26,9 @@ class workflow_client {
   workflow_client(const std::string& router, const std::string& events,
                   std::string service = "orchestrator",
                   std::chrono::milliseconds deadline = std::chrono::seconds(10));
+  // Connected as `connect` says: a secured deployment's deployment::connect_as().
+  explicit workflow_client(const agent::options& connect, std::string service = "orchestrator",
+                           std::chrono::milliseconds deadline = std::chrono::seconds(10));
   ~workflow_client();
   workflow_client(const workflow_client&) = delete;
   workflow_client& operator=(const workflow_client&) = delete;
