@@ -154,9 +154,12 @@ bool explain_unknown_options(CLI::App& app) {
       if (extra.size() < 2 || extra[0] != '-') continue;
       const auto name = extra.substr(0, extra.find('='));
       const auto guess = nearest(name, candidates);
-      std::cerr << who << ": unknown option '" << name << "'"
+      // Global options fall through from the subcommands (app.fallthrough()), and so do
+      // unknown ones: they were given to the innermost command.
+      const std::string owner = sub == &app ? "ensemble" : "ensemble " + sub->get_name();
+      std::cerr << owner << ": unknown option '" << name << "'"
                 << (guess.empty() ? std::string() : "; did you mean '" + guess + "'?") << " ("
-                << who << " --help lists its options)\n";
+                << owner << " --help lists its options)\n";
       any = true;
     }
   }
