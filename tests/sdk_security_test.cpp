@@ -328,4 +328,50 @@ TEST_F(sdk_security_test, cli_calls_a_secured_broker_with_key_flags_or_environme
   EXPECT_FALSE(stranger.has("cannot reach")) << stranger;
 }
 
+TEST_F(sdk_security_test, a_scriptable_agent_and_the_orchestrator_connect_with_their_keys) {
+  start_secured_broker();
+  const auto spec = dir_.write("payments.yaml",
+                               "name: payments\n"
+                               "services:\n"
+                               "  PaymentService:\n"
+                               "    actions:\n"
+                               "      charge: {reply: {charged: true}}\n");
+  auto agent =
+      tk::process::spawn({tk::binary_path("ensemble"),
+                          {"--broker", broker_->router(), "--events", broker_->events(), "agent",
+                           spec, "--key", secret("payments"), "--broker-key", broker_public()},
+                          {},
+                          dir_.path().string(),
+                          "ensemble agent"});
+  ASSERT_TRUE(agent->wait_for_line("ensemble-agent ready name=payments", k_wait)) << agent->tail();
+  ea::agent orders(keyed("orders"));
+  auto started = orders.start();
+  ASSERT_TRUE(started.ok()) << started.err().to_string();
+  auto r = orders.call("PaymentService", "charge", ea::to_json_payload(json::object()), k_wait);
+  ASSERT_TRUE(r.ok()) << r.err().to_string();
+  EXPECT_EQ(r->worker(), "payments");
+
+  // The orchestrator checks its key options before it starts: one line, exit 2.
+  auto orchestrator =
+      tk::process::spawn({tk::binary_path("ensemble-orchestrator"),
+                          {"--broker", broker_->router(), "--events", broker_->events(), "--key",
+                           dir_.file("keys/cli.key"), "--broker-key", broker_public()},
+                          {},
+                          {},
+                          "ensemble-orchestrator"});
+  const auto o = test::finish(*orchestrator, 30s);
+  EXPECT_EQ(o.code, 2) << o;
+  EXPECT_TRUE(o.has("--key '" + dir_.file("keys/cli.key") + "': holds no secret-key")) << o;
+  // With its own key and no identity named `orchestrator`, the broker refuses its HELLO.
+  auto refused = tk::process::spawn({tk::binary_path("ensemble-orchestrator"),
+                                     {"--broker", broker_->router(), "--events", broker_->events(),
+                                      "--key", secret("cli"), "--broker-key", broker_public()},
+                                     {},
+                                     {},
+                                     "ensemble-orchestrator"});
+  const auto ro = test::finish(*refused, 30s);
+  EXPECT_EQ(ro.code, 1) << ro;
+  EXPECT_TRUE(ro.has("unauthorized")) << ro;
+}
+
 }  // namespace
