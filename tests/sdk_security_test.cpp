@@ -6,6 +6,7 @@
 // handshake refusal seen on the DEALER's monitor), never with the timeout of an unreachable
 // broker; unusable key options fail with `bad_request` naming the option and the file.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <condition_variable>
 #include <filesystem>
@@ -307,6 +308,19 @@ TEST_F(sdk_security_test, cli_calls_a_secured_broker_with_key_flags_or_environme
                  {{"ENSEMBLE_KEY", "keys/cli.key_secret"}, {"ENSEMBLE_BROKER_KEY", broker_key}});
   ASSERT_EQ(env.code, 0) << env;
   EXPECT_TRUE(env.has("\"caller\": \"cli\"")) << env;
+
+  // No flags in the directory of a secured `ensemble up`: its run file gives the endpoints, the
+  // broker's key and the key its commands use (docs/deployments.md). The pid it records must be
+  // alive: this test's.
+  dir_.write(".ensemble/up.json", json{{"router", broker_->router()},
+                                       {"events", broker_->events()},
+                                       {"pid", ::getpid()},
+                                       {"broker_key", broker_key},
+                                       {"key", "keys/cli.key_secret"}}
+                                      .dump());
+  auto run_file = cli({"call", "PaymentService", "charge", "{}"});
+  ASSERT_EQ(run_file.code, 0) << run_file;
+  EXPECT_TRUE(run_file.has("\"caller\": \"cli\"")) << run_file;
 
   // A public file given as --key: one line naming the flag and the file, exit 2.
   auto public_key = cli(
