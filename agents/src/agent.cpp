@@ -269,6 +269,7 @@ struct agent::impl {
   std::uint64_t monitors_opened = 0;
   std::vector<zmq::message_t> monitor_frames;
   bool refusal_logged = false;  // since the last successful handshake
+  int handshakes_dropped = 0;   // connections dropped during the handshake, since the last success
   std::thread io;
   std::thread::id io_id;
   std::unordered_map<std::string, pending_call> calls;
@@ -598,7 +599,8 @@ void agent::impl::secure(zmq::socket_t& s) const {
 // missed.
 void agent::impl::open_monitor() {
   monitor.reset();
-  const std::string endpoint = "inproc://ensemble-agent-monitor-" + std::to_string(++monitors_opened);
+  const std::string endpoint =
+      "inproc://ensemble-agent-monitor-" + std::to_string(++monitors_opened);
   const int events = ZMQ_EVENT_HANDSHAKE_SUCCEEDED | ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL |
                      ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL | ZMQ_EVENT_HANDSHAKE_FAILED_AUTH;
   if (zmq_socket_monitor(dealer->handle(), endpoint.c_str(), events) != 0) throw zmq::error_t();
@@ -632,6 +634,7 @@ void agent::impl::on_monitor_event() {
                   opts.broker);
       }
       refusal_logged = false;
+      handshakes_dropped = 0;
       return;
     case ZMQ_EVENT_HANDSHAKE_FAILED_AUTH:
       on_refused("ZAP status " + std::to_string(value) +
@@ -652,12 +655,13 @@ void agent::impl::on_monitor_event() {
       return;
     case ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL:
       // A CURVE server that cannot open the client's HELLO (it was sealed for another server
-      // key) drops the connection without a word. Without CURVE, a connection lost while
-      // greeting is just a connection lost (a broker stopping): reconnection deals with it.
-      if (secured) {
+      // key) drops the connection without a word; so may a plain broker that saw the mechanism
+      // mismatch first. Once could be a broker stopping mid-handshake: twice in a row is a
+      // refusal. Without CURVE, it is just a connection lost: reconnection deals with it.
+      if (secured && ++handshakes_dropped >= 2) {
         on_refused("the broker at " + opts.broker +
                    " dropped the connection during the CURVE handshake: is " + broker_public_key +
-                   " (options.broker_key) its public key?");
+                   " (options.broker_key) its public key, and does it run secured mode?");
       } else {
         log->debug("{}: connection to {} lost during the handshake (errno {})", opts.name,
                    opts.broker, value);
@@ -1251,10 +1255,10 @@ void agent::impl::on_dealer_message(steady::time_point now) {
           std::lock_guard lock(state_mutex);
           if (!welcomed_once) {
             welcomed_once = true;
-            first_welcome.set_value(error{m.hdr.error_code, "the broker at " + opts.broker +
-                                                                " refused this agent: " +
-                                                                m.hdr.error_message,
-                                          false});
+            first_welcome.set_value(error{
+                m.hdr.error_code,
+                "the broker at " + opts.broker + " refused this agent: " + m.hdr.error_message,
+                false});
             break;
           }
         }
@@ -1340,13 +1344,13 @@ void agent::impl::on_timers(steady::time_point now) {
       sub->set(zmq::sockopt::unsubscribe, it->topic);
       // A secured broker does not apply a subscription the identity has no right to, and
       // cannot say so (a SUB has no way back).
-      it->synced->set_value(error{
-          std::string(errc::deadline_exceeded),
-          std::string("subscription not confirmed by the broker before the deadline") +
-              (secured ? " (a secured broker ignores a subscription outside this identity's "
-                         "'subscribe' right)"
-                       : ""),
-          true});
+      it->synced->set_value(
+          error{std::string(errc::deadline_exceeded),
+                std::string("subscription not confirmed by the broker before the deadline") +
+                    (secured ? " (a secured broker ignores a subscription outside this identity's "
+                               "'subscribe' right)"
+                             : ""),
+                true});
       it = probes.erase(it);
       continue;
     }

@@ -73,7 +73,8 @@ void add_agent_commands(CLI::App& app, context& ctx) {
       "  ensemble-agent ready name=NAME services=A,B\n"
       "and runs until SIGINT or SIGTERM, then exits 0. A bad spec is reported on stderr with "
       "the file and the YAML path of the problem, exit code 2; a broker that cannot be reached "
-      "within 5 s, or that refuses its key (`unauthorized`), exit code 1. For a secured broker give "
+      "within 5 s, or that refuses its key (`unauthorized`), exit code 1. For a secured broker "
+      "give "
       "--key and --broker-key (or ENSEMBLE_KEY and ENSEMBLE_BROKER_KEY): the agent's name (the "
       "spec's, or --name) must then be its key's identity in the broker's auth file.");
   cmd->add_option("spec", args->spec, "the agent spec (YAML)")->required();

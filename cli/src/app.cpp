@@ -33,7 +33,7 @@ namespace {
 
 // Global options that take a value as the next word (for finding the subcommand in argv).
 constexpr std::string_view k_valued_globals[] = {"--broker", "--events", "--log-level", "--key",
-                                                  "--broker-key"};
+                                                 "--broker-key"};
 
 // Edit distance with transpositions (optimal string alignment), for "did you mean": "evnets"
 // is one edit from "events".
@@ -154,9 +154,12 @@ bool explain_unknown_options(CLI::App& app) {
       if (extra.size() < 2 || extra[0] != '-') continue;
       const auto name = extra.substr(0, extra.find('='));
       const auto guess = nearest(name, candidates);
-      std::cerr << who << ": unknown option '" << name << "'"
+      // Global options fall through from the subcommands (app.fallthrough()), and so do
+      // unknown ones: they were given to the innermost command.
+      const std::string owner = sub == &app ? "ensemble" : "ensemble " + sub->get_name();
+      std::cerr << owner << ": unknown option '" << name << "'"
                 << (guess.empty() ? std::string() : "; did you mean '" + guess + "'?") << " ("
-                << who << " --help lists its options)\n";
+                << owner << " --help lists its options)\n";
       any = true;
     }
   }
@@ -256,7 +259,8 @@ int run(int argc, char** argv) {
       "Without --broker or ENSEMBLE_BROKER, commands use the deployment that `ensemble up` runs "
       "from the same directory (it records its endpoints in .ensemble/up.json), else "
       "tcp://127.0.0.1:5555. A secured broker (docs/agents.md, \"Keys\") takes --key and "
-      "--broker-key, or ENSEMBLE_KEY and ENSEMBLE_BROKER_KEY. Ctrl-C ends any command at once (exit 130; SIGTERM: 143); `up` and "
+      "--broker-key, or ENSEMBLE_KEY and ENSEMBLE_BROKER_KEY. Ctrl-C ends any command at once "
+      "(exit 130; SIGTERM: 143); `up` and "
       "`agent` stop cleanly and exit 0.");
   auto* broker_opt =
       app.add_option("--broker", ctx.broker, "broker router endpoint (env ENSEMBLE_BROKER)")

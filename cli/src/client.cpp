@@ -36,8 +36,9 @@ common::status client::start() {
   if (!s && s.err().code == common::errc::unauthorized) {
     // The broker answered: it is reachable, and refused this key or this identity.
     const std::string key = ctx_.key_file.empty()
-                                ? std::string("no key given: --key and --broker-key, or "
-                                              "ENSEMBLE_KEY and ENSEMBLE_BROKER_KEY")
+                                ? std::string(
+                                      "no key given: --key and --broker-key, or "
+                                      "ENSEMBLE_KEY and ENSEMBLE_BROKER_KEY")
                                 : "key " + ctx_.key_file + " from " + ctx_.key_source;
     return common::error{s.err().code, s.err().message + "; " + key, false};
   }
