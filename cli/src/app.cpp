@@ -137,14 +137,16 @@ bool explain_unknown_options(CLI::App& app) {
   for (const CLI::App* a = sub; a != nullptr; a = a->get_parent()) {
     const std::string who = a == &app ? "ensemble" : "ensemble " + a->get_name();
     for (const auto& extra : a->remaining()) {
-      if (!extra.empty() && extra[0] != '-' && a == sub && a != &app && !named_word) {
+      // Words fall through to the parents too (app.fallthrough()), so they are looked for at
+      // every level; the first one is where a subcommand was expected.
+      if (!extra.empty() && extra[0] != '-' && sub != &app && !named_word) {
         // A word where a subcommand of `streams`, `consumers` or `dlq` was expected.
         const auto names = subcommand_names(*sub);
         if (names.empty()) continue;
         const auto guess = nearest(extra, names);
         std::string all;
         for (const auto& n : names) all += (all.empty() ? "" : ", ") + n;
-        std::cerr << who << ": unknown command '" << extra << "'"
+        std::cerr << "ensemble " << sub->get_name() << ": unknown command '" << extra << "'"
                   << (guess.empty() ? std::string() : "; did you mean '" + guess + "'?")
                   << " (its commands: " << all << ")\n";
         any = true;
