@@ -9,6 +9,7 @@
 #include "ensemble/common/curve_keys.hpp"
 #include "ensemble/common/protocol.hpp"
 #include "ensemble/common/result.hpp"
+#include "yaml_file_reader.hpp"
 
 namespace ensemble::broker::auth {
 
@@ -41,22 +42,13 @@ verdict of(bool allowed) {
   return allowed ? verdict::allowed : verdict::refused;
 }
 
-class reader {
+class reader : public yaml_file_reader {
  public:
   reader(std::string file, std::string base_dir)
-      : file_(std::move(file)), base_dir_(std::move(base_dir)) {}
-
-  [[noreturn]] void fail(const YAML::Node& node, const std::string& path,
-                         const std::string& what) const {
-    std::string message = what;
-    const auto mark = node.Mark();
-    if (mark.line >= 0) message += " (line " + std::to_string(mark.line + 1) + ")";
-    throw common::config_error(path.empty() ? file_ : file_ + ": " + path, message);
-  }
+      : yaml_file_reader(std::move(file)), base_dir_(std::move(base_dir)) {}
 
   std::string scalar(const YAML::Node& node, const std::string& path) const {
-    if (!node.IsScalar()) fail(node, path, "must be a string");
-    return node.Scalar();
+    return yaml_file_reader::scalar(node, path, "a string");
   }
 
   // A list of patterns; `check` says what is wrong with one (empty: fine).
@@ -133,7 +125,8 @@ class reader {
           if (kv.second[i].Mark().line >= 0) {
             line = " (line " + std::to_string(kv.second[i].Mark().line + 1) + ")";
           }
-          id.keys.push_back(common::read_public_key(value, file_ + ": " + where + line, base_dir_));
+          id.keys.push_back(
+              common::read_public_key(value, file() + ": " + where + line, base_dir_));
         }
       } else if (key == "offer") {
         id.offer = patterns(kv.second, at, name_pattern("an offer pattern is a service name"));
@@ -161,7 +154,6 @@ class reader {
   }
 
  private:
-  std::string file_;
   std::string base_dir_;
 };
 

@@ -320,6 +320,9 @@ struct broker::impl {
   json plain_stats_json() const;
   json auth_json() const;
   json consumers_stats_json() const;
+  // A durable-consumer command refused (section 11): a REPLY when it has an id, else an ERROR,
+  // repeating stream, consumer and stream_seq.
+  void send_consumer_refusal(const peer_id& peer, const header& req, const error& err);
 };
 
 bool broker::impl::send_to(const peer_id& peer, command cmd, const header& h,
@@ -1640,20 +1643,10 @@ void broker::impl::on_consumer_command(const peer_id& peer, const worker* w,
   const bool is_join = m.cmd == command::consume || m.cmd == command::consume_stop;
   // Answers without an id are confirmed only when refused, and then with an ERROR.
   const auto refuse = [&](const error& err) {
-    header h;
-    h.id = req.id;
-    h.stream = req.stream;
-    h.consumer = req.consumer;
-    h.stream_seq = req.stream_seq;
-    h.error_code = err.code;
-    h.error_message = err.message;
-    h.retryable = err.retryable;
-    h.worker = std::string(k_broker_service);
-    count_error(err.code);
     log->debug("{} {}/{} #{} from {} refused: {} {}",
                common::command_name(static_cast<std::uint8_t>(m.cmd)), req.stream, req.consumer,
                req.stream_seq, peer_label(w, peer), err.code, err.message);
-    send_to(peer, req.id.empty() ? command::error : command::reply, h);
+    send_consumer_refusal(peer, req, err);
   };
   const auto confirm = [&](const json& body) {
     if (req.id.empty()) return;
@@ -1959,13 +1952,7 @@ error broker::impl::refusal(auth::right r, const std::string& what, steady_clock
   return error::make(errc::unauthorized, std::move(message));
 }
 
-// CONSUME needs the consume right on its stream; the refusal has the form of section 11's
-// (a REPLY with the id, else an ERROR, repeating stream, consumer and stream_seq).
-bool broker::impl::consume_allowed(const peer_id& peer, const common::parsed_message& m,
-                                   steady_clock::time_point now) {
-  const header& req = m.hdr;
-  if (auth::check_consume(sender, req.stream) == auth::verdict::allowed) return true;
-  const error err = refusal(auth::right::consume, "stream '" + req.stream + "'", now);
+void broker::impl::send_consumer_refusal(const peer_id& peer, const header& req, const error& err) {
   header h;
   h.id = req.id;
   h.stream = req.stream;
@@ -1977,6 +1964,16 @@ bool broker::impl::consume_allowed(const peer_id& peer, const common::parsed_mes
   h.worker = std::string(k_broker_service);
   count_error(err.code);
   send_to(peer, req.id.empty() ? command::error : command::reply, h);
+}
+
+// CONSUME needs the consume right on its stream; the refusal has the form of section 11's
+// (a REPLY with the id, else an ERROR, repeating stream, consumer and stream_seq).
+bool broker::impl::consume_allowed(const peer_id& peer, const common::parsed_message& m,
+                                   steady_clock::time_point now) {
+  const header& req = m.hdr;
+  if (auth::check_consume(sender, req.stream) == auth::verdict::allowed) return true;
+  send_consumer_refusal(peer, req,
+                        refusal(auth::right::consume, "stream '" + req.stream + "'", now));
   return false;
 }
 

@@ -8,6 +8,7 @@
 
 #include "ensemble/common/protocol.hpp"
 #include "ensemble/common/result.hpp"
+#include "yaml_file_reader.hpp"
 
 namespace ensemble::broker::streams {
 
@@ -18,22 +19,9 @@ bool name_char(char c) {
          c == '-';
 }
 
-class reader {
+class reader : public yaml_file_reader {
  public:
-  explicit reader(std::string file) : file_(std::move(file)) {}
-
-  [[noreturn]] void fail(const YAML::Node& node, const std::string& path,
-                         const std::string& what) const {
-    std::string message = what;
-    const auto mark = node.Mark();
-    if (mark.line >= 0) message += " (line " + std::to_string(mark.line + 1) + ")";
-    throw common::config_error(path.empty() ? file_ : file_ + ": " + path, message);
-  }
-
-  std::string scalar(const YAML::Node& node, const std::string& path) const {
-    if (!node.IsScalar()) fail(node, path, "must be a scalar");
-    return node.Scalar();
-  }
+  using yaml_file_reader::yaml_file_reader;
 
   std::uint64_t count(const YAML::Node& node, const std::string& path) const {
     const auto text = scalar(node, path);
@@ -89,9 +77,6 @@ class reader {
     if (c.topic_prefixes.empty()) fail(node, path, "has no 'topics'");
     return c;
   }
-
- private:
-  std::string file_;
 };
 
 }  // namespace
