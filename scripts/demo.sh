@@ -34,9 +34,12 @@ until grep -q "ensemble up: ready" "$work/up.log" 2>/dev/null; do
   fi
   sleep 0.1
 done
-sed -n '/^NAME /,/ensemble up: ready/p' "$work/up.log"
+sed -n '/^NAME /,/ensemble up: secured/p' "$work/up.log"
 read -r router events < <(sed -n 's/^ensemble up: ready router=\([^ ]*\) events=\([^ ]*\).*/\1 \2/p' "$work/up.log")
-cli=("$ensemble" --broker "$router" --events "$events")
+# The example runs secured (security: curve): this script's commands act as its `user` identity.
+keys=examples/order-fulfillment/.ensemble/keys
+cli=("$ensemble" --broker "$router" --events "$events" --key "$keys/user.key_secret"
+     --broker-key "$keys/broker.key")
 
 echo
 echo "== an order that succeeds: validate, charge (orchestrated), then the fulfillment choreography"

@@ -45,9 +45,8 @@ TEST(testkit_deployment, RunsTheMixedExampleFromItsFile) {
   EXPECT_EQ(d.names(), (std::vector<std::string>{"broker", "orchestrator", "orders", "inventory",
                                                  "shipping", "notification"}));
 
-  tk::event_recorder rec(d.router(), d.events(),
-                         {"order.", "inventory.", "shipment.", "fulfillment."});
-  tk::workflow_client wf(d.router(), d.events());
+  tk::event_recorder rec(d.connect_as(), {"order.", "inventory.", "shipment.", "fulfillment."});
+  tk::workflow_client wf(d.connect_as());
 
   auto ok = wf.start("OrderFulfillment", order("o-1", "BOOK-1"), "o-1");
   ASSERT_TRUE(ok) << ok.err().to_string();
@@ -76,7 +75,7 @@ TEST(testkit_deployment, RunsTheMixedExampleFromItsFile) {
 TEST(testkit_deployment, ExpectationsExplainWhatWasRecordedInstead) {
   tk::deployment d;
   d.start();
-  tk::event_recorder rec(d.router(), d.events(), {"news."});
+  tk::event_recorder rec(d.connect_as(), {"news."});
   ea::agent publisher(ea::options{.name = "publisher", .broker = d.router(), .events = d.events()});
   ASSERT_TRUE(publisher.start());
   ASSERT_TRUE(publisher.publish_acked("news.sport", ea::to_json_payload({{"n", 1}}), 5s));

@@ -655,6 +655,12 @@ asio::awaitable<bool> launcher::start_probe(steady::time_point deadline) {
   o.name = "ensemble-up-" + common::random_id().substr(0, 8);
   o.broker = router_;
   o.events = events_;
+  if (!d_.keys.auth_file.empty()) {
+    // Secured: the probe asks broker.services as the deployment's `user` (every right).
+    o.name.clear();  // the identity's name
+    o.key_file = d_.keys.secret_files.at(std::string(user_identity));
+    o.broker_key = d_.keys.broker_public;
+  }
   o.start_timeout =
       std::max<millis>(1000ms, std::chrono::duration_cast<millis>(deadline - steady::now()));
   // The probe's threads take no signals: SIGCHLD and the stop signals belong to this thread,
