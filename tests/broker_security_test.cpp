@@ -405,6 +405,23 @@ TEST_F(broker_security_test, a_forbidden_subscription_receives_nothing) {
   EXPECT_EQ(admin("stats")["subscriptions"].value("payment.", 0), 1);  // the allowed one
 }
 
+// Refused prefixes are held by nobody but the broker's count of them: a peer that keeps
+// subscribing to new ones must not grow it. Every refusal is still counted.
+TEST_F(broker_security_test, refused_subscriptions_are_counted_within_a_bound) {
+  // Two subscribers of 600 prefixes each: one SUB sends at most about 1,000 subscription
+  // messages before its queue to the broker (its high-water mark) drops the rest.
+  std::vector<std::unique_ptr<event_sub>> subs;
+  int sent = 0;
+  for (int s = 0; s < 2; ++s) {
+    subs.push_back(sub(rogue_));  // subscribe: [rogue.]
+    for (int i = 0; i < 600; ++i) subs.back()->subscribe("payment." + std::to_string(sent++) + ".");
+    ASSERT_TRUE(
+        tk::wait_until([&] { return auth_stats()["refused"]["subscribe"] == sent; }, k_wait))
+        << auth_stats()["refused"].dump();
+  }
+  EXPECT_EQ(auth_stats()["refused_subscriptions"].size(), 1'000u);
+}
+
 TEST_F(broker_security_test, an_unknown_key_is_refused_at_the_handshake) {
   key_pair stranger;
   auto p = peer(stranger);

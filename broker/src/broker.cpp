@@ -243,15 +243,18 @@ struct broker::impl {
   auth::table auth_table;
   auth_counters auth_stats;
   auth::refusal_log_limiter refusal_log;
-  std::uint64_t handshake_lines = 0;  // handshake refusals logged this second
-  std::uint64_t handshakes = 0;       // accepted, numbering connections
-  steady_clock::time_point handshake_window;
+  std::uint64_t handshakes = 0;  // accepted, numbering connections
   // The identity of the message being handled: its name (the connection's User-Id) and its
   // entry (null when a reload removed it and the connection is not closed yet).
   std::string_view sender_name;
   const auth::identity* sender = nullptr;
-  std::unordered_map<int, connection_entry> connections;       // by file descriptor
-  std::map<std::string, std::uint64_t> refused_subscriptions;  // prefix -> not applied
+  std::unordered_map<int, connection_entry> connections;  // by file descriptor
+  // Prefix -> refused subscriptions still connected. Refused prefixes are held by nobody else
+  // (libzmq keeps only applied ones), so a peer sending ever new ones must not grow this: past
+  // k_refused_prefixes_max distinct prefixes, new ones are counted in auth.refused.subscribe
+  // only.
+  static constexpr std::size_t k_refused_prefixes_max = 1'000;
+  std::map<std::string, std::uint64_t> refused_subscriptions;
   steady_clock::time_point started = steady_clock::now();
   steady_clock::time_point next_heartbeat;
   bool stopping = false;
@@ -1838,15 +1841,17 @@ void broker::impl::handle_zap(steady_clock::time_point now) {
     }
     if (status != "200") {
       ++auth_stats.handshakes_refused;
-      if (now - handshake_window >= std::chrono::seconds(1)) {
-        handshake_window = now;
-        handshake_lines = 0;
-      }
-      if (++handshake_lines <= auth::refusal_log_limiter::k_lines_per_second) {
-        log->warn("handshake refused ({}): key {} from {} (domain {})", text,
-                  key.empty() ? "-" : key,
-                  req.size() > 3 ? std::string(common::as_view(req[3])) : "?",
-                  req.size() > 2 ? std::string(common::as_view(req[2])) : "?");
+      // Handshakes have no identity: their lines share one budget of the refusal limiter (the
+      // key cannot be an identity's name, which has no parentheses).
+      std::uint64_t suppressed = 0;
+      if (refusal_log.admit("(handshake)", now, suppressed)) {
+        log->warn(
+            "handshake refused ({}): key {} from {} (domain {}){}", text, key.empty() ? "-" : key,
+            req.size() > 3 ? std::string(common::as_view(req[3])) : "?",
+            req.size() > 2 ? std::string(common::as_view(req[2])) : "?",
+            suppressed > 0
+                ? " (" + std::to_string(suppressed) + " more handshake refusals were not logged)"
+                : std::string());
       }
     } else if (log->should_log(spdlog::level::debug)) {
       log->debug("handshake of {} from {} accepted", user, std::string(common::as_view(req[3])));
@@ -1927,7 +1932,10 @@ void broker::impl::on_secured_subscription(zmq::message_t& m, bool subscribe,
     return;
   }
   if (!allowed) {
-    ++refused_subscriptions[prefix];
+    if (refused_subscriptions.size() < k_refused_prefixes_max ||
+        refused_subscriptions.contains(prefix)) {
+      ++refused_subscriptions[prefix];
+    }
     (void)refusal(auth::right::subscribe, "prefix '" + prefix + "' (not applied)",
                   steady_clock::now());
     return;
