@@ -28,6 +28,7 @@
 #include "ensemble/agent/json.hpp"
 #include "ensemble/common/curve_keys.hpp"
 #include "ensemble/testkit/process.hpp"
+#include "support/message_inbox.hpp"
 #include "support/temp_dir.hpp"
 
 namespace ea = ensemble::agent;
@@ -75,37 +76,6 @@ std::optional<std::string> find_python(std::string& tried) {
   }
   return std::nullopt;
 }
-
-// Events received by the C++ agent's subscription, for a test thread to wait on.
-class event_log {
- public:
-  void add(const ea::message& m) {
-    {
-      std::lock_guard lock(mutex_);
-      events_.push_back(m);
-    }
-    changed_.notify_all();
-  }
-  std::optional<ea::message> wait_for(const std::string& topic) {
-    std::unique_lock lock(mutex_);
-    std::optional<ea::message> found;
-    changed_.wait_for(lock, k_wait, [&] {
-      for (const auto& e : events_) {
-        if (e.topic() == topic) {
-          found = e;
-          return true;
-        }
-      }
-      return false;
-    });
-    return found;
-  }
-
- private:
-  std::mutex mutex_;
-  std::condition_variable changed_;
-  std::vector<ea::message> events_;
-};
 
 // The value of `key=` in one output line of the Python agent (up to the next space; `body=` is
 // last on its line and runs to the end).
@@ -188,7 +158,7 @@ class interop_test : public ::testing::Test {
 
   std::unique_ptr<tk::broker_process> broker_;
   std::unique_ptr<tk::process> python_;
-  event_log events_;
+  ensemble::test::message_inbox events_;
   std::unique_ptr<ea::agent> cpp_;
 };
 
@@ -209,7 +179,7 @@ TEST_F(interop_test, cpp_agent_calls_the_python_service_and_receives_the_event_i
   EXPECT_EQ((*body)["attempt"], 1);
 
   // The Python handler published an event carrying the request's trace context.
-  auto e = events_.wait_for("interop.py.handled");
+  auto e = events_.wait_for("interop.py.handled", k_wait);
   ASSERT_TRUE(e.has_value()) << "the C++ agent never received interop.py.handled";
   EXPECT_EQ(e->publisher(), "py-agent");
   EXPECT_EQ(e->seq(), 1u);
@@ -546,7 +516,7 @@ TEST(interop_secured_test, python_agent_with_curve_keys_serves_a_cpp_caller) {
   o.key_file = dir.file("keys/cpp-caller.key_secret");
   o.broker_key = ec::read_public_key(dir.file("keys/broker.key"), "");  // as 40 characters
   ea::agent caller(o);
-  event_log events;
+  ensemble::test::message_inbox events;
   ASSERT_TRUE(caller.subscribe("interop.py.", [&](const ea::message& m) { events.add(m); }).ok());
   auto started = caller.start();
   ASSERT_TRUE(started.ok()) << started.err().to_string();
@@ -557,7 +527,7 @@ TEST(interop_secured_test, python_agent_with_curve_keys_serves_a_cpp_caller) {
   auto body = ea::from_json_payload(r->payload());
   ASSERT_TRUE(body.ok());
   EXPECT_EQ((*body)["text"], "SECURED");
-  auto e = events.wait_for("interop.py.handled");
+  auto e = events.wait_for("interop.py.handled", k_wait);
   ASSERT_TRUE(e.has_value()) << py->tail();
   EXPECT_EQ(e->publisher(), "py-agent");
 }

@@ -18,6 +18,7 @@
 #include "ensemble/common/curve_keys.hpp"
 #include "ensemble/testkit/process.hpp"
 #include "support/cli_outcome.hpp"
+#include "support/message_inbox.hpp"
 #include "support/temp_dir.hpp"
 
 namespace ea = ensemble::agent;
@@ -51,34 +52,6 @@ constexpr const char* k_auth = R"(identities:
     subscribe: [""]
     publish: [""]
 )";
-
-// Events received by an agent's subscription, for the test thread to wait on.
-class inbox {
- public:
-  void add(const ea::message& m) {
-    {
-      std::lock_guard lock(mutex_);
-      events_.push_back(m);
-    }
-    changed_.notify_all();
-  }
-  std::optional<ea::message> wait_for(const std::string& topic) {
-    std::unique_lock lock(mutex_);
-    std::optional<ea::message> found;
-    changed_.wait_for(lock, k_wait, [&] {
-      for (const auto& e : events_) {
-        if (e.topic() == topic) found = e;
-      }
-      return found.has_value();
-    });
-    return found;
-  }
-
- private:
-  std::mutex mutex_;
-  std::condition_variable changed_;
-  std::vector<ea::message> events_;
-};
 
 class sdk_security_test : public ::testing::Test {
  protected:
@@ -161,7 +134,7 @@ TEST_F(sdk_security_test, agents_with_listed_keys_serve_and_call_under_their_ide
 
 TEST_F(sdk_security_test, a_subscriber_with_keys_receives_events_stamped_with_the_publisher) {
   start_secured_broker();
-  inbox received;
+  ensemble::test::message_inbox received;
   ea::agent orders(keyed("orders"));
   ASSERT_TRUE(orders.subscribe("payment.", [&](const ea::message& m) { received.add(m); }).ok());
   auto started = orders.start();  // returns once the subscription is confirmed
@@ -170,7 +143,7 @@ TEST_F(sdk_security_test, a_subscriber_with_keys_receives_events_stamped_with_th
 
   auto p = payments->publish_acked("payment.done", ea::to_json_payload({{"order", "o-1"}}), k_wait);
   ASSERT_TRUE(p.ok()) << p.err().to_string();
-  auto e = received.wait_for("payment.done");
+  auto e = received.wait_for("payment.done", k_wait);
   ASSERT_TRUE(e.has_value()) << "the subscriber received nothing on payment.";
   EXPECT_EQ(e->publisher(), "payments");
   EXPECT_EQ((*ea::from_json_payload(e->payload()))["order"], "o-1");
