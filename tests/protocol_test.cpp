@@ -5,12 +5,16 @@
 
 #include <gtest/gtest.h>
 
+#include <cstdio>
+#include <fstream>
 #include <functional>
+#include <map>
 #include <msgpack.hpp>
 #include <string>
 #include <vector>
 
 #include "ensemble/common/frames.hpp"
+#include "support/required_fields.hpp"
 
 namespace ec = ensemble::common;
 using ec::command;
@@ -102,6 +106,10 @@ void expect_same(const header& a, const header& b) {
   EXPECT_EQ(a.stream, b.stream);
   EXPECT_EQ(a.stream_seq, b.stream_seq);
   EXPECT_EQ(a.duplicate, b.duplicate);
+  EXPECT_EQ(a.consumer, b.consumer);
+  EXPECT_EQ(a.deliveries, b.deliveries);
+  EXPECT_EQ(a.capacity, b.capacity);
+  EXPECT_EQ(a.delay_ms, b.delay_ms);
   EXPECT_EQ(a.error_code, b.error_code);
   EXPECT_EQ(a.error_message, b.error_message);
   EXPECT_EQ(a.agent, b.agent);
@@ -185,56 +193,213 @@ TEST(protocol_test, header_encode_appends_to_existing_bytes) {
   EXPECT_EQ(out.substr(6), ec::encode_header(full_header()));
 }
 
-TEST(protocol_test, header_each_field_alone_round_trips_and_is_the_only_key) {
-  // One header per field, so that a field written under the wrong key or read into the wrong
-  // member cannot hide behind another one.
-  struct field_case {
-    std::string key;
-    std::function<void(header&)> set;
-  };
-  const std::vector<field_case> cases = {
-      {"id", [](header& h) { h.id = "x"; }},
-      {"service", [](header& h) { h.service = "S"; }},
-      {"action", [](header& h) { h.action = "a"; }},
-      {"topic", [](header& h) { h.topic = "t.x"; }},
-      {"deadline_ms", [](header& h) { h.deadline_ms = 0xFFFF'FFFF'FFFFULL; }},
-      {"correlation_id", [](header& h) { h.correlation_id = "c"; }},
-      {"causation_id", [](header& h) { h.causation_id = "c"; }},
-      {"trace_id", [](header& h) { h.trace_id = "t"; }},
-      {"attempt", [](header& h) { h.attempt = 0xFFFF'FFFFu; }},
-      {"idempotency_key", [](header& h) { h.idempotency_key = "k"; }},
-      {"retryable", [](header& h) { h.retryable = true; }},
-      {"ack", [](header& h) { h.ack = true; }},
-      {"token", [](header& h) { h.token = ~0ULL; }},
-      {"worker", [](header& h) { h.worker = "w"; }},
-      {"seq", [](header& h) { h.seq = 1; }},
-      {"ts", [](header& h) { h.ts = 1; }},
-      {"publisher", [](header& h) { h.publisher = "p"; }},
-      {"caller", [](header& h) { h.caller = "c"; }},
-      {"caller_scope", [](header& h) { h.caller_scope = "own"; }},
-      {"stream", [](header& h) { h.stream = "orders"; }},
-      {"stream_seq", [](header& h) { h.stream_seq = ~0ULL; }},
-      {"duplicate", [](header& h) { h.duplicate = true; }},
-      {"error_code", [](header& h) { h.error_code = "e"; }},
-      {"error_message", [](header& h) { h.error_message = "m"; }},
-      {"agent", [](header& h) { h.agent = "a"; }},
-      {"services",
-       [](header& h) {
-         h.services = {{"S", 7}};
-       }},
-      {"heartbeat_ms", [](header& h) { h.heartbeat_ms = 250; }},
-      {"max_message_size", [](header& h) { h.max_message_size = 1ULL << 40; }},
-      {"broker", [](header& h) { h.broker = "b"; }},
-  };
-  for (const auto& c : cases) {
-    SCOPED_TRACE(c.key);
-    header h;
-    c.set(h);
-    const std::string bytes = ec::encode_header(h);
-    EXPECT_EQ(keys_of(bytes), std::vector<std::string>{c.key});
+// ---- the field table (k_header_fields) -------------------------------------------------------
+
+// A value of row `f` as a peer would write it, by hand: the largest the field accepts (so that a
+// 32-bit field read into a wider member, or the reverse, shows), "v" for a str.
+void pack_sample(msgpack::packer<msgpack::sbuffer>& p, const ec::header_field_info& f) {
+  switch (f.type) {
+    case ec::field_type::str:
+      pack_str(p, "v");
+      break;
+    case ec::field_type::uint:
+      p.pack_uint64(f.max);
+      break;
+    case ec::field_type::boolean:
+      p.pack_true();
+      break;
+    case ec::field_type::services:
+      p.pack_array(1);
+      p.pack_map(2);
+      pack_str(p, "name");
+      pack_str(p, "S");
+      pack_str(p, "capacity");
+      p.pack_uint32(7);
+      break;
+  }
+}
+
+TEST(protocol_test, table_each_field_alone_round_trips_and_is_the_only_key) {
+  // One header per row of the table, so that a field written under the wrong key or read into
+  // the wrong member (or into the member of another row) cannot hide behind another one.
+  for (const auto& f : ec::k_header_field_infos) {
+    SCOPED_TRACE(std::string(f.key));
+    const std::string bytes = one_field(f.key, [&](auto& p) { pack_sample(p, f); });
     auto decoded = ec::decode_header(bytes);
     ASSERT_TRUE(decoded.ok()) << decoded.err().message;
-    expect_same(*decoded, h);
+    EXPECT_EQ(decoded->extra_count, 0u) << "read as an unknown key";
+    EXPECT_EQ(ec::encode_header(*decoded), bytes);
+    EXPECT_EQ(keys_of(ec::encode_header(*decoded)), std::vector<std::string>{std::string(f.key)});
+  }
+}
+
+TEST(protocol_test, table_uint_fields_refuse_values_out_of_their_range) {
+  int checked = 0;
+  for (const auto& f : ec::k_header_field_infos) {
+    if (f.type != ec::field_type::uint) continue;
+    SCOPED_TRACE(std::string(f.key));
+    if (f.max != ~std::uint64_t{0}) {
+      auto msg = decode_error(one_field(f.key, [&](auto& p) { p.pack_uint64(f.max + 1); }));
+      EXPECT_TRUE(contains(msg, "'" + std::string(f.key) + "' is " + std::to_string(f.max + 1)));
+      EXPECT_TRUE(contains(msg, std::string(f.rule)));
+      ++checked;
+    }
+    if (f.min > 0) {
+      auto msg = decode_error(one_field(f.key, [&](auto& p) { p.pack_uint64(f.min - 1); }));
+      EXPECT_TRUE(contains(msg, std::string(f.rule)));
+      ++checked;
+    }
+    auto msg = decode_error(one_field(f.key, [](auto& p) { p.pack_int64(-1); }));
+    EXPECT_TRUE(contains(msg, "negative int -1"));
+    ++checked;
+  }
+  EXPECT_GT(checked, 0);
+}
+
+TEST(protocol_test, table_header_with_every_field_round_trips_in_table_order) {
+  header h = ensemble::test::with_every_field();
+  auto unknown = ec::decode_header(std::string("\x81\xa1z\x01", 4));
+  ASSERT_TRUE(unknown.ok()) << unknown.err().message;
+  h.extra = unknown->extra;
+  h.extra_count = unknown->extra_count;
+  const std::string bytes = ec::encode_header(h);
+  std::vector<std::string> expected;
+  for (const auto& f : ec::k_header_field_infos) expected.emplace_back(f.key);
+  expected.emplace_back("z");
+  EXPECT_EQ(keys_of(bytes), expected);
+  auto decoded = ec::decode_header(bytes);
+  ASSERT_TRUE(decoded.ok()) << decoded.err().message;
+  expect_same(*decoded, h);
+  EXPECT_EQ(ec::encode_header(*decoded), bytes);
+}
+
+// The bytes the hand-written encoder of protocol version 1 produced for this header (every
+// field set, and an unknown key): the table-driven encoder must write them byte for byte, since
+// peers in other languages and recorded streams hold headers in this form.
+TEST(protocol_test, header_with_every_field_is_encoded_as_version_1_encoded_it) {
+  header h = full_header();
+  h.stream = "orders";
+  h.stream_seq = 4711;
+  h.duplicate = true;
+  h.consumer = "billing";
+  h.deliveries = 2;
+  h.capacity = 8;
+  h.delay_ms = 250;
+  auto unknown = ec::decode_header(std::string("\x81\xa1z\x01", 4));
+  ASSERT_TRUE(unknown.ok()) << unknown.err().message;
+  h.extra = unknown->extra;
+  h.extra_count = unknown->extra_count;
+  const std::string expected_hex =
+      "de0022a26964a463312d31a773657276696365ae5061796d656e7453657276696365a6616374696f6ea663"
+      "6861726765a5746f706963ad6f726465722e63726561746564ab646561646c696e655f6d73cd1388ae636f"
+      "7272656c6174696f6e5f6964a577662d3432ac636175736174696f6e5f6964a463312d30a874726163655f"
+      "6964a3742d39a7617474656d707403af6964656d706f74656e63795f6b6579ae77662d34322f6368617267"
+      "652f33a9726574727961626c65c3a361636bc3a5746f6b656ecf0000000100000001a6776f726b6572a870"
+      "61796d656e7473a37365710ca27473cf00064464e59f9640a97075626c6973686572a66f7264657273a663"
+      "616c6c6572a473686f70ac63616c6c65725f73636f7065a36f776eaa6572726f725f636f6465ad63617264"
+      "5f6465636c696e6564ad6572726f725f6d657373616765b5746865206361726420776173206465636c696e"
+      "6564a56167656e74a87061796d656e7473a873657276696365739282a46e616d65ae5061796d656e745365"
+      "7276696365a863617061636974790482a46e616d65ad526566756e6453657276696365a863617061636974"
+      "7901ac6865617274626561745f6d73cd03e8b06d61785f6d6573736167655f73697a65ce00100000a66272"
+      "6f6b6572a433663261a673747265616da66f7264657273aa73747265616d5f736571cd1267a96475706c69"
+      "63617465c3a8636f6e73756d6572a762696c6c696e67aa64656c6976657269657302a86361706163697479"
+      "08a864656c61795f6d73ccfaa17a01";
+  std::string hex;
+  for (unsigned char c : ec::encode_header(h)) {
+    char buf[3];
+    std::snprintf(buf, sizeof buf, "%02x", c);
+    hex += buf;
+  }
+  EXPECT_EQ(hex, expected_hex);
+}
+
+TEST(protocol_test, table_each_required_field_is_checked_for_each_command_that_requires_it) {
+  int checked = 0;
+  for (command c : ec::k_commands) {
+    const std::string name = ec::command_name(static_cast<std::uint8_t>(c));
+    SCOPED_TRACE(name);
+    EXPECT_EQ(ec::check_required(c, ensemble::test::with_required_fields(c)), "");
+    for (const auto& f : ec::k_header_field_infos) {
+      if (!f.required.contains(c)) continue;
+      const std::string problem =
+          ec::check_required(c, ensemble::test::with_required_fields(c, f.key));
+      EXPECT_EQ(problem, name + " without '" + std::string(f.key) + "': every " + name + " needs " +
+                             std::string(f.needs));
+      ++checked;
+    }
+  }
+  EXPECT_GT(checked, 0);
+  // The wording docs/protocol.md section 4 quotes.
+  EXPECT_EQ(ec::check_required(command::request, ensemble::test::with_required_fields(
+                                                     command::request, "deadline_ms")),
+            "REQUEST without 'deadline_ms': every REQUEST needs a time budget, a whole number of "
+            "milliseconds of at least 1");
+}
+
+TEST(protocol_test, table_required_fields_are_named_in_table_order) {
+  // Nothing at all: the first required row is the one named.
+  EXPECT_TRUE(contains(ec::check_required(command::request, header{}), "without 'id'"));
+  header h;
+  h.id = "r-1";
+  EXPECT_TRUE(contains(ec::check_required(command::request, h), "without 'service'"));
+  EXPECT_EQ(ec::check_required(command::heartbeat, header{}), "");
+  EXPECT_EQ(ec::check_required(command::hello, header{}), "");
+}
+
+// docs/protocol.md section 3 is the field list a person in another language implements from:
+// it must list every row of the table, with the same key and type, say which commands require
+// it, and list nothing the table does not have.
+TEST(protocol_test, docs_section_3_lists_the_fields_of_the_table) {
+  const std::string path = std::string(ENSEMBLE_SOURCE_DIR) + "/docs/protocol.md";
+  std::ifstream in(path);
+  ASSERT_TRUE(in) << "cannot read " << path;
+  struct doc_row {
+    std::string type, default_value, used_in;
+  };
+  std::multimap<std::string, doc_row> rows;
+  bool in_section = false;
+  for (std::string line; std::getline(in, line);) {
+    if (line.rfind("## ", 0) == 0) in_section = line.rfind("## 3. Header fields", 0) == 0;
+    if (!in_section || line.rfind("| `", 0) != 0) continue;
+    std::vector<std::string> cells;
+    std::size_t at = 1;
+    for (std::size_t bar; (bar = line.find(" |", at)) != std::string::npos; at = bar + 2) {
+      std::string cell = line.substr(at, bar - at);
+      cell.erase(0, cell.find_first_not_of(' '));
+      cells.push_back(cell);
+    }
+    ASSERT_GE(cells.size(), 4u) << line;
+    ASSERT_EQ(cells[0].front(), '`') << line;
+    rows.emplace(cells[0].substr(1, cells[0].find('`', 1) - 1),
+                 doc_row{cells[1], cells[2], cells[3]});
+  }
+  ASSERT_FALSE(rows.empty()) << "no field table in section 3 of " << path;
+  for (const auto& f : ec::k_header_field_infos) {
+    const std::string key(f.key);
+    SCOPED_TRACE(key);
+    ASSERT_TRUE(rows.count(key) > 0) << "docs/protocol.md section 3 has no row for '" << key << "'";
+    const std::string type = f.type == ec::field_type::str       ? "str"
+                             : f.type == ec::field_type::uint    ? "uint"
+                             : f.type == ec::field_type::boolean ? "bool"
+                                                                 : "array of maps";
+    std::string defaults;
+    for (auto [it, end] = rows.equal_range(key); it != end; ++it) {
+      EXPECT_EQ(it->second.type.substr(0, type.size()), type)
+          << "docs/protocol.md gives '" << key << "' the type '" << it->second.type << "'";
+      defaults += it->second.default_value + " ";
+    }
+    for (command c : ec::k_commands) {
+      if (!f.required.contains(c)) continue;
+      const std::string name = ec::command_name(static_cast<std::uint8_t>(c));
+      EXPECT_TRUE(contains(defaults, "required on")) << "the default column says nothing";
+      EXPECT_TRUE(contains(defaults, name)) << "'" << key << "' is required on " << name;
+    }
+  }
+  for (const auto& [key, row] : rows) {
+    bool known = false;
+    for (const auto& f : ec::k_header_field_infos) known = known || f.key == key;
+    EXPECT_TRUE(known) << "docs/protocol.md section 3 lists '" << key
+                       << "', which k_header_fields does not have";
   }
 }
 

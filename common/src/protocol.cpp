@@ -5,6 +5,8 @@
 #include <limits>
 #include <msgpack.hpp>
 #include <optional>
+#include <type_traits>
+#include <utility>
 
 namespace ensemble::common {
 namespace {
@@ -100,53 +102,13 @@ error field_error(std::string_view key, std::string_view rule, const msgpack::ob
                                             std::string(rule) + ", got " + describe(o));
 }
 
-// One row per header field: its key, what its value must be (the rule that error messages
-// quote), and how it is read. docs/protocol.md section 3 lists the same fields with their
-// defaults (absent = empty, 0 or false). encode_header writes them by hand, in this order: going
-// through the table costs about twice the time per header (measured), and the broker encodes
-// one per message; protocol_test checks each field round-trips under its key.
+// The decoder's view of k_header_fields: per row, its key, the rule its errors quote and its
+// reader. A row's reader is read_field<I>, which knows the row's member and type.
 struct field_codec {
   std::string_view key;
   std::string_view rule;
   std::optional<error> (*read)(const field_codec&, const msgpack::object&, header&);
 };
-
-template <std::string header::*member>
-constexpr field_codec str_field(std::string_view key) {
-  return {key, "a str",
-          [](const field_codec& f, const msgpack::object& o, header& h) -> std::optional<error> {
-            if (o.type != msgpack::type::STR) return field_error(f.key, f.rule, o);
-            (h.*member).assign(o.via.str.ptr, o.via.str.size);
-            return std::nullopt;
-          }};
-}
-
-// A non-negative integer in any msgpack encoding (positive fixint, uint 8-64, or int 8-64
-// holding a value >= 0: msgpack-c reads all of them as POSITIVE_INTEGER), within [min, Int max].
-template <class Int, Int header::*member, std::uint64_t min = 0>
-constexpr field_codec uint_field(std::string_view key, std::string_view rule) {
-  return {key, rule,
-          [](const field_codec& f, const msgpack::object& o, header& h) -> std::optional<error> {
-            if (o.type != msgpack::type::POSITIVE_INTEGER) return field_error(f.key, f.rule, o);
-            if (o.via.u64 > std::numeric_limits<Int>::max() || o.via.u64 < min) {
-              return error::make(errc::bad_request, "header field '" + std::string(f.key) +
-                                                        "' is " + std::to_string(o.via.u64) +
-                                                        "; it must be " + std::string(f.rule));
-            }
-            h.*member = static_cast<Int>(o.via.u64);
-            return std::nullopt;
-          }};
-}
-
-template <bool header::*member>
-constexpr field_codec bool_field(std::string_view key) {
-  return {key, "a bool (true or false)",
-          [](const field_codec& f, const msgpack::object& o, header& h) -> std::optional<error> {
-            if (o.type != msgpack::type::BOOLEAN) return field_error(f.key, f.rule, o);
-            h.*member = o.via.boolean;
-            return std::nullopt;
-          }};
-}
 
 std::optional<error> read_services(const field_codec& f, const msgpack::object& o, header& h) {
   if (o.type != msgpack::type::ARRAY) return field_error(f.key, f.rule, o);
@@ -182,47 +144,43 @@ std::optional<error> read_services(const field_codec& f, const msgpack::object& 
   return std::nullopt;
 }
 
-using u32 = std::uint32_t;
-using u64 = std::uint64_t;
-constexpr std::string_view k_any_uint = "a non-negative integer";
-constexpr std::string_view k_any_u32 = "a non-negative integer up to 4294967295";
+template <std::size_t I>
+using row_t = std::remove_cvref_t<decltype(std::get<I>(k_header_fields))>;
 
-constexpr std::array<field_codec, 33> k_fields{{
-    str_field<&header::id>("id"),
-    str_field<&header::service>("service"),
-    str_field<&header::action>("action"),
-    str_field<&header::topic>("topic"),
-    uint_field<u64, &header::deadline_ms, 1>(
-        "deadline_ms", "a whole number of milliseconds, at least 1 (omit it rather than send 0)"),
-    str_field<&header::correlation_id>("correlation_id"),
-    str_field<&header::causation_id>("causation_id"),
-    str_field<&header::trace_id>("trace_id"),
-    uint_field<u32, &header::attempt>("attempt", k_any_u32),
-    str_field<&header::idempotency_key>("idempotency_key"),
-    bool_field<&header::retryable>("retryable"),
-    bool_field<&header::ack>("ack"),
-    uint_field<u64, &header::token>("token", k_any_uint),
-    str_field<&header::worker>("worker"),
-    uint_field<u64, &header::seq>("seq", k_any_uint),
-    uint_field<u64, &header::ts>("ts", k_any_uint),
-    str_field<&header::publisher>("publisher"),
-    str_field<&header::caller>("caller"),
-    str_field<&header::caller_scope>("caller_scope"),
-    str_field<&header::stream>("stream"),
-    uint_field<u64, &header::stream_seq>("stream_seq", k_any_uint),
-    bool_field<&header::duplicate>("duplicate"),
-    str_field<&header::consumer>("consumer"),
-    uint_field<u32, &header::deliveries>("deliveries", k_any_u32),
-    uint_field<u32, &header::capacity>("capacity", k_any_u32),
-    uint_field<u64, &header::delay_ms>("delay_ms", k_any_uint),
-    str_field<&header::error_code>("error_code"),
-    str_field<&header::error_message>("error_message"),
-    str_field<&header::agent>("agent"),
-    {"services", "an array of maps {name: str, capacity: uint 1..1000000}", &read_services},
-    uint_field<u32, &header::heartbeat_ms>("heartbeat_ms", k_any_u32),
-    uint_field<u64, &header::max_message_size>("max_message_size", k_any_uint),
-    str_field<&header::broker>("broker"),
-}};
+template <std::size_t I>
+std::optional<error> read_field(const field_codec& f, const msgpack::object& o, header& h) {
+  using row = row_t<I>;
+  auto& value = h.*row::member;
+  if constexpr (row::type == field_type::str) {
+    if (o.type != msgpack::type::STR) return field_error(f.key, f.rule, o);
+    value.assign(o.via.str.ptr, o.via.str.size);
+  } else if constexpr (row::type == field_type::boolean) {
+    if (o.type != msgpack::type::BOOLEAN) return field_error(f.key, f.rule, o);
+    value = o.via.boolean;
+  } else if constexpr (row::type == field_type::uint) {
+    // Any msgpack encoding of a non-negative integer (positive fixint, uint 8-64, or int 8-64
+    // holding a value >= 0: msgpack-c reads all of them as POSITIVE_INTEGER), in [min, max].
+    constexpr header_field_info info = std::get<I>(k_header_fields).info();
+    if (o.type != msgpack::type::POSITIVE_INTEGER) return field_error(f.key, f.rule, o);
+    if (o.via.u64 > info.max || o.via.u64 < info.min) {
+      return error::make(errc::bad_request, "header field '" + std::string(f.key) + "' is " +
+                                                std::to_string(o.via.u64) + "; it must be " +
+                                                std::string(f.rule));
+    }
+    value = static_cast<typename row::value_type>(o.via.u64);
+  } else {
+    return read_services(f, o, h);
+  }
+  return std::nullopt;
+}
+
+template <std::size_t... I>
+constexpr auto make_codecs(std::index_sequence<I...>) {
+  return std::array<field_codec, sizeof...(I)>{
+      {{k_header_field_infos[I].key, k_header_field_infos[I].rule, &read_field<I>}...}};
+}
+
+constexpr auto k_fields = make_codecs(std::make_index_sequence<k_header_field_count>{});
 
 const field_codec* find_field(std::string_view key) {
   for (const auto& f : k_fields) {
@@ -230,6 +188,46 @@ const field_codec* find_field(std::string_view key) {
   }
   return nullptr;
 }
+
+// The encoder's and check_required's walk over k_header_fields: f(row<I>{}) for each row in
+// order, unrolled at compile time, so that each call sees its row's member and type as
+// constants.
+template <std::size_t I>
+struct row : row_t<I> {
+  static constexpr std::size_t index = I;
+};
+
+template <class F, std::size_t... I>
+void for_each_row(F&& f, std::index_sequence<I...>) {
+  (f(row<I>{}), ...);
+}
+
+template <class F>
+void for_each_row(F&& f) {
+  for_each_row(f, std::make_index_sequence<k_header_field_count>{});
+}
+
+// A field with its default value is absent: not written, and missing where required.
+template <class T>
+bool present(const T& v) {
+  if constexpr (std::is_same_v<T, bool>) {
+    return v;
+  } else if constexpr (std::is_integral_v<T>) {
+    return v != 0;
+  } else {
+    return !v.empty();
+  }
+}
+
+// A row's key as msgpack: the fixstr byte, then the key (keys are at most 31 bytes).
+template <std::size_t I>
+constexpr auto k_key_bytes = [] {
+  constexpr std::string_view key = k_header_field_infos[I].key;
+  std::array<char, key.size() + 1> bytes{};
+  bytes[0] = static_cast<char>(0xa0 | key.size());
+  for (std::size_t i = 0; i < key.size(); ++i) bytes[i + 1] = key[i];
+  return bytes;
+}();
 
 constexpr std::uint32_t k_max_array_items = 1024;
 constexpr std::uint32_t k_max_map_pairs = 256;
@@ -349,91 +347,50 @@ bool is_known_command(std::uint8_t byte) {
 }
 
 void encode_header(const header& h, std::string& out) {
+  std::uint32_t n = h.extra_count;
+  for_each_row([&](auto row) { n += present(h.*decltype(row)::member) ? 1 : 0; });
   string_sink sink{out};
   packer p(sink);
-  std::uint32_t n = h.extra_count;
-  auto count_str = [&n](const std::string& s) { n += s.empty() ? 0 : 1; };
-  auto count_num = [&n](std::uint64_t v) { n += v == 0 ? 0 : 1; };
-  count_str(h.id), count_str(h.service), count_str(h.action), count_str(h.topic);
-  count_num(h.deadline_ms);
-  count_str(h.correlation_id), count_str(h.causation_id), count_str(h.trace_id);
-  count_num(h.attempt), count_str(h.idempotency_key);
-  n += h.retryable ? 1 : 0;
-  n += h.ack ? 1 : 0;
-  count_num(h.token), count_str(h.worker), count_num(h.seq), count_num(h.ts);
-  count_str(h.publisher), count_str(h.error_code), count_str(h.error_message);
-  count_str(h.caller), count_str(h.caller_scope);
-  count_str(h.agent);
-  n += h.services.empty() ? 0 : 1;
-  count_num(h.heartbeat_ms), count_num(h.max_message_size), count_str(h.broker);
-  count_str(h.stream), count_num(h.stream_seq);
-  n += h.duplicate ? 1 : 0;
-  count_str(h.consumer), count_num(h.deliveries), count_num(h.capacity), count_num(h.delay_ms);
-
   p.pack_map(n);
-  auto put_str = [&p](std::string_view key, const std::string& v) {
-    if (v.empty()) return;
-    pack_str(p, key);
-    pack_str(p, v);
-  };
-  auto put_num = [&p](std::string_view key, std::uint64_t v) {
-    if (v == 0) return;
-    pack_str(p, key);
-    p.pack_uint64(v);
-  };
-  put_str("id", h.id);
-  put_str("service", h.service);
-  put_str("action", h.action);
-  put_str("topic", h.topic);
-  put_num("deadline_ms", h.deadline_ms);
-  put_str("correlation_id", h.correlation_id);
-  put_str("causation_id", h.causation_id);
-  put_str("trace_id", h.trace_id);
-  put_num("attempt", h.attempt);
-  put_str("idempotency_key", h.idempotency_key);
-  if (h.retryable) {
-    pack_str(p, "retryable");
-    p.pack_true();
-  }
-  if (h.ack) {
-    pack_str(p, "ack");
-    p.pack_true();
-  }
-  put_num("token", h.token);
-  put_str("worker", h.worker);
-  put_num("seq", h.seq);
-  put_num("ts", h.ts);
-  put_str("publisher", h.publisher);
-  put_str("caller", h.caller);
-  put_str("caller_scope", h.caller_scope);
-  put_str("error_code", h.error_code);
-  put_str("error_message", h.error_message);
-  put_str("agent", h.agent);
-  if (!h.services.empty()) {
-    pack_str(p, "services");
-    p.pack_array(static_cast<std::uint32_t>(h.services.size()));
-    for (const auto& s : h.services) {
-      p.pack_map(2);
-      pack_str(p, "name");
-      pack_str(p, s.name);
-      pack_str(p, "capacity");
-      p.pack_uint32(s.capacity);
+  for_each_row([&](auto row) {
+    using r = decltype(row);
+    const auto& value = h.*r::member;
+    if (!present(value)) return;
+    constexpr auto& key = k_key_bytes<r::index>;
+    out.append(key.data(), key.size());
+    if constexpr (r::type == field_type::str) {
+      pack_str(p, value);
+    } else if constexpr (r::type == field_type::boolean) {
+      p.pack_true();
+    } else if constexpr (r::type == field_type::uint) {
+      p.pack_uint64(value);
+    } else {
+      p.pack_array(static_cast<std::uint32_t>(value.size()));
+      for (const auto& s : value) {
+        p.pack_map(2);
+        pack_str(p, "name");
+        pack_str(p, s.name);
+        pack_str(p, "capacity");
+        p.pack_uint32(s.capacity);
+      }
     }
-  }
-  put_num("heartbeat_ms", h.heartbeat_ms);
-  put_num("max_message_size", h.max_message_size);
-  put_str("broker", h.broker);
-  put_str("stream", h.stream);
-  put_num("stream_seq", h.stream_seq);
-  if (h.duplicate) {
-    pack_str(p, "duplicate");
-    p.pack_true();
-  }
-  put_str("consumer", h.consumer);
-  put_num("deliveries", h.deliveries);
-  put_num("capacity", h.capacity);
-  put_num("delay_ms", h.delay_ms);
+  });
   out.append(h.extra);
+}
+
+std::string check_required(command c, const header& h) {
+  std::string problem;
+  for_each_row([&](auto row) {
+    using r = decltype(row);
+    constexpr header_field_info info = k_header_field_infos[r::index];
+    if constexpr (!info.required.empty()) {
+      if (!problem.empty() || !info.required.contains(c) || present(h.*r::member)) return;
+      const std::string name = command_name(static_cast<std::uint8_t>(c));
+      problem = name + " without '" + std::string(info.key) + "': every " + name + " needs " +
+                std::string(info.needs);
+    }
+  });
+  return problem;
 }
 
 std::string encode_header(const header& h) {
