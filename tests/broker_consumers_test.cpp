@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "support/required_fields.hpp"
 #include "support/streams_fixture.hpp"
 
 namespace ec = ensemble::common;
@@ -366,6 +367,36 @@ TEST_F(broker_consumers_test, refusals_name_what_is_wrong) {
   EXPECT_EQ(rm["removed"], true);
   EXPECT_EQ(admin_error("consumer_info", {{"stream", "orders"}, {"name", "x"}}).error_code,
             "not_found");
+}
+
+// docs/protocol.md section 3: a command without a field that k_header_fields requires of it is
+// refused bad_request, naming the command and the field, and the broker keeps serving. Driven by
+// the table, so a field made required there is covered here without a change.
+TEST_F(broker_consumers_test, every_required_field_is_refused_when_missing) {
+  start_with_orders();
+  auto m = member("m");
+  int refused = 0;
+  for (command c : ec::k_commands) {
+    for (const auto& f : ec::k_header_field_infos) {
+      if (!f.required.contains(c)) continue;
+      const std::string name = ec::command_name(static_cast<std::uint8_t>(c));
+      SCOPED_TRACE(name + " without " + std::string(f.key));
+      header h = ensemble::test::with_required_fields(c, f.key);
+      if (!h.id.empty()) h.id = next_id("missing-");
+      m->send(c, h);
+      auto answer = m->next_answer(k_wait);
+      ASSERT_TRUE(answer.has_value()) << "no answer";
+      EXPECT_EQ(answer->id, h.id);
+      EXPECT_EQ(answer->error_code, "bad_request");
+      EXPECT_NE(answer->error_message.find(name + " without '" + std::string(f.key) + "'"),
+                std::string::npos)
+          << answer->error_message;
+      ++refused;
+    }
+  }
+  EXPECT_GT(refused, 0);
+  // Still serving, and still registered: a refused message is not a lost peer.
+  EXPECT_FALSE(consume(*m, "after", 1).is_error());
 }
 
 // docs/protocol.md sections 10 and 11: --max-consumers and --max-consumer-members bound what

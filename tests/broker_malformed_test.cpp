@@ -266,7 +266,7 @@ std::vector<bad_case> bad_cases() {
         raw_header({{"service", "Echo"}, {"action", "say"}, {"deadline_ms", 1000}})},
        command::error,
        "bad_request",
-       {"'id'", "so that its REPLY can be matched"}},
+       {"without 'id'", "so that its answer can be matched"}},
       {"REQUEST without deadline_ms",
        {k_tag, cmd_frame(command::request),
         raw_header({{"id", "nd-1"}, {"service", "Echo"}, {"action", "say"}})},

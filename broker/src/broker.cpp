@@ -711,20 +711,13 @@ void broker::impl::on_request(const peer_id& peer, const worker* w, common::pars
                               steady_clock::time_point now) {
   ++stats.requests;
   header& h = m.hdr;
-  std::string problem;
-  if (h.id.empty()) {
-    problem = "REQUEST without 'id': every REQUEST needs one (a str of 1.." +
-              std::to_string(common::k_max_id_length) + " bytes), so that its REPLY can be matched";
+  std::string problem = common::check_required(command::request, h);
+  if (!problem.empty()) {
   } else if (h.id.size() > common::k_max_id_length) {
     problem = "REQUEST 'id' is " + std::to_string(h.id.size()) +
               " bytes, longer than the limit of " + std::to_string(common::k_max_id_length);
   } else if (problem = common::check_name("REQUEST 'service'", h.service); !problem.empty()) {
   } else if (problem = common::check_name("REQUEST 'action'", h.action); !problem.empty()) {
-  } else if (h.deadline_ms == 0) {
-    // An explicit 0 is refused by the codec; here the field is absent.
-    problem =
-        "REQUEST without 'deadline_ms': every REQUEST needs a time budget, a whole number of "
-        "milliseconds of at least 1";
   }
   if (!problem.empty()) {
     ++stats.malformed;
@@ -844,13 +837,11 @@ std::string broker::impl::unreachable_message(const worker& gone) const {
 
 void broker::impl::on_reply(const peer_id& peer, const worker* w, common::parsed_message& m) {
   const std::uint64_t token = m.hdr.token;
-  if (token == 0) {
+  if (auto missing = common::check_required(command::reply, m.hdr); !missing.empty()) {
     // Not a late or stray reply but a worker that does not echo tokens: it must hear about
     // it, or it waits for nothing and its caller gets deadline_exceeded with no clue why.
     ++stats.malformed;
-    const std::string problem =
-        "REPLY without 'token': a worker's REPLY must echo the 'token' of the DISPATCH it "
-        "answers; this reply was dropped";
+    const std::string problem = missing + "; this reply was dropped";
     log->warn("{} (id={}): {}", peer_label(w, peer), m.hdr.id, problem);
     send_error(peer, error::make(errc::bad_request, problem), m.hdr.id);
     return;
@@ -922,11 +913,9 @@ void broker::impl::on_oversized_reply(const peer_id& peer, const worker* w, cons
 
 void broker::impl::on_publish(const peer_id& peer, const worker* w, common::parsed_message& m) {
   header& h = m.hdr;
-  std::string problem;
-  if (h.id.empty()) {
-    problem = "PUBLISH without 'id': every PUBLISH needs one (a str), the event's id";
-  } else if (problem = common::check_topic(h.topic); !problem.empty()) {
-    problem = "PUBLISH " + problem;
+  std::string problem = common::check_required(command::publish, h);
+  if (problem.empty()) {
+    if (problem = common::check_topic(h.topic); !problem.empty()) problem = "PUBLISH " + problem;
   }
   if (!problem.empty()) {
     ++stats.malformed;
@@ -1643,7 +1632,6 @@ void broker::impl::on_consumer_command(const peer_id& peer, const worker* w,
                                        common::parsed_message& m, steady_clock::time_point now) {
   if (secured && m.cmd == command::consume && !consume_allowed(peer, m, now)) return;
   const header& req = m.hdr;
-  const bool is_join = m.cmd == command::consume || m.cmd == command::consume_stop;
   // Answers without an id are confirmed only when refused, and then with an ERROR.
   const auto refuse = [&](const error& err) {
     log->debug("{} {}/{} #{} from {} refused: {} {}",
@@ -1673,9 +1661,9 @@ void broker::impl::on_consumer_command(const peer_id& peer, const worker* w,
                               what + " from a peer that is not registered; send HELLO first "
                                      "(members are tracked by heartbeat)"));
   }
-  if (is_join && req.id.empty()) {
+  if (auto missing = common::check_required(m.cmd, req); !missing.empty()) {
     ++stats.malformed;
-    return refuse(error::make(errc::bad_request, what + " needs 'id' (str): it is answered"));
+    return refuse(error::make(errc::bad_request, missing));
   }
   // What this turn appended is flushed first, so that a new consumer sees it.
   commit_streams();

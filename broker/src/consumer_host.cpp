@@ -399,10 +399,6 @@ json consumer_host::info_json(const entry& e) const {
 common::result<json> consumer_host::join(const std::string& peer, const std::string& agent,
                                          const header& h, const json& config, time_point now) {
   const std::string where = "CONSUME " + h.stream + "/" + h.consumer;
-  if (h.stream.empty() || h.consumer.empty()) {
-    return error::make(errc::bad_request,
-                       "CONSUME needs 'stream' and 'consumer' (str) in its header");
-  }
   const std::uint32_t capacity = h.capacity == 0 ? 1 : h.capacity;
   if (capacity > k_max_capacity) {
     return error::make(errc::bad_request, where + ": 'capacity' is " + std::to_string(capacity) +
@@ -468,10 +464,6 @@ common::status consumer_host::leave(const std::string& peer, const header& h, ti
 common::status consumer_host::answer(const std::string& peer, command cmd, const header& h,
                                      time_point now) {
   const std::string what = common::command_name(static_cast<std::uint8_t>(cmd));
-  if (h.stream.empty() || h.consumer.empty() || h.stream_seq == 0) {
-    return error::make(errc::bad_request,
-                       what + " needs 'stream', 'consumer' (str) and 'stream_seq' (>= 1)");
-  }
   entry* e = find(h.stream, h.consumer);
   if (e == nullptr || e->broken) {
     return not_found(what + " #" + std::to_string(h.stream_seq) + ": no consumer '" + h.consumer +

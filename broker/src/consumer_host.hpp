@@ -95,6 +95,9 @@ class consumer_host {
   // kept out of service (its CONSUMEs are answered storage_corrupt) and logged.
   void load(time_point now);
 
+  // The commands below come with the fields that k_header_fields requires of them (the broker
+  // refuses the others with common::check_required before they get here).
+  //
   // CONSUME from `peer` (agent name `agent`): joins, creating the consumer from `config` when it
   // does not exist. Returns its consumer_info.
   common::result<json> join(const std::string& peer, const std::string& agent,
