@@ -313,6 +313,57 @@ TEST(protocol_test, header_with_every_field_is_encoded_as_version_1_encoded_it) 
   EXPECT_EQ(hex, expected_hex);
 }
 
+// encode_header writes msgpack itself; each length and value class must come out as msgpack-c's
+// packer writes it (the smallest encoding): fixstr/str8/str16/str32, fixint/uint8..uint64,
+// fixarray/array16, fixmap/map16.
+TEST(protocol_test, header_encoding_matches_msgpack_at_every_size_boundary) {
+  for (std::size_t length : {0u, 1u, 31u, 32u, 255u, 256u, 65535u, 65536u}) {
+    for (std::uint64_t value : {0ULL, 1ULL, 127ULL, 128ULL, 255ULL, 256ULL, 65535ULL, 65536ULL,
+                                0xFFFF'FFFFULL, 0x1'0000'0000ULL, ~0ULL}) {
+      SCOPED_TRACE("length " + std::to_string(length) + ", value " + std::to_string(value));
+      header h;
+      h.trace_id = std::string(length, 't');
+      h.token = value;
+      h.capacity = static_cast<std::uint32_t>(value);
+      const std::size_t offers = length % 20;  // 16 and more: array16
+      for (std::size_t i = 0; i < offers; ++i) {
+        h.services.push_back(
+            {std::string(length % 40 + 1, 's'), static_cast<std::uint32_t>(i + 1)});
+      }
+      const std::string expected = pack([&](auto& p) {
+        std::uint32_t n = (length > 0) + (value > 0) * 2 + (offers > 0);
+        std::uint32_t capacity = static_cast<std::uint32_t>(value);
+        n -= value > 0 && capacity == 0 ? 1 : 0;
+        p.pack_map(n);
+        if (length > 0) {
+          pack_str(p, "trace_id");
+          pack_str(p, h.trace_id);
+        }
+        if (value > 0) {
+          pack_str(p, "token");
+          p.pack_uint64(value);
+        }
+        if (offers > 0) {
+          pack_str(p, "services");
+          p.pack_array(static_cast<std::uint32_t>(offers));
+          for (const auto& s : h.services) {
+            p.pack_map(2);
+            pack_str(p, "name");
+            pack_str(p, s.name);
+            pack_str(p, "capacity");
+            p.pack_uint32(s.capacity);
+          }
+        }
+        if (capacity > 0) {
+          pack_str(p, "capacity");
+          p.pack_uint64(capacity);
+        }
+      });
+      EXPECT_EQ(ec::encode_header(h), expected);
+    }
+  }
+}
+
 TEST(protocol_test, table_each_required_field_is_checked_for_each_command_that_requires_it) {
   int checked = 0;
   for (command c : ec::k_commands) {

@@ -2,6 +2,7 @@
 
 #include <array>
 #include <cstdio>
+#include <cstring>
 #include <limits>
 #include <msgpack.hpp>
 #include <optional>
@@ -11,17 +12,13 @@
 namespace ensemble::common {
 namespace {
 
-// msgpack::packer writes into anything with write(const char*, size_t).
+// msgpack::packer writes into anything with write(const char*, size_t): the decoder uses it to
+// keep unknown pairs verbatim.
 struct string_sink {
   std::string& out;
   void write(const char* data, std::size_t size) { out.append(data, size); }
 };
 using packer = msgpack::packer<string_sink>;
-
-void pack_str(packer& p, std::string_view s) {
-  p.pack_str(static_cast<std::uint32_t>(s.size()));
-  p.pack_str_body(s.data(), static_cast<std::uint32_t>(s.size()));
-}
 
 const char* type_name(msgpack::type::object_type t) {
   switch (t) {
@@ -189,6 +186,116 @@ const field_codec* find_field(std::string_view key) {
   return nullptr;
 }
 
+// msgpack, written in place: the encodings msgpack-c's packer chooses (the smallest for each
+// length or value), so that encode_header writes what it always wrote.
+namespace wire {
+
+char* put_be(char* at, std::uint64_t v, int bytes) {
+  for (int i = bytes - 1; i >= 0; --i) *at++ = static_cast<char>(v >> (8 * i));
+  return at;
+}
+
+std::size_t map_header_size(std::uint32_t n) {
+  return n < 16 ? 1 : n < 65536 ? 3 : 5;
+}
+char* put_map_header(char* at, std::uint32_t n) {
+  if (n < 16) {
+    *at++ = static_cast<char>(0x80 | n);
+    return at;
+  }
+  *at++ = static_cast<char>(n < 65536 ? 0xde : 0xdf);
+  return put_be(at, n, n < 65536 ? 2 : 4);
+}
+
+std::size_t uint_size(std::uint64_t v) {
+  return v < 128 ? 1 : v < 256 ? 2 : v < 65536 ? 3 : v < (std::uint64_t{1} << 32) ? 5 : 9;
+}
+char* put_uint(char* at, std::uint64_t v) {
+  if (v < 128) {
+    *at++ = static_cast<char>(v);
+    return at;
+  }
+  const int bytes = v < 256 ? 1 : v < 65536 ? 2 : v < (std::uint64_t{1} << 32) ? 4 : 8;
+  *at++ = static_cast<char>(bytes == 1 ? 0xcc : bytes == 2 ? 0xcd : bytes == 4 ? 0xce : 0xcf);
+  return put_be(at, v, bytes);
+}
+
+std::size_t str_size(std::string_view s) {
+  const std::size_t n = s.size();
+  return n + (n < 32 ? 1 : n < 256 ? 2 : n < 65536 ? 3 : 5);
+}
+char* put_str(char* at, std::string_view s) {
+  const std::size_t n = s.size();
+  if (n < 32) {
+    *at++ = static_cast<char>(0xa0 | n);
+  } else {
+    const int bytes = n < 256 ? 1 : n < 65536 ? 2 : 4;
+    *at++ = static_cast<char>(bytes == 1 ? 0xd9 : bytes == 2 ? 0xda : 0xdb);
+    at = put_be(at, n, bytes);
+  }
+  std::memcpy(at, s.data(), n);
+  return at + n;
+}
+
+std::size_t array_header_size(std::size_t n) {
+  return n < 16 ? 1 : n < 65536 ? 3 : 5;
+}
+char* put_array_header(char* at, std::size_t n) {
+  if (n < 16) {
+    *at++ = static_cast<char>(0x90 | n);
+    return at;
+  }
+  *at++ = static_cast<char>(n < 65536 ? 0xdc : 0xdd);
+  return put_be(at, n, n < 65536 ? 2 : 4);
+}
+
+// A present value of each field type: str, uint, bool (true: false is absent), services.
+std::size_t value_size(const std::string& v) {
+  return str_size(v);
+}
+std::size_t value_size(std::uint64_t v) {
+  return uint_size(v);
+}
+std::size_t value_size(std::uint32_t v) {
+  return uint_size(v);
+}
+std::size_t value_size(bool) {
+  return 1;
+}
+std::size_t value_size(const std::vector<service_offer>& v) {
+  std::size_t size = array_header_size(v.size());
+  // {name: str, capacity: uint}: the map byte, "name" and "capacity" with their fixstr bytes.
+  for (const auto& s : v) size += 1 + 5 + str_size(s.name) + 9 + uint_size(s.capacity);
+  return size;
+}
+
+char* put_value(char* at, const std::string& v) {
+  return put_str(at, v);
+}
+char* put_value(char* at, std::uint64_t v) {
+  return put_uint(at, v);
+}
+char* put_value(char* at, std::uint32_t v) {
+  return put_uint(at, v);
+}
+char* put_value(char* at, bool) {
+  *at++ = static_cast<char>(0xc3);
+  return at;
+}
+char* put_value(char* at, const std::vector<service_offer>& v) {
+  at = put_array_header(at, v.size());
+  for (const auto& s : v) {
+    at = put_map_header(at, 2);
+    at = put_str(at, "name");
+    at = put_str(at, s.name);
+    at = put_str(at, "capacity");
+    at = put_uint(at, s.capacity);
+  }
+  return at;
+}
+
+}  // namespace wire
+
 // The encoder's and check_required's walk over k_header_fields: f(row<I>{}) for each row in
 // order, unrolled at compile time, so that each call sees its row's member and type as
 // constants.
@@ -347,35 +454,31 @@ bool is_known_command(std::uint8_t byte) {
 }
 
 void encode_header(const header& h, std::string& out) {
+  // Two passes over the rows: the size of what is present, then the bytes, written in place
+  // into `out` grown once (msgpack-c's packer appends piece by piece, a call per key and per
+  // value; this writes the same bytes).
   std::uint32_t n = h.extra_count;
-  for_each_row([&](auto row) { n += present(h.*decltype(row)::member) ? 1 : 0; });
-  string_sink sink{out};
-  packer p(sink);
-  p.pack_map(n);
+  std::size_t bytes = h.extra.size();
+  for_each_row([&](auto row) {
+    using r = decltype(row);
+    const auto& value = h.*r::member;
+    if (!present(value)) return;
+    ++n;
+    bytes += k_key_bytes<r::index>.size() + wire::value_size(value);
+  });
+  bytes += wire::map_header_size(n);
+  const std::size_t start = out.size();
+  out.resize(start + bytes);
+  char* at = wire::put_map_header(out.data() + start, n);
   for_each_row([&](auto row) {
     using r = decltype(row);
     const auto& value = h.*r::member;
     if (!present(value)) return;
     constexpr auto& key = k_key_bytes<r::index>;
-    out.append(key.data(), key.size());
-    if constexpr (r::type == field_type::str) {
-      pack_str(p, value);
-    } else if constexpr (r::type == field_type::boolean) {
-      p.pack_true();
-    } else if constexpr (r::type == field_type::uint) {
-      p.pack_uint64(value);
-    } else {
-      p.pack_array(static_cast<std::uint32_t>(value.size()));
-      for (const auto& s : value) {
-        p.pack_map(2);
-        pack_str(p, "name");
-        pack_str(p, s.name);
-        pack_str(p, "capacity");
-        p.pack_uint32(s.capacity);
-      }
-    }
+    std::memcpy(at, key.data(), key.size());
+    at = wire::put_value(at + key.size(), value);
   });
-  out.append(h.extra);
+  std::memcpy(at, h.extra.data(), h.extra.size());
 }
 
 std::string check_required(command c, const header& h) {
