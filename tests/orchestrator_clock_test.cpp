@@ -10,6 +10,7 @@
 #include "ensemble/testkit/deployment.hpp"
 #include "ensemble/testkit/process.hpp"
 #include "ensemble/testkit/workflow_client.hpp"
+#include "support/cli_outcome.hpp"
 
 namespace {
 
@@ -50,10 +51,16 @@ services:
 class orchestrator_clock : public ::testing::Test {
  protected:
   // A deployment with the workflows above and the mail agent; `virtual_clock` as asked.
-  void start(bool virtual_clock = true, const std::string& store = ":memory:") {
+  void start(bool virtual_clock = true,
+             const std::string& store = ":memory:", bool secured = false) {
     tk::deployment_options o;
     o.virtual_clock = virtual_clock;
+    o.secured = secured;
     d_ = std::make_unique<tk::deployment>(o);
+    if (secured) {
+      // May only act on its own instances: advance moves everyone's time.
+      d_->identity("tester", ensemble::cli::rights{.call_own = {"orchestrator.*"}});
+    }
     const fs::path dir = fs::path(d_->dir()) / "workflows";
     fs::create_directories(dir);
     for (const auto& [file, text] : k_workflows) std::ofstream(dir / file) << text;
@@ -61,6 +68,15 @@ class orchestrator_clock : public ::testing::Test {
     d_->scriptable_agent("mail", k_mail_agent);
     d_->start();
     wf_ = std::make_unique<tk::workflow_client>(d_->connect_as());
+  }
+
+  // `ensemble ARGS...` against the deployment's broker, run to its end.
+  ensemble::test::outcome ensemble(std::vector<std::string> args) {
+    std::vector<std::string> all{"--broker",   d_->router(),  "--events",
+                                 d_->events(), "--log-level", "error"};
+    all.insert(all.end(), args.begin(), args.end());
+    auto p = tk::process::spawn({tk::binary_path("ensemble"), std::move(all), {}, {}, "ensemble"});
+    return ensemble::test::finish(*p, k_deadline);
   }
 
   std::string start_instance(const std::string& workflow) {
@@ -223,6 +239,58 @@ TEST_F(orchestrator_clock, virtual_time_goes_on_from_where_it_stood_after_a_rest
   auto done = wf_->wait(id, k_deadline);
   ASSERT_TRUE(done) << done.err().to_string();
   EXPECT_EQ(done->at("status"), "completed") << done->dump(2);
+}
+
+TEST_F(orchestrator_clock, ensemble_advance_moves_the_clock_from_a_shell) {
+  start();
+  const std::string id = start_instance("Nap");
+  auto o = ensemble({"advance", "24h"});
+  ASSERT_EQ(o.code, 0) << o;
+  EXPECT_TRUE(o.has("advanced 24h: 1 timer(s) fired; virtual now ")) << o;
+  auto done = wf_->wait(id, k_deadline);
+  ASSERT_TRUE(done) << done.err().to_string();
+  EXPECT_EQ(done->at("status"), "completed") << done->dump(2);
+
+  auto bad = ensemble({"advance", "a while"});
+  EXPECT_EQ(bad.code, 2) << bad;
+  EXPECT_TRUE(bad.has("\"a while\" is not a duration")) << bad;
+}
+
+TEST_F(orchestrator_clock, ensemble_advance_on_a_wall_clock_says_why_it_is_refused) {
+  start(false);
+  auto o = ensemble({"advance", "1h"});
+  EXPECT_EQ(o.code, 1) << o;
+  EXPECT_TRUE(o.has("ensemble: advance 1h: bad_request: ")) << o;
+  EXPECT_TRUE(o.has("--clock virtual")) << o;
+}
+
+// Secured: a caller whose right on the orchestrator is only call_own may not move everyone's
+// time; one with a call right may.
+TEST_F(orchestrator_clock, advance_is_refused_to_a_caller_scope_own_caller) {
+  start(true, ":memory:", true);
+  tk::workflow_client own(d_->connect_as("tester"));
+  auto refused = own.call("advance", {{"by", "1h"}});
+  ASSERT_FALSE(refused);
+  EXPECT_EQ(refused.err().code, "unauthorized") << refused.err().message;
+  EXPECT_NE(refused.err().message.find("tester"), std::string::npos) << refused.err().message;
+  auto allowed = wf_->call("advance", {{"by", "1h"}});
+  ASSERT_TRUE(allowed) << allowed.err().to_string();
+}
+
+// A deployment file's orchestrator.clock is checked like the rest of the file.
+TEST(orchestrator_clock_file, a_deployment_file_names_a_bad_clock) {
+  const fs::path dir = fs::temp_directory_path() / ("ensemble-clock-" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  std::ofstream(dir / "deployment.yaml") << "orchestrator:\n  clock: sometimes\n";
+  auto p = tk::process::spawn({tk::binary_path("ensemble"),
+                               {"validate", "--deployment", (dir / "deployment.yaml").string()},
+                               {},
+                               {},
+                               "ensemble"});
+  const auto o = ensemble::test::finish(*p, k_deadline);
+  fs::remove_all(dir);
+  EXPECT_EQ(o.code, 1) << o;
+  EXPECT_TRUE(o.has("orchestrator.clock: must be \"wall\" or \"virtual\", not \"sometimes\"")) << o;
 }
 
 }  // namespace
