@@ -2,7 +2,8 @@
 // ensemble-broker, a real ensemble-orchestrator and an agents process, next to a bare broker
 // round trip measured in the same run (docs/benchmarks.md, "Workflows").
 //
-// Processes: ensemble-broker; ensemble-orchestrator (--store FILE or :memory:); this binary
+// Processes: ensemble-broker; ensemble-orchestrator (--store FILE with each --sync mode asked
+// for, then :memory:); this binary
 // with --role agents (OrderService, PaymentService, NotificationService, an Echo service for
 // the bare round trip, and two choreography hops: fulfil.requested -> parcel.packed ->
 // shipment.dispatched); and this process as the driver, which starts instances through the
@@ -52,6 +53,8 @@ struct options {
   int rtt_calls = 2000;
   bool quick = false;
   std::string only;  // seed | mixed
+  // The file store's --sync modes, each run in turn (so that they compare in one run).
+  std::vector<std::string> syncs = {"normal"};
 };
 
 // --- the agents process ----------------------------------------------------------------------
@@ -222,17 +225,24 @@ int run_all(const options& o) {
       "bare broker round trip (driver -> broker -> agent), 1 in flight: p50 %.0f us, "
       "p99 %.0f us\n\n",
       rtt_p50, rtt_p99);
-  std::printf("%-16s %-8s %12s %10s %10s %8s %6s | %10s %10s %14s\n", "workflow", "store", "done/s",
-              "p50 us", "p99 us", "failed", "lost", "1-fl p50", "1-fl p99", "ovh/step(xRTT)");
+  std::printf("%-16s %-12s %12s %10s %10s %8s %6s | %10s %10s %14s\n", "workflow", "store",
+              "done/s", "p50 us", "p99 us", "failed", "lost", "1-fl p50", "1-fl p99",
+              "ovh/step(xRTT)");
 
-  for (const std::string store : {"file", "memory"}) {
+  // (store, --sync): the file store once per sync mode, each on a fresh file, then memory.
+  std::vector<std::pair<std::string, std::string>> stores;
+  for (const auto& sync : o.syncs) stores.emplace_back("file", sync);
+  stores.emplace_back("memory", "normal");
+  for (const auto& [store_kind, sync] : stores) {
+    const std::string store = store_kind == "file" ? "file/" + sync : store_kind;
     const std::string store_path =
-        store == "file" ? (dir / ("state-" + std::to_string(::getpid()) + ".db")).string()
-                        : ":memory:";
-    auto orch =
-        eb::child::spawn("orchestrator", eb::sibling_exe("ensemble-orchestrator"),
-                         {"--broker", router, "--events", events, "--store", store_path,
-                          "--workflows", dir.string(), "--log-level", "warn", "--capacity", "64"});
+        store_kind == "file"
+            ? (dir / ("state-" + std::to_string(::getpid()) + "-" + sync + ".db")).string()
+            : ":memory:";
+    auto orch = eb::child::spawn(
+        "orchestrator", eb::sibling_exe("ensemble-orchestrator"),
+        {"--broker", router, "--events", events, "--store", store_path, "--sync", sync,
+         "--workflows", dir.string(), "--log-level", "warn", "--capacity", "64"});
     orch->expect("ensemble-orchestrator ready", 10s);
     for (const auto& [workflow, steps] :
          std::vector<std::pair<std::string, int>>{{"OrderProcessing", 3}, {"MixedOrder", 3}}) {
@@ -243,7 +253,7 @@ int run_all(const options& o) {
       // One instance at 1 in flight costs: the start call, `steps` hops, the lifecycle event.
       // Its overhead per step, beyond what the same number of bare round trips would cost:
       const double overhead = (lat.p50_us - (steps + 1) * rtt_p50) / steps;
-      std::printf("%-16s %-8s %12.0f %10.0f %10.0f %8d %6d | %10.0f %10.0f %8.0f (%.2fx)\n",
+      std::printf("%-16s %-12s %12.0f %10.0f %10.0f %8d %6d | %10.0f %10.0f %8.0f (%.2fx)\n",
                   workflow.c_str(), store.c_str(), thr.per_second, thr.p50_us, thr.p99_us,
                   thr.failed + lat.failed, thr.lost + lat.lost, lat.p50_us, lat.p99_us, overhead,
                   overhead / rtt_p50);
@@ -269,6 +279,11 @@ int main(int argc, char** argv) {
   app.add_option("--rtt-calls", o.rtt_calls, "bare round trips")->capture_default_str();
   app.add_flag("--quick", o.quick, "small counts, for a smoke run");
   app.add_option("--only", o.only, "seed | mixed")->check(CLI::IsMember({"seed", "mixed"}));
+  app.add_option("--sync", o.syncs,
+                 "the file store's --sync modes to run, in turn: normal, full or normal,full")
+      ->delimiter(',')
+      ->check(CLI::IsMember({"normal", "full"}))
+      ->capture_default_str();
   auto* internal = "internal";
   app.add_option("--role", o.role)->group(internal);
   app.add_option("--broker", o.broker)->group(internal);

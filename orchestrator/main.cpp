@@ -44,6 +44,8 @@ int main(int argc, char** argv) {
   std::vector<std::string> validate;
   int timeout_ms = static_cast<int>(opts.default_timeout.count());
   std::string store_check = std::string(eo::to_string(opts.check_store));
+  std::string store_sync = std::string(eo::to_string(opts.sync));
+  std::string clock = std::string(eo::to_string(opts.clock));
 
   CLI::App app{"ensemble-orchestrator: runs JSON-defined workflows over an Ensemble broker"};
   app.add_option("--broker", opts.broker, "broker router endpoint")->capture_default_str();
@@ -58,6 +60,15 @@ int main(int argc, char** argv) {
                  "bytes the store file may grow to (0: no limit); beyond, as on a full disk")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
+  app.add_option("--sync", store_sync,
+                 "normal: a commit survives the process being killed; full: also a power loss "
+                 "(fsync per commit)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"normal", "full"}));
+  app.add_option("--clock", clock,
+                 "wall, or virtual: workflow time moves only by the `advance` action (tests)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"wall", "virtual"}));
   app.add_option("--workflows", opts.workflows, "workflow definition files or directories");
   app.add_option("--name", opts.name, "agent name on the broker")->capture_default_str();
   app.add_option("--service", opts.service, "name of the admin service it offers")
@@ -94,6 +105,8 @@ int main(int argc, char** argv) {
     check_keys(opts);
     opts.default_timeout = std::chrono::milliseconds(timeout_ms);
     opts.check_store = *eo::parse_store_check(store_check);
+    opts.sync = *eo::parse_store_sync(store_sync);
+    opts.clock = *eo::parse_clock_kind(clock);
     eo::orchestrator o(opts);
     if (auto s = o.start(); !s) {
       std::cerr << "ensemble-orchestrator: " << s.err().to_string() << "\n";

@@ -635,6 +635,30 @@ PRAGMA user_version = 1;
   EXPECT_EQ(ids_of(ok(s->list({}))), (std::vector<std::string>{"new-1", "old-1"}));
 }
 
+// A virtual clock's time (orchestrator --clock virtual) is kept across a reopen; a store that
+// never had one has none, and no table for it.
+TEST_F(sqlite_store_test, the_virtual_clock_time_is_kept_across_a_reopen) {
+  {
+    auto s = open();
+    EXPECT_EQ(ok(s->load_virtual_now()), std::nullopt);
+    commit_batch b;
+    b.instances = {make_instance("wf-1", 10)};
+    commit_ok(*s, b);
+  }
+  {
+    auto s = open();
+    EXPECT_EQ(ok(s->load_virtual_now()), std::nullopt) << "nothing wrote it";
+    commit_batch b;
+    b.virtual_now_us = 86'400'000'000;
+    commit_ok(*s, b);
+    b.virtual_now_us = 90'000'000'000;
+    commit_ok(*s, b);
+  }
+  auto s = open();
+  EXPECT_EQ(ok(s->load_virtual_now()), std::optional<std::int64_t>(90'000'000'000));
+  EXPECT_EQ(ok(s->load_active()).size(), 1u);
+}
+
 TEST_F(sqlite_store_test, a_store_of_a_newer_schema_version_is_refused) {
   open().reset();
   raw_sql(path_, "PRAGMA user_version = 99");

@@ -15,6 +15,7 @@
 #include "ensemble/cli/scriptable_agent.hpp"
 #include "ensemble/common/config_reader.hpp"
 #include "ensemble/common/result.hpp"
+#include "ensemble/orchestrator/clock.hpp"
 #include "ensemble/orchestrator/definition.hpp"
 #include "stream_config_file.hpp"
 #include "yaml_json.hpp"
@@ -232,7 +233,7 @@ void parse_broker(const reader& r, const json& root, deployment& d) {
 
 void parse_orchestrator(const reader& r, const json& o, deployment& d) {
   r.expect_map(o, "orchestrator",
-               {"store", "workflows", "program", "args", "env", "workdir", "restart"},
+               {"store", "workflows", "clock", "program", "args", "env", "workdir", "restart"},
                "the orchestrator");
   orchestrator_section os;
   os.program = "ensemble-orchestrator";
@@ -240,6 +241,12 @@ void parse_orchestrator(const reader& r, const json& o, deployment& d) {
   r.with_key(o, "orchestrator", "store", [&](const json& v, const std::string& at) {
     os.store = r.nonempty_string(v, at);
     if (os.store != ":memory:") os.store = r.path_in_dir(os.store);
+  });
+  r.with_key(o, "orchestrator", "clock", [&](const json& v, const std::string& at) {
+    os.clock = r.string(v, at);
+    if (!orchestrator::parse_clock_kind(os.clock)) {
+      r.base().report(at, "must be \"wall\" or \"virtual\", not \"" + os.clock + "\"");
+    }
   });
   r.with_key(o, "orchestrator", "workflows", [&](const json& v, const std::string& at) {
     // One path or a list of paths.
@@ -749,6 +756,9 @@ exec_plan command_for(const planned_process& c, const deployment& d, const std::
       p.argv.insert(p.argv.end(), {"--broker", r, "--events", e, "--store", d.orchestrator->store});
       for (const auto& w : d.orchestrator->workflows)
         p.argv.insert(p.argv.end(), {"--workflows", w});
+      if (!d.orchestrator->clock.empty()) {
+        p.argv.insert(p.argv.end(), {"--clock", d.orchestrator->clock});
+      }
       if (!key.empty()) p.argv.insert(p.argv.end(), {"--key", key, "--broker-key", broker_key});
       break;
     case process_role::agent:

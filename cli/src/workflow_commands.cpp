@@ -1,4 +1,5 @@
-// Workflow subcommands: validate, run, status, list, cancel, graph (and trace, in trace.cpp).
+// Workflow subcommands: validate, run, status, list, cancel, advance, graph (and trace, in
+// trace.cpp).
 // They drive the orchestrator through its service on the broker, like any client.
 #include <algorithm>
 #include <cstdio>
@@ -162,6 +163,26 @@ int cmd_cancel(const context& ctx, const std::string& id, const std::string& rea
   return 0;
 }
 
+// An orchestrator started with --clock virtual: moves its time forward by `by` (a duration of
+// the workflow grammar), firing what fell due.
+int cmd_advance(const context& ctx, const std::string& by) {
+  if (!eo::parse_duration(json(by))) {
+    std::fprintf(stderr,
+                 "ensemble: advance: \"%s\" is not a duration (250ms, 90s, 15m, 1.5h, 24h)\n",
+                 by.c_str());
+    return 2;
+  }
+  client c(ctx);
+  if (auto s = c.start(); !s) return report("advance", s.err());
+  auto r = c.call("orchestrator", "advance", {{"by", by}}, 30s, false);
+  if (!r) return report("advance " + by, r.err());
+  // The virtual now, and how far it is from the wall clock.
+  std::printf("advanced %s: %lld timer(s) fired; virtual now %s\n", by.c_str(),
+              static_cast<long long>(int_field(*r, "fired")),
+              format_due(int_field(*r, "now_us"), wall_now_us()).c_str());
+  return 0;
+}
+
 int cmd_graph(const context& ctx, const std::string& file, const std::string& instance) {
   auto def = eo::load_definition_file(file);
   json state;
@@ -243,6 +264,13 @@ void add_workflow_commands(CLI::App& app, context& ctx) {
     sub->add_option("id", *id, "instance id")->required();
     sub->add_option("--reason", *reason, "recorded as the instance's reason");
     sub->callback([&ctx, id, reason] { ctx.exit_code = cmd_cancel(ctx, *id, *reason); });
+  }
+  {
+    auto* sub = app.add_subcommand(
+        "advance", "move an orchestrator's virtual clock (--clock virtual) forward by DURATION");
+    auto by = std::make_shared<std::string>();
+    sub->add_option("duration", *by, "how far: 250ms, 90s, 15m, 1.5h, 24h")->required();
+    sub->callback([&ctx, by] { ctx.exit_code = cmd_advance(ctx, *by); });
   }
   {
     auto* sub = app.add_subcommand("graph", "print a definition as a Mermaid flowchart");

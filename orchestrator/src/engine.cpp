@@ -17,10 +17,6 @@ using millis = std::chrono::milliseconds;
 
 namespace {
 
-std::int64_t now_us() {
-  return static_cast<std::int64_t>(common::wall_clock_us());
-}
-
 constexpr std::string_view k_running = "running";
 constexpr std::string_view k_completed = "completed";
 constexpr std::string_view k_failed = "failed";
@@ -121,8 +117,13 @@ struct engine::effect {
   bool durable = false;
 };
 
-engine::engine(options opts, std::vector<definition> defs, std::unique_ptr<store> db)
-    : opts_(std::move(opts)), db_(std::move(db)), log_(common::component_logger("orchestrator")) {
+engine::engine(options opts, std::vector<definition> defs, std::unique_ptr<store> db,
+               std::shared_ptr<clock> clk)
+    : opts_(std::move(opts)),
+      db_(std::move(db)),
+      clock_(std::move(clk)),
+      virtual_(dynamic_cast<virtual_clock*>(clock_.get())),
+      log_(common::component_logger("orchestrator")) {
   for (auto& d : defs) {
     auto shared = std::make_shared<const definition>(std::move(d));
     const std::string lifecycle = "workflow." + shared->name + ".started";
@@ -218,6 +219,8 @@ void engine::run(agent::agent& ag) {
     log_->info("resumed {} active instance(s), {} buffered event(s)", live_.size(), buffer_.size());
   }
   for (auto& [id, in] : live_) advance(*in);
+  // A virtual clock's time is kept from its first start on: a restart goes on from there.
+  if (virtual_ != nullptr) batch_.virtual_now_us = virtual_->now_us();
   flush();
   thread_ = std::thread([this] {
     pthread_setname_np(pthread_self(), "orch-engine");
@@ -324,16 +327,14 @@ void engine::loop() {
   while (true) {
     {
       std::unique_lock lock(mutex_);
-      auto until = std::chrono::system_clock::now() + 1s;
-      if (!timers_.empty()) {
-        until = std::min(until, std::chrono::system_clock::time_point(
-                                    std::chrono::microseconds(timers_.top().due_us)));
+      // A virtual clock's timers are due only once `advance` moves it: no sleeping towards them.
+      std::int64_t wait_us = 1'000'000;
+      if (!timers_.empty() && !clock_->is_virtual()) {
+        wait_us = std::min(wait_us, timers_.top().due_us - now_us());
       }
-      if (store_failure_) {
-        until = std::min(until, std::chrono::system_clock::time_point(
-                                    std::chrono::microseconds(next_store_try_us_)));
-      }
-      wake_.wait_until(lock, until, [this] { return stopping_ || !inbox_.empty(); });
+      if (store_failure_) wait_us = std::min(wait_us, next_store_try_us_ - clock_->real_us());
+      wake_.wait_for(lock, std::chrono::microseconds(std::max<std::int64_t>(wait_us, 0)),
+                     [this] { return stopping_ || !inbox_.empty(); });
       if (stopping_) return;
       work.swap(inbox_);
     }
@@ -392,21 +393,24 @@ void engine::process(inbound& in) {
       effect e;
       e.what = effect::kind::answer;
       e.promise = in.promise;
-      const bool writes = in.action == "start" || in.action == "cancel";
+      const bool writes = in.action == "start" || in.action == "cancel" || in.action == "advance";
       if (writes && store_failure_) {
         // New work is refused while the store cannot commit: nothing is changed.
-        e.ready = result<json>(
-            error{store_failure_->code,
-                  "not " + std::string(in.action == "start" ? "started" : "cancelled") +
-                      ", the store cannot commit: " + store_failure_->message,
-                  true});
+        e.ready = result<json>(error{store_failure_->code,
+                                     "not " +
+                                         std::string(in.action == "start"    ? "started"
+                                                     : in.action == "cancel" ? "cancelled"
+                                                                             : "advanced") +
+                                         ", the store cannot commit: " + store_failure_->message,
+                                     true});
         effects_.push_back(std::move(e));
         return;
       }
       std::function<result<json>()> later;
       auto r = admin(in.action, in.args, in.from, later);
       if (writes && r && r->is_object()) {
-        if (in.action == "cancel") e.durable = true;
+        // Answered once what it changed is committed (advance: what the timers it fired did).
+        if (in.action == "cancel" || in.action == "advance") e.durable = true;
         // A start of an id that this iteration created stands or falls with that instance.
         if (in.action == "start" &&
             (r->value("created", false) || fresh_.count(r->value("id", "")) != 0)) {
@@ -524,8 +528,9 @@ void engine::process(inbound& in) {
   advance(inst);
 }
 
-void engine::fire_timers() {
+std::size_t engine::fire_timers() {
   const auto now = now_us();
+  std::size_t fired = 0;
   while (!timers_.empty() && timers_.top().due_us <= now) {
     timer t = timers_.top();
     timers_.pop();
@@ -537,6 +542,7 @@ void engine::fire_timers() {
           inst.run().value("deadline_us", std::int64_t{0}) != t.due_us) {
         continue;
       }
+      ++fired;
       abandon(inst, inst.def->steps);
       begin_compensation(
           inst, instance_status::timed_out,
@@ -548,6 +554,7 @@ void engine::fire_timers() {
     if (t.tag == "@comp") {
       auto& comp = inst.run()["comp"];
       if (comp.value("phase", "") == "backoff") {
+        ++fired;
         comp["phase"] = "";
         progress_compensation(inst);
       }
@@ -555,7 +562,10 @@ void engine::fire_timers() {
     }
     if (t.tag.rfind("@outbox:", 0) == 0) {
       const std::string event_id = t.tag.substr(8);
-      if (inst.run()["outbox"].contains(event_id)) send_outbox(inst, event_id);
+      if (inst.run()["outbox"].contains(event_id)) {
+        ++fired;
+        send_outbox(inst, event_id);
+      }
       continue;
     }
     const step* s = inst.def->find(t.tag);
@@ -567,6 +577,15 @@ void engine::fire_timers() {
       start_attempt(inst, *s);
     } else if (phase == "waiting") {
       complete_step(inst, *s, json());
+    } else if (phase == "calling") {
+      // Only a virtual clock arms this: the attempt's timeout in workflow time.
+      step_error(
+          inst, *s,
+          error{std::string(common::errc::deadline_exceeded),
+                "no reply from " + s->service + "." + s->action + " within " +
+                    std::to_string(s->timeout.value_or(opts_.default_timeout).count()) + " ms",
+                true},
+          true);
     } else if (phase == "awaiting") {
       unregister_await(inst, *s);
       step_error(inst, *s,
@@ -578,12 +597,14 @@ void engine::fire_timers() {
     } else {
       continue;
     }
+    ++fired;
     advance(inst);
   }
+  return fired;
 }
 
 void engine::flush() {
-  if (store_failure_ && now_us() < next_store_try_us_) {
+  if (store_failure_ && clock_->real_us() < next_store_try_us_) {
     send_ready_answers();
     return;
   }
@@ -701,7 +722,7 @@ void engine::store_failed(const error& why) {
     log_->debug("store commit failed again: {}", why.message);
   }
   store_failure_ = why;
-  next_store_try_us_ = now_us() + k_store_retry_us;
+  next_store_try_us_ = clock_->real_us() + k_store_retry_us;
   drop_uncommitted_starts(why);
   send_ready_answers();
 }
@@ -862,6 +883,10 @@ void engine::resume(instance& in) {
       const auto timeout = s->timeout.value_or(opts_.default_timeout);
       rs["request_id"] = request_id;
       rs["deadline_us"] = now_us() + timeout.count() * 1000;
+      if (clock_->is_virtual()) {
+        rs["due_us"] = rs["deadline_us"];
+        arm(in, name, rs["due_us"]);
+      }
       send_call(in, name, s->service, s->action, std::move(payload), timeout, request_id, rs["key"],
                 attempt);
       touch(in);
@@ -871,7 +896,7 @@ void engine::resume(instance& in) {
       register_await(in, *s);
       arm(in, name, rs["due_us"].get<std::int64_t>());
       // What arrived for it while we were down is in the broker's journal: catch_up().
-      const auto since = rs.value("since_us", std::int64_t{0});
+      const auto since = rs.value("since_real_us", rs.value("since_us", std::int64_t{0}));
       auto [it, first] = catch_up_from_.try_emplace(in.id, since);
       if (!first) it->second = std::min(it->second, since);
     }
@@ -1046,6 +1071,12 @@ void engine::start_attempt(instance& in, const step& s) {
       rs["phase"] = "calling";
       rs["request_id"] = request_id;
       rs["deadline_us"] = now_us() + timeout.count() * 1000;  // shown by `get`
+      if (clock_->is_virtual()) {
+        // The step's timeout is the engine's timer, in workflow time; the broker still gets the
+        // same span as the command's relative deadline_ms (docs/testing.md, "Time skipping").
+        rs["due_us"] = rs["deadline_us"];
+        arm(in, s.name, rs["due_us"]);
+      }
       history(in, "step_started", s.name,
               json{{"kind", "command"},
                    {"service", s.service},
@@ -1078,6 +1109,8 @@ void engine::start_attempt(instance& in, const step& s) {
       }
       rs["phase"] = "awaiting";
       rs["since_us"] = now_us();  // events older than this attempt are not its answer
+      // The broker's journal, asked after a restart, stamps events in real time.
+      if (clock_->is_virtual()) rs["since_real_us"] = clock_->real_us();
       rs["due_us"] = now_us() + s.timeout.value_or(opts_.default_timeout).count() * 1000;
       history(in, "step_started", s.name,
               json{{"kind", to_string(s.kind)},
@@ -1603,7 +1636,7 @@ void engine::ignore_from(instance& in, const step& s, const json& ev) {
   // One line per topic per second at most: a publisher that floods a topic must not flood the
   // log too.
   auto& limit = ignored_log_[topic];
-  const auto now = now_us();
+  const auto now = clock_->real_us();
   if (limit.last_us != 0 && now - limit.last_us < k_ignored_log_interval_us) {
     ++limit.suppressed;
     return;
@@ -2123,13 +2156,70 @@ result<json> engine::admin(std::string_view action, const json& args, const orig
                 {"events_ignored_from_by_topic", s.events_ignored_from_by_topic},
                 {"commits", s.commits},
                 {"active", live_.size()},
-                {"buffered_events", buffer_.size()}};
+                {"buffered_events", buffer_.size()},
+                {"clock", std::string(clock_->is_virtual() ? "virtual" : "wall")},
+                {"now_us", now_us()}};
+  }
+  if (action == "advance") {
+    // It moves the time of every instance, not only the caller's.
+    if (own) {
+      return error{"unauthorized",
+                   "caller '" + from.caller +
+                       "' may act only on the instances it started; advance moves the time of "
+                       "every instance (caller_scope own)",
+                   false};
+    }
+    return advance_clock(args);
   }
   return error{std::string(common::errc::unknown_action),
                "unknown action \"" + std::string(action) +
                    "\"; the orchestrator offers start, get, list, cancel, history, "
-                   "definitions, stats",
+                   "definitions, stats, advance",
                false};
+}
+
+result<json> engine::advance_clock(const json& args) {
+  auto bad = [](std::string what) {
+    return error{std::string(common::errc::bad_request), std::move(what), false};
+  };
+  if (virtual_ == nullptr) {
+    return bad(
+        "advance: this orchestrator runs on the wall clock; only one started with --clock "
+        "virtual can be advanced");
+  }
+  const bool has_ms = args.is_object() && args.contains("by_ms");
+  const bool has_text = args.is_object() && args.contains("by");
+  if (has_ms == has_text) return bad("advance: give exactly one of \"by_ms\" and \"by\"");
+  std::int64_t by_ms = 0;
+  if (has_ms) {
+    const json& v = args["by_ms"];
+    if (!v.is_number_integer() || v.get<std::int64_t>() < 0) {
+      return bad("advance: \"by_ms\" must be an integer >= 0 (milliseconds)");
+    }
+    by_ms = v.get<std::int64_t>();
+  } else {
+    // The duration grammar of workflow documents (docs/workflows.md, "Durations").
+    auto d = args["by"].is_string() ? parse_duration(args["by"]) : std::nullopt;
+    if (!d) {
+      return bad("advance: \"by\" must be a duration such as \"250ms\", \"90s\", \"1.5h\"; got " +
+                 args["by"].dump());
+    }
+    by_ms = d->count();
+  }
+  const std::int64_t from = now_us();
+  const std::int64_t to = from + by_ms * 1000;
+  // In due order, each at its own time: what a timer's work arms (a retry after a timeout,
+  // the next wait) fires in the same advance if it falls due before `to`.
+  std::size_t fired = 0;
+  while (!timers_.empty() && timers_.top().due_us <= to) {
+    virtual_->set(timers_.top().due_us);
+    fired += fire_timers();
+  }
+  virtual_->set(to);
+  fired += fire_timers();
+  batch_.virtual_now_us = now_us();
+  log_->info("clock advanced by {} ms to {} us: {} timer(s) fired", by_ms, now_us(), fired);
+  return json{{"from_us", from}, {"now_us", now_us()}, {"fired", fired}};
 }
 
 }  // namespace ensemble::orchestrator::detail

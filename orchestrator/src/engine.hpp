@@ -55,7 +55,10 @@ struct origin {
 
 class engine {
  public:
-  engine(options opts, std::vector<definition> defs, std::unique_ptr<store> db);
+  // Every time the engine reads comes from `clk` (clock.hpp); with a virtual_clock, the
+  // `advance` action moves it and fires the timers that became due.
+  engine(options opts, std::vector<definition> defs, std::unique_ptr<store> db,
+         std::shared_ptr<clock> clk);
   ~engine();
 
   // Binds the engine to a started agent, loads active instances and starts the thread.
@@ -100,7 +103,11 @@ class engine {
   void post(inbound in);
   void loop();
   void process(inbound& in);
-  void fire_timers();
+  // Fires the timers due at the clock's now; returns how many of them still applied.
+  std::size_t fire_timers();
+  std::int64_t now_us() const { return clock_->now_us(); }
+  // `advance` {by_ms | by}: moves a virtual clock forward, firing due timers in order.
+  result<json> advance_clock(const json& args);
   void flush();
   // A commit failed (disk full, ...): the store is marked failing and the instances that
   // requests started since the last commit are dropped (their requests answered with the error).
@@ -178,6 +185,8 @@ class engine {
 
   options opts_;
   std::unique_ptr<store> db_;
+  std::shared_ptr<clock> clock_;
+  virtual_clock* virtual_ = nullptr;  // clock_, when it is one
   agent::agent* agent_ = nullptr;
   std::shared_ptr<spdlog::logger> log_;
   common::id_generator ids_;

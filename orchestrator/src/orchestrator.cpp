@@ -84,10 +84,20 @@ common::status orchestrator::impl::consume_streams() {
 
 orchestrator::orchestrator(options opts) : impl_(std::make_unique<impl>()) {
   auto defs = load_definitions(opts.workflows);
-  auto db = open_sqlite_store(
-      opts.store, sqlite_options{.check = opts.check_store, .max_size_bytes = opts.store_max_size});
+  auto db = open_sqlite_store(opts.store, sqlite_options{.check = opts.check_store,
+                                                         .sync = opts.sync,
+                                                         .max_size_bytes = opts.store_max_size});
+  std::shared_ptr<clock> clk = std::make_shared<wall_clock>();
+  if (opts.clock == clock_kind::virtual_) {
+    // Virtual time goes on from where the store kept it; a new store starts it at the wall time.
+    auto kept = db->load_virtual_now();
+    if (!kept) throw store_damaged(opts.store, kept.err().message);
+    clk = std::make_shared<virtual_clock>(
+        kept->value_or(static_cast<std::int64_t>(common::wall_clock_us())));
+  }
   impl_->opts = opts;
-  impl_->engine = std::make_unique<detail::engine>(std::move(opts), std::move(defs), std::move(db));
+  impl_->engine = std::make_unique<detail::engine>(std::move(opts), std::move(defs), std::move(db),
+                                                   std::move(clk));
 }
 
 orchestrator::~orchestrator() {

@@ -80,6 +80,17 @@ std::optional<store_check> parse_store_check(std::string_view s) {
   return std::nullopt;
 }
 
+std::string_view to_string(store_sync s) {
+  return s == store_sync::full ? "full" : "normal";
+}
+
+std::optional<store_sync> parse_store_sync(std::string_view s) {
+  for (auto v : {store_sync::normal, store_sync::full}) {
+    if (to_string(v) == s) return v;
+  }
+  return std::nullopt;
+}
+
 namespace {
 
 // What to do about a damaged store, appended to the error.
@@ -155,6 +166,13 @@ CREATE TABLE buffer(
   event BLOB);
 CREATE INDEX buffer_received ON buffer(received_us);
 )sql";
+
+// Small values kept across restarts, by key ("virtual_now_us": a virtual clock's time). Created
+// when first written, so that a store that never needs it is unchanged, and without a schema
+// version of its own: builds that do not know it ignore it.
+constexpr const char* k_meta_sql =
+    "CREATE TABLE IF NOT EXISTS meta(key TEXT NOT NULL PRIMARY KEY, value INTEGER NOT NULL) "
+    "WITHOUT ROWID";
 
 // Version 1 -> 2: who started each instance (`list` of a caller_scope own caller filters on it).
 constexpr const char* k_upgrade_to_2_sql = R"sql(
@@ -450,7 +468,7 @@ class sqlite_store final : public store {
       }
       // Look before writing anything: a foreign file is refused untouched.
       const bool fresh = inspect();
-      configure(in_memory);
+      configure(in_memory, opts.sync);
       const bool created = fresh && create_schema();
       check_tables();
       if (!created && !in_memory) check_integrity(opts.check);
@@ -521,6 +539,7 @@ class sqlite_store final : public store {
     try {
       // A failed ROLLBACK earlier may have left a transaction open; never nest into it.
       if (sqlite3_get_autocommit(db()) == 0) rollback();
+      if (batch.virtual_now_us) ensure_meta();
       {
         use u(db(), begin_);
         u.step([] { return "commit: begin"; });
@@ -570,6 +589,11 @@ class sqlite_store final : public store {
         use u(db(), delete_buffer_);
         u.bind(1, id);
         u.step([&] { return "commit: remove buffered event '" + id + "'"; });
+      }
+      if (batch.virtual_now_us) {
+        use u(db(), put_meta_);
+        u.bind(1, std::string_view("virtual_now_us")).bind(2, *batch.virtual_now_us);
+        u.step([] { return "commit: store the virtual clock's time"; });
       }
       {
         use u(db(), commit_);
@@ -724,6 +748,25 @@ class sqlite_store final : public store {
     return out;
   }
 
+  common::result<std::optional<std::int64_t>> load_virtual_now() override {
+    try {
+      if (!meta_ready_ &&
+          query_int("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'meta'") ==
+              0) {
+        return std::optional<std::int64_t>();
+      }
+      ensure_meta();
+      use u(db(), get_meta_);
+      u.bind(1, std::string_view("virtual_now_us"));
+      if (!u.step([] { return "load the virtual clock's time"; })) {
+        return std::optional<std::int64_t>();
+      }
+      return std::optional<std::int64_t>(u.integer(0));
+    } catch (const std::exception& e) {
+      return read_error(e);
+    }
+  }
+
   std::size_t purge_buffer(std::int64_t before_us) override {
     try {
       use u(db(), purge_buffer_);
@@ -823,14 +866,14 @@ class sqlite_store final : public store {
                    std::to_string(objects) + " schema objects); refusing to touch it");
   }
 
-  void configure(bool in_memory) {
-    // WAL with synchronous=NORMAL: a commit appends to the WAL file without an fsync, the WAL
-    // is fsynced only at checkpoints. A committed transaction is in the OS page cache when
-    // commit() returns, so it survives the orchestrator being killed (SIGKILL, a crash) —
-    // which is what we promise. Only an OS crash or power loss can lose the last transactions
-    // (never corrupt the file). synchronous=FULL would fsync every commit and cap throughput
-    // at the disk's fsync rate. Checkpoints (which do fsync) run on a background thread, see
-    // checkpointer.
+  void configure(bool in_memory, store_sync sync) {
+    // WAL with synchronous=NORMAL (the default, --sync normal): a commit appends to the WAL
+    // file without an fsync, the WAL is fsynced only at checkpoints. A committed transaction is
+    // in the OS page cache when commit() returns, so it survives the orchestrator being killed
+    // (SIGKILL, a crash). Only an OS crash or power loss can lose the last transactions (never
+    // corrupt the file). synchronous=FULL (--sync full) fsyncs the WAL at every commit, which
+    // bounds the commit rate by the disk's fsync rate. Checkpoints (which do fsync) run on a
+    // background thread, see checkpointer.
     if (!in_memory) {
       const std::string mode = [&] {
         statement s(db(), "PRAGMA journal_mode=WAL");
@@ -844,7 +887,13 @@ class sqlite_store final : public store {
                                        mode + "')");
       }
     }
-    exec("PRAGMA synchronous=NORMAL", "set synchronous=NORMAL");
+    // --sync full: the WAL is fsynced at every commit, so a commit that returned survives a
+    // power loss too, at the cost of one fsync per batch (docs/benchmarks.md).
+    if (sync == store_sync::full) {
+      exec("PRAGMA synchronous=FULL", "set synchronous=FULL");
+    } else {
+      exec("PRAGMA synchronous=NORMAL", "set synchronous=NORMAL");
+    }
     exec("PRAGMA cache_size=-32768", "set cache_size");  // 32 MiB of page cache
   }
 
@@ -959,6 +1008,17 @@ class sqlite_store final : public store {
         statement(db(), "SELECT doc FROM definitions WHERE name = ?1 AND version = ?2");
     insert_definition_ =
         statement(db(), "INSERT INTO definitions(name, version, doc) VALUES (?1, ?2, ?3)");
+  }
+
+  // The table meta and its statements, created on first use (outside any transaction).
+  void ensure_meta() {
+    if (meta_ready_) return;
+    exec(k_meta_sql, "create table meta");
+    put_meta_ = statement(db(),
+                          "INSERT INTO meta(key, value) VALUES (?1, ?2) ON CONFLICT(key) DO "
+                          "UPDATE SET value = excluded.value");
+    get_meta_ = statement(db(), "SELECT value FROM meta WHERE key = ?1");
+    meta_ready_ = true;
   }
 
   std::optional<json> load_definition_or_throw(const std::string& name, std::uint32_t version) {
@@ -1082,6 +1142,8 @@ class sqlite_store final : public store {
   statement upsert_instance_, insert_history_, insert_trigger_, insert_buffer_, delete_buffer_;
   statement purge_buffer_, load_buffer_, load_active_, get_instance_, load_history_;
   statement count_by_status_, triggered_by_, load_definition_, insert_definition_;
+  statement put_meta_, get_meta_;  // ensure_meta()
+  bool meta_ready_ = false;
   std::array<statement, 8> list_;
   std::vector<std::uint8_t> msgpack_buffer_;
   std::string text_buffer_;

@@ -286,6 +286,16 @@ deployment& deployment::scriptable_agent(const std::string& name, const std::str
   return *this;
 }
 
+common::result<json> deployment::advance(std::chrono::milliseconds by,
+                                         std::chrono::milliseconds deadline) {
+  if (!impl_->started || !impl_->probe)
+    throw std::logic_error("deployment: advance() before start()");
+  auto r = impl_->probe->call("orchestrator", "advance",
+                              agent::to_json_payload(json{{"by_ms", by.count()}}), deadline);
+  if (!r) return r.err();
+  return agent::from_json_payload(r->payload());
+}
+
 deployment& deployment::identity(const std::string& name, cli::rights r) {
   model().security.identities[name] = std::move(r);
   return *this;
@@ -357,6 +367,7 @@ void deployment::start() {
     broker.streams_file = d.dir + "/streams.json";
     cli::write_streams_file(d.model, broker.streams_file);
   }
+  if (d.opts.virtual_clock && d.model.orchestrator) d.model.orchestrator->clock = "virtual";
   auto plan = cli::plan_processes(d.model, binary_path("ensemble"));
   if (d.opts.secured) d.model.security.kind = cli::security_section::mode::curve;
   // Keys live in the deployment's temp dir, never beside a file: a test starts from its own.

@@ -76,6 +76,7 @@ struct stream_section {
 struct orchestrator_section : process_spec {
   std::string store = ":memory:";      // absolute path, or ":memory:"
   std::vector<std::string> workflows;  // absolute paths of files and directories
+  std::string clock;                   // --clock: "wall", "virtual"; empty: its default (wall)
 };
 
 // What one identity may do when the deployment runs secured (docs/protocol.md section 12):

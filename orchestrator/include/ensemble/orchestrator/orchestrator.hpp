@@ -10,11 +10,11 @@
 //
 // Every operation is one JSON request, the same whether it comes from this C++ API or from the
 // `orchestrator` service on the broker (docs/workflows.md, "The orchestrator service"):
-// start, get, list, cancel, history, definitions. One engine thread owns all instances; it
-// commits every state change to the store before sending the commands and events it causes,
-// grouping the changes of one loop iteration into one transaction. start() resumes every
-// unfinished instance found in the store: timers re-armed, awaits re-registered, in-flight
-// commands re-sent with the same idempotency key.
+// start, get, list, cancel, history, definitions, stats, advance (virtual clock only). One engine
+// thread owns all instances; it commits every state change to the store before sending the commands
+// and events it causes, grouping the changes of one loop iteration into one transaction. start()
+// resumes every unfinished instance found in the store: timers re-armed, awaits re-registered,
+// in-flight commands re-sent with the same idempotency key.
 //
 // The constructor loads definitions, opens the store (checking its integrity) and reads its
 // unfinished instances; it throws common::config_error naming the file and JSON path of a
@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "ensemble/common/result.hpp"
+#include "ensemble/orchestrator/clock.hpp"
 #include "ensemble/orchestrator/store.hpp"
 
 namespace ensemble::orchestrator {
@@ -38,12 +39,16 @@ namespace ensemble::orchestrator {
 using json = nlohmann::json;
 
 struct options {
-  std::string name = "orchestrator";                    // agent name on the broker
-  std::string broker = "tcp://127.0.0.1:5555";          // the broker's router endpoint
-  std::string events = "tcp://127.0.0.1:5556";          // the broker's events endpoint
-  std::string store = ":memory:";                       // SQLite file, or ":memory:"
-  store_check check_store = store_check::quick;         // integrity check of the file at start
-  std::int64_t store_max_size = 0;                      // bytes the file may grow to; 0: no limit
+  std::string name = "orchestrator";             // agent name on the broker
+  std::string broker = "tcp://127.0.0.1:5555";   // the broker's router endpoint
+  std::string events = "tcp://127.0.0.1:5556";   // the broker's events endpoint
+  std::string store = ":memory:";                // SQLite file, or ":memory:"
+  store_check check_store = store_check::quick;  // integrity check of the file at start
+  std::int64_t store_max_size = 0;               // bytes the file may grow to; 0: no limit
+  store_sync sync = store_sync::normal;          // fsync each commit (full) or not
+  // wall, or virtual: workflow time starts at the wall time of the first start (then at what
+  // the store kept) and moves only by the `advance` action (docs/testing.md, "Time skipping").
+  clock_kind clock = clock_kind::wall;
   std::vector<std::string> workflows;                   // definition files and directories
   bool serve = true;                                    // offer the `orchestrator` service
   std::string service = "orchestrator";                 // its name

@@ -89,9 +89,11 @@ struct commit_batch {
   std::vector<trigger_mark> triggers;      // inserted
   std::vector<buffered_event> buffer_add;  // inserted (an id already present is ignored)
   std::vector<std::string> buffer_remove;  // event ids deleted
+  // A virtual clock's time (orchestrator --clock virtual), kept across restarts.
+  std::optional<std::int64_t> virtual_now_us;
   bool empty() const {
     return instances.empty() && history.empty() && triggers.empty() && buffer_add.empty() &&
-           buffer_remove.empty();
+           buffer_remove.empty() && !virtual_now_us;
   }
 };
 
@@ -130,6 +132,8 @@ class store {
                                                                   const std::string& event_id) = 0;
 
   virtual common::result<std::vector<buffered_event>> load_buffer() = 0;  // oldest first
+  // The last virtual_now_us committed; nullopt if none ever was.
+  virtual common::result<std::optional<std::int64_t>> load_virtual_now() = 0;
   // Deletes buffered events received before `before_us`; returns how many.
   virtual std::size_t purge_buffer(std::int64_t before_us) = 0;
 };
@@ -141,8 +145,17 @@ enum class store_check { off, quick, full };
 std::string_view to_string(store_check c);
 std::optional<store_check> parse_store_check(std::string_view s);
 
+// How durable a commit is when commit() returns (docs/workflows.md, "Durability"): `normal`
+// (WAL, synchronous=NORMAL: survives the process being killed; an OS crash or power loss may
+// roll back the last transactions) or `full` (synchronous=FULL: the WAL is fsynced at every
+// commit, so a committed transaction survives a power loss too).
+enum class store_sync { normal, full };
+std::string_view to_string(store_sync s);
+std::optional<store_sync> parse_store_sync(std::string_view s);
+
 struct sqlite_options {
   store_check check = store_check::quick;
+  store_sync sync = store_sync::normal;
   // Largest size the database file may grow to, in bytes (rounded down to whole pages; 0: no
   // limit). Reaching it behaves exactly as a full disk: commits fail with storage_full.
   std::int64_t max_size_bytes = 0;

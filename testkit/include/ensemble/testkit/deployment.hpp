@@ -45,6 +45,10 @@ struct deployment_options {
   // from the deployment (docs/deployments.md, "Security"), every process with its own key
   // pair, kept in the deployment's temp dir. A file's `security: curve` turns it on as well.
   bool secured = false;
+  // The orchestrator runs with --clock virtual (as a file's `orchestrator: {clock: virtual}`
+  // does): workflow time stands still until advance() moves it (docs/testing.md, "Time
+  // skipping").
+  bool virtual_clock = false;
 };
 
 class deployment {
@@ -111,6 +115,14 @@ class deployment {
   // killed worker only after heartbeat x liveness (protocol.md §5); until then it may still
   // dispatch to it, and answers `worker_lost` — or re-dispatches retryable requests.
   void restart(const std::string& name, bool wait_ready = true);
+
+  // Time skipping (orchestrator with a virtual clock): moves workflow time forward by `by`,
+  // firing in order every timer that falls due (waits, step timeouts, retry backoffs, workflow
+  // deadlines, compensation backoffs). Returns the orchestrator's answer {from_us, now_us,
+  // fired} once what those timers did is committed; an error (bad_request) when its clock is
+  // the wall clock.
+  common::result<nlohmann::json> advance(
+      std::chrono::milliseconds by, std::chrono::milliseconds deadline = std::chrono::seconds(10));
 
   // The last `lines` lines of every process, each under its name.
   std::string logs(std::size_t lines = 30) const;
