@@ -200,6 +200,16 @@ TEST_F(sdk_publish_test, a_stalled_event_handler_holds_at_most_event_queue_event
   auto so = agent_options("stall-sub");
   so.event_queue = 10;
   ea::agent sub(so);
+  // However the test ends, the handler is let go before the agent stops (stop() waits for it).
+  struct release_on_exit {
+    std::promise<void>& p;
+    bool done = false;
+    void now() {
+      if (!done) p.set_value();
+      done = true;
+    }
+    ~release_on_exit() { now(); }
+  } releaser{release};
   ASSERT_TRUE(sub.subscribe("bp.",
                             [&](const ea::message& m) {
                               released.wait();
@@ -226,7 +236,7 @@ TEST_F(sdk_publish_test, a_stalled_event_handler_holds_at_most_event_queue_event
   ASSERT_TRUE(ping.ok()) << ping.err().to_string();
   EXPECT_EQ(sub.waiting_events(), so.event_queue);
 
-  release.set_value();
+  releaser.now();
   EXPECT_TRUE(tk::wait_until([&] { return got.received() >= k_events; }, 30s))
       << "received " << got.received() << " of " << k_events;
   std::vector<std::uint64_t> all(k_events);
