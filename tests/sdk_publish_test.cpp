@@ -187,3 +187,61 @@ TEST_F(sdk_publish_test, every_event_of_a_burst_is_either_delivered_or_refused) 
 }
 
 }  // namespace
+
+// The receiving side: a subscriber whose handler stalls holds at most options.event_queue events
+// in its own memory; the rest wait in ZeroMQ's queues (here the subscriber's socket, whose
+// queue is far larger than the burst), and every one is handled once the handler resumes.
+TEST_F(sdk_publish_test, a_stalled_event_handler_holds_at_most_event_queue_events_and_loses_none) {
+  start_broker();
+  constexpr std::uint64_t k_events = 2'000;
+  tally got(k_events);
+  std::promise<void> release;
+  std::shared_future<void> released = release.get_future().share();
+  auto so = agent_options("stall-sub");
+  so.event_queue = 10;
+  ea::agent sub(so);
+  // However the test ends, the handler is let go before the agent stops (stop() waits for it).
+  struct release_on_exit {
+    std::promise<void>& p;
+    bool done = false;
+    void now() {
+      if (!done) p.set_value();
+      done = true;
+    }
+    ~release_on_exit() { now(); }
+  } releaser{release};
+  ASSERT_TRUE(sub.subscribe("bp.",
+                            [&](const ea::message& m) {
+                              released.wait();
+                              got.add(m);
+                            })
+                  .ok());
+  ASSERT_TRUE(sub.start().ok());
+
+  ea::agent pub(agent_options("stall-pub"));
+  ASSERT_TRUE(pub.start().ok());
+  for (std::uint64_t i = 0; i + 1 < k_events; ++i) {
+    ASSERT_TRUE(pub.publish(std::string(k_topic), payload_of(i)).ok());
+  }
+  auto last = pub.publish_acked(std::string(k_topic), payload_of(k_events - 1), 10s);
+  ASSERT_TRUE(last.ok()) << last.err().to_string();
+
+  // The handler holds its batch; behind it the agent reads events up to its bound and stops.
+  ASSERT_TRUE(tk::wait_until([&] { return sub.waiting_events() == so.event_queue; }, 10s))
+      << "waiting events: " << sub.waiting_events();
+  // The agent's I/O thread still serves calls while its events wait, and by the time the
+  // round trip is done every event the broker fanned out has had time to reach the agent's
+  // socket: without the bound they would all be in the inbox now.
+  auto ping = sub.call("broker", "ping", {}, 5s);
+  ASSERT_TRUE(ping.ok()) << ping.err().to_string();
+  EXPECT_EQ(sub.waiting_events(), so.event_queue);
+
+  releaser.now();
+  EXPECT_TRUE(tk::wait_until([&] { return got.received() >= k_events; }, 30s))
+      << "received " << got.received() << " of " << k_events;
+  std::vector<std::uint64_t> all(k_events);
+  for (std::uint64_t i = 0; i < k_events; ++i) all[i] = i;
+  EXPECT_EQ(got.missing(all), 0u);
+  EXPECT_EQ(got.duplicates(), 0u);
+  EXPECT_EQ(sub.waiting_events(), 0u);
+}

@@ -128,6 +128,88 @@ class job_queue {
   bool closed_ = false;
 };
 
+// An event for the event thread, with the handlers that matched its topic when it arrived.
+struct event_job {
+  message m;
+  std::shared_ptr<const std::vector<event_handler>> handlers;
+};
+
+// Events handed from the I/O thread to the event thread. The I/O thread appends what one poll
+// turn received under one lock, with at most one wake-up; the event thread takes everything
+// queued at once. The two vectors trade places, so neither reallocates once warm.
+//
+// Bounded by `limit` events, counting those queued and the batch the event thread is handling:
+// the I/O thread reads no more from its SUB socket than there is room for. Once full it stops
+// reading until the event thread comes back for more (and wakes it), so a slow handler leaves
+// the excess in ZeroMQ's queues and, past them, to the broker's slow-subscriber policy
+// (docs/protocol.md section 7), never in this process's memory.
+class event_backlog {
+ public:
+  explicit event_backlog(std::size_t limit) : limit_(std::max<std::size_t>(1, limit)) {}
+  // Events received and not yet handled.
+  std::size_t size() {
+    std::lock_guard lock(mutex_);
+    return jobs_.size() + in_hand_;
+  }
+  // I/O thread: how many more events fit. When none does, the reader is paused until the event
+  // thread makes room.
+  std::size_t room() {
+    std::lock_guard lock(mutex_);
+    const std::size_t held = jobs_.size() + in_hand_;
+    const std::size_t left = held >= limit_ ? 0 : limit_ - held;
+    if (left == 0) reader_paused_ = true;
+    return left;
+  }
+  // I/O thread: moves the jobs out of `batch` (never more than room() said).
+  void push(std::vector<event_job>& batch) {
+    if (batch.empty()) return;
+    bool wake = false;
+    {
+      std::lock_guard lock(mutex_);
+      wake = jobs_.empty() && taker_waiting_;
+      for (auto& j : batch) jobs_.push_back(std::move(j));
+    }
+    batch.clear();
+    if (wake) cv_.notify_one();
+  }
+  // Event thread, once done with the previous batch: waits for jobs and swaps them into `out`.
+  // False once closed and drained. A paused reader is woken through `reader_wake_fd`.
+  bool take(std::vector<event_job>& out, int reader_wake_fd) {
+    out.clear();
+    std::unique_lock lock(mutex_);
+    in_hand_ = 0;
+    if (reader_paused_) {
+      reader_paused_ = false;
+      const std::uint64_t one = 1;
+      [[maybe_unused]] auto n = ::write(reader_wake_fd, &one, sizeof one);
+    }
+    taker_waiting_ = true;
+    cv_.wait(lock, [this] { return closed_ || !jobs_.empty(); });
+    taker_waiting_ = false;
+    if (jobs_.empty()) return false;
+    out.swap(jobs_);
+    in_hand_ = out.size();
+    return true;
+  }
+  void close() {
+    {
+      std::lock_guard lock(mutex_);
+      closed_ = true;
+    }
+    cv_.notify_all();
+  }
+
+ private:
+  const std::size_t limit_;
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  std::vector<event_job> jobs_;
+  std::size_t in_hand_ = 0;  // taken by the event thread, not all handled yet
+  bool taker_waiting_ = false;
+  bool reader_paused_ = false;
+  bool closed_ = false;
+};
+
 struct service_def {
   std::uint32_t capacity = 1;
   std::map<std::string, request_handler> actions;
@@ -315,8 +397,15 @@ struct agent::impl {
   job_queue handler_jobs;
   std::mutex pool_mutex;  // handler_threads: consume() after start() may add threads
   std::vector<std::thread> handler_threads;
-  job_queue event_jobs;
+  event_backlog inbox{opts.event_queue};
   std::thread event_thread;
+  // I/O thread: the handlers matching each topic seen, for the subscriptions of
+  // `cached_subscriptions` (subscribe() bumps `subscriptions_version`), and the events of the
+  // current poll turn, handed to `inbox` in one go.
+  std::atomic<std::uint64_t> subscriptions_version{0};
+  std::uint64_t cached_subscriptions = 0;
+  std::unordered_map<std::string, std::shared_ptr<const std::vector<event_handler>>> handler_cache;
+  std::vector<event_job> event_batch;
 
   // --- user-thread side ---
   // Hands `o` to the I/O thread; false (and `o` refused) once the agent has stopped.
@@ -465,6 +554,8 @@ struct agent::impl {
   void drain_outbox();
   void on_dealer_message(steady::time_point now);
   void on_event(steady::time_point now);
+  std::shared_ptr<const std::vector<event_handler>> handlers_for(const std::string& topic);
+  void handle_event(const event_job& job);
   void on_dispatch(header& h, bytes payload);
   // Durable consumers.
   void spawn_handler_thread();
@@ -1294,29 +1385,49 @@ void agent::impl::on_event(steady::time_point now) {
     log->warn("{}: malformed event on '{}': {}", opts.name, topic, decoded.err().message);
     return;
   }
-  std::vector<event_handler> handlers;
+  auto handlers = handlers_for(topic);
+  if (handlers->empty()) return;
+  if (decoded->topic.empty()) decoded->topic = std::move(topic);
+  bytes payload = frames.size() > 2 ? to_bytes(frames[2]) : bytes();
+  event_batch.push_back(
+      event_job{message_access::make(message::kind::event, decoded.value(), std::move(payload)),
+                std::move(handlers)});
+}
+
+// The handlers whose prefix matches `topic`, computed once per topic and kept until the
+// subscriptions change. Topics are the publishers' choice, so the cache is cleared when it
+// holds k_max_cached_topics of them rather than growing with every new one.
+std::shared_ptr<const std::vector<event_handler>> agent::impl::handlers_for(
+    const std::string& topic) {
+  constexpr std::size_t k_max_cached_topics = 1024;
+  const auto version = subscriptions_version.load(std::memory_order_acquire);
+  if (version != cached_subscriptions || handler_cache.size() >= k_max_cached_topics) {
+    handler_cache.clear();
+    cached_subscriptions = version;
+  }
+  if (auto it = handler_cache.find(topic); it != handler_cache.end()) return it->second;
+  auto matching = std::make_shared<std::vector<event_handler>>();
   {
     std::lock_guard lock(config_mutex);
     for (const auto& [prefix, h] : subscriptions) {
-      if (topic.compare(0, prefix.size(), prefix) == 0) handlers.push_back(h);
+      if (topic.compare(0, prefix.size(), prefix) == 0) matching->push_back(h);
     }
   }
-  if (handlers.empty()) return;
-  if (decoded->topic.empty()) decoded->topic = topic;
-  bytes payload = frames.size() > 2 ? to_bytes(frames[2]) : bytes();
-  auto m = std::make_shared<message>(
-      message_access::make(message::kind::event, decoded.value(), std::move(payload)));
-  event_jobs.push([this, m, handlers = std::move(handlers)] {
-    current_scope scope(m.get());
-    for (const auto& h : handlers) {
-      try {
-        h(*m);
-      } catch (const std::exception& e) {
-        log->error("{}: event handler for '{}' (id={}) threw: {}", opts.name, m->topic(), m->id(),
-                   e.what());
-      }
+  handler_cache.emplace(topic, matching);
+  return matching;
+}
+
+// Event thread: runs one event's handlers, in subscription order.
+void agent::impl::handle_event(const event_job& job) {
+  current_scope scope(&job.m);
+  for (const auto& h : *job.handlers) {
+    try {
+      h(job.m);
+    } catch (const std::exception& e) {
+      log->error("{}: event handler for '{}' (id={}) threw: {}", opts.name, job.m.topic(),
+                 job.m.id(), e.what());
     }
-  });
+  }
 }
 
 void agent::impl::on_timers(steady::time_point now) {
@@ -1402,9 +1513,11 @@ void agent::impl::io_main() {
     const auto timeout =
         wake <= now ? 0ms : std::chrono::ceil<std::chrono::milliseconds>(wake - now);
     const short dealer_events = held.empty() ? ZMQ_POLLIN : ZMQ_POLLIN | ZMQ_POLLOUT;
+    // No room for events: leave them in the SUB socket until the event thread catches up.
+    const std::size_t event_room = inbox.room();
     std::array<zmq::pollitem_t, 4> items{{
         {dealer->handle(), 0, dealer_events, 0},
-        {sub->handle(), 0, ZMQ_POLLIN, 0},
+        {sub->handle(), 0, static_cast<short>(event_room > 0 ? ZMQ_POLLIN : 0), 0},
         {nullptr, wake_fd, ZMQ_POLLIN, 0},
         {monitor->handle(), 0, ZMQ_POLLIN, 0},
     }};
@@ -1422,9 +1535,11 @@ void agent::impl::io_main() {
       }
     }
     if ((items[1].revents & ZMQ_POLLIN) != 0) {
-      for (int i = 0; i < 1024 && common::recv_frames(*sub, frames); ++i) {
+      const std::size_t most = std::min<std::size_t>(1024, event_room);
+      for (std::size_t i = 0; i < most && common::recv_frames(*sub, frames); ++i) {
         on_event(steady::now());
       }
+      inbox.push(event_batch);
     }
     if ((items[3].revents & ZMQ_POLLIN) != 0) {
       while (common::recv_frames(*monitor, monitor_frames)) on_monitor_event();
@@ -1474,6 +1589,9 @@ std::string agent::broker_id() const {
 std::size_t agent::queued_events() const {
   return impl_->queued.load();
 }
+std::size_t agent::waiting_events() const {
+  return impl_->inbox.size();
+}
 
 void agent::handle(const std::string& service, const std::string& action, request_handler h) {
   {
@@ -1496,6 +1614,7 @@ status agent::subscribe(const std::string& prefix, event_handler h,
   {
     std::lock_guard lock(impl_->config_mutex);
     impl_->subscriptions.emplace_back(prefix, std::move(h));
+    impl_->subscriptions_version.fetch_add(1, std::memory_order_release);
   }
   if (!impl_->running) return common::ok_status();
   if (impl_->on_io_thread()) {
@@ -1613,10 +1732,9 @@ status agent::start() {
     for (std::size_t i = 0; i < threads; ++i) d.spawn_handler_thread();
   }
   d.event_thread = spawn_quiet([&d] {
-    std::function<void()> job;
-    while (d.event_jobs.pop(job)) {
-      job();
-      d.event_jobs.done();
+    std::vector<event_job> batch;
+    while (d.inbox.take(batch, d.wake_fd)) {
+      for (const auto& job : batch) d.handle_event(job);
     }
   });
   d.io = spawn_quiet([&d] { d.io_main(); });
@@ -1689,7 +1807,7 @@ void agent::stop(std::chrono::milliseconds grace) {
     for (auto& t : d.handler_threads) t.join();
     d.handler_threads.clear();
   }
-  d.event_jobs.close();
+  d.inbox.close();
   if (d.event_thread.joinable()) d.event_thread.join();
   d.monitor.reset();
   d.dealer.reset();

@@ -65,6 +65,11 @@ struct options {
   // fails with `queue_full` after that. Requests and replies wait there too but are not counted.
   std::size_t send_queue = 10'000;                  // events waiting in the SDK, at least 1
   std::chrono::milliseconds publish_timeout{5000};  // publish(): longest wait for room
+  // Events received and not yet handled, at least 1 (docs/agents.md, "Receiving events"). When
+  // the event handlers fall this far behind, the agent stops reading events until they catch
+  // up: the backlog stays in ZeroMQ's queues and then the broker's, whose slow-subscriber
+  // policy applies (it drops and counts), instead of growing this process's memory.
+  std::size_t event_queue = 10'000;
   // Secured mode (docs/protocol.md section 12, docs/agents.md "Keys"): both set, or neither.
   // `key_file` is this agent's secret key file (NAME.key_secret, written by `ensemble keygen`,
   // mode 0600); `broker_key` is the broker's public key, as 40 Z85 characters or the path of a
@@ -317,6 +322,7 @@ class agent {
   std::uint64_t registrations() const;  // WELCOMEs received since start (1 + re-registrations)
   std::string broker_id() const;        // id of the broker run we are registered with
   std::size_t queued_events() const;    // events waiting in the SDK for the connection
+  std::size_t waiting_events() const;   // events received and not yet handled
 
  private:
   struct impl;
