@@ -8,6 +8,8 @@
 //             Ensemble agent::call / call_async -> ensemble-broker -> echo agent
 //
 // and prints each Ensemble figure as a ratio to the raw proxy's, with the targets of the issue.
+// With --curve the proxy and Ensemble scenarios also run with CURVE (the proxy's sockets CURVE
+// servers, the broker in secured mode), and the report adds what CURVE costs each of them.
 // Without --role this process is the orchestrator; with --role it is one of the roles,
 // re-executed from the orchestrator (harness.hpp describes the pipes between them).
 
@@ -17,6 +19,7 @@
 #include <cmath>
 #include <condition_variable>
 #include <cstdio>
+#include <filesystem>
 #include <future>
 #include <mutex>
 #include <nlohmann/json.hpp>
@@ -24,6 +27,7 @@
 
 #include "ensemble/agent/agent.hpp"
 #include "ensemble/common/clock.hpp"
+#include "ensemble/common/curve_keys.hpp"
 #include "ensemble/common/frames.hpp"
 #include "ensemble/common/logging.hpp"
 #include "ensemble/common/protocol.hpp"
@@ -69,6 +73,7 @@ struct options {
   std::string broker_data;
   std::string broker_streams;
   bool result_lines = false;  // one "result-events k=v ..." line per run, for bench_streams
+  bool curve = false;         // also run the proxy and Ensemble scenarios with CURVE
 
   // Role plumbing.
   std::string role;
@@ -77,6 +82,10 @@ struct options {
   std::string events;
   bool bind = false;
   std::size_t size = 64;
+  // CURVE: the role's own secret key file (a proxy's: the server's), and the public key (or
+  // its file) of the proxy or broker a client role connects to. Empty: plain TCP.
+  std::string key_file;
+  std::string server_key;
 };
 
 // One line to the orchestrator; flushed, because it waits on it.
@@ -85,6 +94,24 @@ void say(const char* fmt, Args... args) {
   std::printf(fmt, args...);
   std::printf("\n");
   std::fflush(stdout);
+}
+
+// CURVE on a raw socket (docs/protocol.md section 12, "Connecting"), before it binds or
+// connects; nothing without --key-file. A client sets the server's public key and its own pair;
+// a server only its secret key, and no ZAP domain: nobody serves ZAP in a raw role, so libzmq
+// lets every client with the server's public key through.
+void curve_client(zmq::socket_t& s, const options& o) {
+  if (o.key_file.empty()) return;
+  const auto keys = common::read_curve_key_file(o.key_file, "--key-file", true);
+  s.set(zmq::sockopt::curve_serverkey, common::read_public_key(o.server_key, "--server-key"));
+  s.set(zmq::sockopt::curve_publickey, keys.public_key);
+  s.set(zmq::sockopt::curve_secretkey, keys.secret_key);
+}
+void curve_server(zmq::socket_t& s, const options& o) {
+  if (o.key_file.empty()) return;
+  s.set(zmq::sockopt::curve_server, 1);
+  s.set(zmq::sockopt::curve_secretkey,
+        common::read_curve_key_file(o.key_file, "--key-file", true).secret_key);
 }
 
 // Payloads carry their index in the first 8 bytes, so that receivers can find loss,
@@ -207,6 +234,7 @@ int role_raw_pub(const options& o) {
   zmq::context_t ctx(1);
   zmq::socket_t pub(ctx, zmq::socket_type::pub);
   pub.set(zmq::sockopt::sndhwm, o.hwm);
+  curve_client(pub, o);
   if (o.bind) {
     pub.bind("tcp://127.0.0.1:*");
     say("endpoint addr=%s", pub.get(zmq::sockopt::last_endpoint).c_str());
@@ -243,6 +271,7 @@ int role_raw_sub(const options& o) {
   sub.set(zmq::sockopt::rcvhwm, o.hwm);
   sub.set(zmq::sockopt::subscribe, k_event_prefix);
   sub.set(zmq::sockopt::subscribe, k_probe_topic);  // after: once it arrives, both are active
+  curve_client(sub, o);
   sub.connect(o.endpoint);
   line_reader in(STDIN_FILENO);
   event_tally tally;
@@ -292,6 +321,8 @@ int role_raw_event_proxy(const options& o) {
   zmq::socket_t xpub(ctx, zmq::socket_type::xpub);
   xsub.set(zmq::sockopt::rcvhwm, o.hwm);
   xpub.set(zmq::sockopt::sndhwm, o.hwm);
+  curve_server(xsub, o);
+  curve_server(xpub, o);
   xsub.bind("tcp://127.0.0.1:*");
   xpub.bind("tcp://127.0.0.1:*");
   say("endpoints xsub=%s xpub=%s", xsub.get(zmq::sockopt::last_endpoint).c_str(),
@@ -307,6 +338,8 @@ agent::options agent_options(const options& o, const char* name) {
   a.events = o.events;
   a.handler_threads = o.handler_threads;
   a.inline_handlers = !o.handler_pool;
+  a.key_file = o.key_file;  // secured broker: `name` is the identity the auth file gives the key
+  a.broker_key = o.server_key;
   return a;
 }
 
@@ -395,6 +428,7 @@ int role_raw_cmd_proxy(const options& o) {
   for (auto* s : {&frontend, &backend}) {
     s->set(zmq::sockopt::sndhwm, o.hwm);
     s->set(zmq::sockopt::rcvhwm, o.hwm);
+    curve_server(*s, o);
   }
   frontend.bind("tcp://127.0.0.1:*");
   backend.bind("tcp://127.0.0.1:*");
@@ -408,6 +442,7 @@ int role_raw_cmd_proxy(const options& o) {
 int role_raw_worker(const options& o) {
   zmq::context_t ctx(1);
   zmq::socket_t worker(ctx, zmq::socket_type::dealer);
+  curve_client(worker, o);
   worker.connect(o.endpoint);
   say("ready");
   std::vector<zmq::message_t> frames;
@@ -444,6 +479,7 @@ void report_commands(latency_summary rtt, std::size_t rtt_ok, std::size_t rtt_fa
 int role_raw_client(const options& o) {
   zmq::context_t ctx(1);
   zmq::socket_t client(ctx, zmq::socket_type::dealer);
+  curve_client(client, o);
   client.connect(o.endpoint);
   const std::string tag(common::k_protocol_tag);
   const std::uint8_t request_byte = static_cast<std::uint8_t>(common::command::request);
@@ -702,6 +738,87 @@ int run_role(const options& o) {
 constexpr auto k_start_timeout = 15s;
 constexpr auto k_run_timeout = 300s;
 
+// --curve: the key pairs and the broker's auth file of one bench run, in a private temporary
+// directory that goes away with it. The raw proxy and the broker are CURVE servers with a key
+// pair each; each client role has one key pair, which its raw and its Ensemble variant both use,
+// and which the auth file makes an identity with exactly the rights that role needs. The
+// orchestrator reads the broker's counters as one more identity, allowed `broker.stats` only.
+class curve_setup {
+ public:
+  curve_setup() {
+    if (!common::curve_available()) {
+      throw std::runtime_error("--curve: this libzmq was built without CURVE");
+    }
+    std::string path = (std::filesystem::temp_directory_path() / "bench_all-curve-XXXXXX").string();
+    if (::mkdtemp(path.data()) == nullptr) {
+      throw std::runtime_error("--curve: cannot create a temporary directory " + path + ": " +
+                               std::strerror(errno));
+    }
+    dir_ = path;
+    for (const char* name : {"proxy", "broker", "bench-pub", "bench-sub", "bench-worker",
+                             "bench-client", "bench-stats"}) {
+      common::write_curve_key_files(dir_, name, common::generate_curve_keys());
+    }
+    // Public keys are given as certificate files, relative to the auth file.
+    const std::string event_prefix(k_event_prefix);
+    const std::string probe_topic(k_probe_topic);
+    const std::string service(k_service);
+    std::ofstream auth(auth_file());
+    auth << "identities:\n"
+         << "  bench-pub:\n    keys: [bench-pub.key]\n"
+         << "    publish: [\"" << event_prefix << "\", \"" << probe_topic << "\"]\n"
+         << "  bench-sub:  # the SDK subscriber, and the plain SUB that waits for a probe\n"
+         << "    keys: [bench-sub.key]\n"
+         << "    subscribe: [\"" << event_prefix << "\", \"" << probe_topic << "\"]\n"
+         << "  bench-worker:\n    keys: [bench-worker.key]\n    offer: [" << service << "]\n"
+         << "  bench-client:\n    keys: [bench-client.key]\n"
+         << "    call: [" << service << "." << k_action << "]\n"
+         << "  bench-stats:\n    keys: [bench-stats.key]\n    admin: [stats]\n";
+    auth.close();
+    if (!auth) throw std::runtime_error("--curve: cannot write " + auth_file());
+  }
+  ~curve_setup() {
+    std::error_code ec;
+    std::filesystem::remove_all(dir_, ec);
+  }
+  curve_setup(const curve_setup&) = delete;
+  curve_setup& operator=(const curve_setup&) = delete;
+
+  // A proxy role's options: its server key.
+  std::vector<std::string> server_args(const std::string& server) const {
+    return {"--key-file", secret_file(server)};
+  }
+  // A client role's options: its own key and the public key of `server` (proxy or broker).
+  std::vector<std::string> client_args(const std::string& role, const std::string& server) const {
+    return {"--key-file", secret_file(role), "--server-key", public_file(server)};
+  }
+  std::vector<std::string> broker_args() const {
+    return {"--curve-key", secret_file("broker"), "--auth", auth_file()};
+  }
+  // Makes `s` a CURVE client of the broker as the bench-stats identity.
+  void stats_client(zmq::socket_t& s) const {
+    const auto keys = common::read_curve_key_file(secret_file("bench-stats"), "--curve", true);
+    s.set(zmq::sockopt::curve_serverkey, common::read_public_key(public_file("broker"), "--curve"));
+    s.set(zmq::sockopt::curve_publickey, keys.public_key);
+    s.set(zmq::sockopt::curve_secretkey, keys.secret_key);
+  }
+
+ private:
+  std::string secret_file(const std::string& name) const {
+    return dir_ + "/" + name + ".key_secret";
+  }
+  std::string public_file(const std::string& name) const { return dir_ + "/" + name + ".key"; }
+  std::string auth_file() const { return dir_ + "/auth.yaml"; }
+
+  std::string dir_;
+};
+
+// The CURVE options of a role, or none for a plain run.
+std::vector<std::string> client_keys(const curve_setup* curve, const std::string& role,
+                                     const std::string& server) {
+  return curve != nullptr ? curve->client_args(role, server) : std::vector<std::string>{};
+}
+
 std::unique_ptr<child> spawn_role(const options& o, const std::string& label,
                                   const std::string& role, std::vector<std::string> args) {
   args.insert(args.begin(),
@@ -716,7 +833,7 @@ struct broker_handle {
   std::string events;
 };
 
-broker_handle start_broker(const options& o) {
+broker_handle start_broker(const options& o, const curve_setup* curve) {
   broker_handle b;
   std::vector<std::string> args{
       "--router",    "tcp://127.0.0.1:*",
@@ -726,6 +843,10 @@ broker_handle start_broker(const options& o) {
       "--journal",   o.journal < 0 ? std::string("10000") : std::to_string(o.journal)};
   if (!o.broker_data.empty()) args.insert(args.end(), {"--data", o.broker_data});
   if (!o.broker_streams.empty()) args.insert(args.end(), {"--streams", o.broker_streams});
+  if (curve != nullptr) {
+    const auto secured = curve->broker_args();
+    args.insert(args.end(), secured.begin(), secured.end());
+  }
   b.proc = child::spawn("broker", sibling_exe("ensemble-broker"), args);
   auto fields = parse_fields(b.proc->expect("ensemble-broker ready", k_start_timeout));
   b.router = fields["router"];
@@ -734,10 +855,11 @@ broker_handle start_broker(const options& o) {
 }
 
 // The broker's own counters (service "broker", action "stats"), to locate any loss.
-nlohmann::json broker_stats(const std::string& router) {
+nlohmann::json broker_stats(const std::string& router, const curve_setup* curve) {
   zmq::context_t ctx(1);
   zmq::socket_t s(ctx, zmq::socket_type::dealer);
   s.set(zmq::sockopt::linger, 0);
+  if (curve != nullptr) curve->stats_client(s);
   s.connect(router);
   std::vector<zmq::message_t> frames;
   common::header h;
@@ -799,7 +921,8 @@ std::vector<std::string> operator+(std::vector<std::string> a, const std::vector
   return a;
 }
 
-event_run run_events(const options& o, event_kind kind) {
+// `curve`: the run's keys for a CURVE run (not for raw_direct), or nullptr for plain TCP.
+event_run run_events(const options& o, event_kind kind, const curve_setup* curve) {
   const std::vector<std::string> count{"--messages", std::to_string(o.messages)};
   std::unique_ptr<child> middle;  // the proxy or the broker
   std::unique_ptr<child> pub;
@@ -812,25 +935,32 @@ event_run run_events(const options& o, event_kind kind) {
     const auto endpoint = parse_fields(pub->expect("endpoint", k_start_timeout))["addr"];
     sub = spawn_role(o, "sub", "raw_sub", {"--endpoint", endpoint});
   } else if (kind == event_kind::raw_proxy) {
-    middle = spawn_role(o, "proxy", "raw_event_proxy", {});
+    middle =
+        spawn_role(o, "proxy", "raw_event_proxy",
+                   curve != nullptr ? curve->server_args("proxy") : std::vector<std::string>{});
     auto f = parse_fields(middle->expect("endpoints", k_start_timeout));
-    sub = spawn_role(o, "sub", "raw_sub", {"--endpoint", f["xpub"]});
-    pub =
-        spawn_role(o, "pub", "raw_pub", std::vector<std::string>{"--endpoint", f["xsub"]} + count);
+    sub = spawn_role(o, "sub", "raw_sub",
+                     std::vector<std::string>{"--endpoint", f["xpub"]} +
+                         client_keys(curve, "bench-sub", "proxy"));
+    pub = spawn_role(o, "pub", "raw_pub",
+                     std::vector<std::string>{"--endpoint", f["xsub"]} + count +
+                         client_keys(curve, "bench-pub", "proxy"));
   } else {
-    auto b = start_broker(o);
+    auto b = start_broker(o, curve);
     middle = std::move(b.proc);
     router = b.router;
     const std::vector<std::string> eps{"--router", b.router, "--events", b.events};
+    const auto sub_keys = client_keys(curve, "bench-sub", "broker");
     if (kind == event_kind::ensemble_sdk) {
-      sub = spawn_role(o, "sub", "ens_sub", eps);
+      sub = spawn_role(o, "sub", "ens_sub", eps + sub_keys);
       sub->expect("ready", k_start_timeout);  // subscribe() returned: the broker fans out to it
       sub_ready = true;
     } else {
-      sub = spawn_role(o, "sub", "raw_sub", {"--endpoint", b.events});
+      sub = spawn_role(o, "sub", "raw_sub",
+                       std::vector<std::string>{"--endpoint", b.events} + sub_keys);
     }
-    before = broker_stats(router);
-    pub = spawn_role(o, "pub", "ens_pub", eps + count);
+    before = broker_stats(router, curve);
+    pub = spawn_role(o, "pub", "ens_pub", eps + count + client_keys(curve, "bench-pub", "broker"));
   }
   if (!sub_ready) sub->expect("ready", k_start_timeout);  // a probe got through
 
@@ -862,7 +992,7 @@ event_run run_events(const options& o, event_kind kind) {
   run.header_bytes = field_num(sf, "header_bytes");
   run.out_of_order = field_num(sf, "out_of_order");
   if (!is_raw(kind)) {
-    const auto after = broker_stats(router);
+    const auto after = broker_stats(router, curve);
     run.broker_in = static_cast<double>(stat_u64(after, "events") - stat_u64(before, "events")) -
                     field_num(pf, "probes");
   }
@@ -872,7 +1002,7 @@ event_run run_events(const options& o, event_kind kind) {
   return run;
 }
 
-command_run run_commands(const options& o, command_kind kind) {
+command_run run_commands(const options& o, command_kind kind, const curve_setup* curve) {
   const std::vector<std::string> load{
       "--rtt-calls", std::to_string(o.rtt_calls), "--pipelined", std::to_string(o.pipelined),
       "--window",    std::to_string(o.window),    "--warmup",    std::to_string(o.warmup)};
@@ -881,24 +1011,31 @@ command_run run_commands(const options& o, command_kind kind) {
   std::unique_ptr<child> client;
   std::string router;
   if (kind == command_kind::raw_proxy) {
-    middle = spawn_role(o, "proxy", "raw_cmd_proxy", {});
+    middle =
+        spawn_role(o, "proxy", "raw_cmd_proxy",
+                   curve != nullptr ? curve->server_args("proxy") : std::vector<std::string>{});
     auto f = parse_fields(middle->expect("endpoints", k_start_timeout));
-    worker = spawn_role(o, "worker", "raw_worker", {"--endpoint", f["backend"]});
+    worker = spawn_role(o, "worker", "raw_worker",
+                        std::vector<std::string>{"--endpoint", f["backend"]} +
+                            client_keys(curve, "bench-worker", "proxy"));
     worker->expect("ready", k_start_timeout);
     // The warm-up round trips wait until the worker's connection is up: no race to lose.
     client = spawn_role(o, "client", "raw_client",
-                        std::vector<std::string>{"--endpoint", f["frontend"]} + load);
+                        std::vector<std::string>{"--endpoint", f["frontend"]} + load +
+                            client_keys(curve, "bench-client", "proxy"));
   } else {
-    auto b = start_broker(o);
+    auto b = start_broker(o, curve);
     middle = std::move(b.proc);
     router = b.router;
     const std::vector<std::string> eps{"--router", b.router, "--events", b.events};
     std::vector<std::string> worker_args{"--capacity", std::to_string(o.capacity),
                                          "--handler-threads", std::to_string(o.handler_threads)};
     if (o.handler_pool) worker_args.push_back("--handler-pool");
-    worker = spawn_role(o, "worker", "ens_worker", eps + worker_args);
+    worker = spawn_role(o, "worker", "ens_worker",
+                        eps + worker_args + client_keys(curve, "bench-worker", "broker"));
     worker->expect("ready", k_start_timeout);  // start() returned: registered with the broker
-    client = spawn_role(o, "client", "ens_client", eps + load);
+    client = spawn_role(o, "client", "ens_client",
+                        eps + load + client_keys(curve, "bench-client", "broker"));
   }
   command_run run;
   cpu_window cpu;
@@ -1048,6 +1185,99 @@ void print_command_line(const char* name, std::size_t size, int rep, const comma
   std::fflush(stdout);
 }
 
+using event_table = std::map<std::size_t, std::array<event_series, k_event_kinds>>;
+using command_table = std::map<std::size_t, std::array<command_series, k_command_kinds>>;
+
+// --curve: the CURVE figures, each beside its ratio to the raw CURVE proxy, and what CURVE costs
+// every scenario (its figure with CURVE / without). Returns false if a CURVE run lost or failed
+// anything.
+bool print_curve_report(const options& o, const event_table& ev, const event_table& ev_curve,
+                        const command_table& cmd, const command_table& cmd_curve, bool events,
+                        bool commands) {
+  auto or_dash = [](bool empty, const std::string& v) { return empty ? std::string("-") : v; };
+  bool pass = true;
+  if (events) {
+    std::printf(
+        "CURVE EVENTS: rate delivered to the subscriber with CURVE, median of %d; Ens/proxy = "
+        "Ensemble CURVE (SDK subscriber / plain SUB) / raw proxy CURVE; CURVE/plain = the same "
+        "scenario with CURVE / without\n",
+        o.repeat);
+    print_row("size", "metric", {"raw proxy", "Ens SDK sub", "Ens plain SUB", "Ens/proxy"}, 13,
+              "target", "verdict");
+    const auto proxy = static_cast<std::size_t>(event_kind::raw_proxy);
+    const auto sdk = static_cast<std::size_t>(event_kind::ensemble_sdk);
+    const auto plain = static_cast<std::size_t>(event_kind::ensemble_plain);
+    for (auto size : o.sizes) {
+      const auto& c = ev_curve.at(size);
+      const auto& p = ev.at(size);
+      std::vector<std::string> rates, cost, lost, failed;
+      for (auto k : {proxy, sdk, plain}) {
+        rates.push_back(or_dash(c[k].empty(), thousands(c[k].rate())));
+        cost.push_back(ratio(c[k].rate(), p[k].rate()));
+        lost.push_back(or_dash(c[k].empty(), thousands(c[k].lost())));
+        failed.push_back(or_dash(c[k].empty(), thousands(c[k].failed())));
+      }
+      const double raw = c[proxy].rate();
+      rates.push_back(
+          raw > 0 ? fixed(c[sdk].rate() / raw, 2) + "/" + fixed(c[plain].rate() / raw, 2) : "-");
+      cost.push_back("");
+      lost.push_back("");
+      failed.push_back("");
+      const bool no_loss = c[proxy].lost() + c[sdk].lost() + c[plain].lost() == 0;
+      const bool no_fail = c[sdk].failed() + c[plain].failed() == 0;
+      pass = pass && no_loss && no_fail;
+      print_row(size_label(size), "delivered msg/s", rates, 13, "", "");
+      print_row("", "CURVE/plain", cost, 13, "", "");
+      print_row("", "lost (all runs)", lost, 13, "0", no_loss ? "PASS" : "MISS");
+      print_row("", "publish failed (all runs)", failed, 13, "0",
+                no_fail ? "PASS" : "MISS (reported to the publisher)");
+    }
+    std::printf("\n");
+  }
+  if (commands) {
+    std::printf(
+        "CURVE COMMANDS: client -> proxy/broker -> echo worker with CURVE, median of %d; "
+        "CURVE/plain = the same scenario with CURVE / without\n",
+        o.repeat);
+    print_row("size", "metric", {"raw proxy", "Ensemble", "Ens/proxy"}, 15, "target", "verdict");
+    const std::string window = std::to_string(o.window) + " in flight";
+    struct figure {
+      std::string name;
+      double (*of)(const command_run&);
+      bool count;  // printed as a count (req/s), not in microseconds
+    };
+    const figure figures[] = {
+        {"RTT p50 us, 1 in flight", [](const command_run& r) { return r.rtt_p50; }, false},
+        {"RTT p99 us, 1 in flight", [](const command_run& r) { return r.rtt_p99; }, false},
+        {"req/s, " + window, [](const command_run& r) { return r.tput; }, true},
+        {"p50 us, " + window, [](const command_run& r) { return r.tput_p50; }, false},
+        {"p99 us, " + window, [](const command_run& r) { return r.tput_p99; }, false},
+    };
+    for (auto size : o.sizes) {
+      const auto& c = cmd_curve.at(size);
+      const auto& p = cmd.at(size);
+      bool first = true;
+      for (const auto& f : figures) {
+        const double raw = c[0].med(f.of);
+        const double ens = c[1].med(f.of);
+        auto show = [&](double v) { return f.count ? thousands(v) : fixed(v); };
+        print_row(first ? size_label(size) : "", f.name,
+                  {or_dash(c[0].empty(), show(raw)), show(ens), ratio(ens, raw)}, 15, "", "");
+        print_row("", "  CURVE/plain", {ratio(raw, p[0].med(f.of)), ratio(ens, p[1].med(f.of)), ""},
+                  15, "", "");
+        first = false;
+      }
+      const bool no_fail = c[1].failed() == 0;
+      pass = pass && no_fail;
+      print_row("", "failed or lost (all runs)",
+                {or_dash(c[0].empty(), thousands(c[0].failed())), thousands(c[1].failed()), ""}, 15,
+                "0", no_fail ? "PASS" : "MISS");
+    }
+    std::printf("\n");
+  }
+  return pass;
+}
+
 std::string load_average() {
   std::ifstream in("/proc/loadavg");
   std::string a, b, c;
@@ -1099,13 +1329,24 @@ int orchestrate(options o) {
       thousands(static_cast<double>(o.pipelined)).c_str(), o.window, o.warmup, o.capacity,
       o.handler_pool ? ("on a pool of " + std::to_string(o.handler_threads) + " thread(s)").c_str()
                      : "inline on the SDK's I/O thread");
+  if (o.curve) {
+    std::printf(
+        "curve: the proxy and Ensemble scenarios also run with CURVE (raw proxy: CURVE server, no "
+        "ZAP handler; broker: secured mode, an identity per role)\n");
+  }
   std::printf("%d run(s) of each; figures are medians, loss is summed over runs\n\n", o.repeat);
   std::fflush(stdout);
 
-  std::map<std::size_t, std::array<event_series, k_event_kinds>> ev;
-  std::map<std::size_t, std::array<command_series, k_command_kinds>> cmd;
+  event_table ev;
+  command_table cmd;
   const char* event_names[] = {"raw-direct", "raw-proxy", "ens-sdk-sub", "ens-plain-sub"};
   const char* command_names[] = {"raw-proxy", "ensemble"};
+  // --curve: the same scenarios with CURVE (raw-direct has no CURVE variant).
+  std::unique_ptr<curve_setup> curve = o.curve ? std::make_unique<curve_setup>() : nullptr;
+  event_table ev_curve;
+  command_table cmd_curve;
+  const char* curve_event_names[] = {"-", "raw-proxy-curve", "ens-sdk-curve", "ens-plain-curve"};
+  const char* curve_command_names[] = {"raw-proxy-curve", "ensemble-curve"};
   const auto t0 = clock_type::now();
   for (int rep = 0; rep < o.repeat; ++rep) {
     for (auto size : o.sizes) {
@@ -1121,7 +1362,7 @@ int orchestrate(options o) {
       for (int k = 0; events && k < k_event_kinds; ++k) {
         if (o.only_ensemble && is_raw(static_cast<event_kind>(k))) continue;
         quiet();
-        auto r = run_events(o, static_cast<event_kind>(k));
+        auto r = run_events(o, static_cast<event_kind>(k), nullptr);
         print_event_line(event_names[k], size, rep, r);
         if (o.result_lines) {
           say("result-events kind=%s size=%zu run=%d rate=%.1f sent=%.0f failed=%.0f "
@@ -1130,12 +1371,33 @@ int orchestrate(options o) {
         }
         ev[size][k].runs.push_back(r);
       }
+      // CURVE variants after the plain ones (raw proxy, then Ensemble), in the same repetition.
+      for (int k = 0; curve && events && k < k_event_kinds; ++k) {
+        const auto kind = static_cast<event_kind>(k);
+        if (kind == event_kind::raw_direct || (o.only_ensemble && is_raw(kind))) continue;
+        quiet();
+        auto r = run_events(o, kind, curve.get());
+        print_event_line(curve_event_names[k], size, rep, r);
+        if (o.result_lines) {
+          say("result-events kind=%s size=%zu run=%d rate=%.1f sent=%.0f failed=%.0f "
+              "received=%.0f lost=%.0f",
+              curve_event_names[k], size, rep + 1, r.rate, r.sent, r.failed, r.received, r.lost());
+        }
+        ev_curve[size][k].runs.push_back(r);
+      }
       for (int k = 0; commands && k < k_command_kinds; ++k) {
         if (o.only_ensemble && k == 0) continue;
         quiet();
-        auto r = run_commands(o, static_cast<command_kind>(k));
+        auto r = run_commands(o, static_cast<command_kind>(k), nullptr);
         print_command_line(command_names[k], size, rep, r);
         cmd[size][k].runs.push_back(r);
+      }
+      for (int k = 0; curve && commands && k < k_command_kinds; ++k) {
+        if (o.only_ensemble && k == 0) continue;
+        quiet();
+        auto r = run_commands(o, static_cast<command_kind>(k), curve.get());
+        print_command_line(curve_command_names[k], size, rep, r);
+        cmd_curve[size][k].runs.push_back(r);
       }
     }
   }
@@ -1147,6 +1409,16 @@ int orchestrate(options o) {
     }
   }
   for (const auto& [size, kinds] : cmd) {
+    for (const auto& k : kinds) {
+      for (const auto& r : k.runs) others.push_back(r.others);
+    }
+  }
+  for (const auto& [size, kinds] : ev_curve) {
+    for (const auto& k : kinds) {
+      for (const auto& r : k.runs) others.push_back(r.others);
+    }
+  }
+  for (const auto& [size, kinds] : cmd_curve) {
     for (const auto& k : kinds) {
       for (const auto& r : k.runs) others.push_back(r.others);
     }
@@ -1237,6 +1509,9 @@ int orchestrate(options o) {
     }
     std::printf("\n");
   }
+  if (curve) {
+    all_pass = print_curve_report(o, ev, ev_curve, cmd, cmd_curve, events, commands) && all_pass;
+  }
   const double others_max = others.empty() ? 0 : *std::max_element(others.begin(), others.end());
   std::printf(
       "other processes on the machine used %.2f cores (median of the measured windows), "
@@ -1248,10 +1523,12 @@ int orchestrate(options o) {
   // Silent loss fails the run (exit code 1), whatever the other figures: a number that was
   // measured while events vanished is not a result.
   double lost = 0, sent = 0;
-  for (const auto& [size, kinds] : ev) {
-    for (const auto& k : kinds) {
-      lost += k.lost();
-      sent += k.sent() - k.failed();
+  for (const auto* table : {&ev, &ev_curve}) {
+    for (const auto& [size, kinds] : *table) {
+      for (const auto& k : kinds) {
+        lost += k.lost();
+        sent += k.sent() - k.failed();
+      }
     }
   }
   if (lost != 0) {
@@ -1307,12 +1584,16 @@ int main(int argc, char** argv) {
                  "the broker's stream declarations (--streams; with --broker-data)");
   app.add_flag("--result-lines", o.result_lines,
                "also print one machine-readable 'result-events' line per event run");
+  app.add_flag("--curve", o.curve,
+               "also run the proxy and Ensemble scenarios with CURVE, and report what it costs");
   const std::string internal;  // role plumbing, set by the orchestrator only: hidden from --help
   app.add_option("--role", o.role)->group(internal);
   app.add_option("--endpoint", o.endpoint)->group(internal);
   app.add_option("--router", o.router)->group(internal);
   app.add_option("--events", o.events)->group(internal);
   app.add_flag("--bind", o.bind)->group(internal);
+  app.add_option("--key-file", o.key_file)->group(internal);
+  app.add_option("--server-key", o.server_key)->group(internal);
   app.add_option("--size", o.size)->group(internal);
   CLI11_PARSE(app, argc, argv);
   try {
