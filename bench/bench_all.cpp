@@ -6,8 +6,11 @@
 //             Ensemble agent::publish -> ensemble-broker -> subscriber (SDK or plain SUB)
 //   commands  raw DEALER -> zmq_proxy(ROUTER/DEALER) -> DEALER echo worker;
 //             Ensemble agent::call / call_async -> ensemble-broker -> echo agent
+//   NATS      the same events and commands through a nats-server, with libnats (nats_peer.hpp;
+//             optional: skipped, with a line saying why, when either is missing)
 //
-// and prints each Ensemble figure as a ratio to the raw proxy's, with the targets of the issue.
+// and prints each Ensemble figure as a ratio to the raw proxy's, with the targets of the issue,
+// and to NATS's.
 // Without --role this process is the orchestrator; with --role it is one of the roles,
 // re-executed from the orchestrator (harness.hpp describes the pipes between them).
 
@@ -1014,24 +1017,20 @@ bool wait_for_quiet(std::chrono::seconds limit) {
 
 // Finds the nats-server to run (o.nats_path) and says which, or why NATS is skipped.
 void print_nats_line(options& o) {
-  std::string why;
-  if (o.no_nats) {
-    why = "--no-nats";
-  } else if (o.only_ensemble) {
-    why = "--only-ensemble";
-  } else {
-    why = nats_unavailable(o.nats_server);
+  if (o.no_nats || o.only_ensemble) {
+    std::printf("NATS: skipped (%s)\n", o.no_nats ? "--no-nats" : "--only-ensemble");
+    return;
   }
-  if (!why.empty()) {
-    std::printf("NATS: skipped (%s)\n", why.c_str());
+  if (const auto why = nats_unavailable(o.nats_server); !why.empty()) {
+    std::printf("NATS: skipped: %s\n", why.c_str());
     return;
   }
   const auto facts = probe_nats(o.nats_server);
   o.nats_path = facts.path;
   std::printf(
       "NATS: %s %s, a server per run (max_pending HWM x (size + 128) B, write_deadline 60s); "
-      "libnats %s clients (no reconnect; every subscription's pending limits: HWM messages, the "
-      "same bytes); send-asap for "
+      "libnats %s clients (no reconnect; every subscription's pending limits HWM messages and "
+      "HWM x (size + 128) B); send-asap for "
       "the round trips 1 in flight, buffered for events and pipelined requests\n",
       facts.path.c_str(), facts.version.c_str(), libnats_version().c_str());
 }
