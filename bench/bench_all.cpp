@@ -824,8 +824,8 @@ command_run run_commands(const options& o, command_kind kind) {
     nats = start_nats_for_run(o);
     middle = std::move(nats->proc);
     worker = spawn_role(o, "worker", "nats_echo", {"--endpoint", nats->url});
-    worker->expect("ready",
-                   k_start_timeout);  // subscribed, and the server answered a PING after it
+    // Subscribed, and the server answered a PING sent after the subscriptions.
+    worker->expect("ready", k_start_timeout);
     client = spawn_role(o, "client", "nats_client",
                         std::vector<std::string>{"--endpoint", nats->url} + load);
   } else {
