@@ -6,10 +6,13 @@
 //             Ensemble agent::publish -> ensemble-broker -> subscriber (SDK or plain SUB)
 //   commands  raw DEALER -> zmq_proxy(ROUTER/DEALER) -> DEALER echo worker;
 //             Ensemble agent::call / call_async -> ensemble-broker -> echo agent
+//   NATS      the same events and commands through a nats-server, with libnats (nats_peer.hpp;
+//             optional: skipped, with a line saying why, when either is missing)
 //
-// and prints each Ensemble figure as a ratio to the raw proxy's, with the targets of the issue.
-// With --curve the proxy and Ensemble scenarios also run with CURVE (the proxy's sockets CURVE
-// servers, the broker in secured mode), and the report adds what CURVE costs each of them.
+// and prints each Ensemble figure as a ratio to the raw proxy's, with the targets of the issue,
+// and to NATS's. With --curve the proxy and Ensemble scenarios also run with CURVE (the proxy's
+// sockets CURVE servers, the broker in secured mode), and the report adds what CURVE costs each
+// of them.
 // Without --role this process is the orchestrator; with --role it is one of the roles,
 // re-executed from the orchestrator (harness.hpp describes the pipes between them).
 
@@ -32,6 +35,8 @@
 #include "ensemble/common/logging.hpp"
 #include "ensemble/common/protocol.hpp"
 #include "harness.hpp"
+#include "nats_peer.hpp"
+#include "roles.hpp"
 
 namespace ensemble::bench {
 namespace {
@@ -45,8 +50,6 @@ constexpr std::string_view k_probe_topic = "_probe";
 constexpr std::string_view k_service = "Echo";
 constexpr std::string_view k_action = "echo";
 constexpr auto k_call_deadline = std::chrono::milliseconds(30'000);
-constexpr auto k_reply_timeout = 10s;  // raw client: a reply this late counts as lost
-constexpr auto k_idle_end = 1s;        // subscriber: after "done", silence this long ends it
 
 struct options {
   // User-facing.
@@ -74,6 +77,9 @@ struct options {
   std::string broker_streams;
   bool result_lines = false;  // one "result-events k=v ..." line per run, for bench_streams
   bool curve = false;         // also run the proxy and Ensemble scenarios with CURVE
+  bool no_nats = false;
+  std::string nats_server = "nats-server";
+  std::string nats_path;  // set by the orchestrator: the nats-server it runs; "": no NATS runs
 
   // Role plumbing.
   std::string role;
@@ -87,14 +93,6 @@ struct options {
   std::string key_file;
   std::string server_key;
 };
-
-// One line to the orchestrator; flushed, because it waits on it.
-template <class... Args>
-void say(const char* fmt, Args... args) {
-  std::printf(fmt, args...);
-  std::printf("\n");
-  std::fflush(stdout);
-}
 
 // CURVE on a raw socket (docs/protocol.md section 12, "Connecting"), before it binds or
 // connects; nothing without --key-file. A client sets the server's public key and its own pair;
@@ -112,22 +110,6 @@ void curve_server(zmq::socket_t& s, const options& o) {
   s.set(zmq::sockopt::curve_server, 1);
   s.set(zmq::sockopt::curve_secretkey,
         common::read_curve_key_file(o.key_file, "--key-file", true).secret_key);
-}
-
-// Payloads carry their index in the first 8 bytes, so that receivers can find loss,
-// duplicates and reordering, and replies can be matched to requests.
-std::string make_payload(std::size_t size, std::uint64_t index) {
-  std::string p(std::max<std::size_t>(size, sizeof index), 'x');
-  std::memcpy(p.data(), &index, sizeof index);
-  return p;
-}
-void stamp(std::string& payload, std::uint64_t index) {
-  std::memcpy(payload.data(), &index, sizeof index);
-}
-std::uint64_t index_of(const void* data, std::size_t size) {
-  std::uint64_t index = UINT64_MAX;
-  if (size >= sizeof index) std::memcpy(&index, data, sizeof index);
-  return index;
 }
 
 // The raw scenarios send frames of the same count and size as Ensemble's, so that the
@@ -155,59 +137,8 @@ std::string representative_request_header() {
   return common::encode_header(h);
 }
 
-// Counts events at a subscriber: how many, first and last arrival, and whether the payload
-// indexes came in order without gaps.
-struct event_tally {
-  std::uint64_t received = 0;
-  std::uint64_t next_index = 0;
-  std::uint64_t gaps = 0;          // events skipped (an index jumped ahead)
-  std::uint64_t out_of_order = 0;  // an index at or below one already seen
-  std::int64_t first_ns = 0;
-  std::int64_t last_ns = 0;
-
-  void add(std::uint64_t index) {
-    const auto now = clock_type::now().time_since_epoch().count();
-    if (received == 0) first_ns = now;
-    last_ns = now;
-    ++received;
-    if (index == next_index) {
-      ++next_index;
-    } else if (index > next_index) {
-      gaps += index - next_index;
-      next_index = index + 1;
-    } else {
-      ++out_of_order;
-    }
-  }
-  void report(const char* extra = "") const {
-    const double span = static_cast<double>(last_ns - first_ns) / 1e9;
-    const double rate = received > 1 && span > 0 ? static_cast<double>(received - 1) / span : 0;
-    say("result received=%" PRIu64 " span_s=%.6f rate=%.1f gaps=%" PRIu64 " out_of_order=%" PRIu64
-        " last_ns=%" PRId64 "%s",
-        received, span, rate, gaps, out_of_order, last_ns, extra);
-  }
-};
-
 // ---------------------------------------------------------------------------------------------
 // Roles: events
-
-// The same pacing for every publisher. With a target rate, event i is not sent before
-// t0 + i / rate (checked every 16 events, so sleeps are few and bursts short); at rate 0 the
-// publisher sends as fast as it can.
-class pacer {
- public:
-  explicit pacer(double rate) : rate_(rate), t0_(clock_type::now()) {}
-  void wait_turn(std::uint64_t i) const {
-    if (rate_ <= 0 || (i & 15) != 0) return;
-    const auto due = t0_ + std::chrono::nanoseconds(
-                               static_cast<std::int64_t>(static_cast<double>(i) * 1e9 / rate_));
-    if (clock_type::now() < due) std::this_thread::sleep_until(due);
-  }
-
- private:
-  double rate_;
-  clock_type::time_point t0_;
-};
 
 // Publishes probes every 5 ms until "go" arrives on stdin; returns the probes sent, or -1 if
 // the orchestrator went away.
@@ -220,13 +151,6 @@ long probe_until_go(line_reader& in, Send send_probe) {
     auto line = in.next(5ms);
     if (line && *line == "go") return probes;
     if (in.eof()) return -1;
-  }
-}
-
-void wait_for_quit(line_reader& in) {
-  while (!in.eof()) {
-    auto line = in.next(1000ms);
-    if (line && *line == "quit") return;
   }
 }
 
@@ -450,30 +374,6 @@ int role_raw_worker(const options& o) {
     common::send_frames(worker, frames, zmq::send_flags::none);
   }
   return 0;
-}
-
-struct latency_summary {
-  double p50 = 0, p99 = 0, mean = 0;
-};
-latency_summary summarize(std::vector<std::int64_t>& ns) {
-  latency_summary s;
-  if (ns.empty()) return s;
-  double sum = 0;
-  for (auto v : ns) sum += static_cast<double>(v);
-  s.mean = sum / static_cast<double>(ns.size()) / 1000.0;
-  s.p50 = percentile_us(ns, 50);
-  s.p99 = percentile_us(ns, 99);
-  return s;
-}
-
-// Both clients print the same result line, so that the orchestrator treats them alike.
-void report_commands(latency_summary rtt, std::size_t rtt_ok, std::size_t rtt_failed, double tput,
-                     latency_summary loaded, std::size_t tput_ok, std::size_t tput_failed,
-                     const std::string& first_error) {
-  say("result rtt_p50=%.2f rtt_p99=%.2f rtt_mean=%.2f rtt_ok=%zu rtt_failed=%zu tput=%.1f "
-      "tput_p50=%.2f tput_p99=%.2f tput_ok=%zu tput_failed=%zu first_error=%s",
-      rtt.p50, rtt.p99, rtt.mean, rtt_ok, rtt_failed, tput, loaded.p50, loaded.p99, tput_ok,
-      tput_failed, first_error.empty() ? "-" : first_error.c_str());
 }
 
 int role_raw_client(const options& o) {
@@ -728,6 +628,17 @@ int run_role(const options& o) {
   if (o.role == "raw_client") return role_raw_client(o);
   if (o.role == "ens_worker") return role_ens_worker(o);
   if (o.role == "ens_client") return role_ens_client(o);
+  if (o.role.rfind("nats_", 0) == 0) {
+    return run_nats_role(o.role, {.url = o.endpoint,
+                                  .size = o.size,
+                                  .messages = o.messages,
+                                  .rtt_calls = o.rtt_calls,
+                                  .pipelined = o.pipelined,
+                                  .window = o.window,
+                                  .warmup = o.warmup,
+                                  .event_rate = o.event_rate,
+                                  .hwm = o.hwm});
+  }
   std::fprintf(stderr, "bench: unknown role '%s'\n", o.role.c_str());
   return 2;
 }
@@ -890,13 +801,19 @@ std::string wait_sampling(child& c, std::string_view prefix, cpu_window& cpu) {
   return c.expect(prefix, 0ms);  // throws, naming the role
 }
 
-enum class event_kind { raw_direct, raw_proxy, ensemble_sdk, ensemble_plain };
-constexpr int k_event_kinds = 4;
-constexpr int k_command_kinds = 2;
+enum class event_kind { raw_direct, raw_proxy, ensemble_sdk, ensemble_plain, nats };
+constexpr int k_event_kinds = 5;
+constexpr int k_command_kinds = 3;
 bool is_raw(event_kind k) {
   return k == event_kind::raw_direct || k == event_kind::raw_proxy;
 }
-enum class command_kind { raw_proxy, ensemble };
+enum class command_kind { raw_proxy, ensemble, nats };
+
+// A nats-server of its own for one run, with limits that do not drop by design (nats_peer.hpp).
+nats_server start_nats_for_run(const options& o) {
+  return start_nats({.path = o.nats_path, .version = {}},
+                    {.max_pending = nats_max_pending(o.hwm, o.size), .write_deadline = "60s"});
+}
 
 struct event_run {
   double sent = 0, failed = 0, received = 0, rate = 0, publish_rate = 0, gaps = 0, out_of_order = 0;
@@ -930,6 +847,7 @@ event_run run_events(const options& o, event_kind kind, const curve_setup* curve
   std::string router;
   bool sub_ready = false;
   nlohmann::json before;
+  std::optional<nats_server> nats;
   if (kind == event_kind::raw_direct) {
     pub = spawn_role(o, "pub", "raw_pub", std::vector<std::string>{"--bind"} + count);
     const auto endpoint = parse_fields(pub->expect("endpoint", k_start_timeout))["addr"];
@@ -945,6 +863,14 @@ event_run run_events(const options& o, event_kind kind, const curve_setup* curve
     pub = spawn_role(o, "pub", "raw_pub",
                      std::vector<std::string>{"--endpoint", f["xsub"]} + count +
                          client_keys(curve, "bench-pub", "proxy"));
+  } else if (kind == event_kind::nats) {
+    nats = start_nats_for_run(o);
+    middle = std::move(nats->proc);
+    sub = spawn_role(o, "sub", "nats_sub", {"--endpoint", nats->url});
+    sub->expect("ready", k_start_timeout);  // subscribed, and the server answered a PING after it
+    sub_ready = true;
+    pub =
+        spawn_role(o, "pub", "nats_pub", std::vector<std::string>{"--endpoint", nats->url} + count);
   } else {
     auto b = start_broker(o, curve);
     middle = std::move(b.proc);
@@ -991,7 +917,7 @@ event_run run_events(const options& o, event_kind kind, const curve_setup* curve
   run.gaps = field_num(sf, "gaps");
   run.header_bytes = field_num(sf, "header_bytes");
   run.out_of_order = field_num(sf, "out_of_order");
-  if (!is_raw(kind)) {
+  if (!router.empty()) {
     const auto after = broker_stats(router, curve);
     run.broker_in = static_cast<double>(stat_u64(after, "events") - stat_u64(before, "events")) -
                     field_num(pf, "probes");
@@ -999,6 +925,11 @@ event_run run_events(const options& o, event_kind kind, const curve_setup* curve
   pub->finish(0, 5s);
   sub->finish(0, 5s);
   if (middle) middle->finish(SIGTERM, 5s);
+  if (nats) {
+    if (const auto n = nats_slow_consumer_reports(*nats); n > 0) {
+      std::printf("  nats-server logged %zu slow consumer report(s) in this run\n", n);
+    }
+  }
   return run;
 }
 
@@ -1010,6 +941,7 @@ command_run run_commands(const options& o, command_kind kind, const curve_setup*
   std::unique_ptr<child> worker;
   std::unique_ptr<child> client;
   std::string router;
+  std::optional<nats_server> nats;
   if (kind == command_kind::raw_proxy) {
     middle =
         spawn_role(o, "proxy", "raw_cmd_proxy",
@@ -1023,6 +955,14 @@ command_run run_commands(const options& o, command_kind kind, const curve_setup*
     client = spawn_role(o, "client", "raw_client",
                         std::vector<std::string>{"--endpoint", f["frontend"]} + load +
                             client_keys(curve, "bench-client", "proxy"));
+  } else if (kind == command_kind::nats) {
+    nats = start_nats_for_run(o);
+    middle = std::move(nats->proc);
+    worker = spawn_role(o, "worker", "nats_echo", {"--endpoint", nats->url});
+    // Subscribed, and the server answered a PING sent after the subscriptions.
+    worker->expect("ready", k_start_timeout);
+    client = spawn_role(o, "client", "nats_client",
+                        std::vector<std::string>{"--endpoint", nats->url} + load);
   } else {
     auto b = start_broker(o, curve);
     middle = std::move(b.proc);
@@ -1305,6 +1245,26 @@ bool wait_for_quiet(std::chrono::seconds limit) {
   return false;
 }
 
+// Finds the nats-server to run (o.nats_path) and says which, or why NATS is skipped.
+void print_nats_line(options& o) {
+  if (o.no_nats || o.only_ensemble) {
+    std::printf("NATS: skipped (%s)\n", o.no_nats ? "--no-nats" : "--only-ensemble");
+    return;
+  }
+  if (const auto why = nats_unavailable(o.nats_server); !why.empty()) {
+    std::printf("NATS: skipped: %s\n", why.c_str());
+    return;
+  }
+  const auto facts = probe_nats(o.nats_server);
+  o.nats_path = facts.path;
+  std::printf(
+      "NATS: %s %s, a server per run (max_pending HWM x (size + 128) B, write_deadline 60s); "
+      "libnats %s clients (no reconnect; every subscription's pending limits HWM messages and "
+      "HWM x (size + 128) B); send-asap for "
+      "the round trips 1 in flight, buffered for events and pipelined requests\n",
+      facts.path.c_str(), facts.version.c_str(), libnats_version().c_str());
+}
+
 int orchestrate(options o) {
   if (o.messages == 0) o.messages = o.quick ? 20'000 : 200'000;
   if (o.rtt_calls == 0) o.rtt_calls = o.quick ? 2'000 : 20'000;
@@ -1329,6 +1289,7 @@ int orchestrate(options o) {
       thousands(static_cast<double>(o.pipelined)).c_str(), o.window, o.warmup, o.capacity,
       o.handler_pool ? ("on a pool of " + std::to_string(o.handler_threads) + " thread(s)").c_str()
                      : "inline on the SDK's I/O thread");
+  print_nats_line(o);
   if (o.curve) {
     std::printf(
         "curve: the proxy and Ensemble scenarios also run with CURVE (raw proxy: CURVE server, no "
@@ -1339,14 +1300,15 @@ int orchestrate(options o) {
 
   event_table ev;
   command_table cmd;
-  const char* event_names[] = {"raw-direct", "raw-proxy", "ens-sdk-sub", "ens-plain-sub"};
-  const char* command_names[] = {"raw-proxy", "ensemble"};
-  // --curve: the same scenarios with CURVE (raw-direct has no CURVE variant).
+  const char* event_names[] = {"raw-direct", "raw-proxy", "ens-sdk-sub", "ens-plain-sub", "nats"};
+  const char* command_names[] = {"raw-proxy", "ensemble", "nats"};
+  // --curve: the same scenarios with CURVE (raw-direct and NATS have no CURVE variant).
   std::unique_ptr<curve_setup> curve = o.curve ? std::make_unique<curve_setup>() : nullptr;
   event_table ev_curve;
   command_table cmd_curve;
-  const char* curve_event_names[] = {"-", "raw-proxy-curve", "ens-sdk-curve", "ens-plain-curve"};
-  const char* curve_command_names[] = {"raw-proxy-curve", "ensemble-curve"};
+  const char* curve_event_names[] = {"-", "raw-proxy-curve", "ens-sdk-curve", "ens-plain-curve",
+                                     "-"};
+  const char* curve_command_names[] = {"raw-proxy-curve", "ensemble-curve", "-"};
   const auto t0 = clock_type::now();
   for (int rep = 0; rep < o.repeat; ++rep) {
     for (auto size : o.sizes) {
@@ -1361,6 +1323,7 @@ int orchestrate(options o) {
       };
       for (int k = 0; events && k < k_event_kinds; ++k) {
         if (o.only_ensemble && is_raw(static_cast<event_kind>(k))) continue;
+        if (static_cast<event_kind>(k) == event_kind::nats && o.nats_path.empty()) continue;
         quiet();
         auto r = run_events(o, static_cast<event_kind>(k), nullptr);
         print_event_line(event_names[k], size, rep, r);
@@ -1374,7 +1337,10 @@ int orchestrate(options o) {
       // CURVE variants after the plain ones (raw proxy, then Ensemble), in the same repetition.
       for (int k = 0; curve && events && k < k_event_kinds; ++k) {
         const auto kind = static_cast<event_kind>(k);
-        if (kind == event_kind::raw_direct || (o.only_ensemble && is_raw(kind))) continue;
+        if (kind == event_kind::raw_direct || kind == event_kind::nats ||
+            (o.only_ensemble && is_raw(kind))) {
+          continue;
+        }
         quiet();
         auto r = run_events(o, kind, curve.get());
         print_event_line(curve_event_names[k], size, rep, r);
@@ -1387,13 +1353,16 @@ int orchestrate(options o) {
       }
       for (int k = 0; commands && k < k_command_kinds; ++k) {
         if (o.only_ensemble && k == 0) continue;
+        if (static_cast<command_kind>(k) == command_kind::nats && o.nats_path.empty()) continue;
         quiet();
         auto r = run_commands(o, static_cast<command_kind>(k), nullptr);
         print_command_line(command_names[k], size, rep, r);
         cmd[size][k].runs.push_back(r);
       }
       for (int k = 0; curve && commands && k < k_command_kinds; ++k) {
-        if (o.only_ensemble && k == 0) continue;
+        if ((o.only_ensemble && k == 0) || static_cast<command_kind>(k) == command_kind::nats) {
+          continue;
+        }
         quiet();
         auto r = run_commands(o, static_cast<command_kind>(k), curve.get());
         print_command_line(curve_command_names[k], size, rep, r);
@@ -1430,11 +1399,12 @@ int orchestrate(options o) {
   if (events) {
     std::printf(
         "EVENTS: rate delivered to the subscriber (first to last event), median of %d; "
-        "ratio = Ensemble (SDK subscriber / plain SUB) / raw proxy\n",
+        "ratio = Ensemble (SDK subscriber / plain SUB) / raw proxy, and / NATS\n",
         o.repeat);
     print_row("size", "metric",
-              {"raw PUB->SUB", "raw proxy", "Ens SDK sub", "Ens plain SUB", "Ens/proxy"}, 13,
-              "target", "verdict (SDK subscriber)");
+              {"raw PUB->SUB", "raw proxy", "Ens SDK sub", "Ens plain SUB", "NATS", "Ens/proxy",
+               "Ens/NATS"},
+              13, "target", "verdict (SDK subscriber)");
     for (auto size : o.sizes) {
       const auto& s = ev[size];
       const double proxy = s[1].rate();
@@ -1448,11 +1418,13 @@ int orchestrate(options o) {
       std::vector<std::string> rates;
       for (const auto& x : s) rates.push_back(or_dash(x.empty(), thousands(x.rate())));
       rates.push_back(proxy > 0 ? fixed(sdk / proxy, 2) + "/" + fixed(plain / proxy, 2) : "-");
+      const double nats = s[4].rate();
+      rates.push_back(nats > 0 ? fixed(sdk / nats, 2) + "/" + fixed(plain / nats, 2) : "-");
       print_row(size_label(size), "delivered msg/s", rates, 13, ">= 0.90x",
                 verdict(rate_pass, (1 - r / 0.9) * 100, "short"));
       std::vector<std::string> lost;
       for (const auto& x : s) lost.push_back(or_dash(x.empty(), thousands(x.lost())));
-      lost.push_back("");
+      lost.insert(lost.end(), {"", ""});
       const double ens_lost = s[2].lost() + s[3].lost();
       print_row("", "lost (all runs)", lost, 13, "0",
                 ens_lost == 0
@@ -1462,15 +1434,17 @@ int orchestrate(options o) {
                           "% of events)");
       std::vector<std::string> failed;
       for (const auto& x : s) failed.push_back(or_dash(x.empty(), thousands(x.failed())));
-      failed.push_back("");
+      failed.insert(failed.end(), {"", ""});
       print_row("", "publish failed (all runs)", failed, 13, "0",
                 s[2].failed() + s[3].failed() == 0 ? "PASS" : "MISS (reported to the publisher)");
     }
     std::printf("\n");
   }
   if (commands) {
-    std::printf("COMMANDS: client -> proxy/broker -> echo worker, median of %d\n", o.repeat);
-    print_row("size", "metric", {"raw proxy", "Ensemble", "Ens/proxy"}, 15, "target", "verdict");
+    std::printf("COMMANDS: client -> proxy/broker/nats-server -> echo worker, median of %d\n",
+                o.repeat);
+    print_row("size", "metric", {"raw proxy", "Ensemble", "NATS", "Ens/proxy", "Ens/NATS"}, 15,
+              "target", "verdict");
     auto p50 = [](const command_run& r) { return r.rtt_p50; };
     auto p99 = [](const command_run& r) { return r.rtt_p99; };
     auto tput = [](const command_run& r) { return r.tput; };
@@ -1479,32 +1453,39 @@ int orchestrate(options o) {
     for (auto size : o.sizes) {
       const auto& s = cmd[size];
       const bool no_raw = s[0].empty();
+      const bool no_nats = s[2].empty();
       const double raw50 = s[0].med(p50);
       const double ens50 = s[1].med(p50);
       const double r50 = raw50 > 0 ? ens50 / raw50 : 0;
       const bool rtt_pass = r50 > 0 && r50 <= 1.2;
-      print_row(size_label(size), "RTT p50 us, 1 in flight",
-                {or_dash(no_raw, fixed(raw50)), fixed(ens50), ratio(ens50, raw50)}, 15, "<= 1.20x",
-                verdict(rtt_pass, (r50 / 1.2 - 1) * 100, "over"));
+      print_row(
+          size_label(size), "RTT p50 us, 1 in flight",
+          {or_dash(no_raw, fixed(raw50)), fixed(ens50), or_dash(no_nats, fixed(s[2].med(p50))),
+           ratio(ens50, raw50), ratio(ens50, s[2].med(p50))},
+          15, "<= 1.20x", verdict(rtt_pass, (r50 / 1.2 - 1) * 100, "over"));
       print_row("", "RTT p99 us, 1 in flight",
                 {or_dash(no_raw, fixed(s[0].med(p99))), fixed(s[1].med(p99)),
-                 ratio(s[1].med(p99), s[0].med(p99))},
+                 or_dash(no_nats, fixed(s[2].med(p99))), ratio(s[1].med(p99), s[0].med(p99)),
+                 ratio(s[1].med(p99), s[2].med(p99))},
                 15, "", "");
       const double raw_tput = s[0].med(tput);
       const double ens_tput = s[1].med(tput);
       const bool tput_pass = ens_tput >= 100'000;
-      print_row(
-          "", "req/s, " + std::to_string(o.window) + " in flight",
-          {or_dash(no_raw, thousands(raw_tput)), thousands(ens_tput), ratio(ens_tput, raw_tput)},
-          15, ">= 100,000", verdict(tput_pass, (1 - ens_tput / 100'000) * 100, "short"));
+      print_row("", "req/s, " + std::to_string(o.window) + " in flight",
+                {or_dash(no_raw, thousands(raw_tput)), thousands(ens_tput),
+                 or_dash(no_nats, thousands(s[2].med(tput))), ratio(ens_tput, raw_tput),
+                 ratio(ens_tput, s[2].med(tput))},
+                15, ">= 100,000", verdict(tput_pass, (1 - ens_tput / 100'000) * 100, "short"));
       print_row("", "p50/p99 us, " + std::to_string(o.window) + " in flight",
                 {or_dash(no_raw, fixed(s[0].med(lp50)) + "/" + fixed(s[0].med(lp99))),
-                 fixed(s[1].med(lp50)) + "/" + fixed(s[1].med(lp99)), ""},
+                 fixed(s[1].med(lp50)) + "/" + fixed(s[1].med(lp99)),
+                 or_dash(no_nats, fixed(s[2].med(lp50)) + "/" + fixed(s[2].med(lp99))), "", ""},
                 15, "", "");
       const bool no_fail = s[1].failed() == 0;
       print_row("", "failed or lost (all runs)",
-                {or_dash(no_raw, thousands(s[0].failed())), thousands(s[1].failed()), ""}, 15, "0",
-                no_fail ? "PASS" : "MISS");
+                {or_dash(no_raw, thousands(s[0].failed())), thousands(s[1].failed()),
+                 or_dash(no_nats, thousands(s[2].failed())), "", ""},
+                15, "0", no_fail ? "PASS" : "MISS");
       all_pass = all_pass && rtt_pass && tput_pass && no_fail;
     }
     std::printf("\n");
@@ -1586,6 +1567,9 @@ int main(int argc, char** argv) {
                "also print one machine-readable 'result-events' line per event run");
   app.add_flag("--curve", o.curve,
                "also run the proxy and Ensemble scenarios with CURVE, and report what it costs");
+  app.add_flag("--no-nats", o.no_nats, "skip the NATS peer (nats-server and libnats)");
+  app.add_option("--nats-server", o.nats_server, "the nats-server to run for the NATS peer")
+      ->capture_default_str();
   const std::string internal;  // role plumbing, set by the orchestrator only: hidden from --help
   app.add_option("--role", o.role)->group(internal);
   app.add_option("--endpoint", o.endpoint)->group(internal);

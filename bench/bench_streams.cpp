@@ -37,10 +37,7 @@
 #include "ensemble/common/frames.hpp"
 #include "ensemble/common/protocol.hpp"
 #include "harness.hpp"
-
-#if ENSEMBLE_BENCH_HAVE_NATS
-#include <nats/nats.h>
-#endif
+#include "nats_peer.hpp"
 
 namespace ensemble::bench {
 namespace {
@@ -79,48 +76,6 @@ struct options {
 
 // ---------------------------------------------------------------------------------------------
 // Plumbing
-
-// A temporary directory, removed with everything in it.
-class temp_dir {
- public:
-  explicit temp_dir(const std::string& what) {
-    std::string tmpl = (fs::temp_directory_path() / ("bench_streams-" + what + ".XXXXXX")).string();
-    if (::mkdtemp(tmpl.data()) == nullptr) {
-      throw std::runtime_error("cannot create a temporary directory " + tmpl + ": " +
-                               std::strerror(errno));
-    }
-    path_ = tmpl;
-  }
-  ~temp_dir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  temp_dir(const temp_dir&) = delete;
-  temp_dir& operator=(const temp_dir&) = delete;
-  const fs::path& path() const { return path_; }
-  std::string file(const std::string& name) const { return (path_ / name).string(); }
-
- private:
-  fs::path path_;
-};
-
-void write_file(const std::string& path, const std::string& text) {
-  std::ofstream out(path);
-  out << text;
-  if (!out) throw std::runtime_error("cannot write " + path);
-}
-
-std::string find_on_path(const std::string& name) {
-  if (name.find('/') != std::string::npos) return ::access(name.c_str(), X_OK) == 0 ? name : "";
-  const char* path = std::getenv("PATH");
-  std::istringstream dirs(path != nullptr ? path : "/usr/bin:/bin");
-  std::string dir;
-  while (std::getline(dirs, dir, ':')) {
-    const std::string candidate = dir + "/" + name;
-    if (!dir.empty() && ::access(candidate.c_str(), X_OK) == 0) return candidate;
-  }
-  return "";
-}
 
 std::string make_payload(std::size_t size, std::uint64_t index) {
   std::string p(std::max<std::size_t>(size, sizeof index), 'x');
@@ -566,107 +521,21 @@ side_run run_ensemble(const options& o, std::size_t size, const std::string& syn
 // ---------------------------------------------------------------------------------------------
 // JetStream: a real nats-server, and libnats
 
+nats_settings jetstream_settings(bool sync_always) {
+  nats_settings s;
+  s.jetstream = true;
+  s.sync_always = sync_always;
+  return s;
+}
+
 // Why the JetStream side cannot run, or "" when it can.
-std::string nats_unavailable(const options& o) {
+std::string nats_skipped(const options& o) {
   if (o.skip_nats) return "skipped (--skip-nats)";
-#if !ENSEMBLE_BENCH_HAVE_NATS
-  return "skipped: bench_streams was built without libnats (install it with "
-         "scripts/install-deps.sh --nats, then re-run cmake)";
-#else
-  if (find_on_path(o.nats_server.empty() ? "nats-server" : o.nats_server).empty()) {
-    return "skipped: no nats-server on PATH (scripts/install-deps.sh --nats installs it)";
-  }
-  return "";
-#endif
-}
-
-std::string nats_config(const temp_dir& dir, bool sync_always) {
-  return "listen: \"127.0.0.1:-1\"\njetstream {\n  store_dir: \"" + dir.file("js") + "\"\n" +
-         (sync_always ? "  sync_interval: always\n" : "") + "}\n";
-}
-
-// "nats-server: v2.9.10" -> "v2.9.10"; and whether it accepts `sync_interval: always`.
-struct nats_facts {
-  std::string path;
-  std::string version;
-  bool sync_always = false;
-};
-
-nats_facts probe_nats(const options& o) {
-  nats_facts f;
-  f.path = find_on_path(o.nats_server.empty() ? "nats-server" : o.nats_server);
-  {
-    auto v = child::spawn("nats-server --version", f.path, {"--version"});
-    f.version = v->expect("nats-server", k_start_timeout);
-    if (auto sp = f.version.find(' '); sp != std::string::npos)
-      f.version = f.version.substr(sp + 1);
-    v->finish(SIGTERM, 5s);
-  }
-  // `-t` checks a configuration and exits: 0 when it knows every field. Its complaint goes to
-  // its stdout here (through sh), not to the terminal.
-  temp_dir dir("nats-probe");
-  write_file(dir.file("nats.conf"), nats_config(dir, true));
-  auto t = child::spawn("nats-server -t", "/bin/sh",
-                        {"-c", "exec \"$0\" -t -c \"$1\" 2>&1", f.path, dir.file("nats.conf")});
-  f.sync_always = t->finish(0, 10s) == 0;  // it ignores the "quit" on its stdin
-  return f;
+  const auto why = nats_unavailable(o.nats_server.empty() ? "nats-server" : o.nats_server);
+  return why.empty() ? "" : "skipped: " + why;
 }
 
 #if ENSEMBLE_BENCH_HAVE_NATS
-
-// A child that exited (and is a zombie until reaped) can no longer answer.
-bool has_exited(pid_t pid) {
-  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
-  std::string line;
-  if (!std::getline(in, line)) return true;
-  const auto close = line.rfind(')');
-  return close == std::string::npos || close + 2 >= line.size() || line[close + 2] == 'Z';
-}
-
-struct nats_server {
-  std::unique_ptr<temp_dir> dir;
-  std::unique_ptr<child> proc;
-  std::string url;
-};
-
-nats_server start_nats(const nats_facts& facts, bool sync_always) {
-  nats_server s;
-  s.dir = std::make_unique<temp_dir>("jetstream");
-  write_file(s.dir->file("nats.conf"), nats_config(*s.dir, sync_always));
-  s.proc = child::spawn("nats-server", facts.path,
-                        {"-c", s.dir->file("nats.conf"), "-l", s.dir->file("nats.log"),
-                         "--ports_file_dir", s.dir->path().string()});
-  // It writes its real port to <dir>/nats-server_<pid>.ports once it listens.
-  const std::string ports = s.dir->file("nats-server_" + std::to_string(s.proc->pid()) + ".ports");
-  const auto deadline = clock_type::now() + k_start_timeout;
-  while (true) {
-    std::ifstream in(ports);
-    if (in) {
-      try {
-        const auto j = nlohmann::json::parse(in);
-        s.url = j.at("nats").at(0).get<std::string>();
-        return s;
-      } catch (const std::exception&) {
-        // written but not complete yet
-      }
-    }
-    if (has_exited(s.proc->pid())) {
-      throw std::runtime_error("nats-server exited at start; its log: " + s.dir->file("nats.log"));
-    }
-    if (clock_type::now() > deadline) {
-      throw std::runtime_error("nats-server wrote no ports file " + ports + " within 15 s");
-    }
-    std::this_thread::sleep_for(5ms);  // polling a file another process writes
-  }
-}
-
-std::string nats_error(const char* what, natsStatus s, jsErrCode code = static_cast<jsErrCode>(0)) {
-  std::string out = std::string(what) + ": " + natsStatus_GetText(s);
-  if (code != 0) out += " (JetStream error " + std::to_string(static_cast<int>(code)) + ")";
-  const char* last = nats_GetLastError(nullptr);
-  if (last != nullptr && *last != '\0') out += " [" + std::string(last) + "]";
-  return out;
-}
 
 // Asynchronous publish acks, counted on libnats' thread.
 struct async_acks {
@@ -925,7 +794,7 @@ void nats_consume(nats_client& c, side_run& r, const options& o, child& server) 
 side_run run_nats(const options& o, const nats_facts& facts, std::size_t size, bool sync_always) {
   side_run r;
   r.ran = true;
-  auto server = start_nats(facts, sync_always);
+  auto server = start_nats(facts, jetstream_settings(sync_always));
   const machine_noise noise(*server.proc);
   async_acks acks;
   {
@@ -1138,19 +1007,16 @@ int orchestrate(const options& o) {
       "DELIVER, ACK), not the SDK\n");
 
   nats_facts facts;
-  std::string nats_skip = nats_unavailable(o);
+  bool nats_sync_always = false;  // whether that nats-server knows `sync_interval: always`
+  std::string nats_skip = nats_skipped(o);
   if (nats_skip.empty()) {
-    facts = probe_nats(o);
+    facts = probe_nats(o.nats_server.empty() ? "nats-server" : o.nats_server);
+    nats_sync_always = nats_accepts(facts, jetstream_settings(true));
     std::printf(
         "JetStream client: libnats %s (js_Publish; js_PublishAsync with MaxPending %zu; a durable "
         "%s consumer, AckExplicit, natsMsg_Ack); server %s %s, file storage; every publish "
         "carries a Nats-Msg-Id, as Ensemble de-duplicates every event by id\n",
-#if ENSEMBLE_BENCH_HAVE_NATS
-        nats_GetVersion(),
-#else
-        "-",
-#endif
-        o.window,
+        libnats_version().c_str(), o.window,
         o.js_consumer == "pull" ? "pull (natsSubscription_Fetch of max-ack-pending)" : "push",
         facts.path.c_str(), facts.version.c_str());
   } else {
@@ -1185,7 +1051,7 @@ int orchestrate(const options& o) {
   for (const auto& p : policies) {
     std::printf("\n--sync %s\n", p.ensemble_sync.c_str());
     std::string js_skip = nats_skip;
-    if (js_skip.empty() && p.js_sync_always && !facts.sync_always) {
+    if (js_skip.empty() && p.js_sync_always && !nats_sync_always) {
       js_skip = "not run: nats-server " + facts.version +
                 " does not know `jetstream { sync_interval: always }` (nats-server 2.10 added it)";
       std::printf("  JetStream %s\n", js_skip.c_str());

@@ -31,6 +31,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <memory>
@@ -118,6 +119,59 @@ inline std::map<std::string, thread_cpu> threads_cpu_seconds(pid_t pid) {
   }
   ::closedir(d);
   return out;
+}
+
+// A temporary directory, removed with everything in it.
+class temp_dir {
+ public:
+  explicit temp_dir(const std::string& what) {
+    namespace fs = std::filesystem;
+    std::string tmpl = (fs::temp_directory_path() / ("bench-" + what + ".XXXXXX")).string();
+    if (::mkdtemp(tmpl.data()) == nullptr) {
+      throw std::runtime_error("cannot create a temporary directory " + tmpl + ": " +
+                               std::strerror(errno));
+    }
+    path_ = tmpl;
+  }
+  ~temp_dir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path_, ec);
+  }
+  temp_dir(const temp_dir&) = delete;
+  temp_dir& operator=(const temp_dir&) = delete;
+  const std::filesystem::path& path() const { return path_; }
+  std::string file(const std::string& name) const { return (path_ / name).string(); }
+
+ private:
+  std::filesystem::path path_;
+};
+
+inline void write_file(const std::string& path, const std::string& text) {
+  std::ofstream out(path);
+  out << text;
+  if (!out) throw std::runtime_error("cannot write " + path);
+}
+
+// The executable `name` would run as (a path is taken as it is), or "" if there is none.
+inline std::string find_on_path(const std::string& name) {
+  if (name.find('/') != std::string::npos) return ::access(name.c_str(), X_OK) == 0 ? name : "";
+  const char* path = std::getenv("PATH");
+  std::istringstream dirs(path != nullptr ? path : "/usr/bin:/bin");
+  std::string dir;
+  while (std::getline(dirs, dir, ':')) {
+    const std::string candidate = dir + "/" + name;
+    if (!dir.empty() && ::access(candidate.c_str(), X_OK) == 0) return candidate;
+  }
+  return "";
+}
+
+// A child that exited (and is a zombie until reaped) can no longer answer.
+inline bool has_exited(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+  std::string line;
+  if (!std::getline(in, line)) return true;
+  const auto close = line.rfind(')');
+  return close == std::string::npos || close + 2 >= line.size() || line[close + 2] == 'Z';
 }
 
 // Parses "result a=1 b=x" (after the first word) into a map.
@@ -240,7 +294,8 @@ class child {
   }
 
   // Like expect(), but nullopt at the deadline; for waits that do something in between.
-  std::optional<std::string> try_expect(std::string_view prefix, std::chrono::milliseconds timeout) {
+  std::optional<std::string> try_expect(std::string_view prefix,
+                                        std::chrono::milliseconds timeout) {
     const auto deadline = clock_type::now() + timeout;
     while (true) {
       const auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - clock_type::now());

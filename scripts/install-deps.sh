@@ -2,7 +2,8 @@
 # Installs everything Ensemble needs to build, test and run its demo, from Debian's packages.
 # Idempotent: packages already present are skipped, and apt-get runs only when something is missing.
 #
-#   --nats   also NATS (nats-server, libnats-dev), for bench/bench_streams.cpp's JetStream side.
+#   --nats   also NATS (nats-server, libnats-dev), for the benchmarks' NATS peer: bench_all's NATS
+#            core columns and bench_streams' JetStream side.
 #            Opt-in: nothing else needs it, and CI does not install it.
 set -euo pipefail
 
