@@ -914,6 +914,11 @@ void broker::impl::on_oversized_reply(const peer_id& peer, const worker* w, cons
 void broker::impl::on_publish(const peer_id& peer, const worker* w, common::parsed_message& m) {
   header& h = m.hdr;
   std::string problem = common::check_required(command::publish, h);
+  if (problem.empty() && h.id.size() > common::k_max_id_length) {
+    // The id is kept: the journal, a stream's duplicate window, the subscribers' headers.
+    problem = "PUBLISH 'id' is " + std::to_string(h.id.size()) +
+              " bytes, longer than the limit of " + std::to_string(common::k_max_id_length);
+  }
   if (problem.empty()) {
     if (problem = common::check_topic(h.topic); !problem.empty()) problem = "PUBLISH " + problem;
   }
