@@ -195,16 +195,24 @@ char* put_be(char* at, std::uint64_t v, int bytes) {
   return at;
 }
 
-std::size_t map_header_size(std::uint32_t n) {
+// Maps and arrays share one header shape: a fix form for up to 15 entries, then 16 and 32 bits.
+std::size_t container_header_size(std::size_t n) {
   return n < 16 ? 1 : n < 65536 ? 3 : 5;
 }
-char* put_map_header(char* at, std::uint32_t n) {
+char* put_container_header(char* at, std::size_t n, std::uint8_t fix, std::uint8_t tag16,
+                           std::uint8_t tag32) {
   if (n < 16) {
-    *at++ = static_cast<char>(0x80 | n);
+    *at++ = static_cast<char>(fix | n);
     return at;
   }
-  *at++ = static_cast<char>(n < 65536 ? 0xde : 0xdf);
+  *at++ = static_cast<char>(n < 65536 ? tag16 : tag32);
   return put_be(at, n, n < 65536 ? 2 : 4);
+}
+std::size_t map_header_size(std::uint32_t n) {
+  return container_header_size(n);
+}
+char* put_map_header(char* at, std::uint32_t n) {
+  return put_container_header(at, n, 0x80, 0xde, 0xdf);
 }
 
 std::size_t uint_size(std::uint64_t v) {
@@ -238,15 +246,10 @@ char* put_str(char* at, std::string_view s) {
 }
 
 std::size_t array_header_size(std::size_t n) {
-  return n < 16 ? 1 : n < 65536 ? 3 : 5;
+  return container_header_size(n);
 }
 char* put_array_header(char* at, std::size_t n) {
-  if (n < 16) {
-    *at++ = static_cast<char>(0x90 | n);
-    return at;
-  }
-  *at++ = static_cast<char>(n < 65536 ? 0xdc : 0xdd);
-  return put_be(at, n, n < 65536 ? 2 : 4);
+  return put_container_header(at, n, 0x90, 0xdc, 0xdd);
 }
 
 // A present value of each field type: str, uint, bool (true: false is absent), services.
