@@ -68,7 +68,8 @@ struct options {
   // Events received and not yet handled, at least 1 (docs/agents.md, "Receiving events"). When
   // the event handlers fall this far behind, the agent stops reading events until they catch
   // up: the backlog stays in ZeroMQ's queues and then the broker's, whose slow-subscriber
-  // policy applies (it drops and counts), instead of growing this process's memory.
+  // policy applies (past its --event-hwm this subscriber loses events: a gap in the topic's
+  // seq), instead of growing this process's memory.
   std::size_t event_queue = 10'000;
   // Secured mode (docs/protocol.md section 12, docs/agents.md "Keys"): both set, or neither.
   // `key_file` is this agent's secret key file (NAME.key_secret, written by `ensemble keygen`,
