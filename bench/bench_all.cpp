@@ -1456,13 +1456,16 @@ int orchestrate(options o) {
       const bool no_nats = s[2].empty();
       const double raw50 = s[0].med(p50);
       const double ens50 = s[1].med(p50);
-      const double r50 = raw50 > 0 ? ens50 / raw50 : 0;
-      const bool rtt_pass = r50 > 0 && r50 <= 1.2;
-      print_row(
-          size_label(size), "RTT p50 us, 1 in flight",
-          {or_dash(no_raw, fixed(raw50)), fixed(ens50), or_dash(no_nats, fixed(s[2].med(p50))),
-           ratio(ens50, raw50), ratio(ens50, s[2].med(p50))},
-          15, "<= 1.20x", verdict(rtt_pass, (r50 / 1.2 - 1) * 100, "over"));
+      // Targets (docs/benchmarks.md): RTT p50 <= 1.1x the raw proxy's and NATS's; pipelined
+      // >= 0.8x the raw proxy and >= 1.0x NATS. A peer that did not run is not judged.
+      const double nats50 = s[2].med(p50);
+      const double over50 =
+          std::max(raw50 > 0 ? ens50 / raw50 / 1.1 : 0, nats50 > 0 ? ens50 / nats50 / 1.1 : 0);
+      const bool rtt_pass = ens50 > 0 && over50 <= 1;
+      print_row(size_label(size), "RTT p50 us, 1 in flight",
+                {or_dash(no_raw, fixed(raw50)), fixed(ens50), or_dash(no_nats, fixed(nats50)),
+                 ratio(ens50, raw50), ratio(ens50, nats50)},
+                15, "<=1.1x both", verdict(rtt_pass, (over50 - 1) * 100, "over"));
       print_row("", "RTT p99 us, 1 in flight",
                 {or_dash(no_raw, fixed(s[0].med(p99))), fixed(s[1].med(p99)),
                  or_dash(no_nats, fixed(s[2].med(p99))), ratio(s[1].med(p99), s[0].med(p99)),
@@ -1470,12 +1473,15 @@ int orchestrate(options o) {
                 15, "", "");
       const double raw_tput = s[0].med(tput);
       const double ens_tput = s[1].med(tput);
-      const bool tput_pass = ens_tput >= 100'000;
+      const double nats_tput = s[2].med(tput);
+      const double short_tput = std::max(raw_tput > 0 ? 1 - ens_tput / (0.8 * raw_tput) : 0,
+                                         nats_tput > 0 ? 1 - ens_tput / nats_tput : 0);
+      const bool tput_pass = ens_tput > 0 && short_tput <= 0;
       print_row("", "req/s, " + std::to_string(o.window) + " in flight",
                 {or_dash(no_raw, thousands(raw_tput)), thousands(ens_tput),
-                 or_dash(no_nats, thousands(s[2].med(tput))), ratio(ens_tput, raw_tput),
-                 ratio(ens_tput, s[2].med(tput))},
-                15, ">= 100,000", verdict(tput_pass, (1 - ens_tput / 100'000) * 100, "short"));
+                 or_dash(no_nats, thousands(nats_tput)), ratio(ens_tput, raw_tput),
+                 ratio(ens_tput, nats_tput)},
+                15, ">=.8x r,1x N", verdict(tput_pass, short_tput * 100, "short"));
       print_row("", "p50/p99 us, " + std::to_string(o.window) + " in flight",
                 {or_dash(no_raw, fixed(s[0].med(lp50)) + "/" + fixed(s[0].med(lp99))),
                  fixed(s[1].med(lp50)) + "/" + fixed(s[1].med(lp99)),
