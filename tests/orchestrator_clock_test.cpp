@@ -273,6 +273,9 @@ TEST_F(orchestrator_clock, advance_is_refused_to_a_caller_scope_own_caller) {
   ASSERT_FALSE(refused);
   EXPECT_EQ(refused.err().code, "unauthorized") << refused.err().message;
   EXPECT_NE(refused.err().message.find("tester"), std::string::npos) << refused.err().message;
+  EXPECT_EQ(refused.err().message,
+            "caller 'tester' may act only on the instances it started; advance moves the time of "
+            "every instance (caller_scope own)");
   auto allowed = wf_->call("advance", {{"by", "1h"}});
   ASSERT_TRUE(allowed) << allowed.err().to_string();
 }

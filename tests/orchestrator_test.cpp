@@ -428,6 +428,9 @@ TEST_F(orchestrator_test, the_orchestrator_service_on_the_broker_starts_inspects
   auto nope = call("frobnicate", json::object());
   ASSERT_FALSE(nope);
   EXPECT_EQ(nope.err().code, "unknown_action");
+  EXPECT_EQ(nope.err().message,
+            "unknown action \"frobnicate\"; the orchestrator offers start, get, list, cancel, "
+            "history, definitions, stats, advance");
 }
 
 TEST_F(orchestrator_test, instance_timeout_compensates_and_ends_timed_out) {

@@ -5,6 +5,7 @@
 #include <future>
 #include <iterator>
 
+#include "admin.hpp"
 #include "ensemble/agent/json.hpp"
 #include "ensemble/common/clock.hpp"
 #include "ensemble/common/logging.hpp"
@@ -17,9 +18,6 @@ using millis = std::chrono::milliseconds;
 
 namespace {
 
-constexpr std::string_view k_running = "running";
-constexpr std::string_view k_completed = "completed";
-constexpr std::string_view k_failed = "failed";
 constexpr auto k_publish_deadline = 5s;
 constexpr std::int64_t k_republish_us = 1'000'000;
 // While the store cannot commit, the pending batch is tried again this often: the attempt is
@@ -77,18 +75,6 @@ json event_meta(const json& ev) {
 }
 
 }  // namespace
-
-struct engine::instance {
-  std::string id;
-  std::shared_ptr<const definition> def;
-  instance_status status = instance_status::running;
-  std::string parent_id;
-  std::string started_by;  // the `caller` of its start (a sub-workflow: its parent's)
-  std::int64_t created_us = 0;
-  std::int64_t updated_us = 0;
-  json state;
-  json& run() { return state["run"]; }
-};
 
 struct engine::inbound {
   enum class kind { reply, ack, event, admin, stop } what = kind::reply;
@@ -393,7 +379,8 @@ void engine::process(inbound& in) {
       effect e;
       e.what = effect::kind::answer;
       e.promise = in.promise;
-      const bool writes = in.action == "start" || in.action == "cancel" || in.action == "advance";
+      const admin_action* action = find_admin_action(in.action);
+      const bool writes = action != nullptr && action->mutates;
       if (writes && store_failure_) {
         // New work is refused while the store cannot commit: nothing is changed.
         e.ready = result<json>(error{store_failure_->code,
@@ -1925,257 +1912,6 @@ json engine::waiting_of(const instance& in, const step& s) const {
     }
   }
   return w;
-}
-
-result<json> engine::admin(std::string_view action, const json& args, const origin& from,
-                           std::function<result<json>()>& later) {
-  auto bad = [](std::string what) {
-    return error{std::string(common::errc::bad_request), std::move(what), false};
-  };
-  if (!args.is_object() && !args.is_null()) return bad("arguments must be a JSON object");
-  auto string_arg = [&](const char* key, bool required) -> result<std::string> {
-    if (!args.is_object() || !args.contains(key)) {
-      if (required) return bad(std::string("missing \"") + key + "\"");
-      return std::string();
-    }
-    if (!args[key].is_string()) return bad(std::string("\"") + key + "\" must be a string");
-    return args[key].get<std::string>();
-  };
-  auto snapshot = [this](const std::string& id) -> result<std::optional<instance_record>> {
-    if (auto it = live_.find(id); it != live_.end()) {
-      instance& in = *it->second;
-      instance_record r = record_of(in);
-      r.state = in.state;
-      return std::optional<instance_record>(std::move(r));
-    }
-    return db_->get(id);
-  };
-  auto not_found = [](const std::string& id) {
-    return error{"not_found", "no instance with id \"" + id + "\"", false};
-  };
-  // caller_scope "own" (docs/protocol.md section 12): the caller acts only on the instances it
-  // started. A scope this orchestrator does not know grants nothing.
-  const bool own = !from.caller_scope.empty();
-  if (own && (from.caller_scope != "own" || from.caller.empty())) {
-    return error{
-        "unauthorized",
-        from.caller_scope != "own"
-            ? "caller '" + from.caller + "' has the caller_scope '" + from.caller_scope +
-                  "', which this orchestrator does not know; refusing " + std::string(action)
-            : "a request with caller_scope 'own' names no caller; refusing " + std::string(action),
-        false};
-  }
-  // Refuses `action` on instance `id`, started by `started_by`, to an own-scope caller that did
-  // not start it.
-  auto owned = [&](const std::string& id, const std::string& started_by) -> std::optional<error> {
-    if (!own || started_by == from.caller) return std::nullopt;
-    return error{"unauthorized",
-                 "caller '" + from.caller + "' may " + std::string(action) +
-                     " only the instances it started; instance \"" + id +
-                     "\" was not (caller_scope own)",
-                 false};
-  };
-
-  if (action == "start") {
-    auto name = string_arg("workflow", true);
-    if (!name) return name.err();
-    auto id = string_arg("id", false);
-    if (!id) return id.err();
-    std::shared_ptr<const definition> def;
-    if (args.contains("version")) {
-      if (!args["version"].is_number_unsigned())
-        return bad("\"version\" must be a positive integer");
-      def = find_definition(*name, args["version"].get<std::uint32_t>());
-    } else if (auto it = latest_.find(*name); it != latest_.end()) {
-      def = it->second;
-    }
-    if (!def) {
-      std::string known;
-      for (const auto& [n, d] : latest_) known += (known.empty() ? "" : ", ") + n;
-      return error{"not_found",
-                   "no workflow named \"" + *name + "\"" +
-                       (args.contains("version") ? " with that version" : "") +
-                       " (loaded: " + (known.empty() ? "none" : known) + ")",
-                   false};
-    }
-    if (!id->empty()) {
-      auto found = snapshot(*id);
-      if (!found) return found.err();
-      if (auto& existing = *found) {
-        if (auto refused = owned(*id, existing->started_by)) return *refused;
-        if (existing->workflow != def->name) {
-          return error{"conflict", "instance \"" + *id + "\" exists and runs " + existing->workflow,
-                       false};
-        }
-        return json{{"id", *id},
-                    {"workflow", existing->workflow},
-                    {"version", existing->version},
-                    {"status", to_string(existing->status)},
-                    {"created", false}};
-      }
-      if (auto problem = common::check_name("id", *id); !problem.empty()) return bad(problem);
-    }
-    const std::string instance_id = id->empty() ? ids_.next() : *id;
-    instance& in = create_instance(def, instance_id, args.value("input", json::object()), "", "",
-                                   from.trace_id, from.message_id, from.caller);
-    advance(in);
-    return json{{"id", instance_id},
-                {"workflow", def->name},
-                {"version", def->version},
-                {"status", to_string(in.status)},
-                {"created", true}};
-  }
-  if (action == "get") {
-    auto id = string_arg("id", true);
-    if (!id) return id.err();
-    auto r = snapshot(*id);
-    if (!r) return r.err();
-    if (!*r) return not_found(*id);
-    if (auto refused = owned(*id, (*r)->started_by)) return *refused;
-    json v = view(**r);
-    if (auto it = live_.find(*id); it != live_.end() && v["steps"].is_object()) {
-      for (auto& [name, step_view] : v["steps"].items()) {
-        const step* s = it->second->def->find(name);
-        if (s != nullptr && step_view.value("status", "") == k_running) {
-          step_view["waiting"] = waiting_of(*it->second, *s);
-        }
-      }
-    }
-    return v;
-  }
-  if (action == "list") {
-    list_filter f;
-    if (auto s = string_arg("status", false); !s) {
-      return s.err();
-    } else if (!s->empty()) {
-      f.status = parse_instance_status(*s);
-      if (!f.status) {
-        return bad(
-            "\"status\" must be one of running, compensating, completed, failed, "
-            "cancelled, timed_out; got \"" +
-            *s + "\"");
-      }
-    }
-    auto wf = string_arg("workflow", false);
-    if (!wf) return wf.err();
-    f.workflow = *wf;
-    if (own) f.started_by = from.caller;
-    if (args.is_object() && args.contains("limit")) {
-      if (!args["limit"].is_number_unsigned()) return bad("\"limit\" must be a positive integer");
-      f.limit = args["limit"].get<std::size_t>();
-    }
-    later = [this, f]() -> result<json> {
-      json out = json::array();
-      auto rows = db_->list(f);
-      if (!rows) return rows.err();
-      for (const auto& r : *rows) {
-        json v = view(r);
-        v.erase("steps");
-        out.push_back(std::move(v));
-      }
-      return json{{"instances", std::move(out)}};
-    };
-    return json();
-  }
-  if (action == "cancel") {
-    auto id = string_arg("id", true);
-    if (!id) return id.err();
-    auto reason = string_arg("reason", false);
-    if (!reason) return reason.err();
-    auto it = live_.find(*id);
-    if (it == live_.end()) {
-      auto r = db_->get(*id);
-      if (!r) return r.err();
-      if (!*r) return not_found(*id);
-      if (auto refused = owned(*id, (*r)->started_by)) return *refused;
-      return error{"conflict",
-                   "instance \"" + *id + "\" already ended " + std::string(to_string((*r)->status)),
-                   false};
-    }
-    instance& in = *it->second;
-    if (auto refused = owned(*id, in.started_by)) return *refused;
-    if (in.status == instance_status::running) {
-      abandon(in, in.def->steps);
-      begin_compensation(in, instance_status::cancelled,
-                         json{{"code", "cancelled"},
-                              {"message", reason->empty() ? "cancelled by request" : *reason}});
-    } else if (is_terminal(in.status)) {
-      return error{"conflict",
-                   "instance \"" + *id + "\" already ended " + std::string(to_string(in.status)),
-                   false};
-    }
-    return json{{"id", *id}, {"status", to_string(in.status)}};
-  }
-  if (action == "history") {
-    auto id = string_arg("id", true);
-    if (!id) return id.err();
-    if (auto it = live_.find(*id); it != live_.end()) {
-      if (auto refused = owned(*id, it->second->started_by)) return *refused;
-    } else {
-      auto r = db_->get(*id);
-      if (!r) return r.err();
-      if (!*r) return not_found(*id);
-      if (auto refused = owned(*id, (*r)->started_by)) return *refused;
-    }
-    later = [this, id = *id]() -> result<json> {
-      json entries = json::array();
-      auto rows = db_->history(id);
-      if (!rows) return rows.err();
-      for (const auto& h : *rows) {
-        json e = {{"seq", h.seq}, {"ts_us", h.ts_us}, {"kind", h.kind}};
-        if (!h.step.empty()) e["step"] = h.step;
-        if (!h.data.is_null()) e["data"] = h.data;
-        entries.push_back(std::move(e));
-      }
-      return json{{"id", id}, {"entries", std::move(entries)}};
-    };
-    return json();
-  }
-  if (action == "definitions") {
-    json out = json::array();
-    for (const auto& [key, d] : defs_) {
-      out.push_back(json{{"name", d->name},
-                         {"version", d->version},
-                         {"source", d->source},
-                         {"definition", d->raw}});
-    }
-    return json{{"definitions", std::move(out)}};
-  }
-  if (action == "stats") {
-    auto s = counters();
-    return json{{"started", s.started},
-                {"completed", s.completed},
-                {"failed", s.failed},
-                {"cancelled", s.cancelled},
-                {"timed_out", s.timed_out},
-                {"commands_sent", s.commands_sent},
-                {"events_published", s.events_published},
-                {"events_matched", s.events_matched},
-                {"events_caught_up", s.events_caught_up},
-                {"events_ignored_from", s.events_ignored_from},
-                {"events_ignored_from_by_topic", s.events_ignored_from_by_topic},
-                {"commits", s.commits},
-                {"active", live_.size()},
-                {"buffered_events", buffer_.size()},
-                {"clock", std::string(clock_->is_virtual() ? "virtual" : "wall")},
-                {"now_us", now_us()}};
-  }
-  if (action == "advance") {
-    // It moves the time of every instance, not only the caller's.
-    if (own) {
-      return error{"unauthorized",
-                   "caller '" + from.caller +
-                       "' may act only on the instances it started; advance moves the time of "
-                       "every instance (caller_scope own)",
-                   false};
-    }
-    return advance_clock(args);
-  }
-  return error{std::string(common::errc::unknown_action),
-               "unknown action \"" + std::string(action) +
-                   "\"; the orchestrator offers start, get, list, cancel, history, "
-                   "definitions, stats, advance",
-               false};
 }
 
 result<json> engine::advance_clock(const json& args) {

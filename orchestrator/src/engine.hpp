@@ -25,6 +25,7 @@
 #include <mutex>
 #include <queue>
 #include <set>
+#include <span>
 #include <string>
 #include <thread>
 #include <unordered_map>
@@ -52,6 +53,15 @@ struct origin {
   std::string caller;
   std::string caller_scope;  // "own": only instances `caller` started
 };
+
+// A step's status in an instance's state ("steps.<name>.status").
+inline constexpr std::string_view k_running = "running";
+inline constexpr std::string_view k_completed = "completed";
+inline constexpr std::string_view k_failed = "failed";
+
+// The admin API's table and the request its handlers get (admin.hpp).
+struct admin_action;
+struct admin_call;
 
 class engine {
  public:
@@ -170,9 +180,21 @@ class engine {
   // Everything the store keeps of an instance except its state document.
   static instance_record record_of(instance& in);
 
-  // --- admin
+  // --- admin (admin.cpp): engine::admin finds the action in one table and calls its handler
   result<json> admin(std::string_view action, const json& args, const origin& from,
                      std::function<result<json>()>& later);
+  static std::span<const admin_action> admin_actions();
+  static const admin_action* find_admin_action(std::string_view name);
+  result<json> admin_start(const admin_call& c);
+  result<json> admin_get(const admin_call& c);
+  result<json> admin_list(const admin_call& c);
+  result<json> admin_cancel(const admin_call& c);
+  result<json> admin_history(const admin_call& c);
+  result<json> admin_definitions(const admin_call& c);
+  result<json> admin_stats(const admin_call& c);
+  result<json> admin_advance(const admin_call& c);
+  // Instance `id` as it is now: live, or from the store; nullopt if it exists nowhere.
+  result<std::optional<instance_record>> snapshot(const std::string& id);
   json view(const instance_record& r) const;
   // What running step `s` waits on, for `get`: derived from its definition and bookkeeping.
   json waiting_of(const instance& in, const step& s) const;
@@ -237,6 +259,18 @@ class engine {
 
   mutable std::mutex stats_mutex_;
   stats stats_;
+};
+
+struct engine::instance {
+  std::string id;
+  std::shared_ptr<const definition> def;
+  instance_status status = instance_status::running;
+  std::string parent_id;
+  std::string started_by;  // the `caller` of its start (a sub-workflow: its parent's)
+  std::int64_t created_us = 0;
+  std::int64_t updated_us = 0;
+  json state;
+  json& run() { return state["run"]; }
 };
 
 }  // namespace ensemble::orchestrator::detail
