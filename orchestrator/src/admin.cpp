@@ -8,10 +8,14 @@
 
 namespace ensemble::orchestrator::detail {
 
+error bad_admin_args(std::string what) {
+  return error{std::string(common::errc::bad_request), std::move(what), false};
+}
+
 namespace {
 
 error bad(std::string what) {
-  return error{std::string(common::errc::bad_request), std::move(what), false};
+  return bad_admin_args(std::move(what));
 }
 
 // Argument `key` of `args` (an object or null): empty if it is absent and not `required`.

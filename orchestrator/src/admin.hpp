@@ -44,4 +44,7 @@ struct admin_action {
   std::string_view own_refusal;
 };
 
+// A bad_request refusal of an admin call's arguments.
+error bad_admin_args(std::string what);
+
 }  // namespace ensemble::orchestrator::detail

@@ -1915,9 +1915,7 @@ json engine::waiting_of(const instance& in, const step& s) const {
 }
 
 result<json> engine::advance_clock(const json& args) {
-  auto bad = [](std::string what) {
-    return error{std::string(common::errc::bad_request), std::move(what), false};
-  };
+  const auto bad = bad_admin_args;
   if (virtual_ == nullptr) {
     return bad(
         "advance: this orchestrator runs on the wall clock; only one started with --clock "

@@ -44,7 +44,6 @@ namespace ensemble::orchestrator::detail {
 using common::error;
 using common::result;
 
-// Where an admin request came from, for the trace context of what it starts.
 // Where an admin request came from: for the trace context of what it starts, and who asks
 // (the DISPATCH's `caller` and `caller_scope`, docs/protocol.md section 12).
 struct origin {
