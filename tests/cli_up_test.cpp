@@ -20,6 +20,7 @@
 #include "ensemble/cli/deployment.hpp"
 #include "ensemble/common/result.hpp"
 #include "ensemble/testkit/process.hpp"
+#include "support/deployment_cases.hpp"
 
 namespace {
 
@@ -209,12 +210,7 @@ TEST(deployment_file, defaults) {
 }
 
 TEST(deployment_file, errors_name_the_file_and_the_yaml_path) {
-  struct bad_case {
-    std::string yaml;
-    std::string where;
-    std::string what;
-  };
-  const std::vector<bad_case> cases = {
+  const std::vector<ensemble::test::refused_deployment> cases = {
       {"agents:\n  - name: a\n    program: x\n    replica: 2\n", "d.yaml: agents[0].replica",
        "unknown key"},
       {"agents:\n  - name: a\n    program: x\n    replicas: many\n", "d.yaml: agents[0].replicas",
@@ -232,15 +228,7 @@ TEST(deployment_file, errors_name_the_file_and_the_yaml_path) {
       {"agents:\n  - name: a\n    program: x\n    args: [--broker, {broker}]\n",
        "d.yaml: agents[0].args[1]", "write placeholders in quotes: \"{broker}\""},
   };
-  for (const auto& c : cases) {
-    try {
-      (void)ec::parse_deployment(c.yaml, "d.yaml");
-      ADD_FAILURE() << "accepted:\n" << c.yaml;
-    } catch (const ensemble::common::config_error& e) {
-      EXPECT_EQ(e.where(), c.where) << e.what();
-      EXPECT_NE(std::string(e.what()).find(c.what), std::string::npos) << e.what();
-    }
-  }
+  ensemble::test::expect_each_refused(cases);
 }
 
 TEST(deployment_file, substitutes_known_placeholders_only) {

@@ -41,6 +41,7 @@ class flaky_store final : public es::stream_store {
 
   std::set<std::pair<std::string, es::sequence>> failing_reads;  // (stream, seq)
   std::set<std::string> failing_appends;                         // streams
+  bool failing_saves = false;                                    // consumer states
 
   ec::status create_stream(const es::stream_config& c) override { return inner_->create_stream(c); }
   ec::status delete_stream(std::string_view name) override { return inner_->delete_stream(name); }
@@ -77,6 +78,10 @@ class flaky_store final : public es::stream_store {
   ec::result<std::uint64_t> expire(std::int64_t now_ms) override { return inner_->expire(now_ms); }
   ec::status save_consumer_state(std::string_view stream, std::string_view consumer,
                                  std::string_view blob) override {
+    if (failing_saves) {
+      return ec::error::make(es::errc::storage_failed, "consumer " + std::string(consumer) +
+                                                           ": injected state write failure");
+    }
     return inner_->save_consumer_state(stream, consumer, blob);
   }
   ec::status delete_consumer_state(std::string_view stream, std::string_view consumer) override {
@@ -459,3 +464,37 @@ TEST_F(consumer_host_test, a_turn_visits_only_consumers_with_input_or_a_due_time
 }
 
 }  // namespace
+
+// Answers with an id wait for the consumer's state to be saved before they are confirmed.
+// While saving fails they cannot pile up without a bound: past k_max_unconfirmed_answers an
+// answer with an id is refused queue_full before it changes anything, and once saving works
+// again every waiting answer is confirmed.
+TEST_F(consumer_host_test, answers_waiting_for_a_save_are_bounded_and_then_confirmed) {
+  start();
+  ASSERT_TRUE(join("p1", "billing").ok());
+  publish(1);
+  run();
+  ASSERT_EQ(take(command::deliver).size(), 1u);
+
+  store_->failing_saves = true;
+  for (std::size_t i = 0; i < es::k_max_unconfirmed_answers; ++i) {
+    ASSERT_TRUE(answer("p1", command::progress, "billing", 1, "progress-" + std::to_string(i)).ok())
+        << i;
+    if (i % 1000 == 0) run();  // saves are tried, and fail
+  }
+  auto refused = answer("p1", command::ack, "billing", 1, "ack-1");
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.err().code, ec::errc::queue_full);
+  EXPECT_TRUE(contains(refused.err().message, "wait for the consumer's state to be saved"));
+  EXPECT_TRUE(take(command::reply).empty()) << "nothing is confirmed before it is saved";
+  EXPECT_EQ(host_->info("orders", "billing")->at("acked"), 0) << "the refused ACK changed nothing";
+
+  store_->failing_saves = false;
+  now_ += 1s;  // past the retry interval of a failed save
+  run();
+  EXPECT_EQ(take(command::reply).size(), es::k_max_unconfirmed_answers);
+  ASSERT_TRUE(answer("p1", command::ack, "billing", 1, "ack-1").ok());
+  run();
+  EXPECT_EQ(take(command::reply).size(), 1u);
+  EXPECT_EQ(host_->info("orders", "billing")->at("acked"), 1);
+}

@@ -13,6 +13,7 @@
 #include "ensemble/cli/deployment.hpp"
 #include "ensemble/common/curve_keys.hpp"
 #include "ensemble/common/result.hpp"
+#include "support/deployment_cases.hpp"
 #include "support/temp_dir.hpp"
 
 namespace {
@@ -89,10 +90,7 @@ TEST(deployment_security, the_section_short_and_long_and_its_errors) {
   EXPECT_EQ(long_form.security.identities.at("auditor").call,
             std::vector<std::string>{"orchestrator.get"});
 
-  struct bad_case {
-    std::string yaml, where, what;
-  };
-  const std::vector<bad_case> cases = {
+  const std::vector<ensemble::test::refused_deployment> cases = {
       {"security: tls\n", "d.yaml: security", "unknown security mode \"tls\""},
       {"security: {mode: curve, key: x}\n", "d.yaml: security.key", "unknown key"},
       {"security: {keys: x}\n", "d.yaml: security", "missing required key \"mode\""},
@@ -103,15 +101,7 @@ TEST(deployment_security, the_section_short_and_long_and_its_errors) {
       {"agents:\n  - name: a\n    program: x\n    rights: {publish: order.}\n",
        "d.yaml: agents[0].rights.publish", "must be a list of strings"},
   };
-  for (const auto& c : cases) {
-    try {
-      (void)ec::parse_deployment(c.yaml, "d.yaml");
-      ADD_FAILURE() << "accepted:\n" << c.yaml;
-    } catch (const ensemble::common::config_error& e) {
-      EXPECT_EQ(e.where(), c.where) << e.what();
-      EXPECT_NE(std::string(e.what()).find(c.what), std::string::npos) << e.what();
-    }
-  }
+  ensemble::test::expect_each_refused(cases);
 }
 
 TEST(deployment_security, rights_are_derived_from_what_the_deployment_declares) {

@@ -5,6 +5,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <map>
 
 #include "ensemble/testkit/deployment.hpp"
@@ -208,8 +209,9 @@ TEST_F(orchestrator_clock, advance_is_refused_on_a_wall_clock) {
 
 TEST_F(orchestrator_clock, advance_names_a_bad_argument) {
   start();
-  for (const json& args : {json::object(), json{{"by", "soon"}}, json{{"by_ms", -1}},
-                           json{{"by", "1h"}, {"by_ms", 5}}}) {
+  for (const json& args :
+       {json::object(), json{{"by", "soon"}}, json{{"by_ms", -1}}, json{{"by", "1h"}, {"by_ms", 5}},
+        json{{"by_ms", std::numeric_limits<std::int64_t>::max()}}}) {
     auto r = wf_->call("advance", args);
     ASSERT_FALSE(r) << args.dump();
     EXPECT_EQ(r.err().code, "bad_request") << args.dump();

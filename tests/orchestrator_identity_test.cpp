@@ -29,12 +29,7 @@ TEST_F(orchestrator_identity_test,
     "output": {"by": "${steps.Shipped.output.by}"}}})");
   auto& o = start_orchestrator({write("ship.json", def)});
   const auto id = start("Ship", json::object());
-  ASSERT_TRUE(tk::wait_until(
-      [&] {
-        auto v = o.request("get", {{"id", id}});
-        return v && v->value("/steps/Shipped/waiting/phase"_json_pointer, "") == "awaiting";
-      },
-      10s, 10ms));
+  ASSERT_TRUE(wait_awaiting(id, "Shipped"));
   const auto view = o.request("get", {{"id", id}});
   ASSERT_TRUE(view);
   EXPECT_EQ((*view)["steps"]["Shipped"]["waiting"]["from"], json::array({"shipping"}));
@@ -390,12 +385,7 @@ TEST_F(orchestrator_secured_test, from_names_identities_that_no_other_peer_can_p
   auto& mallory = keyed("mallory");
   auto& shipping = keyed("shipping");
   const auto id = start("Ship", json::object());
-  ASSERT_TRUE(tk::wait_until(
-      [&] {
-        auto v = o.request("get", {{"id", id}});
-        return v && v->value("/steps/Shipped/waiting/phase"_json_pointer, "") == "awaiting";
-      },
-      10s, 10ms));
+  ASSERT_TRUE(wait_awaiting(id, "Shipped"));
   ea::send_options corr;
   corr.correlation_id = id;
   ASSERT_TRUE(

@@ -35,6 +35,13 @@ using json = nlohmann::json;
 
 namespace {
 
+// docs/protocol.md section 3: ids are at most k_max_id_length bytes; "" when `id` is within it.
+std::string check_id_length(std::string_view command_name, const std::string& id) {
+  if (id.size() <= common::k_max_id_length) return {};
+  return std::string(command_name) + " 'id' is " + std::to_string(id.size()) +
+         " bytes, longer than the limit of " + std::to_string(common::k_max_id_length);
+}
+
 constexpr std::size_t k_batch = 1024;  // messages handled per socket per poll round
 constexpr std::string_view k_broker_service = "broker";
 constexpr std::string_view k_streams_disabled = "streams_disabled";  // no --data
@@ -712,13 +719,9 @@ void broker::impl::on_request(const peer_id& peer, const worker* w, common::pars
   ++stats.requests;
   header& h = m.hdr;
   std::string problem = common::check_required(command::request, h);
-  if (!problem.empty()) {
-  } else if (h.id.size() > common::k_max_id_length) {
-    problem = "REQUEST 'id' is " + std::to_string(h.id.size()) +
-              " bytes, longer than the limit of " + std::to_string(common::k_max_id_length);
-  } else if (problem = common::check_name("REQUEST 'service'", h.service); !problem.empty()) {
-  } else if (problem = common::check_name("REQUEST 'action'", h.action); !problem.empty()) {
-  }
+  if (problem.empty()) problem = check_id_length("REQUEST", h.id);
+  if (problem.empty()) problem = common::check_name("REQUEST 'service'", h.service);
+  if (problem.empty()) problem = common::check_name("REQUEST 'action'", h.action);
   if (!problem.empty()) {
     ++stats.malformed;
     log->warn("bad request from {}: {}", peer_label(w, peer), problem);
@@ -914,11 +917,8 @@ void broker::impl::on_oversized_reply(const peer_id& peer, const worker* w, cons
 void broker::impl::on_publish(const peer_id& peer, const worker* w, common::parsed_message& m) {
   header& h = m.hdr;
   std::string problem = common::check_required(command::publish, h);
-  if (problem.empty() && h.id.size() > common::k_max_id_length) {
-    // The id is kept: the journal, a stream's duplicate window, the subscribers' headers.
-    problem = "PUBLISH 'id' is " + std::to_string(h.id.size()) +
-              " bytes, longer than the limit of " + std::to_string(common::k_max_id_length);
-  }
+  // The id is kept: the journal, a stream's duplicate window, the subscribers' headers.
+  if (problem.empty()) problem = check_id_length("PUBLISH", h.id);
   if (problem.empty()) {
     if (problem = common::check_topic(h.topic); !problem.empty()) problem = "PUBLISH " + problem;
   }

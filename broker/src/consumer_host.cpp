@@ -175,7 +175,6 @@ struct consumer_host::entry {
   entry(consumer_config config, sequence last_seq) : policy(std::move(config), last_seq) {}
   consumer policy;
   std::vector<decision> todo;  // decided by inputs, executed by run()
-  bool dirty = false;          // state to save (then it is in unsaved_)
   bool broken = false;         // saved state did not decode: out of service
   std::string broken_reason;
   json view;  // the configuration as it was given, for views and comparisons
@@ -485,6 +484,14 @@ common::status consumer_host::answer(const std::string& peer, command cmd, const
                              std::to_string(h.deliveries) + "; member '" + member +
                              "' holds delivery " + std::to_string(p->second.delivery_count));
     }
+  }
+  if (!h.id.empty() && e->confirms.size() >= k_max_unconfirmed_answers) {
+    e->policy.count_refused();
+    return error::make(common::errc::queue_full,
+                       what + " #" + std::to_string(h.stream_seq) + " of consumer '" + h.consumer +
+                           "' on stream '" + h.stream +
+                           "' not taken: " + std::to_string(e->confirms.size()) +
+                           " answers wait for the consumer's state to be saved; retry later");
   }
   switch (cmd) {
     case command::ack:
@@ -896,8 +903,16 @@ void consumer_host::store_dead_letters() {
 }
 
 void consumer_host::mark_dirty(entry& e) {
-  e.dirty = true;
   unsaved_.insert(&e);
+}
+
+// Its state is not saved past a dead letter not yet read (its retry timer covers it) or not
+// yet stored (saved once they are).
+bool consumer_host::waits_for_dead_letter(const entry& e) const {
+  if (!e.dead_letter_retry.empty()) return true;
+  return std::any_of(dead_letters_.begin(), dead_letters_.end(), [&](const auto& d) {
+    return d.stream == e.stream() && d.consumer == e.name();
+  });
 }
 
 void consumer_host::schedule(entry& e) {
@@ -933,11 +948,7 @@ void consumer_host::save_states(time_point now) {
       continue;
     }
     if (!e->save_now && now - e->last_save < k_state_save_interval) continue;
-    if (!e->dead_letter_retry.empty()) continue;  // not past a dead letter not yet read
-    const bool waits = std::any_of(dead_letters_.begin(), dead_letters_.end(), [&](const auto& d) {
-      return d.stream == stream && d.consumer == name;
-    });
-    if (waits) continue;
+    if (waits_for_dead_letter(*e)) continue;
     if (auto st = store_.save_consumer_state(stream, name, blob(*e)); !st) {
       ++counters_.state_save_failures;
       log_->error("consumer {}/{}: state not saved (retried): {} {}", stream, name, st.err().code,
@@ -946,7 +957,6 @@ void consumer_host::save_states(time_point now) {
       e->last_save = now;
       continue;
     }
-    e->dirty = false;
     e->save_now = false;
     e->last_save = now;
     unsaved_.erase(e);
@@ -1023,11 +1033,7 @@ std::optional<time_point> consumer_host::next_deadline() const {
   std::optional<time_point> out;
   if (!timers_.empty()) out = timers_.begin()->first;
   for (const entry* e : unsaved_) {
-    if (e->broken || !e->dead_letter_retry.empty()) continue;  // its retry timer covers it
-    const bool waits = std::any_of(dead_letters_.begin(), dead_letters_.end(), [&](const auto& d) {
-      return d.stream == e->stream() && d.consumer == e->name();
-    });
-    if (waits) continue;  // saved once they are stored: the retry below
+    if (e->broken || waits_for_dead_letter(*e)) continue;  // the retry timers cover it
     const auto save_at = e->save_now ? time_point::min() : e->last_save + k_state_save_interval;
     if (!out || save_at < *out) out = save_at;
   }

@@ -58,6 +58,11 @@ inline constexpr std::chrono::milliseconds k_state_save_interval{100};
 // How long a dead letter whose record could not be read (a storage error) waits before it is
 // read again; the consumer's state is not saved past it meanwhile.
 inline constexpr std::chrono::milliseconds k_dead_letter_retry_interval{500};
+// Answers with an id are confirmed (REPLY) once the consumer's state holding them is saved.
+// While saving fails (a storage error, a dead letter not yet stored) they wait; past this many
+// per consumer a further answer with an id is refused queue_full (retryable) before it changes
+// anything, so a member that keeps answering cannot grow the broker's memory.
+inline constexpr std::size_t k_max_unconfirmed_answers = 10'000;
 
 // Bounds on what peers can make the broker hold (docs/protocol.md section 10): each consumer is
 // a state file and memory, each member an entry in its rotation. Over a bound, CONSUME and
@@ -154,6 +159,7 @@ class consumer_host {
   void wake(entry& e) { active_.insert(&e); }
   // Its state changed: save it (at most every k_state_save_interval, or at once).
   void mark_dirty(entry& e);
+  bool waits_for_dead_letter(const entry& e) const;
   // Puts the entry in the timer queue at its next deadline (policy timers, retries).
   void schedule(entry& e);
   void forget(entry& e);  // off the run queues: it is being removed
@@ -180,7 +186,7 @@ class consumer_host {
   // by consumers_; forget() takes one off both before it is destroyed.
   std::set<entry*> active_;
   std::set<std::pair<time_point, entry*>> timers_;  // one per entry at most: entry::timer
-  std::set<entry*> unsaved_;                        // dirty: state to save
+  std::set<entry*> unsaved_;                        // state to save
 };
 
 }  // namespace ensemble::broker::streams

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <future>
 #include <iterator>
+#include <limits>
 
 #include "admin.hpp"
 #include "ensemble/agent/json.hpp"
@@ -1941,6 +1942,10 @@ result<json> engine::advance_clock(const json& args) {
     by_ms = d->count();
   }
   const std::int64_t from = now_us();
+  if (by_ms > (std::numeric_limits<std::int64_t>::max() - from) / 1000) {
+    return bad("advance: by " + std::to_string(by_ms) +
+               " ms would move the clock past the largest time it can hold");
+  }
   const std::int64_t to = from + by_ms * 1000;
   // In due order, each at its own time: what a timer's work arms (a retry after a timeout,
   // the next wait) fires in the same advance if it falls due before `to`.

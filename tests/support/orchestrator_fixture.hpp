@@ -98,6 +98,18 @@ class orchestrator_fixture : public ::testing::Test {
     return last;
   }
 
+  // Polls the instance until its step `step` waits for an event (phase "awaiting").
+  bool wait_awaiting(const std::string& id, const std::string& step,
+                     std::chrono::milliseconds deadline = 10s) {
+    const json::json_pointer phase("/steps/" + step + "/waiting/phase");
+    return tk::wait_until(
+        [&] {
+          auto v = orchestrator_->request("get", {{"id", id}});
+          return v && v->value(phase, "") == "awaiting";
+        },
+        deadline, 10ms);
+  }
+
   std::unique_ptr<tk::broker_process> broker_;
   std::string dir_;
   std::vector<std::unique_ptr<ea::agent>> agents_;
