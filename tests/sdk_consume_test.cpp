@@ -507,9 +507,9 @@ TEST_F(sdk_consume_test, an_agent_that_replaced_its_connection_joins_again) {
   // A silent broker (SIGSTOP): after `liveness` heartbeats the agent replaces its connection;
   // the broker, resumed, registers it as a new peer, which must join the consumer again.
   const auto broker_id = worker.broker_id();
-  broker_->proc().stop();
+  ASSERT_TRUE(broker_->proc().stop());
   const bool replaced = tk::wait_until([&] { return !worker.registered(); }, k_wait);
-  broker_->proc().resume();
+  ASSERT_TRUE(broker_->proc().resume());
   ASSERT_TRUE(replaced) << "the agent did not notice the silent broker";
   ASSERT_TRUE(tk::wait_until(
       [&] {

@@ -106,7 +106,7 @@ TEST_F(sdk_publish_test,
   ea::agent pub(po);
   ASSERT_TRUE(pub.start().ok());
 
-  broker_->proc().stop();  // SIGSTOP: the broker reads nothing until resumed
+  ASSERT_TRUE(broker_->proc().stop());  // SIGSTOP: the broker reads nothing until resumed
   std::vector<std::uint64_t> accepted;
   std::optional<ea::error> refusal;
   for (std::uint64_t i = 0; i < k_limit && !refusal; ++i) {
@@ -130,7 +130,7 @@ TEST_F(sdk_publish_test,
   ASSERT_FALSE(async_result.ok());
   EXPECT_EQ(async_result.err().code, "queue_full");
 
-  broker_->proc().resume();
+  ASSERT_TRUE(broker_->proc().resume());
   std::cout << "accepted " << accepted.size() << " events before publish failed with "
             << refusal->to_string() << "\n";
   const bool all = tk::wait_until([&] { return got.received() >= accepted.size(); }, 60s);

@@ -442,11 +442,17 @@ void deployment::kill(const std::string& name) {
 }
 
 void deployment::pause(const std::string& name) {
-  proc(name).stop();
+  if (!proc(name).stop(10s)) {
+    throw std::runtime_error("deployment: " + name + " did not stop within 10 s of SIGSTOP (" +
+                             (proc(name).running() ? "still running" : "not running") + ")");
+  }
 }
 
 void deployment::resume(const std::string& name) {
-  proc(name).resume();
+  if (!proc(name).resume(10s)) {
+    throw std::runtime_error("deployment: " + name + " did not continue within 10 s of SIGCONT (" +
+                             (proc(name).running() ? "still stopped" : "not running") + ")");
+  }
 }
 
 void deployment::restart(const std::string& name, bool wait_ready) {

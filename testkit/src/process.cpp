@@ -322,6 +322,37 @@ struct process::impl {
     try_reap_locked(WNOHANG);
     if (!exit_status) ::kill(pid, sig);
   }
+
+  // Sends `sig` (SIGSTOP or SIGCONT) and waits for the matching state change, which waitid()
+  // reports once the whole thread group has stopped (WSTOPPED) or has been continued
+  // (WCONTINUED). kill() returns as soon as the signal is queued, before the threads take it.
+  // No other code of the testkit waits for these notifications, so none is stolen; an exit
+  // meanwhile is seen by try_reap_locked.
+  bool send_and_wait(int sig, int state, std::chrono::milliseconds deadline) {
+    const auto until = steady::now() + deadline;
+    {
+      std::lock_guard lock(reap_mutex);
+      try_reap_locked(WNOHANG);
+      if (exit_status) return false;
+      ::kill(pid, sig);
+    }
+    while (true) {
+      {
+        std::lock_guard lock(reap_mutex);
+        try_reap_locked(WNOHANG);
+        if (exit_status) return false;
+        siginfo_t info{};
+        int r;
+        do {
+          r = ::waitid(P_PID, static_cast<id_t>(pid), &info, state | WNOHANG);
+        } while (r < 0 && errno == EINTR);
+        if (r == 0 && info.si_pid == pid) return true;
+        if (r < 0) return false;
+      }
+      if (steady::now() >= until) return false;
+      std::this_thread::sleep_for(k_exit_poll_interval);
+    }
+  }
 };
 
 process::process(std::unique_ptr<impl> p) : impl_(std::move(p)) {}
@@ -427,11 +458,11 @@ void process::signal(int sig) {
 void process::kill() {
   impl_->send(SIGKILL);
 }
-void process::stop() {
-  impl_->send(SIGSTOP);
+bool process::stop(std::chrono::milliseconds deadline) {
+  return impl_->send_and_wait(SIGSTOP, WSTOPPED, deadline);
 }
-void process::resume() {
-  impl_->send(SIGCONT);
+bool process::resume(std::chrono::milliseconds deadline) {
+  return impl_->send_and_wait(SIGCONT, WCONTINUED, deadline);
 }
 
 bool process::running() {

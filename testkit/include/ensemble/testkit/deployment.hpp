@@ -107,9 +107,11 @@ class deployment {
   process& proc(const std::string& name);  // its current run
   fault_proxy& proxy(const std::string& name);
 
-  void kill(const std::string& name);    // SIGKILL, and reaped
-  void pause(const std::string& name);   // SIGSTOP
-  void resume(const std::string& name);  // SIGCONT
+  void kill(const std::string& name);  // SIGKILL, and reaped
+  // SIGSTOP / SIGCONT, returning once the kernel reports the process stopped / continued
+  // (throws std::runtime_error naming the process if that takes over 10 s or it is not running).
+  void pause(const std::string& name);
+  void resume(const std::string& name);
   // Starts the process again (SIGKILL first if it runs); with `wait_ready`, waits for the new
   // run to be ready. A restarted broker binds the same endpoints. Note: the broker forgets a
   // killed worker only after heartbeat x liveness (protocol.md §5); until then it may still

@@ -53,8 +53,12 @@ class process {
 
   void signal(int sig);  // to the process (not its group)
   void kill();           // SIGKILL
-  void stop();           // SIGSTOP
-  void resume();         // SIGCONT
+  // SIGSTOP, then waits until every thread of the process has stopped (the kernel's stop
+  // notification to its parent), so that nothing it does after stop() returns is the process's
+  // own doing. False if it did not stop within the deadline or is not running.
+  bool stop(std::chrono::milliseconds deadline = std::chrono::seconds(5));
+  // SIGCONT, then waits until the kernel reports the process continued. False as stop().
+  bool resume(std::chrono::milliseconds deadline = std::chrono::seconds(5));
   bool running();
   // Waits for the process to exit; returns its exit code, or -signal if killed by one;
   // nullopt at the deadline (the process keeps running).
