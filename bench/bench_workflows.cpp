@@ -233,6 +233,7 @@ int run_all(const options& o) {
   std::vector<std::pair<std::string, std::string>> stores;
   for (const auto& sync : o.syncs) stores.emplace_back("file", sync);
   stores.emplace_back("memory", "normal");
+  int not_done = 0;  // failed or lost workflows over every run
   for (const auto& [store_kind, sync] : stores) {
     const std::string store = store_kind == "file" ? "file/" + sync : store_kind;
     const std::string store_path =
@@ -258,12 +259,20 @@ int run_all(const options& o) {
                   thr.failed + lat.failed, thr.lost + lat.lost, lat.p50_us, lat.p99_us, overhead,
                   overhead / rtt_p50);
       std::fflush(stdout);
+      not_done += thr.failed + lat.failed + thr.lost + lat.lost;
     }
     orch->finish(SIGTERM, 10s);
   }
   agents->finish(0, 5s);
   broker->finish(SIGTERM, 10s);
   std::filesystem::remove_all(dir);
+  if (not_done != 0) {
+    std::printf(
+        "FAILED: %d workflow(s) failed or were lost (the failed/lost columns above); figures "
+        "from those runs are not results\n",
+        not_done);
+    return 1;
+  }
   return 0;
 }
 
