@@ -42,6 +42,7 @@ class flaky_store final : public es::stream_store {
   std::set<std::pair<std::string, es::sequence>> failing_reads;  // (stream, seq)
   std::set<std::string> failing_appends;                         // streams
   bool failing_saves = false;                                    // consumer states
+  bool failing_flushes = false;
 
   ec::status create_stream(const es::stream_config& c) override { return inner_->create_stream(c); }
   ec::status delete_stream(std::string_view name) override { return inner_->delete_stream(name); }
@@ -57,7 +58,12 @@ class flaky_store final : public es::stream_store {
     }
     return inner_->append(stream, records);
   }
-  ec::status flush() override { return inner_->flush(); }
+  ec::status flush() override {
+    if (failing_flushes) {
+      return ec::error::make(es::errc::storage_failed, "injected flush failure");
+    }
+    return inner_->flush();
+  }
   ec::result<std::vector<es::record>> read(std::string_view stream, es::sequence from,
                                            std::size_t max_records,
                                            std::size_t max_bytes) override {
@@ -328,6 +334,31 @@ TEST_F(consumer_host_test, a_dead_letter_that_cannot_be_appended_is_retried_not_
   EXPECT_EQ(host_->counters().dead_letters_stored, 1u);
   EXPECT_EQ(saved_info("billing")["ack_floor"], 2);
   ASSERT_EQ(take(command::reply).size(), 1u);
+}
+
+TEST_F(consumer_host_test, each_dead_letter_counts_one_retry_per_failed_attempt) {
+  start();
+  ASSERT_TRUE(join("p1", "billing", {{"max_deliver", 1u}}).ok());
+  publish(2);
+  run();
+  ASSERT_EQ(take(command::deliver).size(), 2u);
+
+  // Both the appends and the flush fail in the same turn: two dead letters, two retries (the
+  // failed flush does not count them again).
+  store_->failing_appends.insert("orders-dlq");
+  store_->failing_flushes = true;
+  ASSERT_TRUE(answer("p1", command::term, "billing", 1).ok());
+  ASSERT_TRUE(answer("p1", command::term, "billing", 2).ok());
+  run();
+  EXPECT_EQ(host_->counters().dead_letter_retries, 2u);
+  EXPECT_EQ(store_->info("orders-dlq")->last_seq, 0u);
+
+  store_->failing_appends.clear();
+  store_->failing_flushes = false;
+  run();
+  EXPECT_EQ(store_->info("orders-dlq")->last_seq, 2u);
+  EXPECT_EQ(host_->counters().dead_letters_stored, 2u);
+  EXPECT_EQ(host_->counters().dead_letter_retries, 2u);
 }
 
 TEST_F(consumer_host_test, a_confirmation_that_cannot_be_sent_is_counted_and_the_answer_stands) {

@@ -885,8 +885,10 @@ void consumer_host::store_dead_letters() {
     }
   }
   if (auto st = store_.flush(); !st) {
-    // Kept and appended again next turn; the consumers' states are not saved past them.
-    ++counters_.dead_letter_retries;
+    // Kept and appended again next turn; the consumers' states are not saved past them. Those
+    // whose append failed are counted already: one retry per dead letter per turn.
+    counters_.dead_letter_retries +=
+        static_cast<std::uint64_t>(std::count(appended.begin(), appended.end(), true));
     log_->error("{} dead letter(s) not stored, retried: {} {}", dead_letters_.size(), st.err().code,
                 st.err().message);
     return;

@@ -76,7 +76,8 @@ struct host_limits {
 struct host_counters {
   std::uint64_t deliveries_unsent = 0;  // DELIVERs the router refused; redelivered after ack_wait
   std::uint64_t dead_letters_stored = 0;
-  // Dead letters whose record could not be read or appended; retried, never dropped.
+  // Retries of dead letters whose record could not be read, appended or flushed: one per dead
+  // letter per failed attempt (never dropped, retried until stored).
   std::uint64_t dead_letter_retries = 0;
   std::uint64_t state_save_failures = 0;
   // Confirmations (REPLY to an ACK, NACK, TERM or PROGRESS with an id) the router could not
