@@ -15,6 +15,7 @@
 #include <iterator>
 #include <limits>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -273,6 +274,52 @@ TEST_F(sqlite_store_test, upsert_replaces_the_record) {
   EXPECT_EQ(got->status, instance_status::compensating);
   EXPECT_EQ(got->state, (json{{"last", true}}));
   EXPECT_EQ(ok(s->list({})).size(), 3u);
+}
+
+// commit() updates a known instance's changing columns only when the others are unchanged; a
+// record that changes any of them (workflow, version, parent, creation time, starter) must
+// still replace the whole row, and the list filters on those columns must follow.
+TEST_F(sqlite_store_test, upsert_replaces_columns_that_running_instances_never_change) {
+  auto s = open();
+  instance_record r = make_instance("wf-1", 100);
+  r.started_by = "alice";
+  commit_batch first;
+  first.instances = {r};
+  commit_ok(*s, first);
+
+  r.workflow = "Refunds";
+  r.version = 2;
+  r.parent_id = "wf-0";
+  r.created_us = 50;
+  r.started_by = "bob";
+  r.status = instance_status::completed;
+  r.active = false;
+  r.state = {{"replaced", true}};
+  commit_batch second;
+  second.instances = {r};
+  commit_ok(*s, second);
+
+  auto got = ok(s->get("wf-1"));
+  ASSERT_TRUE(got.has_value());
+  EXPECT_EQ(got->workflow, "Refunds");
+  EXPECT_EQ(got->version, 2u);
+  EXPECT_EQ(got->parent_id, "wf-0");
+  EXPECT_EQ(got->created_us, 50);
+  EXPECT_EQ(got->started_by, "bob");
+  EXPECT_EQ(got->status, instance_status::completed);
+  EXPECT_EQ(got->state, (json{{"replaced", true}}));
+  const auto listed = [&](std::string workflow, std::optional<std::string> started_by) {
+    list_filter f;
+    f.workflow = std::move(workflow);
+    f.started_by = std::move(started_by);
+    return ids_of(ok(s->list(f)));
+  };
+  const std::vector<std::string> just_it = {"wf-1"};
+  EXPECT_EQ(listed("Refunds", std::nullopt), just_it);
+  EXPECT_TRUE(listed("OrderProcessing", std::nullopt).empty());
+  EXPECT_EQ(listed("", "bob"), just_it);
+  EXPECT_TRUE(listed("", "alice").empty());
+  EXPECT_TRUE(ok(s->load_active()).empty());
 }
 
 TEST_F(sqlite_store_test, load_active_returns_exactly_the_active_rows_oldest_first) {

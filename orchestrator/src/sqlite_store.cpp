@@ -737,7 +737,15 @@ class sqlite_store final : public store {
         use u(db(), begin_);
         u.step([] { return "commit: begin"; });
       }
-      for (const auto& r : batch.instances) write_instance(upsert_instance_, r);
+      for (const auto& r : batch.instances) {
+        // Most upserts change a running instance, whose id, workflow, version, parent,
+        // creation time and starter never change: the narrow UPDATE leaves the indexes on those
+        // columns alone (the full upsert rewrites all five). It matches only a row with the
+        // same values in them, so anything else — a new id, or a record that does change one of
+        // them — goes through the full upsert, with the same result as before.
+        write_instance(update_instance_, r);
+        if (sqlite3_changes(db()) == 0) write_instance(upsert_instance_, r);
+      }
       for (const auto& h : batch.history) {
         use u(db(), insert_history_);
         u.bind(1, h.instance_id)
@@ -1147,6 +1155,10 @@ class sqlite_store final : public store {
                   "excluded.parent_id, created_us = excluded.created_us, updated_us = "
                   "excluded.updated_us, active = excluded.active, state = excluded.state, "
                   "started_by = excluded.started_by");
+    update_instance_ = statement(db(),
+                                 "UPDATE instances SET status = ?4, updated_us = ?7, active = ?8, "
+                                 "state = ?9 WHERE id = ?1 AND workflow = ?2 AND version = ?3 AND "
+                                 "parent_id = ?5 AND created_us = ?6 AND started_by = ?10");
     insert_history_ = statement(db(),
                                 "INSERT INTO history(instance_id, seq, ts_us, kind, step, data) "
                                 "VALUES (?1, ?2, ?3, ?4, ?5, ?6)");
@@ -1213,7 +1225,7 @@ class sqlite_store final : public store {
     return doc;
   }
 
-  // Binds the record to upsert_instance_ (?1..?10) and steps it.
+  // Binds the record to an instance statement (?1..?10 as in upsert_instance_) and steps it.
   void write_instance(const statement& s, const instance_record& r) {
     use u(db(), s);
     u.bind(1, r.id)
@@ -1334,7 +1346,8 @@ class sqlite_store final : public store {
   std::shared_ptr<spdlog::logger> log_;
   db_handle db_;  // declared before the statements: finalized first, closed last
   statement begin_, commit_, rollback_;
-  statement upsert_instance_, insert_history_, insert_trigger_, insert_buffer_, delete_buffer_;
+  statement upsert_instance_, update_instance_, insert_history_, insert_trigger_, insert_buffer_,
+      delete_buffer_;
   statement purge_buffer_, load_buffer_, load_active_, get_instance_, load_history_;
   statement count_by_status_, triggered_by_, load_definition_, insert_definition_;
   statement put_meta_, get_meta_;  // ensure_meta()
