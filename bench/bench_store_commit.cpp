@@ -7,6 +7,10 @@
 // state documents are built before the clock starts: the engine has them already.
 //
 //   bench_store_commit [--workflows 20000] [--group 40] [--store file|memory] [--sync normal]
+//                      [--shape engine|no-ack|no-history|changed-step]
+//
+// --shape writes what a change in the engine would have the store write instead, to say what
+// that change would save before anyone makes it.
 //
 // Prints CPU µs per workflow of the committing thread and of the whole process (which includes
 // the background checkpoint), and commits/s.
@@ -138,12 +142,19 @@ int main(int argc, char** argv) {
   int group = 40;
   std::string store = "file";
   std::string sync = "normal";
+  std::string shape = "engine";
   CLI::App app{"bench_store_commit: the workflow store's commit() per completed workflow"};
   app.add_option("--workflows", workflows, "instances taken through their life")
       ->capture_default_str();
   app.add_option("--group", group, "instances per stage in one batch")->capture_default_str();
   app.add_option("--store", store, "file | memory")->check(CLI::IsMember({"file", "memory"}));
   app.add_option("--sync", sync, "normal | full")->check(CLI::IsMember({"normal", "full"}));
+  app.add_option("--shape", shape,
+                 "engine (as the engine writes today), or what an engine change would write: "
+                 "no-ack (no upsert when the lifecycle events are acknowledged), no-history, "
+                 "changed-step (each upsert's state holds only the step that changed)")
+      ->check(CLI::IsMember({"engine", "no-ack", "no-history", "changed-step"}))
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
 
   // Every batch, built up front: group g is at stage (batch - g).
@@ -153,9 +164,26 @@ int main(int argc, char** argv) {
     for (int stage = 0; stage < k_stages; ++stage) {
       const int g = static_cast<int>(b) - stage;
       if (g < 0 || g >= groups) continue;
+      if (shape == "no-ack" && stage == k_stages - 1) continue;
       for (int n = g * group; n < std::min(workflows, (g + 1) * group); ++n) {
         batches[b].instances.push_back(make_record(n, stage));
-        add_history(batches[b].history, batches[b].instances.back(), stage);
+        auto& r = batches[b].instances.back();
+        if (shape != "no-history") add_history(batches[b].history, r, stage);
+        if (shape == "changed-step") {
+          // The step this stage changed, with the run's bookkeeping for it.
+          const char* step = k_steps[std::min(stage, 2)];
+          json steps = json::object();
+          json run_steps = json::object();
+          if (r.state["steps"].contains(step)) steps[step] = r.state["steps"][step];
+          if (r.state["run"]["steps"].contains(step)) {
+            run_steps[step] = r.state["run"]["steps"][step];
+          }
+          r.state = {{"steps", std::move(steps)},
+                     {"run",
+                      {{"history_seq", r.state["run"]["history_seq"]},
+                       {"outbox", r.state["run"]["outbox"]},
+                       {"steps", std::move(run_steps)}}}};
+        }
       }
     }
   }
@@ -187,9 +215,11 @@ int main(int argc, char** argv) {
     for (const char* suffix : {"", "-wal", "-shm"}) std::filesystem::remove(path + suffix);
   }
   std::printf(
-      "store %-6s sync %-6s group %3d: %6.1f us CPU/workflow in commit() (thread), %6.1f "
+      "store %-6s sync %-6s shape %-12s group %3d: %6.1f us CPU/workflow in commit() (thread), "
+      "%6.1f "
       "(process, with checkpoints), %7.0f commits/s, %6.0f workflows/s\n",
-      store.c_str(), sync.c_str(), group, thread_s * 1e6 / workflows, process_s * 1e6 / workflows,
-      static_cast<double>(batches.size()) / wall_s, workflows / wall_s);
+      store.c_str(), sync.c_str(), shape.c_str(), group, thread_s * 1e6 / workflows,
+      process_s * 1e6 / workflows, static_cast<double>(batches.size()) / wall_s,
+      workflows / wall_s);
   return 0;
 }
