@@ -10,12 +10,15 @@
 // broker (`orchestrator.start`) and times each one until its `workflow.<name>.completed`
 // event arrives.
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <mutex>
+#include <optional>
 #include <unordered_map>
 
 #include "ensemble/agent/agent.hpp"
@@ -55,6 +58,7 @@ struct options {
   std::string only;  // seed | mixed
   // The file store's --sync modes, each run in turn (so that they compare in one run).
   std::vector<std::string> syncs = {"normal"};
+  bool cpu = false;  // print where the CPU went during each throughput run
 };
 
 // --- the agents process ----------------------------------------------------------------------
@@ -202,6 +206,71 @@ class driver {
   eb::clock_type::time_point last_end_{};
 };
 
+// CPU of every process of the deployment (and of the machine) over one throughput run, by
+// thread: what each completed workflow costs, in µs of CPU, and where. The threads of a process
+// that share a name (the SDK's pool) are summed.
+class cpu_per_workflow {
+ public:
+  explicit cpu_per_workflow(std::vector<std::pair<std::string, pid_t>> procs)
+      : procs_(std::move(procs)) {
+    before_ = take();
+  }
+  // One line per process: "  orchestrator 412 us/wf: orch-engine 250, ZMQbg/IO/0 80, ...".
+  void print(const std::string& title, double completed) const {
+    const snapshot after = take();
+    if (completed <= 0) return;
+    std::printf("  %s, CPU per completed workflow (us) during the throughput run:\n",
+                title.c_str());
+    double ours = 0;
+    for (std::size_t i = 0; i < procs_.size(); ++i) {
+      std::map<std::string, double> by_name;
+      for (const auto& [tid, t] : after.threads[i]) {
+        auto b = before_.threads[i].find(tid);
+        by_name[t.comm] += t.seconds - (b == before_.threads[i].end() ? 0 : b->second.seconds);
+      }
+      std::vector<std::pair<double, std::string>> sorted;
+      for (const auto& [name, sec] : by_name) sorted.emplace_back(sec, name);
+      std::sort(sorted.rbegin(), sorted.rend());
+      const double total = after.totals[i] - before_.totals[i];
+      ours += total;
+      std::printf("    cpu %-12s %6.0f us/wf:", procs_[i].first.c_str(), total * 1e6 / completed);
+      for (const auto& [sec, name] : sorted) {
+        if (sec * 1e6 / completed < 1) break;
+        std::printf(" %s %.0f", name.c_str(), sec * 1e6 / completed);
+      }
+      std::printf("\n");
+    }
+    const double wall = std::chrono::duration<double>(after.at - before_.at).count();
+    const double busy = after.machine.busy - before_.machine.busy;
+    std::printf(
+        "    cpu deployment %.0f us/wf; machine busy %.2f of 2 cores over %.2f s, others %.2f "
+        "cores, steal %.2f\n",
+        ours * 1e6 / completed, wall > 0 ? busy / wall : 0, wall,
+        wall > 0 ? std::max(0.0, busy - ours) / wall : 0,
+        wall > 0 ? (after.machine.steal - before_.machine.steal) / wall : 0);
+  }
+
+ private:
+  struct snapshot {
+    eb::clock_type::time_point at;
+    eb::machine_cpu machine;
+    std::vector<std::map<std::string, eb::thread_cpu>> threads;
+    std::vector<double> totals;
+  };
+  snapshot take() const {
+    snapshot s;
+    s.at = eb::clock_type::now();
+    s.machine = eb::machine_cpu_seconds();
+    for (const auto& [label, pid] : procs_) {
+      s.threads.push_back(eb::threads_cpu_seconds(pid));
+      s.totals.push_back(eb::process_cpu_seconds(pid));
+    }
+    return s;
+  }
+  std::vector<std::pair<std::string, pid_t>> procs_;
+  snapshot before_;
+};
+
 int run_all(const options& o) {
   const auto dir =
       std::filesystem::temp_directory_path() / ("ensemble-bench-" + std::to_string(::getpid()));
@@ -249,7 +318,15 @@ int run_all(const options& o) {
          std::vector<std::pair<std::string, int>>{{"OrderProcessing", 3}, {"MixedOrder", 3}}) {
       if (!o.only.empty() && ((o.only == "seed") != (workflow == "OrderProcessing"))) continue;
       (void)d.run(workflow, std::min(o.instances, 500), o.window);  // warm-up
+      std::optional<cpu_per_workflow> cpu;
+      if (o.cpu) {
+        cpu.emplace(std::vector<std::pair<std::string, pid_t>>{{"broker", broker->pid()},
+                                                               {"orchestrator", orch->pid()},
+                                                               {"agents", agents->pid()},
+                                                               {"driver", ::getpid()}});
+      }
       const auto thr = d.run(workflow, o.instances, o.window);
+      if (cpu) cpu->print(workflow + " " + store, o.instances - thr.failed - thr.lost);
       const auto lat = d.run(workflow, o.latency_runs, 1);
       // One instance at 1 in flight costs: the start call, `steps` hops, the lifecycle event.
       // Its overhead per step, beyond what the same number of bare round trips would cost:
@@ -287,6 +364,9 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--rtt-calls", o.rtt_calls, "bare round trips")->capture_default_str();
   app.add_flag("--quick", o.quick, "small counts, for a smoke run");
+  app.add_flag("--cpu", o.cpu,
+               "after each throughput run, the CPU each completed workflow cost (us), per "
+               "process and thread");
   app.add_option("--only", o.only, "seed | mixed")->check(CLI::IsMember({"seed", "mixed"}));
   app.add_option("--sync", o.syncs,
                  "the file store's --sync modes to run, in turn: normal, full or normal,full")

@@ -13,7 +13,9 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <limits>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -272,6 +274,52 @@ TEST_F(sqlite_store_test, upsert_replaces_the_record) {
   EXPECT_EQ(got->status, instance_status::compensating);
   EXPECT_EQ(got->state, (json{{"last", true}}));
   EXPECT_EQ(ok(s->list({})).size(), 3u);
+}
+
+// commit() updates a known instance's changing columns only when the others are unchanged; a
+// record that changes any of them (workflow, version, parent, creation time, starter) must
+// still replace the whole row, and the list filters on those columns must follow.
+TEST_F(sqlite_store_test, upsert_replaces_columns_that_running_instances_never_change) {
+  auto s = open();
+  instance_record r = make_instance("wf-1", 100);
+  r.started_by = "alice";
+  commit_batch first;
+  first.instances = {r};
+  commit_ok(*s, first);
+
+  r.workflow = "Refunds";
+  r.version = 2;
+  r.parent_id = "wf-0";
+  r.created_us = 50;
+  r.started_by = "bob";
+  r.status = instance_status::completed;
+  r.active = false;
+  r.state = {{"replaced", true}};
+  commit_batch second;
+  second.instances = {r};
+  commit_ok(*s, second);
+
+  auto got = ok(s->get("wf-1"));
+  ASSERT_TRUE(got.has_value());
+  EXPECT_EQ(got->workflow, "Refunds");
+  EXPECT_EQ(got->version, 2u);
+  EXPECT_EQ(got->parent_id, "wf-0");
+  EXPECT_EQ(got->created_us, 50);
+  EXPECT_EQ(got->started_by, "bob");
+  EXPECT_EQ(got->status, instance_status::completed);
+  EXPECT_EQ(got->state, (json{{"replaced", true}}));
+  const auto listed = [&](std::string workflow, std::optional<std::string> started_by) {
+    list_filter f;
+    f.workflow = std::move(workflow);
+    f.started_by = std::move(started_by);
+    return ids_of(ok(s->list(f)));
+  };
+  const std::vector<std::string> just_it = {"wf-1"};
+  EXPECT_EQ(listed("Refunds", std::nullopt), just_it);
+  EXPECT_TRUE(listed("OrderProcessing", std::nullopt).empty());
+  EXPECT_EQ(listed("", "bob"), just_it);
+  EXPECT_TRUE(listed("", "alice").empty());
+  EXPECT_TRUE(ok(s->load_active()).empty());
 }
 
 TEST_F(sqlite_store_test, load_active_returns_exactly_the_active_rows_oldest_first) {
@@ -972,3 +1020,125 @@ TEST_F(sqlite_store_test, a_full_store_refuses_the_batch_and_commits_once_space_
 }
 
 }  // namespace
+
+// The store writes documents with its own MessagePack encoder: every blob must be byte for byte
+// what json::to_msgpack writes (the encoding older builds stored and any reader expects), at
+// every boundary where MessagePack changes type or width.
+TEST_F(sqlite_store_test, documents_are_stored_as_exactly_the_bytes_of_to_msgpack) {
+  json ints = json::array();
+  for (std::int64_t v : {std::int64_t{0},
+                         std::int64_t{1},
+                         std::int64_t{127},
+                         std::int64_t{128},
+                         std::int64_t{255},
+                         std::int64_t{256},
+                         std::int64_t{65535},
+                         std::int64_t{65536},
+                         std::int64_t{4294967295},
+                         std::int64_t{4294967296},
+                         std::numeric_limits<std::int64_t>::max(),
+                         std::int64_t{-1},
+                         std::int64_t{-32},
+                         std::int64_t{-33},
+                         std::int64_t{-128},
+                         std::int64_t{-129},
+                         std::int64_t{-32768},
+                         std::int64_t{-32769},
+                         std::int64_t{-2147483648},
+                         std::int64_t{-2147483649},
+                         std::numeric_limits<std::int64_t>::min()}) {
+    ints.push_back(v);
+  }
+  for (std::uint64_t v : {std::uint64_t{0}, std::uint64_t{127}, std::uint64_t{128},
+                          std::uint64_t{65536}, std::numeric_limits<std::uint64_t>::max()}) {
+    ints.push_back(v);
+  }
+  json floats = json::array();
+  for (double v :
+       {0.0, -0.0, 0.5, 0.1, -2.25, 1e39, -1e39, 3.4028234663852886e38, 1e-50,
+        std::numeric_limits<double>::infinity(), -std::numeric_limits<double>::infinity(),
+        std::numeric_limits<double>::quiet_NaN()}) {
+    floats.push_back(v);
+  }
+  json strings = json::array();
+  for (std::size_t n : {0, 1, 31, 32, 255, 256, 65535, 65536})
+    strings.push_back(std::string(n, 'x'));
+  strings.push_back(std::string("\xff\xfe not utf-8"));
+  json binaries = json::array();
+  for (std::size_t n : {0, 1, 2, 3, 4, 8, 16, 17, 255, 256, 65536}) {
+    const std::vector<std::uint8_t> bytes(n, 0xAB);
+    binaries.push_back(json::binary(bytes));
+    binaries.push_back(json::binary(bytes, static_cast<std::uint8_t>(n % 128)));
+  }
+  json sized = json::object();
+  for (std::size_t n : {0, 15, 16, 65536}) {
+    json a = json::array();
+    json o = json::object();
+    for (std::size_t i = 0; i < n; ++i) {
+      a.push_back(i);
+      o["k" + std::to_string(i)] = i;
+    }
+    sized["array" + std::to_string(n)] = std::move(a);
+    sized["object" + std::to_string(n)] = std::move(o);
+  }
+  const std::vector<json> docs = {
+      json::object(),
+      json::array(),
+      json(true),
+      json(false),
+      json(42),
+      json("text"),
+      ints,
+      floats,
+      strings,
+      binaries,
+      sized,
+      json{{"nested", {{"null", nullptr}, {"list", {1, "two", 3.5, false, json::object()}}}}}};
+
+  auto s = open();
+  commit_batch b;
+  for (std::size_t i = 0; i < docs.size(); ++i) {
+    const std::string id = "wf-" + std::to_string(i);
+    b.instances.push_back(make_instance(id, static_cast<std::int64_t>(i)));
+    b.instances.back().state = docs[i];
+    b.history.push_back(make_entry(id, 1));
+    b.history.back().data = docs[i];
+    b.buffer_add.push_back(make_event("ev-" + std::to_string(i), static_cast<std::int64_t>(i)));
+    b.buffer_add.back().event = docs[i];
+  }
+  commit_ok(*s, b);
+
+  sqlite3* db = nullptr;
+  ASSERT_EQ(sqlite3_open_v2(path_.c_str(), &db, SQLITE_OPEN_READONLY, nullptr), SQLITE_OK);
+  const auto blob_of = [db](const std::string& sql, const std::string& key) {
+    sqlite3_stmt* stmt = nullptr;
+    std::vector<std::uint8_t> out;
+    if (sqlite3_prepare_v2(db, sql.c_str(), -1, &stmt, nullptr) != SQLITE_OK) {
+      ADD_FAILURE() << sql << ": " << sqlite3_errmsg(db);
+      return out;
+    }
+    sqlite3_bind_text(stmt, 1, key.c_str(), -1, SQLITE_TRANSIENT);
+    if (sqlite3_step(stmt) == SQLITE_ROW && sqlite3_column_type(stmt, 0) == SQLITE_BLOB) {
+      const auto* p = static_cast<const std::uint8_t*>(sqlite3_column_blob(stmt, 0));
+      out.assign(p, p + sqlite3_column_bytes(stmt, 0));
+    } else {
+      ADD_FAILURE() << sql << " for '" << key << "': no blob";
+    }
+    sqlite3_finalize(stmt);
+    return out;
+  };
+  for (std::size_t i = 0; i < docs.size(); ++i) {
+    const std::string n = std::to_string(i);
+    const auto expected = json::to_msgpack(docs[i]);
+    EXPECT_EQ(blob_of("SELECT state FROM instances WHERE id = ?1", "wf-" + n), expected)
+        << "instance state " << i << ": " << docs[i].dump().substr(0, 200);
+    EXPECT_EQ(blob_of("SELECT data FROM history WHERE instance_id = ?1", "wf-" + n), expected)
+        << "history data " << i;
+    EXPECT_EQ(blob_of("SELECT event FROM buffer WHERE id = ?1", "ev-" + n), expected)
+        << "buffered event " << i;
+  }
+  sqlite3_close(db);
+  // And they read back as the documents (NaN aside, which equals nothing).
+  EXPECT_EQ(ok(s->get("wf-10"))->state, docs[10]);
+  EXPECT_EQ(ok(s->get("wf-8"))->state, docs[8]);
+}
