@@ -15,7 +15,6 @@
 #include <map>
 #include <mutex>
 #include <nlohmann/json.hpp>
-#include <queue>
 #include <thread>
 #include <unordered_map>
 #include <utility>
@@ -476,7 +475,9 @@ struct agent::impl {
   call_table calls;
   std::unordered_map<std::string, std::uint64_t> named_calls;
   using timer = std::pair<steady::time_point, std::uint64_t>;  // a call's deadline, its number
-  std::priority_queue<timer, std::vector<timer>, std::greater<>> call_deadlines;
+  // A min-heap (std::push_heap with std::greater) of the calls' backstop timers. An answered
+  // call's entry stays until it is popped or the heap is pruned (add_call).
+  std::vector<timer> call_deadlines;
   std::vector<probe> probes;
   std::vector<zmq::message_t> frames;
   std::vector<zmq::message_t> out_frames;
@@ -990,7 +991,15 @@ void agent::impl::add_call(std::uint64_t number, std::string given_id, pending_c
     c.given_id = std::move(given_id);
   }
   calls.put(number, std::move(c));
-  call_deadlines.emplace(backstop, number);
+  // Entries of answered calls pile up while calls are answered long before their deadlines
+  // (pipelined callers): once they are most of the heap, keep only the live ones. Amortised,
+  // this costs O(1) per call and bounds the heap to about twice the calls in flight.
+  if (call_deadlines.size() >= 1024 && call_deadlines.size() > 2 * calls.size()) {
+    std::erase_if(call_deadlines, [this](const timer& t) { return !calls.contains(t.second); });
+    std::make_heap(call_deadlines.begin(), call_deadlines.end(), std::greater<>{});
+  }
+  call_deadlines.emplace_back(backstop, number);
+  std::push_heap(call_deadlines.begin(), call_deadlines.end(), std::greater<>{});
 }
 
 void agent::impl::complete_call(std::uint64_t number, call_result r) {
@@ -1646,9 +1655,10 @@ void agent::impl::handle_event(const event_job& job) {
 }
 
 void agent::impl::on_timers(steady::time_point now) {
-  while (!call_deadlines.empty() && call_deadlines.top().first <= now) {
-    const std::uint64_t number = call_deadlines.top().second;
-    call_deadlines.pop();
+  while (!call_deadlines.empty() && call_deadlines.front().first <= now) {
+    std::pop_heap(call_deadlines.begin(), call_deadlines.end(), std::greater<>{});
+    const std::uint64_t number = call_deadlines.back().second;
+    call_deadlines.pop_back();
     const auto* c = calls.find(number);
     if (c == nullptr) continue;
     complete_call(number, error{std::string(errc::deadline_exceeded),
@@ -1711,7 +1721,7 @@ void agent::impl::on_timers(steady::time_point now) {
 
 steady::time_point agent::impl::next_wakeup() const {
   auto t = std::min(next_heartbeat, last_from_broker + heartbeat * opts.liveness + 1ms);
-  if (!call_deadlines.empty()) t = std::min(t, call_deadlines.top().first);
+  if (!call_deadlines.empty()) t = std::min(t, call_deadlines.front().first);
   for (const auto& p : probes) t = std::min({t, p.next_publish, p.deadline});
   for (const auto& [key, st] : io_consumers) {
     if (st->first_join) t = std::min(t, st->join_deadline);
