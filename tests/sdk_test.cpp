@@ -33,8 +33,8 @@ class sdk_test : public ::testing::Test {
   }
   std::unique_ptr<tk::process> start_worker(const std::string& name,
                                             std::vector<std::string> extra = {}) {
-    std::vector<std::string> args{"--broker", broker_->router(), "--events", broker_->events(),
-                                  "--name", name};
+    std::vector<std::string> args{"--broker",        broker_->router(), "--events",
+                                  broker_->events(), "--name",          name};
     args.insert(args.end(), extra.begin(), extra.end());
     auto p = tk::process::spawn({tk::binary_path("ensemble-test-worker"), args, {}, {}, name});
     if (!p->wait_for_line("test-worker ready", 10s)) {
@@ -66,8 +66,7 @@ TEST_F(sdk_test, every_call_is_answered_and_load_spreads_over_two_workers) {
   constexpr int k_calls = 400;
   std::vector<std::future<ea::call_result>> futures;
   for (int i = 0; i < k_calls; ++i) {
-    futures.push_back(
-        client.call_future("Echo", "ping", ea::to_json_payload({{"i", i}}), 10s));
+    futures.push_back(client.call_future("Echo", "ping", ea::to_json_payload({{"i", i}}), 10s));
   }
   std::map<std::string, int> by_worker;
   for (int i = 0; i < k_calls; ++i) {
@@ -267,13 +266,13 @@ TEST_F(sdk_test, trace_context_flows_from_a_handled_request_into_its_calls_and_e
     if (auto p = middle.publish("middle.done", {}); !p) return p.err();
     return ea::bytes{};
   });
-  ASSERT_TRUE(client
-                  .subscribe("middle.",
-                             [&](const ea::message& e) {
-                               event_seen.set_value(
-                                   {e.correlation_id(), e.causation_id(), e.trace_id()});
-                             })
-                  .ok());
+  ASSERT_TRUE(
+      client
+          .subscribe("middle.",
+                     [&](const ea::message& e) {
+                       event_seen.set_value({e.correlation_id(), e.causation_id(), e.trace_id()});
+                     })
+          .ok());
   ASSERT_TRUE(downstream.start().ok());
   ASSERT_TRUE(middle.start().ok());
   ASSERT_TRUE(client.start().ok());
@@ -306,9 +305,8 @@ TEST_F(sdk_test, handler_errors_reach_the_caller_with_code_message_and_retryable
   worker.handle("Pay", "flaky", [](const ea::message&) -> ea::handler_result {
     return ea::error{"gateway_timeout", "try again", true};
   });
-  worker.handle("Pay", "explode", [](const ea::message&) -> ea::handler_result {
-    throw std::runtime_error("boom");
-  });
+  worker.handle("Pay", "explode",
+                [](const ea::message&) -> ea::handler_result { throw std::runtime_error("boom"); });
   ASSERT_TRUE(worker.start().ok());
   ea::agent client(agent_options("client"));
   ASSERT_TRUE(client.start().ok());
@@ -356,6 +354,58 @@ TEST_F(sdk_test, bad_calls_are_refused_locally_with_a_clear_error) {
   auto nobody = client.call("NoSuchService", "x", {}, 200ms);
   ASSERT_FALSE(nobody.ok());
   EXPECT_EQ(nobody.err().code, "no_such_service");
+}
+
+// The SDK finds a call's answer by the number in the ids it makes; ids the caller chose (any
+// text, including one shaped like another agent's ids) are found by name. Both kinds, in flight
+// together, each get their own answer, and so do their errors and publish acknowledgements.
+TEST_F(sdk_test, calls_with_ids_the_caller_chose_are_answered_beside_generated_ones) {
+  start_broker();
+  auto wo = agent_options("echo");
+  wo.inline_handlers = true;
+  ea::agent worker(wo);
+  worker.handle("Echo", "echo", [](const ea::message& m) -> ea::handler_result {
+    return m.id() + "|" + m.payload();
+  });
+  ASSERT_TRUE(worker.start().ok());
+  ea::agent client(agent_options("client"));
+  ASSERT_TRUE(client.start().ok());
+
+  constexpr int k_calls = 200;
+  std::vector<std::string> given(k_calls);  // empty: the SDK makes the id
+  std::vector<std::future<ea::call_result>> futures;
+  for (int i = 0; i < k_calls; ++i) {
+    ea::send_options so;
+    if (i % 3 == 1) so.id = "order-" + std::to_string(i);
+    if (i % 3 == 2) so.id = "0123456789abcdef-" + std::to_string(i);  // another generator's shape
+    given[i] = so.id;
+    futures.push_back(client.call_future("Echo", "echo", "payload-" + std::to_string(i), 10s, so));
+  }
+  for (int i = 0; i < k_calls; ++i) {
+    auto r = futures[i].get();
+    ASSERT_TRUE(r.ok()) << "call " << i << ": " << r.err().to_string();
+    const std::string& body = r->payload();
+    const auto bar = body.find('|');
+    ASSERT_NE(bar, std::string::npos) << body;
+    EXPECT_EQ(body.substr(bar + 1), "payload-" + std::to_string(i));
+    EXPECT_EQ(r->id(), body.substr(0, bar)) << "call " << i;
+    if (!given[i].empty()) {
+      EXPECT_EQ(r->id(), given[i]);
+    }
+  }
+
+  ea::send_options named;
+  named.id = "lookup-1";
+  // The broker answers no_such_service at the deadline, just before the local backstop would.
+  auto nobody = client.call("NoSuchService", "x", {}, 300ms, named);
+  ASSERT_FALSE(nobody.ok());
+  EXPECT_EQ(nobody.err().code, "no_such_service") << nobody.err().to_string();
+
+  named.id = "event-1";
+  auto acked = client.publish_acked("ids.test", {}, 10s, named);
+  ASSERT_TRUE(acked.ok()) << acked.err().to_string();
+  EXPECT_EQ(acked->id, "event-1");
+  EXPECT_GT(acked->seq, 0u);
 }
 
 TEST_F(sdk_test, start_fails_with_a_clear_error_when_no_broker_answers) {

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <bit>
 #include <condition_variable>
 #include <cstdio>
 #include <cstring>
@@ -14,9 +15,9 @@
 #include <map>
 #include <mutex>
 #include <nlohmann/json.hpp>
-#include <queue>
 #include <thread>
 #include <unordered_map>
+#include <utility>
 
 #include "ensemble/common/clock.hpp"
 #include "ensemble/common/curve_keys.hpp"
@@ -60,6 +61,12 @@ struct message_access {
     m.deadline_ = steady::now() + std::chrono::milliseconds(h.deadline_ms);
     m.payload_ = std::move(payload);
     return m;
+  }
+  // A handled request's reply header, taking the strings the request no longer needs.
+  static void reply_header(message& m, header& r) {
+    r.id = std::move(m.id_);
+    r.correlation_id = std::move(m.correlation_id_);
+    r.attempt = m.attempt_ > 1 ? m.attempt_ : 0;
   }
 };
 
@@ -212,7 +219,9 @@ class event_backlog {
 
 struct service_def {
   std::uint32_t capacity = 1;
-  std::map<std::string, request_handler> actions;
+  // Shared so that a dispatch takes a handler with a reference count, not a copy of the
+  // std::function and what it captured.
+  std::map<std::string, std::shared_ptr<const request_handler>> actions;
 };
 
 // A durable consumer this agent is a member of (docs/protocol.md section 11).
@@ -236,10 +245,10 @@ struct consumer_state {
 
   // I/O thread only.
   consumer_key key() const { return {opts.stream, opts.consumer}; }
-  bool joined = false;    // the broker accepted the last CONSUME
-  bool removed = false;   // stop_consuming, or the first join failed: nothing new starts
-  bool pumping = false;   // pump() is on the stack (inline handlers answer from inside it)
-  std::string join_call;  // id of the CONSUME waiting for its REPLY
+  bool joined = false;          // the broker accepted the last CONSUME
+  bool removed = false;         // stop_consuming, or the first join failed: nothing new starts
+  bool pumping = false;         // pump() is on the stack (inline handlers answer from inside it)
+  std::uint64_t join_call = 0;  // call number of the CONSUME waiting for its REPLY; 0: none
   // The caller of consume() (or start()) waiting for the first join, and until when.
   std::shared_ptr<std::promise<status>> first_join;
   steady::time_point join_deadline{};
@@ -264,7 +273,8 @@ struct outbound {
   kind what = kind::request;
   header hdr;
   bytes payload;
-  call_callback done;                            // request; publish with ack
+  call_callback done;        // request; publish with ack
+  std::uint64_t number = 0;  // request, publish: hdr.id's number (id_generator), 0 for a given id
   steady::time_point deadline{};                 // request, publish with ack, sync, consume_stop
   std::string prefix;                            // subscribe
   std::shared_ptr<std::promise<status>> synced;  // sync, consume_stop
@@ -276,22 +286,128 @@ struct outbound {
 // A message the DEALER could not take yet (its high-water mark was reached), in sending order.
 struct held_message {
   std::vector<zmq::message_t> frames;
-  std::string call_id;   // a request or acknowledged publish: skipped once its caller was answered
+  std::uint64_t call =
+      0;                 // a request or acknowledged publish: skipped once its caller was answered
   bool event = false;    // a PUBLISH
   bool counted = false;  // holds a place in the send queue
 };
 
 // What send() needs to know about the message besides its frames.
 struct send_tag {
-  std::string call_id;
+  std::uint64_t call = 0;  // the pending call it belongs to (call_table), 0: none
   bool counted = false;
 };
 
+// A call waiting for its answer: a request (REPLY), an acknowledged publish (PUBLISH_ACK), a
+// CONSUME or CONSUME_STOP (REPLY).
 struct pending_call {
+  enum class about : std::uint8_t { request, ack, other };
   call_callback done;
   steady::time_point deadline;
   std::uint64_t generation = 0;
-  std::string what;  // "service.action" or "publish topic" for messages
+  // What the call is, for error messages, built only when one is needed: request: service and
+  // action; ack: the topic; other: the whole description.
+  about kind = about::other;
+  std::string subject, action;
+  std::string given_id;  // the caller chose the id (send_options::id): its entry in named_calls
+
+  std::string what() const {
+    switch (kind) {
+      case about::request:
+        return subject + "." + action;
+      case about::ack:
+        return "ack of " + subject;
+      default:
+        return subject;
+    }
+  }
+};
+
+// The pending calls, keyed by a number that is never 0 (the id generator's number of the call's
+// id): open addressing with linear probing in one array that doubles when half full, so that
+// adding and removing a call hashes no string and allocates nothing once the table is warm.
+class call_table {
+ public:
+  std::size_t size() const { return count_; }
+  bool empty() const { return count_ == 0; }
+  bool contains(std::uint64_t key) const { return find(key) != nullptr; }
+  pending_call* find(std::uint64_t key) {
+    return const_cast<pending_call*>(std::as_const(*this).find(key));
+  }
+  const pending_call* find(std::uint64_t key) const {
+    if (key == 0 || count_ == 0) return nullptr;
+    for (std::size_t i = home(key);; i = (i + 1) & mask_) {
+      if (slots_[i].key == key) return &slots_[i].call;
+      if (slots_[i].key == 0) return nullptr;
+    }
+  }
+  // Adds or replaces the call `key` (never 0).
+  void put(std::uint64_t key, pending_call call) {
+    if ((count_ + 1) * 2 > slots_.size()) grow();
+    std::size_t i = home(key);
+    while (slots_[i].key != 0 && slots_[i].key != key) i = (i + 1) & mask_;
+    if (slots_[i].key == 0) ++count_;
+    slots_[i].key = key;
+    slots_[i].call = std::move(call);
+  }
+  // Removes the call `key` and returns it, if there is one.
+  std::optional<pending_call> take(std::uint64_t key) {
+    if (key == 0 || count_ == 0) return std::nullopt;
+    std::size_t i = home(key);
+    while (slots_[i].key != key) {
+      if (slots_[i].key == 0) return std::nullopt;
+      i = (i + 1) & mask_;
+    }
+    std::optional<pending_call> out(std::move(slots_[i].call));
+    // Backward-shift deletion: later entries of the same probe run move up into the hole, so
+    // that lookups never need tombstones.
+    for (std::size_t j = (i + 1) & mask_; slots_[j].key != 0; j = (j + 1) & mask_) {
+      const std::size_t h = home(slots_[j].key);
+      // Entry j may fill the hole at i unless its home lies cyclically in (i, j].
+      const bool stays = i <= j ? (h > i && h <= j) : (h > i || h <= j);
+      if (stays) continue;
+      slots_[i].key = slots_[j].key;
+      slots_[i].call = std::move(slots_[j].call);
+      i = j;
+    }
+    slots_[i].key = 0;
+    slots_[i].call = pending_call{};
+    --count_;
+    return out;
+  }
+  // The keys of the calls for which `pick` is true.
+  template <class Pick>
+  std::vector<std::uint64_t> keys_where(Pick pick) const {
+    std::vector<std::uint64_t> out;
+    for (const auto& s : slots_) {
+      if (s.key != 0 && pick(s.call)) out.push_back(s.key);
+    }
+    return out;
+  }
+
+ private:
+  struct slot {
+    std::uint64_t key = 0;
+    pending_call call;
+  };
+  std::size_t home(std::uint64_t key) const {
+    return static_cast<std::size_t>((key * 0x9E3779B97F4A7C15ULL) >> shift_);
+  }
+  void grow() {
+    std::vector<slot> old = std::move(slots_);
+    const std::size_t capacity = old.empty() ? 64 : old.size() * 2;
+    slots_ = std::vector<slot>(capacity);
+    mask_ = capacity - 1;
+    shift_ = 64 - static_cast<unsigned>(std::countr_zero(capacity));
+    count_ = 0;
+    for (auto& s : old) {
+      if (s.key != 0) put(s.key, std::move(s.call));
+    }
+  }
+  std::vector<slot> slots_;
+  std::size_t mask_ = 0;
+  unsigned shift_ = 64;
+  std::size_t count_ = 0;
 };
 
 struct probe {
@@ -354,9 +470,14 @@ struct agent::impl {
   int handshakes_dropped = 0;   // connections dropped during the handshake, since the last success
   std::thread io;
   std::thread::id io_id;
-  std::unordered_map<std::string, pending_call> calls;
-  using timer = std::pair<steady::time_point, std::string>;
-  std::priority_queue<timer, std::vector<timer>, std::greater<>> call_deadlines;
+  // Calls waiting for an answer, by number; those whose id the caller chose are found through
+  // named_calls (the others' number is read from the id itself: call_number()).
+  call_table calls;
+  std::unordered_map<std::string, std::uint64_t> named_calls;
+  using timer = std::pair<steady::time_point, std::uint64_t>;  // a call's deadline, its number
+  // A min-heap (std::push_heap with std::greater) of the calls' backstop timers. An answered
+  // call's entry stays until it is popped or the heap is pruned (add_call).
+  std::vector<timer> call_deadlines;
   std::vector<probe> probes;
   std::vector<zmq::message_t> frames;
   std::vector<zmq::message_t> out_frames;
@@ -507,8 +628,15 @@ struct agent::impl {
       room_cv.notify_all();
     }
   }
-  void fill_context(header& h, const send_options& so) {
-    h.id = so.id.empty() ? ids.next() : so.id;
+  // Returns the id's number when the SDK made the id, 0 when the caller gave one.
+  std::uint64_t fill_context(header& h, const send_options& so) {
+    std::uint64_t number = 0;
+    if (so.id.empty()) {
+      number = ids.next_number();
+      h.id = ids.format(number);
+    } else {
+      h.id = so.id;
+    }
     const message* cur = t_current;
     h.correlation_id = !so.correlation_id.empty()                         ? so.correlation_id
                        : cur != nullptr && !cur->correlation_id().empty() ? cur->correlation_id()
@@ -522,9 +650,17 @@ struct agent::impl {
     h.idempotency_key = so.idempotency_key;
     h.attempt = so.attempt;
     h.retryable = so.retryable;
+    return number;
   }
+  // Measures the encoded header in a buffer this thread keeps, so that the check allocates
+  // nothing once warm.
   std::optional<error> check_size(const header& h, const bytes& payload) {
-    const auto size = payload.size() + common::encode_header(h).size();
+    thread_local std::string encoded;
+    encoded.clear();
+    common::encode_header(h, encoded);
+    return check_size(encoded.size() + payload.size());
+  }
+  std::optional<error> check_size(std::size_t size) {
     if (size > max_message_size.load()) {
       return error{std::string(errc::too_large),
                    "message of " + std::to_string(size) + " bytes exceeds the broker's limit of " +
@@ -545,6 +681,8 @@ struct agent::impl {
   void on_monitor_event();
   void on_refused(const std::string& why);
   void send(command cmd, const header& h, bytes payload = {}, send_tag tag = {});
+  void send_encoded(command cmd, std::string_view encoded, const header& h, bytes payload,
+                    send_tag tag);
   bool try_send(std::vector<zmq::message_t>& message_frames);
   void sent(command cmd, bool counted);
   void flush_held();
@@ -557,11 +695,14 @@ struct agent::impl {
   std::shared_ptr<const std::vector<event_handler>> handlers_for(const std::string& topic);
   void handle_event(const event_job& job);
   void on_dispatch(header& h, bytes payload);
+  std::shared_ptr<const request_handler> handler_for(const header& h);
+  handler_result run_handler(const request_handler& handler, const message& m);
+  void answer_request(message& m, std::uint64_t token, handler_result result);
   // Durable consumers.
   void spawn_handler_thread();
   void grow_pool();
   void send_consume(const std::shared_ptr<consumer_state>& st);
-  void on_consume_answer(const std::shared_ptr<consumer_state>& st, const std::string& call_id,
+  void on_consume_answer(const std::shared_ptr<consumer_state>& st, std::uint64_t call,
                          call_result r);
   void settle_join(consumer_state& st, status s);
   void remove_consumer(const std::shared_ptr<consumer_state>& st, const std::string& why,
@@ -571,7 +712,10 @@ struct agent::impl {
   void pump(const std::shared_ptr<consumer_state>& st);
   void handle_delivery(const std::shared_ptr<consumer_state>& st, std::shared_ptr<message> m);
   void on_answer_refused(const header& h);
-  void complete_call(const std::string& id, call_result r);
+  std::uint64_t call_number(const std::string& id) const;
+  void add_call(std::uint64_t number, std::string given_id, pending_call c,
+                steady::time_point backstop);
+  void complete_call(std::uint64_t number, call_result r);
   void fail_calls(const std::string& code, const std::string& why, bool all_generations);
   void on_timers(steady::time_point now);
   void broker_reset(const std::string& why);
@@ -582,9 +726,18 @@ struct agent::impl {
 // is reached: the broker does not keep up, is paused or unreachable) or older messages are held:
 // nothing is dropped, and order is kept. Held messages go out as the socket drains (flush_held).
 void agent::impl::send(command cmd, const header& h, bytes payload, send_tag tag) {
+  thread_local std::string encoded;
+  encoded.clear();
+  common::encode_header(h, encoded);
+  send_encoded(cmd, encoded, h, std::move(payload), tag);
+}
+
+// send() with the header already encoded (`h` is only named in logs).
+void agent::impl::send_encoded(command cmd, std::string_view encoded, const header& h,
+                               bytes payload, send_tag tag) {
   out_frames.clear();
-  zmq::message_t body(payload.data(), payload.size());
-  common::build_message(out_frames, cmd, h, std::move(body));
+  common::build_encoded_message(out_frames, cmd, encoded,
+                                zmq::message_t(payload.data(), payload.size()));
   if (held.empty() && try_send(out_frames)) {
     sent(cmd, tag.counted);
     return;
@@ -593,8 +746,8 @@ void agent::impl::send(command cmd, const header& h, bytes payload, send_tag tag
     log->debug("{}: the connection to the broker is full; holding messages from {} id={}",
                opts.name, common::command_name(static_cast<std::uint8_t>(cmd)), h.id);
   }
-  held.push_back(held_message{std::move(out_frames), std::move(tag.call_id),
-                              cmd == command::publish, tag.counted});
+  held.push_back(
+      held_message{std::move(out_frames), tag.call, cmd == command::publish, tag.counted});
   out_frames.clear();  // moved from: make it a usable empty vector again
 }
 
@@ -623,7 +776,7 @@ void agent::impl::flush_held() {
   std::size_t released = 0;
   while (!held.empty()) {
     auto& m = held.front();
-    const bool answered = !m.call_id.empty() && calls.count(m.call_id) == 0;
+    const bool answered = m.call != 0 && !calls.contains(m.call);
     if (!answered && !try_send(m.frames)) break;
     if (m.event && !answered) ++events_unconfirmed;
     if (m.counted) ++released;
@@ -810,21 +963,54 @@ void agent::impl::broker_reset(const std::string& why) {
 
 void agent::impl::fail_calls(const std::string& code, const std::string& why,
                              bool all_generations) {
-  std::vector<std::string> ids_to_fail;
-  for (const auto& [id, c] : calls) {
-    if (all_generations || c.generation < generation) ids_to_fail.push_back(id);
-  }
-  for (const auto& id : ids_to_fail) {
-    complete_call(id, error{code, why + " while waiting for " + calls[id].what, true});
+  const auto to_fail = calls.keys_where(
+      [&](const pending_call& c) { return all_generations || c.generation < generation; });
+  for (const auto number : to_fail) {
+    // A callback may have answered (or started) other calls meanwhile: look each up again.
+    if (const auto* c = calls.find(number)) {
+      complete_call(number, error{code, why + " while waiting for " + c->what(), true});
+    }
   }
 }
 
-void agent::impl::complete_call(const std::string& id, call_result r) {
-  auto it = calls.find(id);
-  if (it == calls.end()) return;
-  call_callback done = std::move(it->second.done);
-  calls.erase(it);
-  if (done) done(std::move(r));
+// The pending call an answer's id belongs to: one whose id the caller chose, else the number
+// the SDK wrote into the id; 0 when it is neither.
+std::uint64_t agent::impl::call_number(const std::string& id) const {
+  if (!named_calls.empty()) {
+    if (auto it = named_calls.find(id); it != named_calls.end()) return it->second;
+  }
+  return ids.number_of(id).value_or(0);
+}
+
+// Registers a pending call under `number`, with a backstop timer at `backstop`. `given_id`: the id
+// the caller chose (empty when the SDK made it), by which its answer finds the number.
+void agent::impl::add_call(std::uint64_t number, std::string given_id, pending_call c,
+                           steady::time_point backstop) {
+  if (!given_id.empty()) {
+    named_calls[given_id] = number;
+    c.given_id = std::move(given_id);
+  }
+  calls.put(number, std::move(c));
+  // Entries of answered calls pile up while calls are answered long before their deadlines
+  // (pipelined callers): once they are most of the heap, keep only the live ones. Amortised,
+  // this costs O(1) per call and bounds the heap to about twice the calls in flight.
+  if (call_deadlines.size() >= 1024 && call_deadlines.size() > 2 * calls.size()) {
+    std::erase_if(call_deadlines, [this](const timer& t) { return !calls.contains(t.second); });
+    std::make_heap(call_deadlines.begin(), call_deadlines.end(), std::greater<>{});
+  }
+  call_deadlines.emplace_back(backstop, number);
+  std::push_heap(call_deadlines.begin(), call_deadlines.end(), std::greater<>{});
+}
+
+void agent::impl::complete_call(std::uint64_t number, call_result r) {
+  auto c = calls.take(number);
+  if (!c) return;
+  if (!c->given_id.empty()) {
+    if (auto it = named_calls.find(c->given_id); it != named_calls.end() && it->second == number) {
+      named_calls.erase(it);
+    }
+  }
+  if (c->done) c->done(std::move(r));
 }
 
 void agent::impl::execute(outbound& o) {
@@ -832,20 +1018,27 @@ void agent::impl::execute(outbound& o) {
     case outbound::kind::request:
     case outbound::kind::publish: {
       const bool is_request = o.what == outbound::kind::request;
-      if (o.done) {
-        calls[o.hdr.id] =
-            pending_call{std::move(o.done), o.deadline, generation,
-                         is_request ? o.hdr.service + "." + o.hdr.action : "ack of " + o.hdr.topic};
-        // The broker answers at the deadline itself; the local timer is the backstop for a
-        // broker that is gone, a little later so that the broker's own answer wins.
-        call_deadlines.emplace(o.deadline + 20ms, o.hdr.id);
-      }
+      // A call's number: the one in its id, or a fresh one for an id the caller chose.
+      const std::uint64_t number = !o.done ? 0 : o.number != 0 ? o.number : ids.next_number();
       if (is_request) {
         o.hdr.deadline_ms =
             std::max<std::uint64_t>(1, common::millis_until(o.deadline, steady::now()));
       }
       send(is_request ? command::request : command::publish, o.hdr, std::move(o.payload),
-           send_tag{calls.count(o.hdr.id) != 0 ? o.hdr.id : std::string(), o.counted});
+           send_tag{number, o.counted});
+      if (o.done) {
+        pending_call c;
+        c.done = std::move(o.done);
+        c.deadline = o.deadline;
+        c.generation = generation;
+        c.kind = is_request ? pending_call::about::request : pending_call::about::ack;
+        c.subject = std::move(is_request ? o.hdr.service : o.hdr.topic);
+        c.action = std::move(o.hdr.action);
+        // The broker answers at the deadline itself; the local timer is the backstop for a
+        // broker that is gone, a little later so that the broker's own answer wins.
+        add_call(number, o.number == 0 ? std::move(o.hdr.id) : std::string(), std::move(c),
+                 o.deadline + 20ms);
+      }
       break;
     }
     case outbound::kind::reply:
@@ -880,21 +1073,24 @@ void agent::impl::execute(outbound& o) {
       if (auto it = io_consumers.find(key); it != io_consumers.end()) {
         remove_consumer(it->second, "stop_consuming() was called", false);
       }
-      o.hdr.id = ids.next();
+      const std::uint64_t number = ids.next_number();
+      o.hdr.id = ids.format(number);
+      send(command::consume_stop, o.hdr, {}, send_tag{number, false});
       auto synced = o.synced;
-      calls[o.hdr.id] = pending_call{
-          [synced, key](call_result r) {
-            // A broker that forgot this member (restarted, or lost it) has nothing to stop.
-            if (r || r.err().code == errc::broker_lost || r.err().code == errc::not_registered) {
-              synced->set_value(common::ok_status());
-            } else {
-              synced->set_value(
-                  error{r.err().code, describe(key) + ": " + r.err().message, r.err().retryable});
-            }
-          },
-          o.deadline, generation, "CONSUME_STOP of " + describe(key)};
-      call_deadlines.emplace(o.deadline, o.hdr.id);
-      send(command::consume_stop, o.hdr, {}, send_tag{o.hdr.id, false});
+      pending_call c;
+      c.done = [synced, key](call_result r) {
+        // A broker that forgot this member (restarted, or lost it) has nothing to stop.
+        if (r || r.err().code == errc::broker_lost || r.err().code == errc::not_registered) {
+          synced->set_value(common::ok_status());
+        } else {
+          synced->set_value(
+              error{r.err().code, describe(key) + ": " + r.err().message, r.err().retryable});
+        }
+      };
+      c.deadline = o.deadline;
+      c.generation = generation;
+      c.subject = "CONSUME_STOP of " + describe(key);
+      add_call(number, {}, std::move(c), o.deadline);
       break;
     }
     case outbound::kind::progress:
@@ -944,16 +1140,14 @@ void agent::impl::drain_outbox() {
 }
 
 void agent::impl::on_dispatch(header& h, bytes payload) {
-  const std::uint64_t token = h.token;
-  const std::string id = h.id;
   auto answer_error = [&](error e) {
     header r;
-    r.id = id;
-    r.token = token;
+    r.id = std::move(h.id);
+    r.token = h.token;
     r.worker = opts.name;
-    r.correlation_id = h.correlation_id;
-    r.error_code = e.code;
-    r.error_message = e.message;
+    r.correlation_id = std::move(h.correlation_id);
+    r.error_code = std::move(e.code);
+    r.error_message = std::move(e.message);
     r.retryable = e.retryable;
     send(command::reply, r);
   };
@@ -961,67 +1155,90 @@ void agent::impl::on_dispatch(header& h, bytes payload) {
     answer_error(common::error::make(errc::shutting_down, opts.name + " is stopping"));
     return;
   }
-  request_handler handler;
-  {
-    std::lock_guard lock(config_mutex);
-    auto s = services.find(h.service);
-    if (s != services.end()) {
-      auto a = s->second.actions.find(h.action);
-      if (a == s->second.actions.end()) a = s->second.actions.find("*");
-      if (a != s->second.actions.end()) handler = a->second;
-    }
-  }
+  auto handler = handler_for(h);
   if (!handler) {
     answer_error(error{std::string(errc::unknown_action),
                        "agent '" + opts.name + "' has no handler for " + h.service + "." + h.action,
                        false});
     return;
   }
+  const std::uint64_t token = h.token;
+  if (opts.inline_handlers) {
+    message m = message_access::make(message::kind::request, h, std::move(payload));
+    answer_request(m, token, run_handler(*handler, m));
+    return;
+  }
   auto m = std::make_shared<message>(
       message_access::make(message::kind::request, h, std::move(payload)));
-  auto job = [this, m, token, handler = std::move(handler)] {
-    handler_result result = error{};
-    {
-      current_scope scope(m.get());
-      try {
-        result = handler(*m);
-      } catch (const std::exception& e) {
-        result = error{std::string(errc::handler_failed),
-                       m->service() + "." + m->action() + " threw: " + e.what(), false};
-      } catch (...) {
-        result = error{std::string(errc::handler_failed),
-                       m->service() + "." + m->action() + " threw a non-standard exception", false};
-      }
-    }
-    outbound o;
-    o.what = outbound::kind::reply;
-    o.hdr.id = m->id();
-    o.hdr.token = token;
-    o.hdr.worker = opts.name;
-    o.hdr.correlation_id = m->correlation_id();
-    o.hdr.attempt = m->attempt() > 1 ? m->attempt() : 0;
-    if (result) {
-      o.payload = std::move(result).value();
-    } else {
-      const error& e = result.err();
-      o.hdr.error_code = e.code.empty() ? std::string(errc::handler_failed) : e.code;
-      o.hdr.error_message = e.message;
-      o.hdr.retryable = e.retryable;
-    }
-    if (auto too_big = check_size(o.hdr, o.payload)) {
-      o.payload.clear();
-      o.hdr.error_code = too_big->code;
-      o.hdr.error_message =
-          "reply of " + m->service() + "." + m->action() + ": " + too_big->message;
-      o.hdr.retryable = false;
-    }
-    submit(std::move(o));
-  };
-  if (opts.inline_handlers) {
-    job();
-  } else {
-    handler_jobs.push(std::move(job));
+  handler_jobs.push([this, m, token, handler = std::move(handler)] {
+    answer_request(*m, token, run_handler(*handler, *m));
+  });
+}
+
+// The handler for a DISPATCH's service and action (or the service's "*"), or nullptr.
+std::shared_ptr<const request_handler> agent::impl::handler_for(const header& h) {
+  std::lock_guard lock(config_mutex);
+  auto s = services.find(h.service);
+  if (s == services.end()) return nullptr;
+  auto a = s->second.actions.find(h.action);
+  if (a == s->second.actions.end()) a = s->second.actions.find("*");
+  return a != s->second.actions.end() ? a->second : nullptr;
+}
+
+handler_result agent::impl::run_handler(const request_handler& handler, const message& m) {
+  current_scope scope(&m);
+  try {
+    return handler(m);
+  } catch (const std::exception& e) {
+    return error{std::string(errc::handler_failed),
+                 m.service() + "." + m.action() + " threw: " + e.what(), false};
+  } catch (...) {
+    return error{std::string(errc::handler_failed),
+                 m.service() + "." + m.action() + " threw a non-standard exception", false};
   }
+}
+
+// Sends the REPLY for the handled request `m` (whose id and correlation id it takes). On the
+// I/O thread (inline handlers) the header is encoded once, for the size check and the frame;
+// from a pool thread the reply is handed to the I/O thread.
+void agent::impl::answer_request(message& m, std::uint64_t token, handler_result result) {
+  header r;
+  r.token = token;
+  r.worker = opts.name;
+  bytes payload;
+  if (result) {
+    payload = std::move(result).value();
+  } else {
+    error& e = result.err();
+    r.error_code = e.code.empty() ? std::string(errc::handler_failed) : std::move(e.code);
+    r.error_message = std::move(e.message);
+    r.retryable = e.retryable;
+  }
+  auto too_big = [&](const error& e) {
+    payload.clear();
+    r.error_code = e.code;
+    r.error_message = "reply of " + m.service() + "." + m.action() + ": " + e.message;
+    r.retryable = false;
+  };
+  message_access::reply_header(m, r);
+  if (on_io_thread()) {
+    thread_local std::string encoded;
+    encoded.clear();
+    common::encode_header(r, encoded);
+    if (auto e = check_size(encoded.size() + payload.size())) {
+      too_big(*e);
+      encoded.clear();
+      common::encode_header(r, encoded);
+    }
+    send_encoded(command::reply, encoded, r, std::move(payload), {});
+    return;
+  }
+  if (auto e = check_size(r, payload)) too_big(*e);
+  outbound o;
+  o.what = outbound::kind::reply;
+  o.hdr = std::move(r);
+  o.payload = std::move(payload);
+  post(std::move(o));
 }
 
 // --- durable consumers ------------------------------------------------------------------------
@@ -1060,18 +1277,21 @@ void agent::impl::grow_pool() {
 }
 
 void agent::impl::send_consume(const std::shared_ptr<consumer_state>& st) {
+  const std::uint64_t number = ids.next_number();
   header h;
-  h.id = ids.next();
+  h.id = ids.format(number);
   h.stream = st->opts.stream;
   h.consumer = st->opts.consumer;
   h.capacity = st->opts.capacity;
-  st->join_call = h.id;
+  st->join_call = number;
   const auto deadline = st->first_join ? st->join_deadline : steady::now() + k_rejoin_wait;
-  calls[h.id] = pending_call{
-      [this, st, id = h.id](call_result r) { on_consume_answer(st, id, std::move(r)); }, deadline,
-      generation, "CONSUME of " + describe(st->key())};
-  call_deadlines.emplace(deadline + 20ms, h.id);
-  send(command::consume, h, st->config_payload, send_tag{h.id, false});
+  send(command::consume, h, st->config_payload, send_tag{number, false});
+  pending_call c;
+  c.done = [this, st, number](call_result r) { on_consume_answer(st, number, std::move(r)); };
+  c.deadline = deadline;
+  c.generation = generation;
+  c.subject = "CONSUME of " + describe(st->key());
+  add_call(number, {}, std::move(c), deadline + 20ms);
 }
 
 void agent::impl::settle_join(consumer_state& st, status s) {
@@ -1094,23 +1314,23 @@ void agent::impl::remove_consumer(const std::shared_ptr<consumer_state>& st, con
   if (auto it = io_consumers.find(st->key()); it != io_consumers.end() && it->second == st) {
     io_consumers.erase(it);
   }
-  if (st->joined || !st->join_call.empty()) {
+  if (st->joined || st->join_call != 0) {
     // It may have been (or be about to be) accepted: leave. The REPLY matches no call.
     header h;
     h.id = ids.next();
     h.stream = st->opts.stream;
     h.consumer = st->opts.consumer;
-    if (!st->join_call.empty()) calls.erase(st->join_call);
-    st->join_call.clear();
+    if (st->join_call != 0) calls.take(st->join_call);
+    st->join_call = 0;
     st->joined = false;
     if (leave) send(command::consume_stop, h);
   }
 }
 
-void agent::impl::on_consume_answer(const std::shared_ptr<consumer_state>& st,
-                                    const std::string& call_id, call_result r) {
-  if (st->join_call != call_id) return;  // superseded by a later CONSUME
-  st->join_call.clear();
+void agent::impl::on_consume_answer(const std::shared_ptr<consumer_state>& st, std::uint64_t call,
+                                    call_result r) {
+  if (st->join_call != call) return;  // superseded by a later CONSUME
+  st->join_call = 0;
   if (st->removed) return;
   if (r) {
     const bool again = st->count.joins.fetch_add(1) > 0;
@@ -1316,17 +1536,21 @@ void agent::impl::on_dealer_message(steady::time_point now) {
       on_dispatch(m.hdr, to_bytes(m.payload));
       break;
     case command::reply: {
-      const std::string id = m.hdr.id;
+      const std::uint64_t number = call_number(m.hdr.id);
+      if (!calls.contains(number)) break;  // answered already (its deadline), or not a call
       if (m.hdr.is_error()) {
-        complete_call(id, error{m.hdr.error_code, m.hdr.error_message, m.hdr.retryable});
+        complete_call(number, error{std::move(m.hdr.error_code), std::move(m.hdr.error_message),
+                                    m.hdr.retryable});
       } else {
-        complete_call(id, message_access::make(message::kind::reply, m.hdr, to_bytes(m.payload)));
+        complete_call(number,
+                      message_access::make(message::kind::reply, m.hdr, to_bytes(m.payload)));
       }
       break;
     }
     case command::publish_ack: {
-      const std::string id = m.hdr.id;
-      complete_call(id, message_access::make(message::kind::event, m.hdr, {}));
+      const std::uint64_t number = call_number(m.hdr.id);
+      if (!calls.contains(number)) break;
+      complete_call(number, message_access::make(message::kind::event, m.hdr, {}));
       break;
     }
     case command::heartbeat:
@@ -1335,8 +1559,8 @@ void agent::impl::on_dealer_message(steady::time_point now) {
       if (m.hdr.error_code == errc::not_registered) {
         if (is_registered) broker_reset("the broker does not know this agent (restarted?)");
         send_hello();
-      } else if (!m.hdr.id.empty() && calls.count(m.hdr.id) != 0) {
-        complete_call(m.hdr.id, error{m.hdr.error_code, m.hdr.error_message, m.hdr.retryable});
+      } else if (const auto number = call_number(m.hdr.id); calls.contains(number)) {
+        complete_call(number, error{m.hdr.error_code, m.hdr.error_message, m.hdr.retryable});
       } else if (!m.hdr.consumer.empty()) {
         on_answer_refused(m.hdr);
       } else if (m.hdr.error_code == errc::unauthorized) {
@@ -1431,13 +1655,14 @@ void agent::impl::handle_event(const event_job& job) {
 }
 
 void agent::impl::on_timers(steady::time_point now) {
-  while (!call_deadlines.empty() && call_deadlines.top().first <= now) {
-    const std::string id = call_deadlines.top().second;
-    call_deadlines.pop();
-    auto it = calls.find(id);
-    if (it == calls.end()) continue;
-    complete_call(id, error{std::string(errc::deadline_exceeded),
-                            it->second.what + " got no answer before its deadline", true});
+  while (!call_deadlines.empty() && call_deadlines.front().first <= now) {
+    std::pop_heap(call_deadlines.begin(), call_deadlines.end(), std::greater<>{});
+    const std::uint64_t number = call_deadlines.back().second;
+    call_deadlines.pop_back();
+    const auto* c = calls.find(number);
+    if (c == nullptr) continue;
+    complete_call(number, error{std::string(errc::deadline_exceeded),
+                                c->what() + " got no answer before its deadline", true});
   }
   std::vector<std::shared_ptr<consumer_state>> expired;
   for (const auto& [key, st] : io_consumers) {
@@ -1496,7 +1721,7 @@ void agent::impl::on_timers(steady::time_point now) {
 
 steady::time_point agent::impl::next_wakeup() const {
   auto t = std::min(next_heartbeat, last_from_broker + heartbeat * opts.liveness + 1ms);
-  if (!call_deadlines.empty()) t = std::min(t, call_deadlines.top().first);
+  if (!call_deadlines.empty()) t = std::min(t, call_deadlines.front().first);
   for (const auto& p : probes) t = std::min({t, p.next_publish, p.deadline});
   for (const auto& [key, st] : io_consumers) {
     if (st->first_join) t = std::min(t, st->join_deadline);
@@ -1596,7 +1821,8 @@ std::size_t agent::waiting_events() const {
 void agent::handle(const std::string& service, const std::string& action, request_handler h) {
   {
     std::lock_guard lock(impl_->config_mutex);
-    impl_->services[service].actions[action] = std::move(h);
+    impl_->services[service].actions[action] =
+        std::make_shared<const request_handler>(std::move(h));
   }
   if (impl_->running) impl_->post_hello();
 }
@@ -2001,7 +2227,25 @@ call_result agent::call(const std::string& service, const std::string& action, b
   if (impl_->on_io_thread()) {
     return error{"bad_request", "call() would block the agent's I/O thread; use call_async", false};
   }
-  return call_future(service, action, std::move(payload), deadline, opts).get();
+  // Waits on the caller's stack rather than through a promise: nothing to allocate, and the
+  // callback (a reference) fits std::function's local buffer. It runs exactly once, notifying
+  // under the lock, so `w` outlives its last use.
+  struct waiter {
+    std::mutex mutex;
+    std::condition_variable cv;
+    std::optional<call_result> result;
+  } w;
+  call_async(
+      service, action, std::move(payload), deadline,
+      [&w](call_result r) {
+        std::lock_guard lock(w.mutex);
+        w.result.emplace(std::move(r));
+        w.cv.notify_one();
+      },
+      opts);
+  std::unique_lock lock(w.mutex);
+  w.cv.wait(lock, [&w] { return w.result.has_value(); });
+  return std::move(*w.result);
 }
 
 std::future<call_result> agent::call_future(const std::string& service, const std::string& action,
@@ -2037,7 +2281,7 @@ void agent::call_async(const std::string& service, const std::string& action, by
   o.what = outbound::kind::request;
   o.hdr.service = service;
   o.hdr.action = action;
-  d.fill_context(o.hdr, opts);
+  o.number = d.fill_context(o.hdr, opts);
   o.hdr.deadline_ms = static_cast<std::uint64_t>(deadline.count());
   if (auto too_big = d.check_size(o.hdr, payload)) {
     return refuse(too_big->code, service + "." + action + ": " + too_big->message, false);
@@ -2088,7 +2332,7 @@ void agent::impl::publish_with_ack(const std::string& topic, bytes payload,
   outbound o;
   o.what = outbound::kind::publish;
   o.hdr.topic = topic;
-  d.fill_context(o.hdr, so);
+  o.number = d.fill_context(o.hdr, so);
   o.hdr.ack = true;
   if (auto too_big = d.check_size(o.hdr, payload)) return done(*too_big);
   o.deadline = steady::now() + deadline;

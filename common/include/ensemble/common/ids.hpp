@@ -5,7 +5,9 @@
 
 #include <atomic>
 #include <cstdint>
+#include <optional>
 #include <string>
+#include <string_view>
 
 namespace ensemble::common {
 
@@ -14,6 +16,12 @@ class id_generator {
   id_generator();
   std::string next();
   const std::string& prefix() const { return prefix_; }
+  // The same ids by their number: next() == format(next_number()). A number is never handed out
+  // twice by one generator, so it can key a table of the ids in flight without hashing strings;
+  // number_of() reads it back from an id this generator made (nullopt for any other id).
+  std::uint64_t next_number() { return counter_.fetch_add(1, std::memory_order_relaxed) + 1; }
+  std::string format(std::uint64_t number) const;
+  std::optional<std::uint64_t> number_of(std::string_view id) const;
 
  private:
   std::string prefix_;
