@@ -19,7 +19,6 @@ using millis = std::chrono::milliseconds;
 
 namespace {
 
-constexpr auto k_publish_deadline = 5s;
 constexpr std::int64_t k_republish_us = 1'000'000;
 // While the store cannot commit, the pending batch is tried again this often: the attempt is
 // the probe that notices space has returned.
@@ -83,7 +82,7 @@ struct engine::inbound {
   std::string instance_id;
   std::string tag;  // step name, or "@comp"
   std::string request_id;
-  std::optional<agent::call_result> answer;
+  std::optional<response_result> answer;
   json event;
   std::string action;
   json args;
@@ -94,7 +93,7 @@ struct engine::inbound {
 struct engine::effect {
   enum class kind { call, publish, answer } what = kind::call;
   std::string instance_id, tag, service, action, topic;
-  agent::bytes payload;
+  json payload;
   millis timeout{0};
   agent::send_options opts;
   std::shared_ptr<std::promise<result<json>>> promise;
@@ -174,8 +173,8 @@ stats engine::counters() const {
 // ---------------------------------------------------------------------------------------------
 // Thread plumbing
 
-void engine::run(agent::agent& ag) {
-  agent_ = &ag;
+void engine::begin(effects_sink& fx) {
+  effects_sink_ = &fx;
   for (auto& ev : std::exchange(loaded_buffer_, {})) {
     buffer_.push_back(std::move(ev.event));
     auto it = std::prev(buffer_.end());
@@ -209,22 +208,51 @@ void engine::run(agent::agent& ag) {
   // A virtual clock's time is kept from its first start on: a restart goes on from there.
   if (virtual_ != nullptr) batch_.virtual_now_us = virtual_->now_us();
   flush();
+}
+
+std::set<std::string> engine::journal_topics() const {
+  // The durable consumer delivers what arrived on its topics while we were down; the broker's
+  // journal is asked only for the others.
+  std::set<std::string> topics;
+  std::set_difference(await_topics_.begin(), await_topics_.end(), durable_topics_.begin(),
+                      durable_topics_.end(), std::inserter(topics, topics.begin()));
+  return topics;
+}
+
+void engine::run(effects_sink& fx) {
+  begin(fx);
   thread_ = std::thread([this] {
     pthread_setname_np(pthread_self(), "orch-engine");
     loop();
   });
-  // The durable consumer delivers what arrived on its topics while we were down; the broker's
-  // journal is asked only for the others.
-  std::set<std::string> journal_topics;
-  std::set_difference(await_topics_.begin(), await_topics_.end(), durable_topics_.begin(),
-                      durable_topics_.end(), std::inserter(journal_topics, journal_topics.begin()));
-  if (!catch_up_from_.empty() && !journal_topics.empty()) {
+  auto topics = journal_topics();
+  if (!catch_up_from_.empty() && !topics.empty()) {
     catch_up_thread_ = std::thread(
-        [this, waiting = std::move(catch_up_from_), topics = std::move(journal_topics)]() mutable {
+        [this, waiting = std::move(catch_up_from_), topics = std::move(topics)]() mutable {
           pthread_setname_np(pthread_self(), "orch-catch-up");
           catch_up(std::move(waiting), std::move(topics));
         });
   }
+}
+
+void engine::run_stepped(effects_sink& fx) {
+  begin(fx);
+  auto topics = journal_topics();
+  if (!catch_up_from_.empty() && !topics.empty()) {
+    catch_up(std::exchange(catch_up_from_, {}), std::move(topics));
+  }
+}
+
+std::size_t engine::run_once() {
+  std::vector<inbound> work;
+  {
+    std::lock_guard lock(mutex_);
+    if (stopping_) return 0;
+    work.swap(inbox_);
+  }
+  const auto handled = work.size();
+  turn(work);
+  return handled;
 }
 
 void engine::catch_up(std::map<std::string, std::int64_t> waiting, std::set<std::string> topics) {
@@ -236,10 +264,7 @@ void engine::catch_up(std::map<std::string, std::int64_t> waiting, std::set<std:
       if (stopping_) return;
     }
     ++asked;
-    auto r = agent_->call("broker", "trace",
-                          agent::to_json_payload({{"correlation_id", id}, {"payloads", true}}),
-                          std::chrono::seconds(5));
-    auto body = r ? agent::from_json_payload(r->payload()) : result<json>(r.err());
+    auto body = effects_sink_->journal(id);
     if (!body) {
       log_->warn("catch-up: cannot read the broker's journal for instance {}: {}", id,
                  body.err().to_string());
@@ -325,28 +350,32 @@ void engine::loop() {
       if (stopping_) return;
       work.swap(inbox_);
     }
-    for (auto& in : work) {
-      // The state machine works on JSON documents; a bug that throws must not take every
-      // other instance down with it. Log it with the instance and go on.
-      try {
-        process(in);
-      } catch (const std::exception& e) {
-        log_->critical("instance {}: internal error while handling {}: {}", in.instance_id,
-                       in.tag.empty() ? in.action : in.tag, e.what());
-        if (in.promise) {
-          effect answer;
-          answer.what = effect::kind::answer;
-          answer.promise = in.promise;
-          answer.ready = result<json>(error{"internal", e.what(), false});
-          effects_.push_back(std::move(answer));
-        }
+    turn(work);
+  }
+}
+
+void engine::turn(std::vector<inbound>& work) {
+  for (auto& in : work) {
+    // The state machine works on JSON documents; a bug that throws must not take every
+    // other instance down with it. Log it with the instance and go on.
+    try {
+      process(in);
+    } catch (const std::exception& e) {
+      log_->critical("instance {}: internal error while handling {}: {}", in.instance_id,
+                     in.tag.empty() ? in.action : in.tag, e.what());
+      if (in.promise) {
+        effect answer;
+        answer.what = effect::kind::answer;
+        answer.promise = in.promise;
+        answer.ready = result<json>(error{"internal", e.what(), false});
+        effects_.push_back(std::move(answer));
       }
     }
-    work.clear();
-    fire_timers();
-    if (now_us() >= next_purge_us_) purge_buffer();
-    flush();
   }
+  work.clear();
+  fire_timers();
+  if (now_us() >= next_purge_us_) purge_buffer();
+  flush();
 }
 
 void engine::process(inbound& in) {
@@ -449,7 +478,7 @@ void engine::process(inbound& in) {
       auto& rs = run_of(inst, step_name);
       if (s != nullptr && rs.value("phase", "") == "publishing" &&
           rs.value("key", "") == in.request_id) {
-        complete_step(inst, *s, json{{"id", in.request_id}, {"seq", r->seq()}});
+        complete_step(inst, *s, json{{"id", in.request_id}, {"seq", r->seq}});
         advance(inst);
       }
     } else if (kind == "compensation") {
@@ -476,7 +505,7 @@ void engine::process(inbound& in) {
     const step* s = inst.def->find(name);
     if (r) {
       vis(inst, name)["status"] = "compensated";
-      history(inst, "compensated", name, json{{"worker", r->worker()}});
+      history(inst, "compensated", name, json{{"worker", r->worker}});
       comp["index"] = comp["index"].get<std::size_t>() + 1;
       comp["phase"] = "";
     } else {
@@ -506,10 +535,8 @@ void engine::process(inbound& in) {
   // The reply is what causes whatever the instance does next.
   inst.run()["cause"] = in.request_id;
   if (r) {
-    auto payload = agent::from_json_payload(r->payload());
-    json output = payload ? std::move(*payload) : json();
-    vis(inst, s->name)["worker"] = r->worker();
-    complete_step(inst, *s, std::move(output));
+    vis(inst, s->name)["worker"] = r->worker;
+    complete_step(inst, *s, std::move(r->payload));
   } else {
     step_error(inst, *s, r.err());
   }
@@ -658,9 +685,9 @@ void engine::flush() {
       case effect::kind::call: {
         auto* self = this;
         const std::string request_id = e.opts.id;
-        agent_->call_async(
-            e.service, e.action, std::move(e.payload), e.timeout,
-            [self, id = e.instance_id, tag = e.tag, request_id](agent::call_result r) {
+        effects_sink_->call(
+            outgoing_call{e.service, e.action, std::move(e.payload), e.timeout, e.opts},
+            [self, id = e.instance_id, tag = e.tag, request_id](response_result r) {
               inbound in;
               in.what = inbound::kind::reply;
               in.instance_id = id;
@@ -668,24 +695,21 @@ void engine::flush() {
               in.request_id = request_id;
               in.answer = std::move(r);
               self->post(std::move(in));
-            },
-            e.opts);
+            });
         break;
       }
       case effect::kind::publish: {
         auto* self = this;
         const std::string event_id = e.opts.id;
-        agent_->publish_async(
-            e.topic, std::move(e.payload), k_publish_deadline,
-            [self, id = e.instance_id, event_id](agent::call_result r) {
-              inbound in;
-              in.what = inbound::kind::ack;
-              in.instance_id = id;
-              in.request_id = event_id;
-              in.answer = std::move(r);
-              self->post(std::move(in));
-            },
-            e.opts);
+        effects_sink_->publish(outgoing_event{e.topic, std::move(e.payload), e.opts},
+                               [self, id = e.instance_id, event_id](response_result r) {
+                                 inbound in;
+                                 in.what = inbound::kind::ack;
+                                 in.instance_id = id;
+                                 in.request_id = event_id;
+                                 in.answer = std::move(r);
+                                 self->post(std::move(in));
+                               });
         break;
       }
       case effect::kind::answer:
@@ -1489,9 +1513,13 @@ json event_json(const agent::message& m) {
 }  // namespace
 
 void engine::on_event(const agent::message& m) {
+  post_event(event_json(m));
+}
+
+void engine::post_event(json ev) {
   inbound in;
   in.what = inbound::kind::event;
-  in.event = event_json(m);
+  in.event = std::move(ev);
   post(std::move(in));
 }
 
@@ -1711,7 +1739,7 @@ void engine::send_call(instance& in, const std::string& tag, const std::string& 
   e.tag = tag;
   e.service = service;
   e.action = action;
-  e.payload = agent::to_json_payload(payload);
+  e.payload = std::move(payload);
   e.timeout = timeout;
   e.opts.id = request_id;
   e.opts.correlation_id = in.id;
@@ -1743,7 +1771,7 @@ void engine::send_outbox(instance& in, const std::string& event_id) {
   e.what = effect::kind::publish;
   e.instance_id = in.id;
   e.topic = entry["topic"];
-  e.payload = agent::to_json_payload(entry["payload"]);
+  e.payload = entry["payload"];
   e.opts.id = event_id;
   e.opts.correlation_id = in.id;
   e.opts.causation_id = entry.value("cause", "");
@@ -1820,8 +1848,8 @@ json engine::default_input(const instance& in) const {
 // ---------------------------------------------------------------------------------------------
 // Admin
 
-result<json> engine::request(std::string_view action, const json& args,
-                             std::chrono::milliseconds deadline, const origin& from) {
+std::future<result<json>> engine::submit(std::string_view action, const json& args,
+                                         const origin& from) {
   inbound in;
   in.what = inbound::kind::admin;
   in.action = std::string(action);
@@ -1830,6 +1858,12 @@ result<json> engine::request(std::string_view action, const json& args,
   in.promise = std::make_shared<std::promise<result<json>>>();
   auto future = in.promise->get_future();
   post(std::move(in));
+  return future;
+}
+
+result<json> engine::request(std::string_view action, const json& args,
+                             std::chrono::milliseconds deadline, const origin& from) {
+  auto future = submit(action, args, from);
   if (future.wait_for(deadline) != std::future_status::ready) {
     return error{std::string(common::errc::deadline_exceeded),
                  "the orchestrator did not answer " + std::string(action) + " within " +

@@ -19,6 +19,7 @@
 #include <condition_variable>
 #include <deque>
 #include <functional>
+#include <future>
 #include <list>
 #include <map>
 #include <memory>
@@ -32,6 +33,7 @@
 #include <unordered_set>
 #include <vector>
 
+#include "effects.hpp"
 #include "ensemble/agent/agent.hpp"
 #include "ensemble/common/ids.hpp"
 #include "ensemble/common/protocol.hpp"
@@ -70,18 +72,32 @@ class engine {
          std::shared_ptr<clock> clk);
   ~engine();
 
-  // Binds the engine to a started agent, loads active instances and starts the thread.
-  void run(agent::agent& ag);
+  // Binds the engine to its way out (effects.hpp; agent_effects in production), resumes the
+  // active instances, and starts the engine thread and, after a restart, the catch-up thread.
+  // `fx` must outlive the engine's stop().
+  void run(effects_sink& fx);
   void stop();
+
+  // Stepped mode, for tests: the same start as run() but no thread; the catch-up asks the
+  // journal at once. The caller then drives the loop with run_once() on its own thread.
+  void run_stepped(effects_sink& fx);
+  // One turn of the loop, without waiting: handles every input posted so far, fires the timers
+  // due at the clock's now, commits, then sends. Returns how many inputs it handled.
+  std::size_t run_once();
 
   // Any thread. Blocks until answered or `deadline`.
   result<json> request(std::string_view action, const json& args,
                        std::chrono::milliseconds deadline, const origin& from);
+  // Any thread. Posts an admin request; the future is ready once the loop answered it.
+  std::future<result<json>> submit(std::string_view action, const json& args, const origin& from);
 
   // Topics the engine must be subscribed to before the agent starts.
   std::vector<std::string> listened_topics() const;
   // Called on the SDK's event thread.
   void on_event(const agent::message& m);
+  // Any thread: an event in the engine's JSON form (id, topic, correlation_id, causation_id,
+  // trace_id, seq, ts, publisher, payload; stream and stream_seq for stored events).
+  void post_event(json ev);
   // A delivery of the orchestrator's durable consumer: the future is ready once what the event
   // caused (an await satisfied, an instance triggered, the event buffered) is committed, or with
   // a retryable error when the store cannot commit — the delivery is acked only then, so an
@@ -110,7 +126,11 @@ class engine {
 
   // --- thread plumbing
   void post(inbound in);
+  // run() and run_stepped(): buffer and instances loaded, resumed, first commit.
+  void begin(effects_sink& fx);
   void loop();
+  // One iteration on `work`: handled, timers fired, buffer purged, committed, sent.
+  void turn(std::vector<inbound>& work);
   void process(inbound& in);
   // Fires the timers due at the clock's now; returns how many of them still applied.
   std::size_t fire_timers();
@@ -163,6 +183,8 @@ class engine {
   // (instance id -> since when, wall clock µs) missed while the orchestrator was down, and posts
   // them. Runs on its own thread: the broker answers while the engine goes on.
   void catch_up(std::map<std::string, std::int64_t> waiting, std::set<std::string> topics);
+  // The topics catch_up asks the journal about: awaited ones not fed by the durable consumer.
+  std::set<std::string> journal_topics() const;
   void buffer_event(json ev);
   void purge_buffer();
 
@@ -208,7 +230,7 @@ class engine {
   std::unique_ptr<store> db_;
   std::shared_ptr<clock> clock_;
   virtual_clock* virtual_ = nullptr;  // clock_, when it is one
-  agent::agent* agent_ = nullptr;
+  effects_sink* effects_sink_ = nullptr;
   std::shared_ptr<spdlog::logger> log_;
   common::id_generator ids_;
 
