@@ -13,6 +13,18 @@
 //    "steps":    {"<name>": {"status", "attempts", "output", "error", "event", "started_us",
 //                            "ended_us"}},
 //    "run":      {engine bookkeeping: per-step phase, timers, outbox, compensation, ...}}
+//
+// The engine's parts, one file each:
+//   engine.cpp        the loop: inbox, thread or stepped turns, dispatch of inputs, timers, the
+//                     commit and the sends after it, store failures; shared bookkeeping
+//   steps.cpp         the walk: step kinds, attempts, retries, timeouts, failure policies,
+//                     compensation, the end of an instance
+//   awaits.cpp        events: awaits, "from" filters, triggers, the early-event buffer
+//   recovery.cpp      restart: loading and resuming instances, the journal catch-up
+//   admin.cpp         the admin API (admin.hpp) and the views of instances
+//   effects.hpp       the way out (effects_sink); agent_effects.cpp implements it over the agent
+// Tests drive it without a broker (tests/engine_test.cpp): a fake effects_sink, a virtual_clock,
+// run_stepped() and run_once() on the test's thread.
 
 #include <spdlog/spdlog.h>
 
@@ -293,5 +305,42 @@ struct engine::instance {
   json state;
   json& run() { return state["run"]; }
 };
+
+// An input of the loop, posted by any thread.
+struct engine::inbound {
+  enum class kind { reply, ack, event, admin, stop } what = kind::reply;
+  bool replayed = false;  // an event from the broker's journal (catch_up)
+  std::string instance_id;
+  std::string tag;  // step name, or "@comp"
+  std::string request_id;
+  std::optional<response_result> answer;
+  json event;
+  std::string action;
+  json args;
+  origin from;
+  std::shared_ptr<std::promise<result<json>>> promise;
+};
+
+// An output of the loop, sent once the iteration is committed.
+struct engine::effect {
+  enum class kind { call, publish, answer } what = kind::call;
+  std::string instance_id, tag, service, action, topic;
+  json payload;
+  millis timeout{0};
+  agent::send_options opts;
+  std::shared_ptr<std::promise<result<json>>> promise;
+  std::function<result<json>()> answer;
+  std::optional<result<json>> ready;
+  // An answer that reports a state change (start, cancel): sent only once it is committed.
+  bool durable = false;
+};
+
+// Helpers shared by the engine's parts (engine.cpp).
+// The key of an (a, b) pair in the engine's string-keyed maps.
+std::string key_of(const std::string& a, const std::string& b);
+// An error as a step's or instance's "error" document.
+json error_json(const std::string& step, const error& e, std::uint32_t attempts);
+// One line for an "error" document.
+std::string describe(const json& err);
 
 }  // namespace ensemble::orchestrator::detail
