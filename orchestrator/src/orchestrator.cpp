@@ -103,6 +103,10 @@ orchestrator::orchestrator(options opts) : impl_(std::make_unique<impl>()) {
 
 orchestrator::~orchestrator() {
   stop();
+  // A start() that failed after the engine ran (the durable consumer refused) left `started`
+  // false: the engine's threads must still end before its effects and agent are destroyed,
+  // which the members' order would do first.
+  if (impl_->engine) impl_->engine->stop();
 }
 
 common::status orchestrator::start() {
