@@ -339,26 +339,26 @@ json engine::waiting_of(const instance& in, const step& s) const {
   const auto& steps = in.state["run"]["steps"];
   const auto found = steps.find(s.name);
   const json& rs = found == steps.end() || !found->is_object() ? none : *found;
-  const std::string phase = rs.value("phase", "");
+  const step_phase phase = phase_of(rs);
   const auto attempts = peek(in, s.name).value("attempts", 0U);
   json w = {{"kind", to_string(s.kind)}};
   if (s.kind == step_kind::parallel || s.kind == step_kind::switch_) {
     w["phase"] = "branches";
     return w;
   }
-  w["phase"] = phase;
+  w["phase"] = phase_name(phase);
   if (s.kind == step_kind::command) {
     w["service"] = s.service;
     w["action"] = s.action;
   }
-  if (phase == "calling") {
+  if (phase == step_phase::calling) {
     w["attempt"] = attempts;
     w["request_id"] = rs.value("request_id", "");
     if (rs.contains("deadline_us")) w["deadline_us"] = rs["deadline_us"];
-  } else if (phase == "backoff") {
+  } else if (phase == step_phase::backoff) {
     w["attempt"] = attempts + 1;  // the next one
     w["due_us"] = rs.value("due_us", std::int64_t{0});
-  } else if (phase == "awaiting") {
+  } else if (phase == step_phase::awaiting) {
     w["until"] = s.until;
     w["fail_on"] = s.fail_on;
     if (s.match.empty()) {
@@ -370,12 +370,12 @@ json engine::waiting_of(const instance& in, const step& s) const {
     w["attempt"] = attempts;
     w["since_us"] = rs.value("since_us", std::int64_t{0});
     w["deadline_us"] = rs.value("due_us", std::int64_t{0});
-  } else if (phase == "waiting") {
+  } else if (phase == step_phase::waiting) {
     w["due_us"] = rs.value("due_us", std::int64_t{0});
-  } else if (phase == "publishing") {
+  } else if (phase == step_phase::publishing) {
     w["topic"] = s.event.topic;
     w["event_id"] = rs.value("key", "");
-  } else if (phase == "child") {
+  } else if (phase == step_phase::child) {
     const std::string child_id = rs.value("child_id", "");
     w["workflow"] = s.workflow;
     w["child_id"] = child_id;

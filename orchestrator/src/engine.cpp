@@ -28,6 +28,41 @@ constexpr std::int64_t k_republish_us = 1'000'000;
 constexpr std::int64_t k_store_retry_us = 500'000;
 }  // namespace
 
+std::string_view phase_name(step_phase p) {
+  switch (p) {
+    case step_phase::none:
+      return "";
+    case step_phase::calling:
+      return "calling";
+    case step_phase::backoff:
+      return "backoff";
+    case step_phase::awaiting:
+      return "awaiting";
+    case step_phase::waiting:
+      return "waiting";
+    case step_phase::publishing:
+      return "publishing";
+    case step_phase::child:
+      return "child";
+  }
+  return "";
+}
+
+step_phase phase_of(const json& run_state) {
+  const auto it = run_state.find("phase");
+  if (it == run_state.end() || !it->is_string()) return step_phase::none;
+  const auto& name = it->get_ref<const std::string&>();
+  for (auto p : {step_phase::calling, step_phase::backoff, step_phase::awaiting,
+                 step_phase::waiting, step_phase::publishing, step_phase::child}) {
+    if (name == phase_name(p)) return p;
+  }
+  return step_phase::none;
+}
+
+void set_phase(json& run_state, step_phase p) {
+  run_state["phase"] = std::string(phase_name(p));
+}
+
 std::string key_of(const std::string& a, const std::string& b) {
   return a + '\n' + b;
 }
@@ -335,19 +370,19 @@ void engine::process(inbound& in) {
     if (kind == "publish") {
       const step* s = inst.def->find(step_name);
       auto& rs = run_of(inst, step_name);
-      if (s != nullptr && rs.value("phase", "") == "publishing" &&
+      if (s != nullptr && phase_of(rs) == step_phase::publishing &&
           rs.value("key", "") == in.request_id) {
         complete_step(inst, *s, json{{"id", in.request_id}, {"seq", r->seq}});
         advance(inst);
       }
     } else if (kind == "compensation") {
       auto& comp = inst.run()["comp"];
-      if (comp.value("phase", "") == "publishing" && comp.value("event_id", "") == in.request_id) {
+      if (phase_of(comp) == step_phase::publishing && comp.value("event_id", "") == in.request_id) {
         const std::string name = comp["list"][comp["index"].get<std::size_t>()];
         vis(inst, name)["status"] = "compensated";
         history(inst, "compensated", name, json{{"event", in.request_id}});
         comp["index"] = comp["index"].get<std::size_t>() + 1;
-        comp["phase"] = "";
+        set_phase(comp, step_phase::none);
         progress_compensation(inst);
       }
     }
@@ -357,7 +392,7 @@ void engine::process(inbound& in) {
   // A reply to a command: a step's, or a compensation's.
   if (in.tag == "@comp") {
     auto& comp = inst.run()["comp"];
-    if (comp.value("phase", "") != "calling" || comp.value("request_id", "") != in.request_id) {
+    if (phase_of(comp) != step_phase::calling || comp.value("request_id", "") != in.request_id) {
       return;
     }
     const std::string name = comp["list"][comp["index"].get<std::size_t>()];
@@ -366,21 +401,21 @@ void engine::process(inbound& in) {
       vis(inst, name)["status"] = "compensated";
       history(inst, "compensated", name, json{{"worker", r->worker}});
       comp["index"] = comp["index"].get<std::size_t>() + 1;
-      comp["phase"] = "";
+      set_phase(comp, step_phase::none);
     } else {
       const auto attempt = comp.value("attempt", 1U);
       const bool retryable = r.err().retryable || common::error::retryable_by_default(r.err().code);
       history(inst, "compensation_attempt_failed", name, error_json("", r.err(), attempt));
       if (s->compensate->retry.allows(r.err().code, retryable) &&
           attempt < s->compensate->retry.max_attempts) {
-        comp["phase"] = "backoff";
+        set_phase(comp, step_phase::backoff);
         arm(inst, "@comp", now_us() + s->compensate->retry.delay_after(attempt).count() * 1000);
       } else {
         vis(inst, name)["status"] = "compensation_failed";
         inst.run()["comp_failures"].push_back(error_json(name, r.err(), attempt));
         history(inst, "compensation_failed", name, error_json("", r.err(), attempt));
         comp["index"] = comp["index"].get<std::size_t>() + 1;
-        comp["phase"] = "";
+        set_phase(comp, step_phase::none);
       }
     }
     touch(inst);
@@ -390,7 +425,7 @@ void engine::process(inbound& in) {
   const step* s = inst.def->find(in.tag);
   if (s == nullptr || inst.status != instance_status::running) return;
   auto& rs = run_of(inst, s->name);
-  if (rs.value("phase", "") != "calling" || rs.value("request_id", "") != in.request_id) return;
+  if (phase_of(rs) != step_phase::calling || rs.value("request_id", "") != in.request_id) return;
   // The reply is what causes whatever the instance does next.
   inst.run()["cause"] = in.request_id;
   if (r) {
@@ -427,9 +462,9 @@ std::size_t engine::fire_timers() {
     }
     if (t.tag == "@comp") {
       auto& comp = inst.run()["comp"];
-      if (comp.value("phase", "") == "backoff") {
+      if (phase_of(comp) == step_phase::backoff) {
         ++fired;
-        comp["phase"] = "";
+        set_phase(comp, step_phase::none);
         progress_compensation(inst);
       }
       continue;
@@ -446,12 +481,12 @@ std::size_t engine::fire_timers() {
     if (s == nullptr || inst.status != instance_status::running) continue;
     auto& rs = run_of(inst, s->name);
     if (rs.value("due_us", std::int64_t{0}) != t.due_us) continue;
-    const std::string phase = rs.value("phase", "");
-    if (phase == "backoff") {
+    const step_phase phase = phase_of(rs);
+    if (phase == step_phase::backoff) {
       start_attempt(inst, *s);
-    } else if (phase == "waiting") {
+    } else if (phase == step_phase::waiting) {
       complete_step(inst, *s, json());
-    } else if (phase == "calling") {
+    } else if (phase == step_phase::calling) {
       // Only a virtual clock arms this: the attempt's timeout in workflow time.
       step_error(
           inst, *s,
@@ -460,7 +495,7 @@ std::size_t engine::fire_timers() {
                     std::to_string(s->timeout.value_or(opts_.default_timeout).count()) + " ms",
                 true},
           true);
-    } else if (phase == "awaiting") {
+    } else if (phase == step_phase::awaiting) {
       unregister_await(inst, *s);
       step_error(inst, *s,
                  error{"timeout",

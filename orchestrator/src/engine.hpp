@@ -72,6 +72,14 @@ inline constexpr std::string_view k_running = "running";
 inline constexpr std::string_view k_completed = "completed";
 inline constexpr std::string_view k_failed = "failed";
 
+// What a running step is doing, kept as "run.steps.<name>.phase" in the state document (and the
+// compensation's as "run.comp.phase"). The string stays in the stored JSON, so that existing
+// stores read as before; the engine reads and writes it only through these.
+enum class step_phase { none, calling, backoff, awaiting, waiting, publishing, child };
+std::string_view phase_name(step_phase p);   // none: ""
+step_phase phase_of(const json& run_state);  // none when absent (or not a known phase)
+void set_phase(json& run_state, step_phase p);
+
 // The admin API's table and the request its handlers get (admin.hpp).
 struct admin_action;
 struct admin_call;

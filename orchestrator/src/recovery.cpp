@@ -69,9 +69,9 @@ void engine::resume(instance& in) {
   }
   if (in.status == instance_status::compensating) {
     auto& comp = in.run()["comp"];
-    const std::string phase = comp.value("phase", "");
-    if (phase == "calling" || phase == "backoff") {
-      comp["phase"] = "";  // re-issue the same attempt: same idempotency key
+    const step_phase phase = phase_of(comp);
+    if (phase == step_phase::calling || phase == step_phase::backoff) {
+      set_phase(comp, step_phase::none);  // re-issue the same attempt: same idempotency key
       comp["attempt"] = comp.value("attempt", 1U) - 1;
     }
     touch(in);
@@ -82,8 +82,8 @@ void engine::resume(instance& in) {
   for (auto& [name, rs] : in.run()["steps"].items()) {
     const step* s = in.def->find(name);
     if (s == nullptr || peek(in, name).value("status", "") != k_running) continue;
-    const std::string phase = rs.value("phase", "");
-    if (phase == "calling") {
+    const step_phase phase = phase_of(rs);
+    if (phase == step_phase::calling) {
       // Re-send with the same attempt and idempotency key, so that the agent can recognise it.
       auto rendered = s->input ? render(*s->input, in.state) : result<json>(default_input(in));
       json payload = rendered ? std::move(*rendered) : json();
@@ -99,9 +99,9 @@ void engine::resume(instance& in) {
       send_call(in, name, s->service, s->action, std::move(payload), timeout, request_id, rs["key"],
                 attempt);
       touch(in);
-    } else if (phase == "backoff" || phase == "waiting") {
+    } else if (phase == step_phase::backoff || phase == step_phase::waiting) {
       arm(in, name, rs["due_us"].get<std::int64_t>());
-    } else if (phase == "awaiting") {
+    } else if (phase == step_phase::awaiting) {
       register_await(in, *s);
       arm(in, name, rs["due_us"].get<std::int64_t>());
       // What arrived for it while we were down is in the broker's journal: catch_up().
@@ -112,7 +112,7 @@ void engine::resume(instance& in) {
   }
   for (auto& [name, rs] : in.run()["steps"].items()) {
     const step* s = in.def->find(name);
-    if (s != nullptr && rs.value("phase", "") == "awaiting" &&
+    if (s != nullptr && phase_of(rs) == step_phase::awaiting &&
         peek(in, name).value("status", "") == k_running) {
       try_buffer(in, *s);
     }

@@ -227,7 +227,7 @@ void engine::start_step(instance& in, const step& s) {
     case step_kind::wait: {
       auto& rs = run_of(in, s.name);
       v["attempts"] = 1;
-      rs["phase"] = "waiting";
+      set_phase(rs, step_phase::waiting);
       rs["due_us"] = now_us() + s.duration.count() * 1000;
       arm(in, s.name, rs["due_us"]);
       history(in, "step_started", s.name, json{{"kind", "wait"}, {"ms", s.duration.count()}});
@@ -263,7 +263,7 @@ void engine::start_attempt(instance& in, const step& s) {
       if (!payload) return;
       const std::string request_id = ids_.next();
       const auto timeout = s.timeout.value_or(opts_.default_timeout);
-      rs["phase"] = "calling";
+      set_phase(rs, step_phase::calling);
       rs["request_id"] = request_id;
       rs["deadline_us"] = now_us() + timeout.count() * 1000;  // shown by `get`
       if (clock_->is_virtual()) {
@@ -287,7 +287,7 @@ void engine::start_attempt(instance& in, const step& s) {
           s.event.payload.is_null() ? std::nullopt : std::optional<json>(s.event.payload),
           default_input(in));
       if (!payload) return;
-      rs["phase"] = "publishing";
+      set_phase(rs, step_phase::publishing);
       history(in, "step_started", s.name,
               json{{"kind", "publish"}, {"topic", s.event.topic}, {"event_id", key}});
       add_outbox(in, s.event.topic, std::move(*payload), key, "publish", s.name);
@@ -302,7 +302,7 @@ void engine::start_attempt(instance& in, const step& s) {
         if (!payload) return;
         add_outbox(in, s.event.topic, std::move(*payload), key, "start", s.name);
       }
-      rs["phase"] = "awaiting";
+      set_phase(rs, step_phase::awaiting);
       rs["since_us"] = now_us();  // events older than this attempt are not its answer
       // The broker's journal, asked after a restart, stamps events in real time.
       if (clock_->is_virtual()) rs["since_real_us"] = clock_->real_us();
@@ -332,7 +332,7 @@ void engine::start_attempt(instance& in, const step& s) {
       auto child_input = render_or_fail(s.input, in.state["workflow"]["input"]);
       if (!child_input) return;
       const std::string child_id = key;
-      rs["phase"] = "child";
+      set_phase(rs, step_phase::child);
       rs["child_id"] = child_id;
       history(in, "step_started", s.name,
               json{{"kind", "workflow"}, {"workflow", s.workflow}, {"child", child_id}});
@@ -378,7 +378,7 @@ void engine::step_error(instance& in, const step& s, const error& err, bool time
   history(in, "attempt_failed", s.name, error_json("", err, attempt));
   if (s.retry.allows(err.code, retryable) && attempt < s.retry.max_attempts) {
     const auto delay = s.retry.delay_after(attempt);
-    rs["phase"] = "backoff";
+    set_phase(rs, step_phase::backoff);
     rs["due_us"] = now_us() + delay.count() * 1000;
     arm(in, s.name, rs["due_us"]);
     history(in, "retry_scheduled", s.name,
@@ -422,8 +422,8 @@ void engine::abandon(instance& in, const sequence& seq) {
     for (const auto& c : s.cases) abandon(in, c.steps);
     abandon(in, s.default_steps);
     auto& rs = run_of(in, s.name);
-    if (rs.value("phase", "") == "awaiting") unregister_await(in, s);
-    if (rs.value("phase", "") == "child") {
+    if (phase_of(rs) == step_phase::awaiting) unregister_await(in, s);
+    if (phase_of(rs) == step_phase::child) {
       auto child = live_.find(rs.value("child_id", ""));
       if (child != live_.end() && child->second->status == instance_status::running) {
         abandon(*child->second, child->second->def->steps);
@@ -470,7 +470,7 @@ void engine::progress_compensation(instance& in) {
     finish(in, final_status.value_or(instance_status::failed), std::move(err));
     return;
   }
-  if (!comp.value("phase", std::string()).empty()) return;  // waiting for it
+  if (phase_of(comp) != step_phase::none) return;  // waiting for it
   const std::string name = list[index];
   const step* s = in.def->find(name);
   const compensation& c = *s->compensate;
@@ -482,7 +482,7 @@ void engine::progress_compensation(instance& in) {
     auto r = c.input ? render(*c.input, in.state) : result<json>(default_input(in));
     if (r) payload = std::move(*r);
     const std::string request_id = ids_.next();
-    comp["phase"] = "calling";
+    set_phase(comp, step_phase::calling);
     comp["request_id"] = request_id;
     history(in, "compensation_started", name,
             json{{"service", c.service},
@@ -495,7 +495,7 @@ void engine::progress_compensation(instance& in) {
     auto r = c.event.payload.is_null() ? result<json>(default_input(in))
                                        : render(c.event.payload, in.state);
     if (r) payload = std::move(*r);
-    comp["phase"] = "publishing";
+    set_phase(comp, step_phase::publishing);
     comp["event_id"] = key;
     history(in, "compensation_started", name, json{{"topic", c.event.topic}, {"event_id", key}});
     add_outbox(in, c.event.topic, std::move(payload), key, "compensation", name);
@@ -554,7 +554,7 @@ void engine::finish(instance& in, instance_status status, json result_or_error) 
   const step* s = p.def->find(step_name);
   if (s == nullptr || p.status != instance_status::running) return;
   auto& rs = run_of(p, step_name);
-  if (rs.value("phase", "") != "child" || rs.value("child_id", "") != in.id) return;
+  if (phase_of(rs) != step_phase::child || rs.value("child_id", "") != in.id) return;
   if (ok) {
     complete_step(p, *s, result_or_error);
   } else {
