@@ -308,4 +308,83 @@ result<json> engine::admin_advance(const admin_call& c) {
   return advance_clock(c.args);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Views of instances, for get and list
+
+json engine::view(const instance_record& r) const {
+  json v = {{"id", r.id},
+            {"workflow", r.workflow},
+            {"version", r.version},
+            {"status", to_string(r.status)},
+            {"created_us", r.created_us},
+            {"updated_us", r.updated_us}};
+  if (!r.parent_id.empty()) v["parent_id"] = r.parent_id;
+  if (!r.started_by.empty()) v["started_by"] = r.started_by;
+  if (r.state.is_object()) {
+    v["input"] = r.state["workflow"].value("input", json());
+    v["steps"] = r.state.value("steps", json::object());
+    const auto& run = r.state["run"];
+    if (run.contains("output")) v["output"] = run["output"];
+    if (run.contains("error")) {
+      v["error"] = run["error"];
+      v["reason"] = describe(run["error"]);
+    }
+    v["trace_id"] = run.value("trace_id", "");
+  }
+  return v;
+}
+
+json engine::waiting_of(const instance& in, const step& s) const {
+  static const json none = json::object();
+  const auto& steps = in.state["run"]["steps"];
+  const auto found = steps.find(s.name);
+  const json& rs = found == steps.end() || !found->is_object() ? none : *found;
+  const step_phase phase = phase_of(rs);
+  const auto attempts = peek(in, s.name).value("attempts", 0U);
+  json w = {{"kind", to_string(s.kind)}};
+  if (s.kind == step_kind::parallel || s.kind == step_kind::switch_) {
+    w["phase"] = "branches";
+    return w;
+  }
+  w["phase"] = phase_name(phase);
+  if (s.kind == step_kind::command) {
+    w["service"] = s.service;
+    w["action"] = s.action;
+  }
+  if (phase == step_phase::calling) {
+    w["attempt"] = attempts;
+    w["request_id"] = rs.value("request_id", "");
+    if (rs.contains("deadline_us")) w["deadline_us"] = rs["deadline_us"];
+  } else if (phase == step_phase::backoff) {
+    w["attempt"] = attempts + 1;  // the next one
+    w["due_us"] = rs.value("due_us", std::int64_t{0});
+  } else if (phase == step_phase::awaiting) {
+    w["until"] = s.until;
+    w["fail_on"] = s.fail_on;
+    if (s.match.empty()) {
+      w["correlation_id"] = in.id;
+    } else {
+      w["match"] = s.match;
+    }
+    if (!s.from.empty()) w["from"] = s.from;
+    w["attempt"] = attempts;
+    w["since_us"] = rs.value("since_us", std::int64_t{0});
+    w["deadline_us"] = rs.value("due_us", std::int64_t{0});
+  } else if (phase == step_phase::waiting) {
+    w["due_us"] = rs.value("due_us", std::int64_t{0});
+  } else if (phase == step_phase::publishing) {
+    w["topic"] = s.event.topic;
+    w["event_id"] = rs.value("key", "");
+  } else if (phase == step_phase::child) {
+    const std::string child_id = rs.value("child_id", "");
+    w["workflow"] = s.workflow;
+    w["child_id"] = child_id;
+    if (auto child = live_.find(child_id); child != live_.end()) {
+      const json& child_run = child->second->state["run"];
+      if (child_run.contains("deadline_us")) w["deadline_us"] = child_run["deadline_us"];
+    }
+  }
+  return w;
+}
+
 }  // namespace ensemble::orchestrator::detail

@@ -13,12 +13,25 @@
 //    "steps":    {"<name>": {"status", "attempts", "output", "error", "event", "started_us",
 //                            "ended_us"}},
 //    "run":      {engine bookkeeping: per-step phase, timers, outbox, compensation, ...}}
+//
+// The engine's parts, one file each:
+//   engine.cpp        the loop: inbox, thread or stepped turns, dispatch of inputs, timers, the
+//                     commit and the sends after it, store failures; shared bookkeeping
+//   steps.cpp         the walk: step kinds, attempts, retries, timeouts, failure policies,
+//                     compensation, the end of an instance
+//   awaits.cpp        events: awaits, "from" filters, triggers, the early-event buffer
+//   recovery.cpp      restart: loading and resuming instances, the journal catch-up
+//   admin.cpp         the admin API (admin.hpp) and the views of instances
+//   effects.hpp       the way out (effects_sink); agent_effects.cpp implements it over the agent
+// Tests drive it without a broker (tests/engine_test.cpp): a fake effects_sink, a virtual_clock,
+// run_stepped() and run_once() on the test's thread.
 
 #include <spdlog/spdlog.h>
 
 #include <condition_variable>
 #include <deque>
 #include <functional>
+#include <future>
 #include <list>
 #include <map>
 #include <memory>
@@ -32,6 +45,7 @@
 #include <unordered_set>
 #include <vector>
 
+#include "effects.hpp"
 #include "ensemble/agent/agent.hpp"
 #include "ensemble/common/ids.hpp"
 #include "ensemble/common/protocol.hpp"
@@ -58,6 +72,14 @@ inline constexpr std::string_view k_running = "running";
 inline constexpr std::string_view k_completed = "completed";
 inline constexpr std::string_view k_failed = "failed";
 
+// What a running step is doing, kept as "run.steps.<name>.phase" in the state document (and the
+// compensation's as "run.comp.phase"). The string stays in the stored JSON, so that existing
+// stores read as before; the engine reads and writes it only through these.
+enum class step_phase { none, calling, backoff, awaiting, waiting, publishing, child };
+std::string_view phase_name(step_phase p);   // none: ""
+step_phase phase_of(const json& run_state);  // none when absent (or not a known phase)
+void set_phase(json& run_state, step_phase p);
+
 // The admin API's table and the request its handlers get (admin.hpp).
 struct admin_action;
 struct admin_call;
@@ -70,18 +92,32 @@ class engine {
          std::shared_ptr<clock> clk);
   ~engine();
 
-  // Binds the engine to a started agent, loads active instances and starts the thread.
-  void run(agent::agent& ag);
+  // Binds the engine to its way out (effects.hpp; agent_effects in production), resumes the
+  // active instances, and starts the engine thread and, after a restart, the catch-up thread.
+  // `fx` must outlive the engine's stop().
+  void run(effects_sink& fx);
   void stop();
+
+  // Stepped mode, for tests: the same start as run() but no thread; the catch-up asks the
+  // journal at once. The caller then drives the loop with run_once() on its own thread.
+  void run_stepped(effects_sink& fx);
+  // One turn of the loop, without waiting: handles every input posted so far, fires the timers
+  // due at the clock's now, commits, then sends. Returns how many inputs it handled.
+  std::size_t run_once();
 
   // Any thread. Blocks until answered or `deadline`.
   result<json> request(std::string_view action, const json& args,
                        std::chrono::milliseconds deadline, const origin& from);
+  // Any thread. Posts an admin request; the future is ready once the loop answered it.
+  std::future<result<json>> submit(std::string_view action, const json& args, const origin& from);
 
   // Topics the engine must be subscribed to before the agent starts.
   std::vector<std::string> listened_topics() const;
   // Called on the SDK's event thread.
   void on_event(const agent::message& m);
+  // Any thread: an event in the engine's JSON form (id, topic, correlation_id, causation_id,
+  // trace_id, seq, ts, publisher, payload; stream and stream_seq for stored events).
+  void post_event(json ev);
   // A delivery of the orchestrator's durable consumer: the future is ready once what the event
   // caused (an await satisfied, an instance triggered, the event buffered) is committed, or with
   // a retryable error when the store cannot commit — the delivery is acked only then, so an
@@ -110,7 +146,11 @@ class engine {
 
   // --- thread plumbing
   void post(inbound in);
+  // run() and run_stepped(): buffer and instances loaded, resumed, first commit.
+  void begin(effects_sink& fx);
   void loop();
+  // One iteration on `work`: handled, timers fired, buffer purged, committed, sent.
+  void turn(std::vector<inbound>& work);
   void process(inbound& in);
   // Fires the timers due at the clock's now; returns how many of them still applied.
   std::size_t fire_timers();
@@ -163,6 +203,8 @@ class engine {
   // (instance id -> since when, wall clock µs) missed while the orchestrator was down, and posts
   // them. Runs on its own thread: the broker answers while the engine goes on.
   void catch_up(std::map<std::string, std::int64_t> waiting, std::set<std::string> topics);
+  // The topics catch_up asks the journal about: awaited ones not fed by the durable consumer.
+  std::set<std::string> journal_topics() const;
   void buffer_event(json ev);
   void purge_buffer();
 
@@ -208,7 +250,7 @@ class engine {
   std::unique_ptr<store> db_;
   std::shared_ptr<clock> clock_;
   virtual_clock* virtual_ = nullptr;  // clock_, when it is one
-  agent::agent* agent_ = nullptr;
+  effects_sink* effects_sink_ = nullptr;
   std::shared_ptr<spdlog::logger> log_;
   common::id_generator ids_;
 
@@ -271,5 +313,42 @@ struct engine::instance {
   json state;
   json& run() { return state["run"]; }
 };
+
+// An input of the loop, posted by any thread.
+struct engine::inbound {
+  enum class kind { reply, ack, event, admin, stop } what = kind::reply;
+  bool replayed = false;  // an event from the broker's journal (catch_up)
+  std::string instance_id;
+  std::string tag;  // step name, or "@comp"
+  std::string request_id;
+  std::optional<response_result> answer;
+  json event;
+  std::string action;
+  json args;
+  origin from;
+  std::shared_ptr<std::promise<result<json>>> promise;
+};
+
+// An output of the loop, sent once the iteration is committed.
+struct engine::effect {
+  enum class kind { call, publish, answer } what = kind::call;
+  std::string instance_id, tag, service, action, topic;
+  json payload;
+  millis timeout{0};
+  agent::send_options opts;
+  std::shared_ptr<std::promise<result<json>>> promise;
+  std::function<result<json>()> answer;
+  std::optional<result<json>> ready;
+  // An answer that reports a state change (start, cancel): sent only once it is committed.
+  bool durable = false;
+};
+
+// Helpers shared by the engine's parts (engine.cpp).
+// The key of an (a, b) pair in the engine's string-keyed maps.
+std::string key_of(const std::string& a, const std::string& b);
+// An error as a step's or instance's "error" document.
+json error_json(const std::string& step, const error& e, std::uint32_t attempts);
+// One line for an "error" document.
+std::string describe(const json& err);
 
 }  // namespace ensemble::orchestrator::detail

@@ -17,6 +17,7 @@ struct orchestrator::impl {
   options opts;
   std::unique_ptr<detail::engine> engine;
   std::unique_ptr<agent::agent> agent;
+  std::unique_ptr<detail::agent_effects> effects;  // the engine's sends, over `agent`
   bool started = false;
   // Streams whose events the durable consumer delivers: their copies on the plain
   // subscription are ignored once it is known (written before consuming, then only read).
@@ -102,6 +103,10 @@ orchestrator::orchestrator(options opts) : impl_(std::make_unique<impl>()) {
 
 orchestrator::~orchestrator() {
   stop();
+  // A start() that failed after the engine ran (the durable consumer refused) left `started`
+  // false: the engine's threads must still end before its effects and agent are destroyed,
+  // which the members' order would do first.
+  if (impl_->engine) impl_->engine->stop();
 }
 
 common::status orchestrator::start() {
@@ -145,7 +150,8 @@ common::status orchestrator::start() {
   }
   if (auto s = d.agent->start(); !s) return s;
   if (auto s = d.consume_streams(); !s) return s;
-  d.engine->run(*d.agent);
+  d.effects = std::make_unique<detail::agent_effects>(*d.agent);
+  d.engine->run(*d.effects);
   for (const auto& stream : d.consumed_streams) {
     const std::string name = consumer_name(d.opts.name);
     // Created on first use; its position is kept by the broker from then on. A new consumer
@@ -208,6 +214,7 @@ void orchestrator::stop() {
   d.started = false;
   d.engine->stop();  // first: nothing is sent once the engine is gone
   if (d.agent) d.agent->stop(std::chrono::seconds(2));
+  d.effects.reset();
   d.agent.reset();
 }
 

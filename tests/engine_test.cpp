@@ -1,0 +1,465 @@
+// The orchestrator's engine on its own: no broker, no agent, no thread. A fake effects sink
+// records the commands and events the engine sends and lets the test answer them; a virtual
+// clock moves only when the test sets it; the loop turns on the test's thread (run_stepped,
+// run_once). The store is a real SQLite file in a temporary directory, so that a second engine
+// can resume what the first left mid-flight.
+#include "engine.hpp"
+
+#include <gtest/gtest.h>
+
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "effects.hpp"
+#include "ensemble/agent/json.hpp"
+#include "support/temp_dir.hpp"
+
+namespace {
+
+namespace orch = ensemble::orchestrator;
+namespace detail = ensemble::orchestrator::detail;
+using json = nlohmann::json;
+using namespace std::chrono_literals;
+
+constexpr std::int64_t k_start_us = 1'700'000'000'000'000;  // where virtual time starts
+constexpr std::int64_t k_second_us = 1'000'000;
+
+// Records what the engine sends. Calls wait for the test's answer; publishes are acknowledged
+// at once (the acknowledgement is posted, and handled by the next turn) unless `hold_publishes`.
+class fake_effects final : public detail::effects_sink {
+ public:
+  struct sent_call {
+    detail::outgoing_call what;
+    detail::response_callback done;
+  };
+  struct sent_event {
+    detail::outgoing_event what;
+    detail::response_callback done;
+  };
+
+  void call(detail::outgoing_call c, detail::response_callback done) override {
+    std::lock_guard lock(mutex_);
+    calls_.push_back({std::move(c), std::move(done)});
+  }
+  void publish(detail::outgoing_event e, detail::response_callback done) override {
+    std::unique_lock lock(mutex_);
+    published_.push_back(e);
+    if (hold_publishes) {
+      held_.push_back({std::move(e), std::move(done)});
+      return;
+    }
+    lock.unlock();
+    done(detail::response{json(), "", ++seq_});
+  }
+  ensemble::common::result<json> journal(const std::string& correlation_id) override {
+    std::lock_guard lock(mutex_);
+    journal_asked_.push_back(correlation_id);
+    return json{{"entries", journal_entries}};
+  }
+
+  std::vector<sent_call>& calls() { return calls_; }
+  const std::vector<detail::outgoing_event>& published() const { return published_; }
+  // The topics published so far, in order.
+  std::vector<std::string> topics() const {
+    std::vector<std::string> out;
+    for (const auto& e : published_) out.push_back(e.topic);
+    return out;
+  }
+  // "service.action" of every call so far, in order.
+  std::vector<std::string> actions() const {
+    std::vector<std::string> out;
+    for (const auto& c : calls_) out.push_back(c.what.service + "." + c.what.action);
+    return out;
+  }
+
+  const std::vector<std::string>& journal_asked() const { return journal_asked_; }
+
+  bool hold_publishes = false;
+  json journal_entries = json::array();  // the broker's journal entries, for every correlation id
+
+ private:
+  std::mutex mutex_;
+  std::vector<sent_call> calls_;
+  std::vector<detail::outgoing_event> published_;
+  std::vector<sent_event> held_;
+  std::vector<std::string> journal_asked_;
+  std::uint64_t seq_ = 0;
+};
+
+ensemble::common::error failure(std::string code, bool retryable) {
+  return ensemble::common::error{std::move(code), "the test says no", retryable};
+}
+
+class engine_test : public ::testing::Test {
+ protected:
+  // A new engine over the store file (the same file each time within a test), with `defs`.
+  void open(const std::vector<std::string>& defs) {
+    std::vector<orch::definition> parsed;
+    for (const auto& d : defs) parsed.push_back(orch::parse_definition(json::parse(d), "test"));
+    auto db = orch::open_sqlite_store(dir_.file("state.db"));
+    auto kept = db->load_virtual_now();
+    clock_ = std::make_shared<orch::virtual_clock>(kept && *kept ? **kept : k_start_us);
+    fx_ = std::make_unique<fake_effects>();
+    fx_->journal_entries = journal_;
+    orch::options o;
+    o.store = dir_.file("state.db");
+    o.clock = orch::clock_kind::virtual_;
+    engine_ = std::make_unique<detail::engine>(o, std::move(parsed), std::move(db), clock_);
+    engine_->run_stepped(*fx_);
+    settle();
+  }
+  // Stops and drops the engine (what it committed stays in the file); its sink goes with it.
+  void close() {
+    engine_.reset();
+    fx_.reset();
+  }
+
+  // Turns the loop until nothing is left to handle (an acknowledgement posted by a send is
+  // handled by the next turn).
+  void settle() {
+    for (int i = 0; i < 100; ++i) {
+      if (engine_->run_once() == 0) return;
+    }
+    FAIL() << "the engine still had work after 100 turns";
+  }
+
+  json ask(const std::string& action, const json& args) {
+    auto f = engine_->submit(action, args, {});
+    settle();
+    EXPECT_EQ(f.wait_for(0s), std::future_status::ready) << action << " not answered";
+    auto r = f.get();
+    EXPECT_TRUE(r) << action << ": " << (r ? "" : r.err().to_string());
+    return r ? *r : json();
+  }
+  std::string start(const std::string& workflow, const json& input = json::object()) {
+    return ask("start", {{"workflow", workflow}, {"input", input}})["id"];
+  }
+  json get(const std::string& id) { return ask("get", {{"id", id}}); }
+
+  // Answers call `i` (0-based, in the order sent) and turns the loop.
+  void reply(std::size_t i, const json& payload) {
+    ASSERT_LT(i, fx_->calls().size());
+    fx_->calls()[i].done(detail::response{payload, "worker-1", 0});
+    settle();
+  }
+  void reply_error(std::size_t i, ensemble::common::error e) {
+    ASSERT_LT(i, fx_->calls().size());
+    fx_->calls()[i].done(std::move(e));
+    settle();
+  }
+  // Moves workflow time to `us` and turns the loop (firing what fell due).
+  void set_clock(std::int64_t us) {
+    clock_->set(us);
+    settle();
+  }
+  std::int64_t now() const { return clock_->now_us(); }
+
+  json journal_ = json::array();  // what the next open()'s journal holds
+  ensemble::test::temp_dir dir_{"ensemble-engine"};
+  std::shared_ptr<orch::virtual_clock> clock_;
+  std::unique_ptr<fake_effects> fx_;
+  std::unique_ptr<detail::engine> engine_;
+};
+
+const char* const k_one_command = R"({"workflow": {"name": "One", "steps": [
+  {"name": "Charge", "service": "Pay", "action": "charge", "timeout": "10s"}]}})";
+
+TEST_F(engine_test, command_step_sends_one_call_and_completes_with_its_reply) {
+  open({k_one_command});
+  const auto id = start("One", {{"amount", 5}});
+  ASSERT_EQ(fx_->calls().size(), 1U);
+  const auto& c = fx_->calls()[0].what;
+  EXPECT_EQ(c.service, "Pay");
+  EXPECT_EQ(c.action, "charge");
+  EXPECT_EQ(c.timeout, 10s);
+  EXPECT_EQ(c.opts.idempotency_key, id + "/Charge/1");
+  EXPECT_EQ(c.opts.attempt, 1U);
+  EXPECT_EQ(c.opts.correlation_id, id);
+  EXPECT_EQ(c.payload["workflow"]["input"], json({{"amount", 5}}));
+  EXPECT_EQ(get(id)["status"], "running");
+
+  reply(0, {{"paid", true}});
+  const auto v = get(id);
+  EXPECT_EQ(v["status"], "completed");
+  EXPECT_EQ(v["steps"]["Charge"]["output"], json({{"paid", true}}));
+  EXPECT_EQ(v["output"], json({{"paid", true}}));
+  EXPECT_EQ(fx_->calls().size(), 1U);
+  EXPECT_EQ(fx_->topics(),
+            (std::vector<std::string>{"workflow.One.started", "workflow.One.completed"}));
+}
+
+TEST_F(engine_test, a_reply_to_an_unknown_request_changes_nothing) {
+  open({k_one_command});
+  const auto id = start("One");
+  // The same callback answered twice: the second is for a request no longer outstanding.
+  reply(0, {{"first", true}});
+  reply(0, {{"second", true}});
+  EXPECT_EQ(get(id)["steps"]["Charge"]["output"], json({{"first", true}}));
+}
+
+TEST_F(engine_test, retry_backoff_fires_at_exactly_its_virtual_time) {
+  open({R"({"workflow": {"name": "Flaky", "steps": [
+    {"name": "Send", "service": "Mail", "action": "send", "timeout": "1h",
+     "retry": {"max_attempts": 3, "initial_interval": "2s", "backoff": 3.0,
+               "max_interval": "1h"}}]}})"});
+  const auto id = start("Flaky");
+  ASSERT_EQ(fx_->calls().size(), 1U);
+
+  set_clock(k_start_us + 5 * k_second_us);  // the reply comes 5 s later
+  reply_error(0, failure("unavailable", true));
+  const auto first_due = now() + 2 * k_second_us;
+  EXPECT_EQ(get(id)["steps"]["Send"]["status"], "running");
+  set_clock(first_due - 1);
+  EXPECT_EQ(fx_->calls().size(), 1U) << "attempt 2 sent a microsecond early";
+  set_clock(first_due);
+  ASSERT_EQ(fx_->calls().size(), 2U);
+  EXPECT_EQ(fx_->calls()[1].what.opts.attempt, 2U);
+  EXPECT_EQ(fx_->calls()[1].what.opts.idempotency_key, id + "/Send/2");
+
+  reply_error(1, failure("unavailable", true));
+  const auto second_due = now() + 6 * k_second_us;  // 2 s x 3.0
+  set_clock(second_due - 1);
+  EXPECT_EQ(fx_->calls().size(), 2U) << "attempt 3 sent a microsecond early";
+  set_clock(second_due);
+  ASSERT_EQ(fx_->calls().size(), 3U);
+  EXPECT_EQ(fx_->calls()[2].what.opts.attempt, 3U);
+
+  reply_error(2, failure("unavailable", true));  // the last attempt
+  const auto v = get(id);
+  EXPECT_EQ(v["status"], "failed");
+  EXPECT_EQ(v["steps"]["Send"]["attempts"], 3);
+  EXPECT_EQ(v["steps"]["Send"]["error"]["code"], "unavailable");
+  EXPECT_EQ(fx_->calls().size(), 3U);
+}
+
+TEST_F(engine_test, a_non_retryable_error_is_not_retried) {
+  open({R"({"workflow": {"name": "Strict", "steps": [
+    {"name": "Send", "service": "Mail", "action": "send",
+     "retry": {"max_attempts": 5, "initial_interval": "1s"}}]}})"});
+  const auto id = start("Strict");
+  reply_error(0, failure("bad_address", false));
+  set_clock(k_start_us + 3600 * k_second_us);
+  EXPECT_EQ(fx_->calls().size(), 1U);
+  EXPECT_EQ(get(id)["status"], "failed");
+}
+
+TEST_F(engine_test, a_step_timeout_fails_the_attempt_at_its_deadline) {
+  open({R"({"workflow": {"name": "Stuck", "steps": [
+    {"name": "Send", "service": "Mail", "action": "send", "timeout": "1h",
+     "retry": {"max_attempts": 1}}]}})"});
+  const auto id = start("Stuck");
+  ASSERT_EQ(fx_->calls().size(), 1U);
+  set_clock(k_start_us + 3600 * k_second_us - 1);
+  EXPECT_EQ(get(id)["status"], "running");
+  set_clock(k_start_us + 3600 * k_second_us);
+  const auto v = get(id);
+  EXPECT_EQ(v["status"], "failed");
+  EXPECT_EQ(v["steps"]["Send"]["error"]["code"], "deadline_exceeded");
+  // A reply after the deadline is for a request that is no longer waited for.
+  reply(0, {{"late", true}});
+  EXPECT_EQ(get(id)["status"], "failed");
+}
+
+TEST_F(engine_test, compensation_undoes_completed_steps_in_reverse_order) {
+  open({R"({"workflow": {"name": "Saga", "steps": [
+    {"name": "One", "service": "Svc", "action": "do1", "compensate": {"service": "Svc", "action": "undo1"}},
+    {"name": "Two", "service": "Svc", "action": "do2", "compensate": {"service": "Svc", "action": "undo2"}},
+    {"name": "Three", "service": "Svc", "action": "do3", "compensate": {"service": "Svc", "action": "undo3"}}]}})"});
+  const auto id = start("Saga");
+  reply(0, {{"did", 1}});
+  reply(1, {{"did", 2}});
+  reply_error(2, failure("refused", false));
+  // One at a time: undo1 is sent only once undo2 answered.
+  EXPECT_EQ(fx_->actions(),
+            (std::vector<std::string>{"Svc.do1", "Svc.do2", "Svc.do3", "Svc.undo2"}));
+  EXPECT_EQ(get(id)["status"], "compensating");
+  reply(3, json::object());
+  EXPECT_EQ(fx_->actions(),
+            (std::vector<std::string>{"Svc.do1", "Svc.do2", "Svc.do3", "Svc.undo2", "Svc.undo1"}));
+  EXPECT_EQ(fx_->calls()[3].what.opts.idempotency_key, id + "/Two/compensate/1");
+  reply(4, json::object());
+  const auto v = get(id);
+  EXPECT_EQ(v["status"], "failed");
+  EXPECT_EQ(v["steps"]["One"]["status"], "compensated");
+  EXPECT_EQ(v["steps"]["Two"]["status"], "compensated");
+  EXPECT_EQ(v["steps"]["Three"]["status"], "failed");
+  EXPECT_EQ(v["error"]["step"], "Three");
+}
+
+TEST_F(engine_test, a_wait_step_ends_at_exactly_its_duration) {
+  open({R"({"workflow": {"name": "Nap", "steps": [
+    {"name": "Sleep", "kind": "wait", "duration": "24h"},
+    {"name": "Remind", "service": "Mail", "action": "send"}]}})"});
+  const auto id = start("Nap");
+  EXPECT_TRUE(fx_->calls().empty());
+  set_clock(k_start_us + 24 * 3600 * k_second_us - 1);
+  EXPECT_TRUE(fx_->calls().empty()) << "the wait ended a microsecond early";
+  EXPECT_EQ(get(id)["steps"]["Sleep"]["status"], "running");
+  set_clock(k_start_us + 24 * 3600 * k_second_us);
+  ASSERT_EQ(fx_->actions(), (std::vector<std::string>{"Mail.send"}));
+  EXPECT_EQ(get(id)["steps"]["Sleep"]["status"], "completed");
+}
+
+const char* const k_reserve_then_await = R"({"workflow": {"name": "Order", "steps": [
+  {"name": "Reserve", "service": "Stock", "action": "reserve"},
+  {"name": "Reserved", "kind": "await", "topic": "stock.reserved", "timeout": "5s"}]}})";
+
+json event(const std::string& id, const std::string& topic, const std::string& correlation_id,
+           const json& payload) {
+  return {{"id", id},
+          {"topic", topic},
+          {"correlation_id", correlation_id},
+          {"causation_id", ""},
+          {"trace_id", ""},
+          {"seq", 1},
+          {"ts", 0},
+          {"publisher", "stock"},
+          {"payload", payload}};
+}
+
+TEST_F(engine_test, an_await_completes_with_the_event_correlated_to_its_instance) {
+  open({k_reserve_then_await});
+  const auto id = start("Order");
+  reply(0, json::object());
+  EXPECT_EQ(get(id)["steps"]["Reserved"]["status"], "running");
+  // Another instance's event is not this await's answer: it is buffered.
+  engine_->post_event(event("e-other", "stock.reserved", "someone-else", {{"n", 0}}));
+  settle();
+  EXPECT_EQ(get(id)["steps"]["Reserved"]["status"], "running");
+  EXPECT_EQ(engine_->counters().buffered_events, 1U);
+  engine_->post_event(event("e-1", "stock.reserved", id, {{"n", 1}}));
+  settle();
+  const auto v = get(id);
+  EXPECT_EQ(v["status"], "completed");
+  EXPECT_EQ(v["steps"]["Reserved"]["output"], json({{"n", 1}}));
+  EXPECT_EQ(v["steps"]["Reserved"]["event"]["id"], "e-1");
+}
+
+TEST_F(engine_test, an_early_event_is_buffered_and_consumed_when_its_await_starts) {
+  open({k_reserve_then_await});
+  const auto id = start("Order");
+  engine_->post_event(event("e-early", "stock.reserved", id, {{"early", true}}));
+  settle();
+  EXPECT_EQ(engine_->counters().buffered_events, 1U);
+  EXPECT_EQ(get(id)["steps"]["Reserve"]["status"], "running");
+  reply(0, json::object());  // Reserve completes: the await starts and finds the event
+  const auto v = get(id);
+  EXPECT_EQ(v["status"], "completed");
+  EXPECT_EQ(v["steps"]["Reserved"]["output"], json({{"early", true}}));
+  EXPECT_EQ(engine_->counters().buffered_events, 0U);
+}
+
+TEST_F(engine_test, an_await_times_out_at_its_deadline) {
+  open({k_reserve_then_await});
+  const auto id = start("Order");
+  reply(0, json::object());
+  const auto due = now() + 5 * k_second_us;
+  set_clock(due - 1);
+  EXPECT_EQ(get(id)["status"], "running");
+  set_clock(due);
+  const auto v = get(id);
+  EXPECT_EQ(v["status"], "failed");
+  EXPECT_EQ(v["steps"]["Reserved"]["error"]["code"], "timeout");
+}
+
+TEST_F(engine_test, a_restarted_engine_resends_the_outstanding_call_with_the_same_key) {
+  open({k_one_command});
+  const auto id = start("One");
+  ASSERT_EQ(fx_->calls().size(), 1U);
+  const auto first = fx_->calls()[0].what;
+  close();  // mid-flight: the call was never answered
+
+  open({k_one_command});
+  ASSERT_EQ(fx_->calls().size(), 1U) << "the outstanding call was not sent again";
+  const auto& again = fx_->calls()[0].what;
+  EXPECT_EQ(again.service, "Pay");
+  EXPECT_EQ(again.action, "charge");
+  EXPECT_EQ(again.opts.idempotency_key, first.opts.idempotency_key);
+  EXPECT_EQ(again.opts.attempt, 1U);
+  EXPECT_EQ(again.payload, first.payload);
+  // Its "started" event was acknowledged before the stop: not published again.
+  EXPECT_TRUE(fx_->published().empty());
+  reply(0, {{"paid", true}});
+  EXPECT_EQ(get(id)["status"], "completed");
+}
+
+TEST_F(engine_test, a_restarted_engine_publishes_unacknowledged_events_again) {
+  open({k_one_command});
+  fx_->hold_publishes = true;
+  const auto id = start("One");
+  ASSERT_EQ(fx_->topics(), (std::vector<std::string>{"workflow.One.started"}));
+  const auto event_id = fx_->published()[0].opts.id;
+  close();
+
+  open({k_one_command});
+  ASSERT_EQ(fx_->topics(), (std::vector<std::string>{"workflow.One.started"}));
+  EXPECT_EQ(fx_->published()[0].opts.id, event_id);
+  EXPECT_EQ(fx_->published()[0].opts.idempotency_key, event_id);
+}
+
+const char* const k_hourly_retry = R"({"workflow": {"name": "Flaky", "steps": [
+  {"name": "Send", "service": "Mail", "action": "send",
+   "retry": {"max_attempts": 2, "initial_interval": "1h", "max_interval": "1h"}}]}})";
+
+TEST_F(engine_test, a_restarted_engine_keeps_a_backoff_due_time) {
+  open({k_hourly_retry});
+  const auto id = start("Flaky");
+  reply_error(0, failure("unavailable", true));
+  const auto due = now() + 3600 * k_second_us;
+  close();
+
+  open({k_hourly_retry});
+  EXPECT_TRUE(fx_->calls().empty());
+  set_clock(due - 1);
+  EXPECT_TRUE(fx_->calls().empty()) << "the resumed backoff fired early";
+  set_clock(due);
+  ASSERT_EQ(fx_->calls().size(), 1U);
+  EXPECT_EQ(fx_->calls()[0].what.opts.idempotency_key, id + "/Send/2");
+}
+
+// A journal entry of the broker's `trace` answer (docs/protocol.md), for an event published
+// after the await started (its ts_us is far in the future).
+json journal_entry(const std::string& id, const std::string& topic,
+                   const std::string& correlation_id, const json& payload) {
+  const auto bytes = ensemble::agent::to_json_payload(payload);
+  return {{"kind", "event"},
+          {"id", id},
+          {"topic", topic},
+          {"correlation_id", correlation_id},
+          {"ts_us", std::int64_t{1} << 62},
+          {"from", "stock"},
+          {"payload", json::binary(std::vector<std::uint8_t>(bytes.begin(), bytes.end()))}};
+}
+
+TEST_F(engine_test, a_restarted_engine_delivers_what_its_await_missed_from_the_journal) {
+  open({k_reserve_then_await});
+  const auto id = start("Order");
+  reply(0, json::object());
+  close();  // the await is waiting; its event is published meanwhile
+
+  journal_ = json::array({journal_entry("e-missed", "stock.reserved", id, {{"n", 7}})});
+  open({k_reserve_then_await});
+  EXPECT_EQ(fx_->journal_asked(), std::vector<std::string>{id});
+  const auto v = get(id);
+  EXPECT_EQ(v["status"], "completed");
+  EXPECT_EQ(v["steps"]["Reserved"]["output"], json({{"n", 7}}));
+  EXPECT_EQ(engine_->counters().events_caught_up, 1U);
+}
+
+TEST_F(engine_test, a_restarted_engine_goes_on_awaiting_when_the_journal_has_nothing) {
+  open({k_reserve_then_await});
+  const auto id = start("Order");
+  reply(0, json::object());
+  close();
+
+  open({k_reserve_then_await});
+  EXPECT_EQ(fx_->journal_asked(), std::vector<std::string>{id});
+  EXPECT_EQ(get(id)["steps"]["Reserved"]["status"], "running");
+  engine_->post_event(event("e-1", "stock.reserved", id, {{"n", 1}}));
+  settle();
+  EXPECT_EQ(get(id)["status"], "completed");
+}
+
+}  // namespace
