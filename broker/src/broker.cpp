@@ -798,7 +798,12 @@ void broker::impl::execute_decisions(steady_clock::time_point now) {
     }
     pending_request* r = reg.find(d.token);
     if (r == nullptr || r->assigned == nullptr) continue;
-    header h = r->hdr;
+    // The DISPATCH is the request's header with the broker's token and the time left, stamped
+    // on the pending request's own header for the encoding (no copy of every field per
+    // dispatch) and taken off again: the request keeps the header as the client sent it.
+    header& h = r->hdr;
+    const std::uint64_t sent_deadline_ms = h.deadline_ms;
+    const std::uint64_t sent_token = h.token;
     h.token = r->token;
     h.deadline_ms = std::max<std::uint64_t>(1, common::millis_until(r->deadline, now));
     zmq::message_t payload;
@@ -811,7 +816,10 @@ void broker::impl::execute_decisions(steady_clock::time_point now) {
     const peer_id worker_peer = r->assigned->owner->id;
     log->debug("dispatch {}.{} id={} token={} to {}", h.service, h.action, h.id, h.token,
                r->assigned->owner->agent);
-    if (!send_to(worker_peer, command::dispatch, h, std::move(payload))) {
+    const bool sent = send_to(worker_peer, command::dispatch, h, std::move(payload));
+    h.token = sent_token;
+    h.deadline_ms = sent_deadline_ms;
+    if (!sent) {
       log->warn("{}", unreachable_message(*r->assigned->owner));
       ++stats.workers_lost;
       reg.remove_worker(worker_peer, decisions);
