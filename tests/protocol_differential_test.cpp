@@ -310,6 +310,17 @@ bool agree(const std::string& frame, tally& t) {
   mine_partial.id = theirs_partial.id = "untouched";
   const auto mine = ec::decode_header(frame, &mine_partial);
   const auto theirs = reference::decode_header(frame, &theirs_partial);
+  // The decoding into a message's own header: what the other form returns, or on a refusal
+  // what it leaves in `partial` (nothing: an empty header).
+  ec::header into;
+  const auto into_status = ec::decode_header(frame, into);
+  const bool partial_set = mine_partial.id != "untouched";
+  if (into_status.ok() != mine.ok() || !same_header(into, mine.ok()     ? *mine
+                                                          : partial_set ? mine_partial
+                                                                        : ec::header{})) {
+    ADD_FAILURE() << "decode_header into a header differs from decode_header returning one";
+    return false;
+  }
   const auto shown = [&] {
     std::string hex;
     for (std::size_t i = 0; i < frame.size() && i < 96; ++i) {

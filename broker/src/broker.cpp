@@ -241,6 +241,7 @@ struct broker::impl {
   std::map<std::string, std::uint64_t> subscriptions;
   std::vector<zmq::message_t> in;
   std::vector<zmq::message_t> out;
+  common::parse_failure failure;  // of the last message that did not parse, written whole
   std::vector<decision> decisions;
   std::uint64_t next_token = 0;
   // Secured mode (docs/protocol.md section 12).
@@ -615,8 +616,9 @@ void broker::impl::handle_router(steady_clock::time_point now) {
   std::size_t message_bytes = 0;
   for (std::size_t i = 3; i < in.size(); ++i) message_bytes += in[i].size();
 
-  common::parse_failure failure;
-  auto parsed = common::parse_message(in, 1, &failure);
+  // Decoded into the message itself, no header moved out of a result.
+  common::parsed_message m;
+  const auto parsed = common::parse_message(in, 1, m, &failure);
   const bool registered = reg.touch(peer, now);
   const worker* w = registered ? reg.find_worker(peer) : nullptr;
   if (!parsed) {
@@ -636,7 +638,6 @@ void broker::impl::handle_router(steady_clock::time_point now) {
     }
     return;
   }
-  common::parsed_message& m = parsed.value();
   if (message_bytes > cfg.max_message_size) {
     auto err = error::make(errc::too_large, common::command_name(static_cast<std::uint8_t>(m.cmd)) +
                                                 " is " + std::to_string(message_bytes) +

@@ -814,10 +814,18 @@ std::string encode_header(const header& h) {
   return out;
 }
 
-result<header> decode_header(std::string_view bytes, header* partial) {
-  if (bytes.empty())
+namespace {
+
+// decode_header's one implementation: reads `bytes` into `h` (empty on entry). On a refusal,
+// `keep` says whether `h` holds what a refused header still says (the frame is one map, however
+// bad some of its fields, or too large, or followed by trailing bytes); `want_partial` false
+// spares the reading of a frame that is refused for its size alone.
+std::optional<error> decode_into(std::string_view bytes, header& h, bool want_partial, bool& keep) {
+  keep = false;
+  if (bytes.empty()) {
     return error::make(errc::bad_request,
                        "header frame is empty; send {} (0x80) for a header with no fields");
+  }
   const bool too_large = bytes.size() > k_max_header_bytes;
   const auto too_large_error = [&] {
     return error::make(errc::too_large, "header frame is " + std::to_string(bytes.size()) +
@@ -827,10 +835,9 @@ result<header> decode_header(std::string_view bytes, header* partial) {
   };
   // A frame over the limit is refused whole, but read (it is already bounded by the socket's
   // message size limit) when the refusal can name the message it refuses.
-  if (too_large && partial == nullptr) return too_large_error();
+  if (too_large && !want_partial) return too_large_error();
 
   in_place::reader r(bytes, too_large ? bytes.size() : k_max_header_bytes);
-  header h;
   item root;
   std::optional<error> problem;
   if (r.next(root, 0)) {
@@ -845,12 +852,12 @@ result<header> decode_header(std::string_view bytes, header* partial) {
     return too_large ? too_large_error() : in_place::fault_error(f, bytes.size());
   }
   if (too_large) {
-    if (r.remaining() == 0 && is_map) *partial = std::move(h);
+    keep = r.remaining() == 0 && is_map;
     return too_large_error();
   }
   if (r.remaining() != 0) {
     // A map followed by trailing bytes was still read: keep what it says.
-    if (partial != nullptr && is_map) *partial = std::move(h);
+    keep = is_map;
     return error::make(errc::bad_request,
                        "header has " + std::to_string(r.remaining()) +
                            " trailing bytes after the msgpack map; the frame must hold exactly "
@@ -860,11 +867,29 @@ result<header> decode_header(std::string_view bytes, header* partial) {
     return error::make(errc::bad_request,
                        "header must be a msgpack map with str keys, got " + describe(root));
   }
-  if (problem) {
-    if (partial != nullptr) *partial = std::move(h);
+  keep = true;
+  return problem;
+}
+
+}  // namespace
+
+result<header> decode_header(std::string_view bytes, header* partial) {
+  header h;
+  bool keep = false;
+  if (auto problem = decode_into(bytes, h, partial != nullptr, keep)) {
+    if (partial != nullptr && keep) *partial = std::move(h);
     return std::move(*problem);
   }
   return h;
+}
+
+status decode_header(std::string_view bytes, header& out) {
+  bool keep = false;
+  if (auto problem = decode_into(bytes, out, true, keep)) {
+    if (!keep) out = header{};
+    return std::move(*problem);
+  }
+  return ok_status();
 }
 
 std::string check_topic(std::string_view topic) {
