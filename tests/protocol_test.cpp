@@ -918,6 +918,37 @@ TEST(protocol_test, parse_bad_header_names_the_command_and_the_field) {
   EXPECT_TRUE(contains(f.err.message, "'retryable' must be a bool (true or false), got str 'yes'"));
 }
 
+// The broker keeps one parse_failure for every message it parses: each failure is written
+// whole, none keeps what an earlier one said.
+TEST(protocol_test, parse_failure_kept_across_messages_is_written_whole) {
+  ec::parse_failure f;
+  header h;
+  h.id = "u-1";
+  auto first = frames_of({k_tag, cmd(0x47), ec::encode_header(h)});
+  ec::parsed_message m1;
+  ASSERT_FALSE(ec::parse_message(first, 0, m1, &f).ok());
+  EXPECT_EQ(f.command_byte, 0x47);
+  EXPECT_EQ(f.hdr.id, "u-1");
+  EXPECT_TRUE(f.header_decoded);
+
+  auto second = frames_of({"ENS\x02", cmd(0x10), std::string("\x80", 1)});
+  ec::parsed_message m2;
+  ASSERT_FALSE(ec::parse_message(second, 0, m2, &f).ok());
+  EXPECT_TRUE(contains(f.err.message, "protocol tag"));
+  EXPECT_EQ(f.command_byte, 0);
+  EXPECT_EQ(f.hdr.id, "");
+  EXPECT_FALSE(f.header_decoded);
+
+  // And a message that parses leaves it alone, decoded into the message given.
+  auto third = frames_of({k_tag, cmd(0x10), ec::encode_header(h), "payload"});
+  ec::parsed_message m3;
+  ASSERT_TRUE(ec::parse_message(third, 0, m3, &f).ok());
+  EXPECT_EQ(m3.cmd, command::request);
+  EXPECT_EQ(m3.hdr.id, "u-1");
+  EXPECT_EQ(ec::as_view(m3.payload), "payload");
+  EXPECT_TRUE(contains(f.err.message, "protocol tag"));
+}
+
 // ---- topics and names -----------------------------------------------------------------------
 
 TEST(protocol_test, topic_valid) {

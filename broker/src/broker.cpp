@@ -241,6 +241,7 @@ struct broker::impl {
   std::map<std::string, std::uint64_t> subscriptions;
   std::vector<zmq::message_t> in;
   std::vector<zmq::message_t> out;
+  common::parse_failure failure;  // of the last message that did not parse, written whole
   std::vector<decision> decisions;
   std::uint64_t next_token = 0;
   // Secured mode (docs/protocol.md section 12).
@@ -615,8 +616,9 @@ void broker::impl::handle_router(steady_clock::time_point now) {
   std::size_t message_bytes = 0;
   for (std::size_t i = 3; i < in.size(); ++i) message_bytes += in[i].size();
 
-  common::parse_failure failure;
-  auto parsed = common::parse_message(in, 1, &failure);
+  // Decoded into the message itself, no header moved out of a result.
+  common::parsed_message m;
+  const auto parsed = common::parse_message(in, 1, m, &failure);
   const bool registered = reg.touch(peer, now);
   const worker* w = registered ? reg.find_worker(peer) : nullptr;
   if (!parsed) {
@@ -636,7 +638,6 @@ void broker::impl::handle_router(steady_clock::time_point now) {
     }
     return;
   }
-  common::parsed_message& m = parsed.value();
   if (message_bytes > cfg.max_message_size) {
     auto err = error::make(errc::too_large, common::command_name(static_cast<std::uint8_t>(m.cmd)) +
                                                 " is " + std::to_string(message_bytes) +
@@ -798,7 +799,12 @@ void broker::impl::execute_decisions(steady_clock::time_point now) {
     }
     pending_request* r = reg.find(d.token);
     if (r == nullptr || r->assigned == nullptr) continue;
-    header h = r->hdr;
+    // The DISPATCH is the request's header with the broker's token and the time left, stamped
+    // on the pending request's own header for the encoding (no copy of every field per
+    // dispatch) and taken off again: the request keeps the header as the client sent it.
+    header& h = r->hdr;
+    const std::uint64_t sent_deadline_ms = h.deadline_ms;
+    const std::uint64_t sent_token = h.token;
     h.token = r->token;
     h.deadline_ms = std::max<std::uint64_t>(1, common::millis_until(r->deadline, now));
     zmq::message_t payload;
@@ -811,7 +817,10 @@ void broker::impl::execute_decisions(steady_clock::time_point now) {
     const peer_id worker_peer = r->assigned->owner->id;
     log->debug("dispatch {}.{} id={} token={} to {}", h.service, h.action, h.id, h.token,
                r->assigned->owner->agent);
-    if (!send_to(worker_peer, command::dispatch, h, std::move(payload))) {
+    const bool sent = send_to(worker_peer, command::dispatch, h, std::move(payload));
+    h.token = sent_token;
+    h.deadline_ms = sent_deadline_ms;
+    if (!sent) {
       log->warn("{}", unreachable_message(*r->assigned->owner));
       ++stats.workers_lost;
       reg.remove_worker(worker_peer, decisions);

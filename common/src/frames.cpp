@@ -20,12 +20,17 @@ std::string hex_preview(const zmq::message_t& m, std::size_t max_bytes) {
   return out;
 }
 
-result<parsed_message> parse_message(std::vector<zmq::message_t>& frames, std::size_t first,
-                                     parse_failure* failure) {
-  auto fail = [&](std::string message,
-                  std::string_view code = errc::bad_request) -> result<parsed_message> {
+status parse_message(std::vector<zmq::message_t>& frames, std::size_t first, parsed_message& out,
+                     parse_failure* failure) {
+  // A failure is written whole, so that a loop can keep one for every message it parses.
+  auto fail = [&](std::string message, std::string_view code = errc::bad_request) -> status {
     auto err = error::make(code, std::move(message));
-    if (failure != nullptr) failure->err = err;
+    if (failure != nullptr) {
+      failure->err = err;
+      failure->command_byte = 0;
+      failure->hdr = header{};
+      failure->header_decoded = false;
+    }
     return err;
   };
   const std::size_t n = frames.size() - first;
@@ -43,17 +48,18 @@ result<parsed_message> parse_message(std::vector<zmq::message_t>& frames, std::s
                 std::to_string(frames[first + 1].size()));
   }
   const auto byte = *static_cast<const std::uint8_t*>(frames[first + 1].data());
-  if (failure != nullptr) failure->command_byte = byte;
   // The header is read before the rest is judged, so that any refusal from here on can carry
-  // the id of the message it refuses.
-  header partial;
-  auto decoded = decode_header(as_view(frames[first + 2]), failure != nullptr ? &partial : nullptr);
+  // the id of the message it refuses (the fields that read, when it is refused itself).
+  const auto decoded = decode_header(as_view(frames[first + 2]), out.hdr);
   auto fail_with_header = [&](std::string message, std::string_view code = errc::bad_request) {
+    auto err = error::make(code, std::move(message));
     if (failure != nullptr) {
+      failure->err = err;
+      failure->command_byte = byte;
+      failure->hdr = std::move(out.hdr);
       failure->header_decoded = decoded.ok();
-      failure->hdr = decoded.ok() ? std::move(decoded).value() : std::move(partial);
     }
-    return fail(std::move(message), code);
+    return status(std::move(err));
   };
   if (!is_known_command(byte)) {
     return fail_with_header(
@@ -68,10 +74,15 @@ result<parsed_message> parse_message(std::vector<zmq::message_t>& frames, std::s
   if (!decoded) {
     return fail_with_header(command_name(byte) + ": " + decoded.err().message, decoded.err().code);
   }
-  parsed_message out;
   out.cmd = static_cast<command>(byte);
-  out.hdr = std::move(decoded).value();
   if (n == 4) out.payload = std::move(frames[first + 3]);
+  return ok_status();
+}
+
+result<parsed_message> parse_message(std::vector<zmq::message_t>& frames, std::size_t first,
+                                     parse_failure* failure) {
+  parsed_message out;
+  if (auto parsed = parse_message(frames, first, out, failure); !parsed) return parsed.err();
   return out;
 }
 

@@ -35,6 +35,11 @@ struct parse_failure {
 // is moved out of `frames`.
 result<parsed_message> parse_message(std::vector<zmq::message_t>& frames, std::size_t first,
                                      parse_failure* failure = nullptr);
+// The same into `out`, which must be default-constructed: the header is decoded into out.hdr,
+// and no message or header is moved on the way. On failure `*failure` is written whole (every
+// member), so that a receive loop can keep one for every message.
+status parse_message(std::vector<zmq::message_t>& frames, std::size_t first, parsed_message& out,
+                     parse_failure* failure = nullptr);
 
 // Appends [tag][command][header][payload] to `frames`.
 void build_message(std::vector<zmq::message_t>& frames, command cmd, const header& h,

@@ -391,6 +391,10 @@ std::string encode_header(const header& h);
 // (however bad some of its fields, or too large, or followed by trailing bytes), `partial`, if
 // given, receives every field that did read, `id` above all, so that the refusal can carry it.
 result<header> decode_header(std::string_view bytes, header* partial = nullptr);
+// The same into `out`, which must be empty (default-constructed): a receive loop decodes into
+// the message it fills instead of moving a header out of a result. On a refusal `out` holds
+// what `partial` receives above, or is left empty when the frame was not a map.
+status decode_header(std::string_view bytes, header& out);
 
 // A topic is one or more dot-separated non-empty segments of [A-Za-z0-9_-:] characters.
 // Returns an empty string when valid, otherwise what is wrong.
