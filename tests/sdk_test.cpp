@@ -408,6 +408,38 @@ TEST_F(sdk_test, calls_with_ids_the_caller_chose_are_answered_beside_generated_o
   EXPECT_GT(acked->seq, 0u);
 }
 
+TEST_F(sdk_test, a_call_with_the_id_of_a_call_in_flight_is_refused_at_once) {
+  start_broker();
+  std::promise<void> release;
+  std::shared_future<void> released = release.get_future().share();
+  ea::agent worker(agent_options("slow"));
+  worker.handle("Slow", "hold", [released](const ea::message& m) -> ea::handler_result {
+    released.wait_for(10s);
+    return m.payload();
+  });
+  ASSERT_TRUE(worker.start().ok());
+  ea::agent client(agent_options("client"));
+  ASSERT_TRUE(client.start().ok());
+
+  ea::send_options so;
+  so.id = "order-7";
+  auto first = client.call_future("Slow", "hold", "first", 10s, so);
+  // Both would be answered with id order-7: the second is refused before it is sent.
+  auto second = client.call("Slow", "hold", "second", 10s, so);
+  ASSERT_FALSE(second.ok());
+  EXPECT_EQ(second.err().code, "bad_request") << second.err().to_string();
+  EXPECT_NE(second.err().message.find("'order-7'"), std::string::npos) << second.err().message;
+
+  release.set_value();
+  auto r = first.get();
+  ASSERT_TRUE(r.ok()) << r.err().to_string();
+  EXPECT_EQ(r->payload(), "first");
+  // Answered, its id is free again.
+  auto third = client.call("Slow", "hold", "third", 10s, so);
+  ASSERT_TRUE(third.ok()) << third.err().to_string();
+  EXPECT_EQ(third->payload(), "third");
+}
+
 TEST_F(sdk_test, start_fails_with_a_clear_error_when_no_broker_answers) {
   ea::options o;
   o.name = "lonely";

@@ -1018,6 +1018,17 @@ void agent::impl::execute(outbound& o) {
     case outbound::kind::request:
     case outbound::kind::publish: {
       const bool is_request = o.what == outbound::kind::request;
+      if (o.done && o.number == 0) {
+        // An id the caller chose: its answer is matched by that id, so it must not be one of a
+        // call still in flight (two calls could not tell their answers apart).
+        if (const auto n = call_number(o.hdr.id); n != 0 && calls.contains(n)) {
+          refuse(o, error{std::string(common::errc::bad_request),
+                          "id '" + o.hdr.id + "' is already used by a call of agent " + opts.name +
+                              " in flight; ids given in send_options must be unique among them",
+                          false});
+          break;
+        }
+      }
       // A call's number: the one in its id, or a fresh one for an id the caller chose.
       const std::uint64_t number = !o.done ? 0 : o.number != 0 ? o.number : ids.next_number();
       if (is_request) {

@@ -328,17 +328,22 @@ void engine::buffer_event(json ev) {
     auto& oldest = buffer_.front();
     log_->warn("event buffer full ({}): dropping event {} on {}", opts_.buffer_limit,
                oldest.value("id", ""), oldest.value("topic", ""));
-    auto range = buffer_index_.equal_range(
-        key_of(oldest["topic"].get<std::string>(), oldest.value("correlation_id", "")));
-    for (auto i = range.first; i != range.second; ++i) {
-      if (i->second == buffer_.begin()) {
-        buffer_index_.erase(i);
-        break;
-      }
-    }
     batch_.buffer_remove.push_back(oldest.value("id", ""));
-    buffer_.pop_front();
+    pop_oldest_buffered();
   }
+}
+
+void engine::pop_oldest_buffered() {
+  const json& oldest = buffer_.front();
+  auto range = buffer_index_.equal_range(
+      key_of(oldest["topic"].get<std::string>(), oldest.value("correlation_id", "")));
+  for (auto i = range.first; i != range.second; ++i) {
+    if (i->second == buffer_.begin()) {
+      buffer_index_.erase(i);
+      break;
+    }
+  }
+  buffer_.pop_front();
 }
 
 void engine::purge_buffer() {
@@ -347,16 +352,7 @@ void engine::purge_buffer() {
   const auto before = now - opts_.buffer_retention.count() * 1000;
   bool any = false;
   while (!buffer_.empty() && buffer_.front().value("received_us", std::int64_t{0}) < before) {
-    auto& oldest = buffer_.front();
-    auto range = buffer_index_.equal_range(
-        key_of(oldest["topic"].get<std::string>(), oldest.value("correlation_id", "")));
-    for (auto i = range.first; i != range.second; ++i) {
-      if (i->second == buffer_.begin()) {
-        buffer_index_.erase(i);
-        break;
-      }
-    }
-    buffer_.pop_front();
+    pop_oldest_buffered();
     any = true;
   }
   if (any) db_->purge_buffer(before);

@@ -207,6 +207,7 @@ class engine {
   std::set<std::string> journal_topics() const;
   void buffer_event(json ev);
   void purge_buffer();
+  void pop_oldest_buffered();  // the front of buffer_, and its index entry
 
   // --- effects
   void send_call(instance& in, const std::string& tag, const std::string& service,

@@ -103,10 +103,11 @@ orchestrator::orchestrator(options opts) : impl_(std::make_unique<impl>()) {
 
 orchestrator::~orchestrator() {
   stop();
-  // A start() that failed after the engine ran (the durable consumer refused) left `started`
-  // false: the engine's threads must still end before its effects and agent are destroyed,
-  // which the members' order would do first.
+  // A start() that failed part way (the durable consumer refused) left `started` false with the
+  // engine and the agent running: both must end before the members are destroyed — the engine
+  // sends through `effects`, and the agent's subscription callbacks read `consumed_streams`.
   if (impl_->engine) impl_->engine->stop();
+  if (impl_->agent) impl_->agent->stop(std::chrono::seconds(2));
 }
 
 common::status orchestrator::start() {
