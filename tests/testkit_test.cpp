@@ -142,9 +142,11 @@ services:
 
   // A paused agent holds its request; resumed, it answers it.
   d.pause("echo");
+  EXPECT_NO_THROW(d.pause("echo"));  // already paused: returns at once
   auto pending = client.call_future("Echo", "say", ea::to_json_payload({{"text", "three"}}), 10s);
   EXPECT_EQ(pending.wait_for(200ms), std::future_status::timeout);
   d.resume("echo");
+  EXPECT_NO_THROW(d.resume("echo"));  // already running: returns at once
   auto three = pending.get();
   ASSERT_TRUE(three) << three.err().to_string();
 

@@ -204,6 +204,7 @@ struct process::impl {
   // while the child is unreaped, so a pid is never signalled after it may have been reused.
   std::mutex reap_mutex;
   std::optional<int> exit_status;
+  bool stopped = false;  // stopped by stop(), not yet resumed by resume()
 
   ~impl() {
     {
@@ -328,13 +329,17 @@ struct process::impl {
   // (WCONTINUED). kill() returns as soon as the signal is queued, before the threads take it.
   // No other code of the testkit waits for these notifications, so none is stolen; an exit
   // meanwhile is seen by try_reap_locked.
+  // A process already in the wanted state (paused twice, resumed while running) gets the
+  // signal, which changes nothing, and no new report comes: that is success at once.
   bool send_and_wait(int sig, int state, std::chrono::milliseconds deadline) {
     const auto until = steady::now() + deadline;
+    const bool want_stopped = sig == SIGSTOP;
     {
       std::lock_guard lock(reap_mutex);
       try_reap_locked(WNOHANG);
       if (exit_status) return false;
       ::kill(pid, sig);
+      if (stopped == want_stopped) return true;
     }
     while (true) {
       {
@@ -346,7 +351,10 @@ struct process::impl {
         do {
           r = ::waitid(P_PID, static_cast<id_t>(pid), &info, state | WNOHANG);
         } while (r < 0 && errno == EINTR);
-        if (r == 0 && info.si_pid == pid) return true;
+        if (r == 0 && info.si_pid == pid) {
+          stopped = want_stopped;
+          return true;
+        }
         if (r < 0) return false;
       }
       if (steady::now() >= until) return false;
