@@ -56,6 +56,10 @@ struct instance_record {
   // acknowledged by the broker. load_active() returns exactly these.
   bool active = true;
   json state;  // the engine's runtime state, opaque to the store
+  // In a commit only: when set, the steps of `state` ("steps.<name>" and "run.steps.<name>")
+  // not named here are unchanged since this instance's last commit, and the store may leave
+  // them as stored. Unset: every step may have changed. Reads leave it unset.
+  std::optional<std::vector<std::string>> changed_steps;
 };
 
 struct history_entry {
