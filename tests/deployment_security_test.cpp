@@ -56,10 +56,27 @@ struct secured_files {
               "reactions:\n"
               "  - on: order.paid\n"
               "    publish: {topic: inventory.reserved, payload: {}}\n");
+    // Every kind of step that calls or publishes, nested ones included, a compensation of
+    // each kind, an await, a choreography and a trigger.
+    dir.write("workflows/fulfil.json", R"({"workflow": {"name": "Fulfil",
+      "triggers": [{"topic": "order.placed"}],
+      "steps": [
+        {"name": "Charge", "service": "PaymentService", "action": "charge",
+         "compensate": {"service": "PaymentService", "action": "refund"}},
+        {"name": "Prepare", "kind": "parallel", "branches": [
+          [{"name": "Reserve", "service": "InventoryService", "action": "reserve",
+            "compensate": {"publish": {"topic": "stock.release"}}}],
+          [{"name": "Route", "kind": "switch", "cases": [
+             {"when": "${workflow.input.total} > 100",
+              "steps": [{"name": "Review", "service": "ReviewService", "action": "queue"}]}],
+            "default": [{"name": "Announce", "kind": "publish", "topic": "order.accepted"}]}]]},
+        {"name": "Stocked", "kind": "await", "topic": "stock.reserved", "timeout": "1m"},
+        {"name": "Ship", "kind": "choreography", "start": {"topic": "order.paid"},
+         "until": ["shipment.dispatched"], "fail_on": ["fulfillment.failed"], "timeout": "1h"}]}})");
     file = dir.write("deployment.yaml",
                      "security: curve\n"
                      "streams: [{name: orders, topics: [order., inventory.]}]\n"
-                     "orchestrator: {store: \":memory:\"}\n"
+                     "orchestrator: {store: \":memory:\", workflows: [workflows/]}\n"
                      "agents:\n"
                      "  - name: payments\n"
                      "    program: /bin/true\n"
@@ -130,9 +147,22 @@ TEST(deployment_security, rights_are_derived_from_what_the_deployment_declares) 
   EXPECT_EQ(inv.consume, std::vector<std::string>{"orders"});
   EXPECT_TRUE(inv.admin.empty());
 
+  // The orchestrator: what its workflows do, nothing more.
+  auto sorted = [](std::vector<std::string> v) {
+    std::sort(v.begin(), v.end());
+    return v;
+  };
   const auto& orch = rights.at("orchestrator");
   EXPECT_EQ(orch.offer, std::vector<std::string>{"orchestrator"});
-  EXPECT_EQ(orch.call, std::vector<std::string>{"*"});
+  EXPECT_EQ(sorted(orch.call),
+            (std::vector<std::string>{"InventoryService.reserve", "PaymentService.charge",
+                                      "PaymentService.refund", "ReviewService.queue"}));
+  EXPECT_EQ(sorted(orch.publish), (std::vector<std::string>{"order.accepted", "order.paid",
+                                                            "stock.release", "workflow.Fulfil."}));
+  EXPECT_EQ(sorted(orch.subscribe),
+            (std::vector<std::string>{"fulfillment.failed", "order.placed", "shipment.dispatched",
+                                      "stock.reserved"}));
+  EXPECT_EQ(orch.consume, std::vector<std::string>{"*"});
   EXPECT_TRUE(has(orch.admin, "trace"));
   EXPECT_FALSE(has(orch.admin, "*"));
 

@@ -10,6 +10,7 @@
 #include "ensemble/cli/scriptable_agent.hpp"
 #include "ensemble/common/curve_keys.hpp"
 #include "ensemble/common/result.hpp"
+#include "ensemble/orchestrator/definition.hpp"
 
 namespace ensemble::cli {
 
@@ -53,6 +54,68 @@ rights scriptable_rights(const agent_spec& spec) {
     add_failure_publishes(r, reaction.fail);
   }
   if (spec.consume) add_unique(r.consume, spec.consume->stream);
+  return r;
+}
+
+void add_sequence(rights& r, const orchestrator::sequence& steps);
+
+void add_step(rights& r, const orchestrator::step& s) {
+  using orchestrator::step_kind;
+  switch (s.kind) {
+    case step_kind::command:
+      add_unique(r.call, s.service + "." + s.action);
+      break;
+    case step_kind::publish:
+      add_unique(r.publish, s.event.topic);
+      break;
+    case step_kind::choreography:
+      add_unique(r.publish, s.event.topic);
+      break;
+    case step_kind::parallel:
+      for (const auto& branch : s.branches) add_sequence(r, branch);
+      break;
+    case step_kind::switch_:
+      for (const auto& c : s.cases) add_sequence(r, c.steps);
+      add_sequence(r, s.default_steps);
+      break;
+    case step_kind::await:
+    case step_kind::wait:
+    case step_kind::workflow:  // the child's own steps are in its definition
+      break;
+  }
+  if (s.compensate) {
+    if (s.compensate->what == orchestrator::compensation::kind::command) {
+      add_unique(r.call, s.compensate->service + "." + s.compensate->action);
+    } else {
+      add_unique(r.publish, s.compensate->event.topic);
+    }
+  }
+}
+
+void add_sequence(rights& r, const orchestrator::sequence& steps) {
+  for (const auto& s : steps) add_step(r, s);
+}
+
+// What the orchestrator's workflows need and nothing more: serve `orchestrator`; call the
+// commands of their steps and compensations; publish the events their steps and compensations
+// publish and their lifecycle events (`workflow.<name>.`); receive the topics they await or are
+// triggered by. It consumes any stream (which streams hold its topics is known only at the
+// broker, and streams can be added while it runs) and uses the broker actions of its catch-up
+// and of its durable consumers.
+rights orchestrator_rights(const orchestrator_section& section) {
+  rights r{
+      .offer = {"orchestrator"},
+      .call = {},
+      .call_own = {},
+      .publish = {},
+      .subscribe = {},
+      .consume = {"*"},
+      .admin = {"trace", "streams", "stream_info", "consumers", "consumer_info", "consumer_add"}};
+  for (const auto& def : orchestrator::load_definitions(section.workflows)) {
+    add_sequence(r, def.steps);
+    add_unique(r.publish, "workflow." + def.name + ".");
+    for (const auto& topic : def.listened_topics()) add_unique(r.subscribe, topic);
+  }
   return r;
 }
 
@@ -119,20 +182,9 @@ std::map<std::string, rights> derive_rights(const deployment& d,
     switch (p.kind) {
       case process_role::broker:
         break;
-      case process_role::orchestrator: {
-        rights r{.offer = {"orchestrator"},
-                 .call = {"*"},
-                 .call_own = {},
-                 .publish = {""},
-                 .subscribe = {""},
-                 .consume = {"*"},
-                 // Its catch-up reads the trace journal; its stream consumers are set up with
-                 // the stream and consumer actions.
-                 .admin = {"trace", "streams", "stream_info", "consumers", "consumer_info",
-                           "consumer_add"}};
-        out[p.name].merge(r);
+      case process_role::orchestrator:
+        out[p.name].merge(orchestrator_rights(*static_cast<const orchestrator_section*>(p.spec)));
         break;
-      }
       case process_role::agent: {
         const auto* section = static_cast<const agent_section*>(p.spec);
         rights r;

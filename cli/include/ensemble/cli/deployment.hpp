@@ -217,8 +217,9 @@ exec_plan command_for(const planned_process& p, const deployment& d, const std::
 inline constexpr std::string_view user_identity = "user";
 
 // The rights of each identity of a secured deployment, derived from what it declares: the
-// orchestrator serves `orchestrator`, calls any service, publishes and receives any topic and
-// consumes any stream; an agent offers its services and, for a scriptable agent, publishes the
+// orchestrator serves `orchestrator` and has what its workflow definitions need (the commands
+// of their steps and compensations, the topics they publish, their lifecycle topics, the topics
+// they await or are triggered by) and consumes any stream; an agent offers its services and, for a scriptable agent, publishes the
 // topics its spec publishes (up to the first `${`), receives the ones it reacts to and consumes
 // its stream; each section's `rights:` is added; `user` may do everything; the file's
 // `security.identities` are added as they are.
