@@ -15,12 +15,16 @@
 //    "run":      {engine bookkeeping: per-step phase, timers, outbox, compensation, ...}}
 //
 // The engine's parts, one file each:
-//   engine.cpp        the loop: inbox, thread or stepped turns, dispatch of inputs, timers, the
-//                     commit and the sends after it, store failures; shared bookkeeping
+//   loop.cpp          the loop: construction, the thread and its inbox (or stepped turns), one
+//                     turn, the dispatch of each input to its part, timers due, `advance`
 //   steps.cpp         the walk: step kinds, attempts, retries, timeouts, failure policies,
-//                     compensation, the end of an instance
+//                     compensation, the end of an instance; the replies, acknowledgements and
+//                     timers that move steps and compensation on (on_step_reply, on_timer, ...)
 //   awaits.cpp        events: awaits, "from" filters, triggers, the early-event buffer
 //   recovery.cpp      restart: loading and resuming instances, the journal catch-up
+//   commit.cpp        commit then send: the store transaction of each turn, then its commands,
+//                     events and answers; store failures; the effects queue, history, records
+//   state.cpp         the state document's helpers: phases, step accessors, error documents
 //   admin.cpp         the admin API (admin.hpp) and the views of instances
 //   effects.hpp       the way out (effects_sink); agent_effects.cpp implements it over the agent
 // Tests drive it without a broker (tests/engine_test.cpp): a fake effects_sink, a virtual_clock,
@@ -151,6 +155,7 @@ class engine {
   void loop();
   // One iteration on `work`: handled, timers fired, buffer purged, committed, sent.
   void turn(std::vector<inbound>& work);
+  // Hands one input to the part that handles it.
   void process(inbound& in);
   // Fires the timers due at the clock's now; returns how many of them still applied.
   std::size_t fire_timers();
@@ -183,6 +188,15 @@ class engine {
   void begin_compensation(instance& in, instance_status final_status, json err);
   void progress_compensation(instance& in);
   void finish(instance& in, instance_status status, json result);
+  // What moves steps and compensation on (steps.cpp): a reply to a step's command, to a
+  // compensation's, the broker's acknowledgement of an outbox event, a timer. A reply or
+  // acknowledgement for a request that is no longer outstanding changes nothing; on_timer
+  // returns whether the timer still applied.
+  void on_step_reply(instance& in, const std::string& step_name, const std::string& request_id,
+                     response_result& r);
+  void on_compensation_reply(instance& in, const std::string& request_id, response_result& r);
+  void on_outbox_ack(instance& in, const std::string& event_id, response_result& r);
+  bool on_timer(instance& in, const timer& t);
 
   // --- awaits and events
   void register_await(instance& in, const step& s);
@@ -344,7 +358,7 @@ struct engine::effect {
   bool durable = false;
 };
 
-// Helpers shared by the engine's parts (engine.cpp).
+// Helpers shared by the engine's parts (state.cpp).
 // The key of an (a, b) pair in the engine's string-keyed maps.
 std::string key_of(const std::string& a, const std::string& b);
 // An error as a step's or instance's "error" document.

@@ -1,6 +1,8 @@
 // The workflow walk: starting instances, stepping through their sequences, each step kind's
 // attempts, retries and timeouts, failure policies, compensation in reverse order, and the end of
-// an instance (its lifecycle event, its parent's step). See engine.hpp for the state document.
+// an instance (its lifecycle event, its parent's step); and what moves them on: the replies to
+// steps' and compensations' commands, the broker's acknowledgements of their events, and their
+// timers. See engine.hpp for the state document.
 #include <algorithm>
 
 #include "engine.hpp"
@@ -13,6 +15,9 @@ using namespace std::chrono_literals;
 using millis = std::chrono::milliseconds;
 
 namespace {
+
+// An event the broker did not acknowledge is published again after this long.
+constexpr std::int64_t k_republish_us = 1'000'000;
 
 // Finds the sequence that holds the step named `name`, and its index there.
 bool locate(const sequence& seq, const std::string& name, const sequence*& where,
@@ -564,6 +569,156 @@ void engine::finish(instance& in, instance_status status, json result_or_error) 
               "sub-workflow " + in.id + " " + name + ": " + describe(result_or_error), false});
   }
   advance(p);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Replies, acknowledgements and timers of steps and compensation
+
+void engine::on_step_reply(instance& inst, const std::string& step_name,
+                           const std::string& request_id, response_result& r) {
+  const step* s = inst.def->find(step_name);
+  if (s == nullptr || inst.status != instance_status::running) return;
+  auto& rs = run_of(inst, s->name);
+  if (phase_of(rs) != step_phase::calling || rs.value("request_id", "") != request_id) return;
+  // The reply is what causes whatever the instance does next.
+  inst.run()["cause"] = request_id;
+  if (r) {
+    vis(inst, s->name)["worker"] = r->worker;
+    complete_step(inst, *s, std::move(r->payload));
+  } else {
+    step_error(inst, *s, r.err());
+  }
+  advance(inst);
+}
+
+void engine::on_compensation_reply(instance& inst, const std::string& request_id,
+                                   response_result& r) {
+  auto& comp = inst.run()["comp"];
+  if (phase_of(comp) != step_phase::calling || comp.value("request_id", "") != request_id) {
+    return;
+  }
+  const std::string name = comp["list"][comp["index"].get<std::size_t>()];
+  const step* s = inst.def->find(name);
+  if (r) {
+    vis(inst, name)["status"] = "compensated";
+    history(inst, "compensated", name, json{{"worker", r->worker}});
+    comp["index"] = comp["index"].get<std::size_t>() + 1;
+    set_phase(comp, step_phase::none);
+  } else {
+    const auto attempt = comp.value("attempt", 1U);
+    const bool retryable = r.err().retryable || common::error::retryable_by_default(r.err().code);
+    history(inst, "compensation_attempt_failed", name, error_json("", r.err(), attempt));
+    if (s->compensate->retry.allows(r.err().code, retryable) &&
+        attempt < s->compensate->retry.max_attempts) {
+      set_phase(comp, step_phase::backoff);
+      arm(inst, "@comp", now_us() + s->compensate->retry.delay_after(attempt).count() * 1000);
+    } else {
+      vis(inst, name)["status"] = "compensation_failed";
+      inst.run()["comp_failures"].push_back(error_json(name, r.err(), attempt));
+      history(inst, "compensation_failed", name, error_json("", r.err(), attempt));
+      comp["index"] = comp["index"].get<std::size_t>() + 1;
+      set_phase(comp, step_phase::none);
+    }
+  }
+  touch(inst);
+  progress_compensation(inst);
+}
+
+void engine::on_outbox_ack(instance& inst, const std::string& event_id, response_result& r) {
+  auto& outbox = inst.run()["outbox"];
+  auto entry = outbox.find(event_id);
+  if (entry == outbox.end()) return;
+  if (!r) {
+    log_->warn("instance {}: event {} on {} not acknowledged: {}; publishing again", inst.id,
+               event_id, (*entry)["topic"].get<std::string>(), r.err().to_string());
+    arm(inst, "@outbox:" + event_id, now_us() + k_republish_us);
+    return;
+  }
+  const std::string kind = (*entry)["kind"];
+  const std::string step_name = entry->value("step", std::string());
+  outbox.erase(entry);
+  touch(inst);
+  {
+    std::lock_guard lock(stats_mutex_);
+    ++stats_.events_published;
+  }
+  if (kind == "publish") {
+    const step* s = inst.def->find(step_name);
+    auto& rs = run_of(inst, step_name);
+    if (s != nullptr && phase_of(rs) == step_phase::publishing && rs.value("key", "") == event_id) {
+      complete_step(inst, *s, json{{"id", event_id}, {"seq", r->seq}});
+      advance(inst);
+    }
+  } else if (kind == "compensation") {
+    auto& comp = inst.run()["comp"];
+    if (phase_of(comp) == step_phase::publishing && comp.value("event_id", "") == event_id) {
+      const std::string name = comp["list"][comp["index"].get<std::size_t>()];
+      vis(inst, name)["status"] = "compensated";
+      history(inst, "compensated", name, json{{"event", event_id}});
+      comp["index"] = comp["index"].get<std::size_t>() + 1;
+      set_phase(comp, step_phase::none);
+      progress_compensation(inst);
+    }
+  }
+}
+
+bool engine::on_timer(instance& inst, const timer& t) {
+  if (t.tag == "@deadline") {
+    if (inst.status != instance_status::running ||
+        inst.run().value("deadline_us", std::int64_t{0}) != t.due_us) {
+      return false;
+    }
+    abandon(inst, inst.def->steps);
+    begin_compensation(
+        inst, instance_status::timed_out,
+        json{{"code", "timeout"},
+             {"message", "the workflow's timeout of " + std::to_string(inst.def->timeout->count()) +
+                             " ms passed"}});
+    return true;
+  }
+  if (t.tag == "@comp") {
+    auto& comp = inst.run()["comp"];
+    if (phase_of(comp) != step_phase::backoff) return false;
+    set_phase(comp, step_phase::none);
+    progress_compensation(inst);
+    return true;
+  }
+  if (t.tag.rfind("@outbox:", 0) == 0) {
+    const std::string event_id = t.tag.substr(8);
+    if (!inst.run()["outbox"].contains(event_id)) return false;
+    send_outbox(inst, event_id);
+    return true;
+  }
+  const step* s = inst.def->find(t.tag);
+  if (s == nullptr || inst.status != instance_status::running) return false;
+  auto& rs = run_of(inst, s->name);
+  if (rs.value("due_us", std::int64_t{0}) != t.due_us) return false;
+  const step_phase phase = phase_of(rs);
+  if (phase == step_phase::backoff) {
+    start_attempt(inst, *s);
+  } else if (phase == step_phase::waiting) {
+    complete_step(inst, *s, json());
+  } else if (phase == step_phase::calling) {
+    // Only a virtual clock arms this: the attempt's timeout in workflow time.
+    step_error(inst, *s,
+               error{std::string(common::errc::deadline_exceeded),
+                     "no reply from " + s->service + "." + s->action + " within " +
+                         std::to_string(s->timeout.value_or(opts_.default_timeout).count()) + " ms",
+                     true},
+               true);
+  } else if (phase == step_phase::awaiting) {
+    unregister_await(inst, *s);
+    step_error(inst, *s,
+               error{"timeout",
+                     "no matching event on " + s->until.front() + " within " +
+                         std::to_string(s->timeout ? s->timeout->count() : 0) + " ms",
+                     true},
+               true);
+  } else {
+    return false;
+  }
+  advance(inst);
+  return true;
 }
 
 }  // namespace ensemble::orchestrator::detail
