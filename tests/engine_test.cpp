@@ -462,4 +462,184 @@ TEST_F(engine_test, a_restarted_engine_goes_on_awaiting_when_the_journal_has_not
   EXPECT_EQ(get(id)["status"], "completed");
 }
 
+// ---------------------------------------------------------------------------------------------
+// Stores written before the engine's bookkeeping was typed
+
+const char* const k_saga = R"({"workflow": {"name": "Saga", "steps": [
+  {"name": "One", "service": "Svc", "action": "do1", "compensate": {"service": "Svc", "action": "undo1"}},
+  {"name": "Two", "service": "Svc", "action": "do2", "compensate": {"service": "Svc", "action": "undo2"}},
+  {"name": "Three", "service": "Svc", "action": "do3"}]}})";
+
+const char* const k_announce = R"({"workflow": {"name": "Announce", "steps": [
+  {"name": "Tell", "kind": "publish", "topic": "orders.told"}]}})";
+
+orch::instance_record old_record(const std::string& id, const std::string& workflow,
+                                 orch::instance_status status, json state) {
+  orch::instance_record r;
+  r.id = id;
+  r.workflow = workflow;
+  r.version = 1;
+  r.status = status;
+  r.created_us = r.updated_us = k_start_us;
+  r.active = true;
+  r.state = std::move(state);
+  return r;
+}
+
+json workflow_of(const std::string& id, const std::string& name) {
+  return {{"id", id}, {"name", name}, {"version", 1}, {"input", json::object()}};
+}
+
+// The state documents of instances in flight, as the engine wrote them before its bookkeeping
+// was typed ("run" in the shape of that code), with a key no version knows in "run" and in a
+// step's bookkeeping.
+std::vector<orch::instance_record> old_records() {
+  const std::int64_t t = k_start_us;
+  std::vector<orch::instance_record> out;
+  // A command step in its backoff, due in an hour; attempt 2 of 2 is next.
+  out.push_back(old_record(
+      "i-backoff", "Flaky", orch::instance_status::running,
+      {{"workflow", workflow_of("i-backoff", "Flaky")},
+       {"steps", {{"Send", {{"status", "running"}, {"attempts", 1}, {"started_us", t}}}}},
+       {"run",
+        {{"trace_id", "t-backoff"},
+         {"cause", "r-0"},
+         {"history_seq", 4},
+         {"completed", json::array()},
+         {"outbox", json::object()},
+         {"from_a_later_version", {{"kept", true}}},
+         {"steps",
+          {{"Send",
+            {{"key", "i-backoff/Send/1"},
+             {"phase", "backoff"},
+             {"request_id", "r-1"},
+             {"deadline_us", t + 30 * k_second_us},
+             {"due_us", t + 3600 * k_second_us},
+             {"also_unknown", 7}}}}}}}}));
+  // An await waiting for its event (Reserve done).
+  out.push_back(old_record(
+      "i-await", "Order", orch::instance_status::running,
+      {{"workflow", workflow_of("i-await", "Order")},
+       {"steps",
+        {{"Reserve",
+          {{"status", "completed"},
+           {"attempts", 1},
+           {"started_us", t},
+           {"ended_us", t},
+           {"output", json::object()},
+           {"worker", "worker-1"}}},
+         {"Reserved", {{"status", "running"}, {"attempts", 1}, {"started_us", t}}}}},
+       {"run",
+        {{"trace_id", "t-await"},
+         {"cause", "r-2"},
+         {"history_seq", 5},
+         {"completed", {"Reserve"}},
+         {"outbox", json::object()},
+         {"steps",
+          {{"Reserve", {{"key", "i-await/Reserve/1"}, {"request_id", "r-2"}, {"deadline_us", t}}},
+           {"Reserved",
+            {{"key", "i-await/Reserved/1"},
+             {"phase", "awaiting"},
+             {"since_us", t},
+             {"due_us", t + 5 * k_second_us}}}}}}}}));
+  // Compensating after Three failed: undo2's command was in flight.
+  const json refused = {{"step", "Three"}, {"code", "refused"}, {"message", "no"}, {"attempts", 1}};
+  out.push_back(old_record(
+      "i-comp", "Saga", orch::instance_status::compensating,
+      {{"workflow", workflow_of("i-comp", "Saga")},
+       {"steps",
+        {{"One", {{"status", "completed"}, {"attempts", 1}, {"output", {{"did", 1}}}}},
+         {"Two", {{"status", "completed"}, {"attempts", 1}, {"output", {{"did", 2}}}}},
+         {"Three", {{"status", "failed"}, {"attempts", 1}, {"error", refused}}}}},
+       {"run",
+        {{"trace_id", "t-comp"},
+         {"cause", "r-5"},
+         {"history_seq", 11},
+         {"completed", {"One", "Two"}},
+         {"outbox", json::object()},
+         {"final", "failed"},
+         {"error", refused},
+         {"comp",
+          {{"list", {"Two", "One"}},
+           {"index", 0},
+           {"phase", "calling"},
+           {"attempt", 1},
+           {"request_id", "r-6"}}},
+         {"steps",
+          {{"One", {{"key", "i-comp/One/1"}, {"request_id", "r-3"}, {"deadline_us", t}}},
+           {"Two", {{"key", "i-comp/Two/1"}, {"request_id", "r-4"}, {"deadline_us", t}}},
+           {"Three", {{"key", "i-comp/Three/1"}, {"request_id", "r-5"}, {"deadline_us", t}}}}}}}}));
+  // A publish step whose event was committed but never acknowledged.
+  out.push_back(old_record(
+      "i-pub", "Announce", orch::instance_status::running,
+      {{"workflow", workflow_of("i-pub", "Announce")},
+       {"steps", {{"Tell", {{"status", "running"}, {"attempts", 1}, {"started_us", t}}}}},
+       {"run",
+        {{"trace_id", "t-pub"},
+         {"cause", "m-1"},
+         {"history_seq", 3},
+         {"completed", json::array()},
+         {"outbox",
+          {{"i-pub/Tell/1",
+            {{"topic", "orders.told"},
+             {"payload", {{"n", 1}}},
+             {"kind", "publish"},
+             {"cause", "m-1"},
+             {"step", "Tell"}}}}},
+         {"steps", {{"Tell", {{"key", "i-pub/Tell/1"}, {"phase", "publishing"}}}}}}}}));
+  return out;
+}
+
+TEST_F(engine_test, a_store_written_before_typed_bookkeeping_resumes_and_completes) {
+  {
+    auto db = orch::open_sqlite_store(dir_.file("state.db"));
+    orch::commit_batch batch;
+    batch.instances = old_records();
+    ASSERT_TRUE(db->commit(batch));
+  }
+  open({k_hourly_retry, k_reserve_then_await, k_saga, k_announce});
+  // Resumed: the compensation's command again with the same key, the unacknowledged event
+  // again with its id, nothing for the backoff yet.
+  ASSERT_EQ(fx_->actions(), std::vector<std::string>{"Svc.undo2"});
+  EXPECT_EQ(fx_->calls()[0].what.opts.idempotency_key, "i-comp/Two/compensate/1");
+  EXPECT_EQ(fx_->topics(),
+            (std::vector<std::string>{"orders.told", "workflow.Announce.completed"}));
+  EXPECT_EQ(fx_->published()[0].opts.id, "i-pub/Tell/1");
+  EXPECT_EQ(get("i-pub")["status"], "completed");
+
+  engine_->post_event(event("e-1", "stock.reserved", "i-await", {{"n", 1}}));
+  settle();
+  EXPECT_EQ(get("i-await")["status"], "completed");
+  EXPECT_EQ(get("i-await")["steps"]["Reserved"]["output"], json({{"n", 1}}));
+
+  reply(0, json::object());
+  ASSERT_EQ(fx_->actions(), (std::vector<std::string>{"Svc.undo2", "Svc.undo1"}));
+  reply(1, json::object());
+  const auto comp = get("i-comp");
+  EXPECT_EQ(comp["status"], "failed");
+  EXPECT_EQ(comp["steps"]["Two"]["status"], "compensated");
+  EXPECT_EQ(comp["steps"]["One"]["status"], "compensated");
+
+  set_clock(k_start_us + 3600 * k_second_us - 1);
+  EXPECT_EQ(fx_->calls().size(), 2U) << "the resumed backoff fired early";
+  set_clock(k_start_us + 3600 * k_second_us);
+  ASSERT_EQ(fx_->calls().size(), 3U);
+  EXPECT_EQ(fx_->calls()[2].what.opts.idempotency_key, "i-backoff/Send/2");
+  EXPECT_EQ(fx_->calls()[2].what.opts.attempt, 2U);
+  EXPECT_EQ(fx_->calls()[2].what.opts.trace_id, "t-backoff");
+  reply(2, {{"sent", true}});
+  EXPECT_EQ(get("i-backoff")["status"], "completed");
+  close();
+
+  // What this version does not know is written back as it was read.
+  auto db = orch::open_sqlite_store(dir_.file("state.db"));
+  auto stored = db->get("i-backoff");
+  ASSERT_TRUE(stored && *stored);
+  const json& run = (**stored).state["run"];
+  EXPECT_EQ(run["from_a_later_version"], json({{"kept", true}}));
+  EXPECT_EQ(run["steps"]["Send"]["also_unknown"], 7);
+  EXPECT_FALSE(run["steps"]["Send"].contains("phase"));
+  EXPECT_EQ(run["history_seq"], 4 + 3);  // step_started (attempt 2), step_completed, completed
+}
+
 }  // namespace

@@ -90,11 +90,12 @@ void engine::flush() {
         const std::string request_id = e.opts.id;
         effects_sink_->call(
             outgoing_call{e.service, e.action, std::move(e.payload), e.timeout, e.opts},
-            [self, id = e.instance_id, tag = e.tag, request_id](response_result r) {
+            [self, id = e.instance_id, to = e.to, step = e.step, request_id](response_result r) {
               inbound in;
               in.what = inbound::kind::reply;
               in.instance_id = id;
-              in.tag = tag;
+              in.to = to;
+              in.step = step;
               in.request_id = request_id;
               in.answer = std::move(r);
               self->post(std::move(in));
@@ -197,14 +198,15 @@ void engine::send_ready_answers() {
 // ---------------------------------------------------------------------------------------------
 // Effects and bookkeeping
 
-void engine::send_call(instance& in, const std::string& tag, const std::string& service,
-                       const std::string& action, json payload, millis timeout,
-                       const std::string& request_id, const std::string& key,
+void engine::send_call(instance& in, reply_to to, const std::string& step,
+                       const std::string& service, const std::string& action, json payload,
+                       millis timeout, const std::string& request_id, const std::string& key,
                        std::uint32_t attempt) {
   effect e;
   e.what = effect::kind::call;
   e.instance_id = in.id;
-  e.tag = tag;
+  e.to = to;
+  e.step = step;
   e.service = service;
   e.action = action;
   e.payload = std::move(payload);
@@ -248,8 +250,8 @@ void engine::send_outbox(instance& in, const std::string& event_id) {
   effects_.push_back(std::move(e));
 }
 
-void engine::arm(instance& in, const std::string& tag, std::int64_t due_us) {
-  timers_.push(timer{due_us, in.id, tag});
+void engine::arm(instance& in, timer_kind what, std::int64_t due_us, const std::string& name) {
+  timers_.push(timer{due_us, in.id, what, name});
 }
 
 void engine::history(instance& in, const std::string& kind, const std::string& step, json data) {

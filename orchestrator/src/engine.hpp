@@ -137,12 +137,22 @@ class engine {
   struct instance;
   struct inbound;
   struct effect;
+  // What a timer is for; `name` says which one where there can be several.
+  enum class timer_kind {
+    step,          // a step's due_us (backoff, wait, await or call timeout); name: the step
+    deadline,      // the instance's timeout (run deadline_us)
+    compensation,  // the end of a compensation's backoff
+    outbox,        // publishing an unacknowledged event again; name: the event id
+  };
   struct timer {
     std::int64_t due_us;
     std::string instance_id;
-    std::string tag;  // step name, "@deadline", "@comp", "@outbox:<event id>"
+    timer_kind what;
+    std::string name;
     bool operator>(const timer& o) const { return due_us > o.due_us; }
   };
+  // Whose command a reply answers: a step's (named) or the instance's compensation.
+  enum class reply_to { step, compensation };
   struct buffered {
     json event;
   };
@@ -224,13 +234,13 @@ class engine {
   void pop_oldest_buffered();  // the front of buffer_, and its index entry
 
   // --- effects
-  void send_call(instance& in, const std::string& tag, const std::string& service,
+  void send_call(instance& in, reply_to to, const std::string& step, const std::string& service,
                  const std::string& action, json payload, std::chrono::milliseconds timeout,
                  const std::string& request_id, const std::string& key, std::uint32_t attempt);
   void add_outbox(instance& in, const std::string& topic, json payload, const std::string& key,
                   const std::string& kind, const std::string& step);
   void send_outbox(instance& in, const std::string& event_id);
-  void arm(instance& in, const std::string& tag, std::int64_t due_us);
+  void arm(instance& in, timer_kind what, std::int64_t due_us, const std::string& name = {});
   void history(instance& in, const std::string& kind, const std::string& step, json data);
   void touch(instance& in);
   // Everything the store keeps of an instance except its state document.
@@ -334,7 +344,8 @@ struct engine::inbound {
   enum class kind { reply, ack, event, admin, stop } what = kind::reply;
   bool replayed = false;  // an event from the broker's journal (catch_up)
   std::string instance_id;
-  std::string tag;  // step name, or "@comp"
+  reply_to to = reply_to::step;  // a reply: whose command it answers
+  std::string step;              // reply_to::step: the step's name
   std::string request_id;
   std::optional<response_result> answer;
   json event;
@@ -347,7 +358,8 @@ struct engine::inbound {
 // An output of the loop, sent once the iteration is committed.
 struct engine::effect {
   enum class kind { call, publish, answer } what = kind::call;
-  std::string instance_id, tag, service, action, topic;
+  std::string instance_id, step, service, action, topic;
+  reply_to to = reply_to::step;
   json payload;
   millis timeout{0};
   agent::send_options opts;

@@ -186,7 +186,11 @@ void engine::turn(std::vector<inbound>& work) {
       process(in);
     } catch (const std::exception& e) {
       log_->critical("instance {}: internal error while handling {}: {}", in.instance_id,
-                     in.tag.empty() ? in.action : in.tag, e.what());
+                     in.what == inbound::kind::reply
+                         ? (in.to == reply_to::compensation ? "a compensation's reply"
+                                                            : "step " + in.step + "'s reply")
+                         : in.action,
+                     e.what());
       if (in.promise) {
         effect answer;
         answer.what = effect::kind::answer;
@@ -279,10 +283,10 @@ void engine::process(inbound& in) {
   instance& inst = *it->second;
   if (in.what == inbound::kind::ack) {
     on_outbox_ack(inst, in.request_id, *in.answer);
-  } else if (in.tag == "@comp") {
+  } else if (in.to == reply_to::compensation) {
     on_compensation_reply(inst, in.request_id, *in.answer);
   } else {
-    on_step_reply(inst, in.tag, in.request_id, *in.answer);
+    on_step_reply(inst, in.step, in.request_id, *in.answer);
   }
 }
 

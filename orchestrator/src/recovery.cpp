@@ -65,7 +65,7 @@ void engine::resume(instance& in) {
     send_outbox(in, event_id);
   }
   if (in.run().contains("deadline_us") && in.status == instance_status::running) {
-    arm(in, "@deadline", in.run()["deadline_us"].get<std::int64_t>());
+    arm(in, timer_kind::deadline, in.run()["deadline_us"].get<std::int64_t>());
   }
   if (in.status == instance_status::compensating) {
     auto& comp = in.run()["comp"];
@@ -94,16 +94,16 @@ void engine::resume(instance& in) {
       rs["deadline_us"] = now_us() + timeout.count() * 1000;
       if (clock_->is_virtual()) {
         rs["due_us"] = rs["deadline_us"];
-        arm(in, name, rs["due_us"]);
+        arm(in, timer_kind::step, rs["due_us"], name);
       }
-      send_call(in, name, s->service, s->action, std::move(payload), timeout, request_id, rs["key"],
-                attempt);
+      send_call(in, reply_to::step, name, s->service, s->action, std::move(payload), timeout,
+                request_id, rs["key"], attempt);
       touch(in);
     } else if (phase == step_phase::backoff || phase == step_phase::waiting) {
-      arm(in, name, rs["due_us"].get<std::int64_t>());
+      arm(in, timer_kind::step, rs["due_us"].get<std::int64_t>(), name);
     } else if (phase == step_phase::awaiting) {
       register_await(in, *s);
-      arm(in, name, rs["due_us"].get<std::int64_t>());
+      arm(in, timer_kind::step, rs["due_us"].get<std::int64_t>(), name);
       // What arrived for it while we were down is in the broker's journal: catch_up().
       const auto since = rs.value("since_real_us", rs.value("since_us", std::int64_t{0}));
       auto [it, first] = catch_up_from_.try_emplace(in.id, since);

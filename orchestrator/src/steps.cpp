@@ -100,7 +100,7 @@ engine::instance& engine::create_instance(std::shared_ptr<const definition> def,
   if (def->timeout) {
     const auto due = ref.created_us + def->timeout->count() * 1000;
     ref.run()["deadline_us"] = due;
-    arm(ref, "@deadline", due);
+    arm(ref, timer_kind::deadline, due);
   }
   {
     std::lock_guard lock(stats_mutex_);
@@ -234,7 +234,7 @@ void engine::start_step(instance& in, const step& s) {
       v["attempts"] = 1;
       set_phase(rs, step_phase::waiting);
       rs["due_us"] = now_us() + s.duration.count() * 1000;
-      arm(in, s.name, rs["due_us"]);
+      arm(in, timer_kind::step, rs["due_us"], s.name);
       history(in, "step_started", s.name, json{{"kind", "wait"}, {"ms", s.duration.count()}});
       return;
     }
@@ -275,7 +275,7 @@ void engine::start_attempt(instance& in, const step& s) {
         // The step's timeout is the engine's timer, in workflow time; the broker still gets the
         // same span as the command's relative deadline_ms (docs/testing.md, "Time skipping").
         rs["due_us"] = rs["deadline_us"];
-        arm(in, s.name, rs["due_us"]);
+        arm(in, timer_kind::step, rs["due_us"], s.name);
       }
       history(in, "step_started", s.name,
               json{{"kind", "command"},
@@ -283,8 +283,8 @@ void engine::start_attempt(instance& in, const step& s) {
                    {"action", s.action},
                    {"attempt", attempt},
                    {"request_id", request_id}});
-      send_call(in, s.name, s.service, s.action, std::move(*payload), timeout, request_id, key,
-                attempt);
+      send_call(in, reply_to::step, s.name, s.service, s.action, std::move(*payload), timeout,
+                request_id, key, attempt);
       return;
     }
     case step_kind::publish: {
@@ -321,7 +321,7 @@ void engine::start_attempt(instance& in, const step& s) {
                    {"event_id", s.kind == step_kind::choreography ? json(key) : json()},
                    {"from", s.from.empty() ? json() : json(s.from)}});
       register_await(in, s);
-      arm(in, s.name, rs["due_us"]);
+      arm(in, timer_kind::step, rs["due_us"], s.name);
       try_buffer(in, s);
       return;
     }
@@ -347,7 +347,7 @@ void engine::start_attempt(instance& in, const step& s) {
       if (s.timeout) {
         const auto due = child.created_us + s.timeout->count() * 1000;
         child.run()["deadline_us"] = due;
-        arm(child, "@deadline", due);
+        arm(child, timer_kind::deadline, due);
       }
       advance(child);
       return;
@@ -385,7 +385,7 @@ void engine::step_error(instance& in, const step& s, const error& err, bool time
     const auto delay = s.retry.delay_after(attempt);
     set_phase(rs, step_phase::backoff);
     rs["due_us"] = now_us() + delay.count() * 1000;
-    arm(in, s.name, rs["due_us"]);
+    arm(in, timer_kind::step, rs["due_us"], s.name);
     history(in, "retry_scheduled", s.name,
             json{{"attempt", attempt + 1}, {"delay_ms", delay.count()}});
     touch(in);
@@ -494,8 +494,8 @@ void engine::progress_compensation(instance& in) {
                  {"action", c.action},
                  {"attempt", attempt},
                  {"request_id", request_id}});
-    send_call(in, "@comp", c.service, c.action, std::move(payload), c.timeout, request_id, key,
-              attempt);
+    send_call(in, reply_to::compensation, "", c.service, c.action, std::move(payload), c.timeout,
+              request_id, key, attempt);
   } else {
     auto r = c.event.payload.is_null() ? result<json>(default_input(in))
                                        : render(c.event.payload, in.state);
@@ -611,7 +611,8 @@ void engine::on_compensation_reply(instance& inst, const std::string& request_id
     if (s->compensate->retry.allows(r.err().code, retryable) &&
         attempt < s->compensate->retry.max_attempts) {
       set_phase(comp, step_phase::backoff);
-      arm(inst, "@comp", now_us() + s->compensate->retry.delay_after(attempt).count() * 1000);
+      arm(inst, timer_kind::compensation,
+          now_us() + s->compensate->retry.delay_after(attempt).count() * 1000);
     } else {
       vis(inst, name)["status"] = "compensation_failed";
       inst.run()["comp_failures"].push_back(error_json(name, r.err(), attempt));
@@ -631,7 +632,7 @@ void engine::on_outbox_ack(instance& inst, const std::string& event_id, response
   if (!r) {
     log_->warn("instance {}: event {} on {} not acknowledged: {}; publishing again", inst.id,
                event_id, (*entry)["topic"].get<std::string>(), r.err().to_string());
-    arm(inst, "@outbox:" + event_id, now_us() + k_republish_us);
+    arm(inst, timer_kind::outbox, now_us() + k_republish_us, event_id);
     return;
   }
   const std::string kind = (*entry)["kind"];
@@ -663,33 +664,34 @@ void engine::on_outbox_ack(instance& inst, const std::string& event_id, response
 }
 
 bool engine::on_timer(instance& inst, const timer& t) {
-  if (t.tag == "@deadline") {
-    if (inst.status != instance_status::running ||
-        inst.run().value("deadline_us", std::int64_t{0}) != t.due_us) {
-      return false;
+  switch (t.what) {
+    case timer_kind::deadline:
+      if (inst.status != instance_status::running ||
+          inst.run().value("deadline_us", std::int64_t{0}) != t.due_us) {
+        return false;
+      }
+      abandon(inst, inst.def->steps);
+      begin_compensation(
+          inst, instance_status::timed_out,
+          json{{"code", "timeout"},
+               {"message", "the workflow's timeout of " +
+                               std::to_string(inst.def->timeout->count()) + " ms passed"}});
+      return true;
+    case timer_kind::compensation: {
+      auto& comp = inst.run()["comp"];
+      if (phase_of(comp) != step_phase::backoff) return false;
+      set_phase(comp, step_phase::none);
+      progress_compensation(inst);
+      return true;
     }
-    abandon(inst, inst.def->steps);
-    begin_compensation(
-        inst, instance_status::timed_out,
-        json{{"code", "timeout"},
-             {"message", "the workflow's timeout of " + std::to_string(inst.def->timeout->count()) +
-                             " ms passed"}});
-    return true;
+    case timer_kind::outbox:
+      if (!inst.run()["outbox"].contains(t.name)) return false;
+      send_outbox(inst, t.name);
+      return true;
+    case timer_kind::step:
+      break;
   }
-  if (t.tag == "@comp") {
-    auto& comp = inst.run()["comp"];
-    if (phase_of(comp) != step_phase::backoff) return false;
-    set_phase(comp, step_phase::none);
-    progress_compensation(inst);
-    return true;
-  }
-  if (t.tag.rfind("@outbox:", 0) == 0) {
-    const std::string event_id = t.tag.substr(8);
-    if (!inst.run()["outbox"].contains(event_id)) return false;
-    send_outbox(inst, event_id);
-    return true;
-  }
-  const step* s = inst.def->find(t.tag);
+  const step* s = inst.def->find(t.name);
   if (s == nullptr || inst.status != instance_status::running) return false;
   auto& rs = run_of(inst, s->name);
   if (rs.value("due_us", std::int64_t{0}) != t.due_us) return false;
