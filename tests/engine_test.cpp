@@ -14,6 +14,7 @@
 
 #include "effects.hpp"
 #include "ensemble/agent/json.hpp"
+#include "run_state.hpp"
 #include "support/temp_dir.hpp"
 
 namespace {
@@ -640,6 +641,111 @@ TEST_F(engine_test, a_store_written_before_typed_bookkeeping_resumes_and_complet
   EXPECT_EQ(run["steps"]["Send"]["also_unknown"], 7);
   EXPECT_FALSE(run["steps"]["Send"].contains("phase"));
   EXPECT_EQ(run["history_seq"], 4 + 3);  // step_started (attempt 2), step_completed, completed
+}
+
+// ---------------------------------------------------------------------------------------------
+// The typed bookkeeping's stored form
+
+// Every key the engine writes in "run", at every level, and keys it does not know.
+json every_run_key() {
+  const std::int64_t t = k_start_us;
+  return {{"trace_id", "t-1"},
+          {"cause", "r-9"},
+          {"history_seq", 42},
+          {"completed", {"A", "B"}},
+          {"outbox",
+           {{"i/B/1",
+             {{"topic", "orders.b"},
+              {"payload", {{"n", 1}, {"list", {1, 2.5, "x", nullptr}}}},
+              {"kind", "publish"},
+              {"cause", "r-8"},
+              {"step", "B"},
+              {"unknown_entry_key", "kept"}}},
+            {"i/completed",
+             {{"topic", "workflow.W.completed"},
+              {"payload", nullptr},
+              {"kind", "lifecycle"},
+              {"cause", ""}}}}},
+          {"steps",
+           {{"A", json::object()},
+            {"Call",
+             {{"phase", "calling"},
+              {"due_us", t + 1},
+              {"key", "i/Call/2"},
+              {"request_id", "r-1"},
+              {"deadline_us", t + 2}}},
+            {"Wait", {{"phase", "awaiting"}, {"since_us", t}, {"since_real_us", t - 5}}},
+            {"Sub", {{"phase", "child"}, {"child_id", "i/Sub/1"}}},
+            {"Pick", {{"case", -1}}},
+            {"Bad", {{"continued", true}, {"phase_from_the_future", "x"}}},
+            {"Odd", {{"phase", "a phase no version has"}, {"due_us", "not a number"}}}}},
+          {"parent_step", "Outer"},
+          {"deadline_us", t + 3},
+          {"final", "timed_out"},
+          {"error", {{"code", "timeout"}, {"message", "late"}}},
+          {"comp",
+           {{"list", {"B", "A"}},
+            {"index", 1},
+            {"phase", "backoff"},
+            {"attempt", 2},
+            {"request_id", "r-2"},
+            {"event_id", "i/B/compensate/1"},
+            {"comp_key_from_the_future", {1, 2}}}},
+          {"comp_failures", {{{"step", "B"}, {"code", "refused"}, {"message", "no"}}}},
+          {"output", nullptr},
+          {"from_the_future", {{"a", 1}}}};
+}
+
+TEST(run_state, a_document_with_every_key_round_trips_byte_for_byte) {
+  const json doc = every_run_key();
+  const detail::instance_run run = detail::run_from_json(doc);
+  EXPECT_EQ(json::to_msgpack(detail::to_json(run)), json::to_msgpack(doc))
+      << detail::to_json(run).dump() << "\n"
+      << doc.dump();
+  // Typed where the value has the expected type.
+  EXPECT_EQ(run.steps.at("Call").phase, detail::step_phase::calling);
+  EXPECT_EQ(run.steps.at("Pick").chosen_case, -1);
+  EXPECT_EQ(run.comp->phase, detail::step_phase::backoff);
+  EXPECT_EQ(run.final_status, orch::instance_status::timed_out);
+  EXPECT_EQ(run.outbox.at("i/B/1").step, "B");
+  // A document as stored comes back from msgpack with unsigned integers: the same bytes.
+  const json stored = json::from_msgpack(json::to_msgpack(doc));
+  EXPECT_EQ(json::to_msgpack(detail::to_json(detail::run_from_json(stored))),
+            json::to_msgpack(doc));
+}
+
+TEST(run_state, a_fresh_instance_document_round_trips) {
+  const json doc = {{"trace_id", "t"},          {"cause", ""},
+                    {"history_seq", 0},         {"completed", json::array()},
+                    {"outbox", json::object()}, {"steps", json::object()}};
+  EXPECT_EQ(json::to_msgpack(detail::to_json(detail::run_from_json(doc))), json::to_msgpack(doc));
+  EXPECT_EQ(detail::to_json(detail::instance_run{}), json({{"trace_id", ""},
+                                                           {"cause", ""},
+                                                           {"history_seq", 0},
+                                                           {"completed", json::array()},
+                                                           {"outbox", json::object()},
+                                                           {"steps", json::object()}}));
+}
+
+TEST(run_state, ending_a_phase_removes_it_and_its_due_time_even_when_kept_as_unknown) {
+  json doc = every_run_key();
+  auto run = detail::run_from_json(doc);
+  run.steps.at("Odd").end_phase();
+  run.steps.at("Call").end_phase();
+  const json out = detail::to_json(run);
+  EXPECT_EQ(out["steps"]["Odd"], json::object());
+  EXPECT_EQ(out["steps"]["Call"],
+            json({{"key", "i/Call/2"}, {"request_id", "r-1"}, {"deadline_us", k_start_us + 2}}));
+}
+
+TEST(run_state, a_lent_document_is_the_same_and_its_values_come_back) {
+  auto run = detail::run_from_json(every_run_key());
+  run.output = json{{"big", json::array({1, 2, 3})}};
+  const json expected = detail::to_json(run);
+  json lent = detail::lend_json(run);
+  EXPECT_EQ(json::to_msgpack(lent), json::to_msgpack(expected));
+  detail::take_back(run, lent);
+  EXPECT_EQ(json::to_msgpack(detail::to_json(run)), json::to_msgpack(expected));
 }
 
 }  // namespace

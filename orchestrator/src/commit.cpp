@@ -34,11 +34,19 @@ void engine::flush() {
     // Lent to the batch rather than copied (a deep copy per instance per iteration was the
     // engine's largest cost); given back right after the commit.
     r.state = std::move(in.state);
+    r.state["run"] = lend_json(in.run);
     batch_.instances.push_back(std::move(r));
   }
   auto give_back = [this] {
     for (auto& r : batch_.instances) {
-      if (auto it = live_.find(r.id); it != live_.end()) it->second->state = std::move(r.state);
+      if (auto it = live_.find(r.id); it != live_.end()) {
+        instance& in = *it->second;
+        if (auto run = r.state.find("run"); run != r.state.end()) {
+          take_back(in.run, *run);
+          r.state.erase(run);  // held typed, in instance::run
+        }
+        in.state = std::move(r.state);
+      }
     }
   };
   if (!batch_.empty()) {
@@ -72,7 +80,7 @@ void engine::flush() {
     auto it = live_.find(id);
     if (it == live_.end()) continue;
     instance& in = *it->second;
-    if (is_terminal(in.status) && in.run()["outbox"].empty()) live_.erase(it);
+    if (is_terminal(in.status) && in.run.outbox.empty()) live_.erase(it);
   }
   dirty_.clear();
   {
@@ -213,8 +221,8 @@ void engine::send_call(instance& in, reply_to to, const std::string& step,
   e.timeout = timeout;
   e.opts.id = request_id;
   e.opts.correlation_id = in.id;
-  e.opts.causation_id = in.run().value("cause", "");
-  e.opts.trace_id = in.run()["trace_id"];
+  e.opts.causation_id = in.run.cause;
+  e.opts.trace_id = in.run.trace_id;
   e.opts.idempotency_key = key;
   e.opts.attempt = attempt;
   e.opts.retryable = true;
@@ -225,27 +233,28 @@ void engine::send_call(instance& in, reply_to to, const std::string& step,
 
 void engine::add_outbox(instance& in, const std::string& topic, json payload,
                         const std::string& key, const std::string& kind, const std::string& step) {
-  json entry = {{"topic", topic},
-                {"payload", std::move(payload)},
-                {"kind", kind},
-                {"cause", in.run().value("cause", "")}};
-  if (!step.empty()) entry["step"] = step;
-  in.run()["outbox"][key] = std::move(entry);
+  outbox_entry entry;
+  entry.topic = topic;
+  entry.payload = std::move(payload);
+  entry.kind = kind;
+  entry.cause = in.run.cause;
+  if (!step.empty()) entry.step = step;
+  in.run.outbox[key] = std::move(entry);
   touch(in);
   send_outbox(in, key);
 }
 
 void engine::send_outbox(instance& in, const std::string& event_id) {
-  const auto& entry = in.run()["outbox"][event_id];
+  const auto& entry = in.run.outbox[event_id];
   effect e;
   e.what = effect::kind::publish;
   e.instance_id = in.id;
-  e.topic = entry["topic"];
-  e.payload = entry["payload"];
+  e.topic = entry.topic;
+  e.payload = entry.payload;
   e.opts.id = event_id;
   e.opts.correlation_id = in.id;
-  e.opts.causation_id = entry.value("cause", "");
-  e.opts.trace_id = in.run()["trace_id"];
+  e.opts.causation_id = entry.cause;
+  e.opts.trace_id = in.run.trace_id;
   e.opts.idempotency_key = event_id;
   effects_.push_back(std::move(e));
 }
@@ -255,9 +264,7 @@ void engine::arm(instance& in, timer_kind what, std::int64_t due_us, const std::
 }
 
 void engine::history(instance& in, const std::string& kind, const std::string& step, json data) {
-  auto& seq = in.run()["history_seq"];
-  const std::uint64_t n = seq.get<std::uint64_t>() + 1;
-  seq = n;
+  const std::uint64_t n = ++in.run.history_seq;
   batch_.history.push_back(history_entry{in.id, n, now_us(), kind, step, std::move(data)});
 }
 
@@ -271,7 +278,7 @@ instance_record engine::record_of(instance& in) {
   r.started_by = in.started_by;
   r.created_us = in.created_us;
   r.updated_us = in.updated_us;
-  r.active = !is_terminal(in.status) || !in.run()["outbox"].empty();
+  r.active = !is_terminal(in.status) || !in.run.outbox.empty();
   return r;
 }
 

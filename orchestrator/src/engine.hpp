@@ -13,6 +13,9 @@
 //    "steps":    {"<name>": {"status", "attempts", "output", "error", "event", "started_us",
 //                            "ended_us"}},
 //    "run":      {engine bookkeeping: per-step phase, timers, outbox, compensation, ...}}
+// The engine holds "workflow" and "steps" as JSON (what expressions read, and what `get` shows);
+// "run" it holds typed (instance_run, run_state.hpp) and converts only at the edges: for the
+// store (record_of), from the store (resume) and for the admin views.
 //
 // The engine's parts, one file each:
 //   loop.cpp          the loop: construction, the thread and its inbox (or stepped turns), one
@@ -24,7 +27,8 @@
 //   recovery.cpp      restart: loading and resuming instances, the journal catch-up
 //   commit.cpp        commit then send: the store transaction of each turn, then its commands,
 //                     events and answers; store failures; the effects queue, history, records
-//   state.cpp         the state document's helpers: phases, step accessors, error documents
+//   state.cpp         the state document's helpers: step accessors, error documents
+//   run_state.cpp     the typed bookkeeping (run_state.hpp) and its stored JSON form
 //   admin.cpp         the admin API (admin.hpp) and the views of instances
 //   effects.hpp       the way out (effects_sink); agent_effects.cpp implements it over the agent
 // Tests drive it without a broker (tests/engine_test.cpp): a fake effects_sink, a virtual_clock,
@@ -56,6 +60,7 @@
 #include "ensemble/orchestrator/definition.hpp"
 #include "ensemble/orchestrator/orchestrator.hpp"
 #include "ensemble/orchestrator/store.hpp"
+#include "run_state.hpp"
 
 namespace ensemble::orchestrator::detail {
 
@@ -75,14 +80,6 @@ struct origin {
 inline constexpr std::string_view k_running = "running";
 inline constexpr std::string_view k_completed = "completed";
 inline constexpr std::string_view k_failed = "failed";
-
-// What a running step is doing, kept as "run.steps.<name>.phase" in the state document (and the
-// compensation's as "run.comp.phase"). The string stays in the stored JSON, so that existing
-// stores read as before; the engine reads and writes it only through these.
-enum class step_phase { none, calling, backoff, awaiting, waiting, publishing, child };
-std::string_view phase_name(step_phase p);   // none: ""
-step_phase phase_of(const json& run_state);  // none when absent (or not a known phase)
-void set_phase(json& run_state, step_phase p);
 
 // The admin API's table and the request its handlers get (admin.hpp).
 struct admin_action;
@@ -266,7 +263,8 @@ class engine {
   json waiting_of(const instance& in, const step& s) const;
 
   json& vis(instance& in, const std::string& step);
-  json& run_of(instance& in, const std::string& step);
+  // A step's bookkeeping, created (empty) if it has none yet.
+  step_run& run_of(instance& in, const std::string& step);
   // A step's visible state without creating it: an empty object for steps not reached.
   static const json& peek(const instance& in, const std::string& step);
   json default_input(const instance& in) const;
@@ -335,8 +333,10 @@ struct engine::instance {
   std::string started_by;  // the `caller` of its start (a sub-workflow: its parent's)
   std::int64_t created_us = 0;
   std::int64_t updated_us = 0;
-  json state;
-  json& run() { return state["run"]; }
+  json state;        // "workflow" and "steps" (engine.hpp, top)
+  instance_run run;  // "run", typed
+  // The state document as stored: `state` with "run".
+  json document() const;
 };
 
 // An input of the loop, posted by any thread.

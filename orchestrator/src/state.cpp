@@ -1,45 +1,10 @@
-// The instance's state document and the helpers every part uses on it: a step's phase as it is
-// stored, the accessors of a step's visible state ("steps.<name>") and bookkeeping
+// The instance's state document and the helpers every part uses on it: the accessors of a step's
+// visible state ("steps.<name>") and bookkeeping
 // ("run.steps.<name>"), the expressions' default view of an instance, and error documents. See
 // engine.hpp for the shape of the document.
 #include "engine.hpp"
 
 namespace ensemble::orchestrator::detail {
-
-std::string_view phase_name(step_phase p) {
-  switch (p) {
-    case step_phase::none:
-      return "";
-    case step_phase::calling:
-      return "calling";
-    case step_phase::backoff:
-      return "backoff";
-    case step_phase::awaiting:
-      return "awaiting";
-    case step_phase::waiting:
-      return "waiting";
-    case step_phase::publishing:
-      return "publishing";
-    case step_phase::child:
-      return "child";
-  }
-  return "";
-}
-
-step_phase phase_of(const json& run_state) {
-  const auto it = run_state.find("phase");
-  if (it == run_state.end() || !it->is_string()) return step_phase::none;
-  const auto& name = it->get_ref<const std::string&>();
-  for (auto p : {step_phase::calling, step_phase::backoff, step_phase::awaiting,
-                 step_phase::waiting, step_phase::publishing, step_phase::child}) {
-    if (name == phase_name(p)) return p;
-  }
-  return step_phase::none;
-}
-
-void set_phase(json& run_state, step_phase p) {
-  run_state["phase"] = std::string(phase_name(p));
-}
 
 std::string key_of(const std::string& a, const std::string& b) {
   return a + '\n' + b;
@@ -68,10 +33,17 @@ json& engine::vis(instance& in, const std::string& step) {
   return v;
 }
 
-json& engine::run_of(instance& in, const std::string& step) {
-  auto& v = in.state["run"]["steps"][step];
-  if (!v.is_object()) v = json::object();
-  return v;
+step_run& engine::run_of(instance& in, const std::string& step) {
+  auto& r = in.run.steps[step];
+  // As for the visible state: what is not an object is replaced by an empty one.
+  if (!r.extra.is_null() && !r.extra.is_object()) r.extra = json();
+  return r;
+}
+
+json engine::instance::document() const {
+  json doc = state;
+  doc["run"] = to_json(run);
+  return doc;
 }
 
 const json& engine::peek(const instance& in, const std::string& step) {
