@@ -7,8 +7,10 @@
 
 #include <gtest/gtest.h>
 
+#include <functional>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -97,9 +99,15 @@ class engine_test : public ::testing::Test {
  protected:
   // A new engine over the store file (the same file each time within a test), with `defs`.
   void open(const std::vector<std::string>& defs) {
+    open_with_store(defs, [](std::unique_ptr<orch::store> db) { return db; });
+  }
+  // The same, with the store file wrapped by `wrap`.
+  void open_with_store(
+      const std::vector<std::string>& defs,
+      const std::function<std::unique_ptr<orch::store>(std::unique_ptr<orch::store>)>& wrap) {
     std::vector<orch::definition> parsed;
     for (const auto& d : defs) parsed.push_back(orch::parse_definition(json::parse(d), "test"));
-    auto db = orch::open_sqlite_store(dir_.file("state.db"));
+    auto db = wrap(orch::open_sqlite_store(dir_.file("state.db")));
     auto kept = db->load_virtual_now();
     clock_ = std::make_shared<orch::virtual_clock>(kept && *kept ? **kept : k_start_us);
     fx_ = std::make_unique<fake_effects>();
@@ -746,6 +754,152 @@ TEST(run_state, a_lent_document_is_the_same_and_its_values_come_back) {
   EXPECT_EQ(json::to_msgpack(lent), json::to_msgpack(expected));
   detail::take_back(run, lent);
   EXPECT_EQ(json::to_msgpack(detail::to_json(run)), json::to_msgpack(expected));
+}
+
+// ---------------------------------------------------------------------------------------------
+// changed_steps: what a store may leave as stored
+
+// A store that does what changed_steps allows a store to do: for an instance whose commit names
+// the steps that changed, the other steps ("steps.<name>" and "run.steps.<name>") are kept as
+// they were stored, whatever the commit holds for them. It also counts every step the commit
+// holds differently from the stored one without naming it: a step the engine changed but did
+// not name, which such a store would lose.
+class partial_store final : public orch::store {
+ public:
+  partial_store(std::unique_ptr<orch::store> inner, std::vector<std::string>& unnamed)
+      : inner_(std::move(inner)), unnamed_(unnamed) {}
+
+  ensemble::common::status save_definition(const std::string& name, std::uint32_t version,
+                                           const json& doc) override {
+    return inner_->save_definition(name, version, doc);
+  }
+  std::optional<json> load_definition(const std::string& name, std::uint32_t version) override {
+    return inner_->load_definition(name, version);
+  }
+  ensemble::common::status commit(const orch::commit_batch& batch) override {
+    orch::commit_batch kept = batch;
+    for (auto& r : kept.instances) {
+      if (!r.changed_steps) continue;
+      auto before = inner_->get(r.id);
+      if (!before || !*before) {
+        unnamed_.push_back(r.id + ": changed_steps set on its first commit");
+        continue;
+      }
+      const json& old = (**before).state;
+      const std::set<std::string> named(r.changed_steps->begin(), r.changed_steps->end());
+      for (const char* part : {"steps", "run"}) {
+        const json& old_steps = part == std::string("steps") ? old["steps"] : old["run"]["steps"];
+        json& new_steps = part == std::string("steps") ? r.state["steps"] : r.state["run"]["steps"];
+        std::set<std::string> names;
+        for (const auto& [n, v] : old_steps.items()) names.insert(n);
+        for (const auto& [n, v] : new_steps.items()) names.insert(n);
+        for (const auto& n : names) {
+          if (named.count(n) != 0) continue;
+          const bool in_old = old_steps.contains(n);
+          if (!in_old || !new_steps.contains(n) || old_steps[n] != new_steps[n]) {
+            unnamed_.push_back(r.id + ": " + part + "." + n + " changed but not named");
+          }
+          if (in_old) {
+            new_steps[n] = old_steps[n];
+          } else {
+            new_steps.erase(n);
+          }
+        }
+      }
+    }
+    return inner_->commit(kept);
+  }
+  ensemble::common::result<std::vector<orch::instance_record>> load_active() override {
+    return inner_->load_active();
+  }
+  ensemble::common::result<std::optional<orch::instance_record>> get(
+      const std::string& id) override {
+    return inner_->get(id);
+  }
+  ensemble::common::result<std::vector<orch::instance_record>> list(
+      const orch::list_filter& f) override {
+    return inner_->list(f);
+  }
+  ensemble::common::result<std::vector<orch::history_entry>> history(
+      const std::string& id) override {
+    return inner_->history(id);
+  }
+  std::vector<std::pair<orch::instance_status, std::uint64_t>> count_by_status() override {
+    return inner_->count_by_status();
+  }
+  ensemble::common::result<std::optional<std::string>> triggered_by(
+      const std::string& workflow, const std::string& event_id) override {
+    return inner_->triggered_by(workflow, event_id);
+  }
+  ensemble::common::result<std::vector<orch::buffered_event>> load_buffer() override {
+    return inner_->load_buffer();
+  }
+  ensemble::common::result<std::optional<std::int64_t>> load_virtual_now() override {
+    return inner_->load_virtual_now();
+  }
+  std::size_t purge_buffer(std::int64_t before_us) override {
+    return inner_->purge_buffer(before_us);
+  }
+
+ private:
+  std::unique_ptr<orch::store> inner_;
+  std::vector<std::string>& unnamed_;
+};
+
+const char* const k_every_kind = R"({"workflow": {"name": "Every", "steps": [
+  {"name": "Call", "service": "Svc", "action": "do",
+   "retry": {"max_attempts": 2, "initial_interval": "1s"},
+   "compensate": {"service": "Svc", "action": "undo"}},
+  {"name": "Pick", "kind": "switch", "cases": [
+     {"when": "${steps.Call.output.go} == true", "steps": [
+       {"name": "Nap", "kind": "wait", "duration": "10s"}]}]},
+  {"name": "Both", "kind": "parallel", "branches": [
+     [{"name": "Tell", "kind": "publish", "topic": "orders.told"}],
+     [{"name": "Heard", "kind": "await", "topic": "orders.heard", "timeout": "1h"}]]},
+  {"name": "Last", "service": "Svc", "action": "last"}]}})";
+
+TEST_F(engine_test, every_change_of_a_step_is_named_in_its_commit_and_survives_a_restart) {
+  std::vector<std::string> unnamed;
+  // Each phase of the walk, then a restart on a store that keeps unnamed steps as stored.
+  auto reopen = [&] {
+    close();
+    open_with_store({k_every_kind}, [&](std::unique_ptr<orch::store> db) {
+      return std::make_unique<partial_store>(std::move(db), unnamed);
+    });
+  };
+  reopen();
+  const auto id = start("Every");
+  reopen();  // Call in flight: sent again
+  ASSERT_EQ(fx_->actions(), std::vector<std::string>{"Svc.do"});
+  reply_error(0, failure("unavailable", true));  // backoff
+  reopen();
+  // Absolute times: a restart goes on from the virtual time last committed with `advance`.
+  set_clock(k_start_us + k_second_us);  // the retry
+  ASSERT_EQ(fx_->actions(), std::vector<std::string>{"Svc.do"});
+  reply(0, {{"go", true}});  // Pick takes its case: Nap waits
+  reopen();
+  EXPECT_EQ(get(id)["steps"]["Nap"]["status"], "running");
+  set_clock(k_start_us + 11 * k_second_us);  // Nap ends; Both: Tell published, Heard awaits
+  reopen();
+  EXPECT_EQ(get(id)["steps"]["Tell"]["status"], "completed");
+  engine_->post_event(event("e-1", "orders.heard", id, {{"heard", true}}));
+  settle();
+  reopen();
+  const auto mid = get(id);
+  EXPECT_EQ(mid["steps"]["Heard"]["output"], json({{"heard", true}}));
+  EXPECT_EQ(mid["steps"]["Both"]["status"], "completed");
+  ASSERT_EQ(fx_->actions(), std::vector<std::string>{"Svc.last"});
+  reply_error(0, failure("refused", false));  // Last fails: Call is compensated
+  reopen();
+  ASSERT_EQ(fx_->actions(), std::vector<std::string>{"Svc.undo"});
+  reply(0, json::object());
+  reopen();
+  const auto v = get(id);
+  EXPECT_EQ(v["status"], "failed");
+  EXPECT_EQ(v["steps"]["Call"]["status"], "compensated");
+  EXPECT_EQ(v["steps"]["Call"]["attempts"], 2);
+  EXPECT_EQ(v["steps"]["Last"]["status"], "failed");
+  EXPECT_TRUE(unnamed.empty()) << ::testing::PrintToString(unnamed);
 }
 
 }  // namespace

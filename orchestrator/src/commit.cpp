@@ -58,6 +58,13 @@ void engine::flush() {
     }
     // Committed trigger marks are found in the store from now on (triggered_by).
     for (const auto& t : batch_.triggers) pending_triggers_.erase(key_of(t.workflow, t.event_id));
+    // What is stored now is the base the next commit's changed_steps are counted from.
+    for (const auto& r : batch_.instances) {
+      if (auto it = live_.find(r.id); it != live_.end()) {
+        it->second->changed_steps.clear();
+        it->second->all_steps_changed = false;
+      }
+    }
     if (store_failure_ || store_probing_) {
       log_->info("store commits again ({} instance(s) in the first batch); accepting new work",
                  batch_.instances.size());
@@ -279,6 +286,7 @@ instance_record engine::record_of(instance& in) {
   r.created_us = in.created_us;
   r.updated_us = in.updated_us;
   r.active = !is_terminal(in.status) || !in.run.outbox.empty();
+  if (!in.all_steps_changed) r.changed_steps = in.changed_steps;
   return r;
 }
 

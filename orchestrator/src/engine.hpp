@@ -36,6 +36,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <condition_variable>
 #include <deque>
 #include <functional>
@@ -262,6 +263,8 @@ class engine {
   // What running step `s` waits on, for `get`: derived from its definition and bookkeeping.
   json waiting_of(const instance& in, const step& s) const;
 
+  // A step's visible state, and its bookkeeping, for writing: both name the step as changed
+  // (instance::changed_steps). Readers use peek() and run.steps.find().
   json& vis(instance& in, const std::string& step);
   // A step's bookkeeping, created (empty) if it has none yet.
   step_run& run_of(instance& in, const std::string& step);
@@ -335,6 +338,17 @@ struct engine::instance {
   std::int64_t updated_us = 0;
   json state;        // "workflow" and "steps" (engine.hpp, top)
   instance_run run;  // "run", typed
+  // The steps whose visible state or bookkeeping may have changed since the last commit: named
+  // by the accessors that hand them out for writing (vis, run_of), cleared by a commit that
+  // succeeded. all_steps_changed while unsure (created or resumed, not committed since).
+  std::vector<std::string> changed_steps;
+  bool all_steps_changed = true;
+  void step_changed(const std::string& name) {
+    if (all_steps_changed) return;
+    if (std::find(changed_steps.begin(), changed_steps.end(), name) == changed_steps.end()) {
+      changed_steps.push_back(name);
+    }
+  }
   // The state document as stored: `state` with "run".
   json document() const;
 };

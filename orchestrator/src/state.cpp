@@ -28,12 +28,14 @@ std::string describe(const json& err) {
 }
 
 json& engine::vis(instance& in, const std::string& step) {
+  in.step_changed(step);
   auto& v = in.state["steps"][step];
   if (!v.is_object()) v = json::object();
   return v;
 }
 
 step_run& engine::run_of(instance& in, const std::string& step) {
+  in.step_changed(step);
   auto& r = in.run.steps[step];
   // As for the visible state: what is not an object is replaced by an empty one.
   if (!r.extra.is_null() && !r.extra.is_object()) r.extra = json();

@@ -140,7 +140,7 @@ engine::walk_state engine::walk(instance& in, const sequence& seq, json& failure
       start_step(in, s);
       if (in.status != instance_status::running) return walk_state::running;
     }
-    std::string status = vis(in, s.name)["status"];
+    std::string status = peek(in, s.name).value("status", "");
     if (status == k_running && (s.kind == step_kind::parallel || s.kind == step_kind::switch_)) {
       if (s.kind == step_kind::parallel) {
         bool all_done = true;
@@ -158,7 +158,9 @@ engine::walk_state engine::walk(instance& in, const sequence& seq, json& failure
           output.push_back(branch.empty() ? json()
                                           : peek(in, branch.back().name).value("output", json()));
         }
-        if (all_done && vis(in, s.name)["status"] == k_running) complete_step(in, s, output);
+        if (all_done && peek(in, s.name).value("status", "") == k_running) {
+          complete_step(in, s, output);
+        }
       } else {
         const int chosen = run_of(in, s.name).chosen_case.value_or(-1);
         const sequence& branch =
@@ -173,12 +175,12 @@ engine::walk_state engine::walk(instance& in, const sequence& seq, json& failure
               branch.empty() ? json() : peek(in, branch.back().name).value("output", json()));
         }
       }
-      status = vis(in, s.name)["status"];
+      status = peek(in, s.name).value("status", "");
     }
     if (status == k_running) return walk_state::running;
     if (status == k_failed) {
       if (run_of(in, s.name).continued.value_or(false)) continue;
-      failure = vis(in, s.name)["error"];
+      failure = peek(in, s.name).value("error", json());
       return walk_state::failed;
     }
     // completed, skipped
