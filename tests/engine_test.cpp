@@ -7,13 +7,16 @@
 
 #include <gtest/gtest.h>
 
+#include <functional>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <vector>
 
 #include "effects.hpp"
 #include "ensemble/agent/json.hpp"
+#include "run_state.hpp"
 #include "support/temp_dir.hpp"
 
 namespace {
@@ -96,9 +99,15 @@ class engine_test : public ::testing::Test {
  protected:
   // A new engine over the store file (the same file each time within a test), with `defs`.
   void open(const std::vector<std::string>& defs) {
+    open_with_store(defs, [](std::unique_ptr<orch::store> db) { return db; });
+  }
+  // The same, with the store file wrapped by `wrap`.
+  void open_with_store(
+      const std::vector<std::string>& defs,
+      const std::function<std::unique_ptr<orch::store>(std::unique_ptr<orch::store>)>& wrap) {
     std::vector<orch::definition> parsed;
     for (const auto& d : defs) parsed.push_back(orch::parse_definition(json::parse(d), "test"));
-    auto db = orch::open_sqlite_store(dir_.file("state.db"));
+    auto db = wrap(orch::open_sqlite_store(dir_.file("state.db")));
     auto kept = db->load_virtual_now();
     clock_ = std::make_shared<orch::virtual_clock>(kept && *kept ? **kept : k_start_us);
     fx_ = std::make_unique<fake_effects>();
@@ -460,6 +469,437 @@ TEST_F(engine_test, a_restarted_engine_goes_on_awaiting_when_the_journal_has_not
   engine_->post_event(event("e-1", "stock.reserved", id, {{"n", 1}}));
   settle();
   EXPECT_EQ(get(id)["status"], "completed");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stores written before the engine's bookkeeping was typed
+
+const char* const k_saga = R"({"workflow": {"name": "Saga", "steps": [
+  {"name": "One", "service": "Svc", "action": "do1", "compensate": {"service": "Svc", "action": "undo1"}},
+  {"name": "Two", "service": "Svc", "action": "do2", "compensate": {"service": "Svc", "action": "undo2"}},
+  {"name": "Three", "service": "Svc", "action": "do3"}]}})";
+
+const char* const k_announce = R"({"workflow": {"name": "Announce", "steps": [
+  {"name": "Tell", "kind": "publish", "topic": "orders.told"}]}})";
+
+orch::instance_record old_record(const std::string& id, const std::string& workflow,
+                                 orch::instance_status status, json state) {
+  orch::instance_record r;
+  r.id = id;
+  r.workflow = workflow;
+  r.version = 1;
+  r.status = status;
+  r.created_us = r.updated_us = k_start_us;
+  r.active = true;
+  r.state = std::move(state);
+  return r;
+}
+
+json workflow_of(const std::string& id, const std::string& name) {
+  return {{"id", id}, {"name", name}, {"version", 1}, {"input", json::object()}};
+}
+
+// The state documents of instances in flight, as the engine wrote them before its bookkeeping
+// was typed ("run" in the shape of that code), with a key no version knows in "run" and in a
+// step's bookkeeping.
+std::vector<orch::instance_record> old_records() {
+  const std::int64_t t = k_start_us;
+  std::vector<orch::instance_record> out;
+  // A command step in its backoff, due in an hour; attempt 2 of 2 is next.
+  out.push_back(old_record(
+      "i-backoff", "Flaky", orch::instance_status::running,
+      {{"workflow", workflow_of("i-backoff", "Flaky")},
+       {"steps", {{"Send", {{"status", "running"}, {"attempts", 1}, {"started_us", t}}}}},
+       {"run",
+        {{"trace_id", "t-backoff"},
+         {"cause", "r-0"},
+         {"history_seq", 4},
+         {"completed", json::array()},
+         {"outbox", json::object()},
+         {"from_a_later_version", {{"kept", true}}},
+         {"steps",
+          {{"Send",
+            {{"key", "i-backoff/Send/1"},
+             {"phase", "backoff"},
+             {"request_id", "r-1"},
+             {"deadline_us", t + 30 * k_second_us},
+             {"due_us", t + 3600 * k_second_us},
+             {"also_unknown", 7}}}}}}}}));
+  // An await waiting for its event (Reserve done).
+  out.push_back(old_record(
+      "i-await", "Order", orch::instance_status::running,
+      {{"workflow", workflow_of("i-await", "Order")},
+       {"steps",
+        {{"Reserve",
+          {{"status", "completed"},
+           {"attempts", 1},
+           {"started_us", t},
+           {"ended_us", t},
+           {"output", json::object()},
+           {"worker", "worker-1"}}},
+         {"Reserved", {{"status", "running"}, {"attempts", 1}, {"started_us", t}}}}},
+       {"run",
+        {{"trace_id", "t-await"},
+         {"cause", "r-2"},
+         {"history_seq", 5},
+         {"completed", {"Reserve"}},
+         {"outbox", json::object()},
+         {"steps",
+          {{"Reserve", {{"key", "i-await/Reserve/1"}, {"request_id", "r-2"}, {"deadline_us", t}}},
+           {"Reserved",
+            {{"key", "i-await/Reserved/1"},
+             {"phase", "awaiting"},
+             {"since_us", t},
+             {"due_us", t + 5 * k_second_us}}}}}}}}));
+  // Compensating after Three failed: undo2's command was in flight.
+  const json refused = {{"step", "Three"}, {"code", "refused"}, {"message", "no"}, {"attempts", 1}};
+  out.push_back(old_record(
+      "i-comp", "Saga", orch::instance_status::compensating,
+      {{"workflow", workflow_of("i-comp", "Saga")},
+       {"steps",
+        {{"One", {{"status", "completed"}, {"attempts", 1}, {"output", {{"did", 1}}}}},
+         {"Two", {{"status", "completed"}, {"attempts", 1}, {"output", {{"did", 2}}}}},
+         {"Three", {{"status", "failed"}, {"attempts", 1}, {"error", refused}}}}},
+       {"run",
+        {{"trace_id", "t-comp"},
+         {"cause", "r-5"},
+         {"history_seq", 11},
+         {"completed", {"One", "Two"}},
+         {"outbox", json::object()},
+         {"final", "failed"},
+         {"error", refused},
+         {"comp",
+          {{"list", {"Two", "One"}},
+           {"index", 0},
+           {"phase", "calling"},
+           {"attempt", 1},
+           {"request_id", "r-6"}}},
+         {"steps",
+          {{"One", {{"key", "i-comp/One/1"}, {"request_id", "r-3"}, {"deadline_us", t}}},
+           {"Two", {{"key", "i-comp/Two/1"}, {"request_id", "r-4"}, {"deadline_us", t}}},
+           {"Three", {{"key", "i-comp/Three/1"}, {"request_id", "r-5"}, {"deadline_us", t}}}}}}}}));
+  // A publish step whose event was committed but never acknowledged.
+  out.push_back(old_record(
+      "i-pub", "Announce", orch::instance_status::running,
+      {{"workflow", workflow_of("i-pub", "Announce")},
+       {"steps", {{"Tell", {{"status", "running"}, {"attempts", 1}, {"started_us", t}}}}},
+       {"run",
+        {{"trace_id", "t-pub"},
+         {"cause", "m-1"},
+         {"history_seq", 3},
+         {"completed", json::array()},
+         {"outbox",
+          {{"i-pub/Tell/1",
+            {{"topic", "orders.told"},
+             {"payload", {{"n", 1}}},
+             {"kind", "publish"},
+             {"cause", "m-1"},
+             {"step", "Tell"}}}}},
+         {"steps", {{"Tell", {{"key", "i-pub/Tell/1"}, {"phase", "publishing"}}}}}}}}));
+  return out;
+}
+
+TEST_F(engine_test, a_store_written_before_typed_bookkeeping_resumes_and_completes) {
+  {
+    auto db = orch::open_sqlite_store(dir_.file("state.db"));
+    orch::commit_batch batch;
+    batch.instances = old_records();
+    ASSERT_TRUE(db->commit(batch));
+  }
+  open({k_hourly_retry, k_reserve_then_await, k_saga, k_announce});
+  // Resumed: the compensation's command again with the same key, the unacknowledged event
+  // again with its id, nothing for the backoff yet.
+  ASSERT_EQ(fx_->actions(), std::vector<std::string>{"Svc.undo2"});
+  EXPECT_EQ(fx_->calls()[0].what.opts.idempotency_key, "i-comp/Two/compensate/1");
+  EXPECT_EQ(fx_->topics(),
+            (std::vector<std::string>{"orders.told", "workflow.Announce.completed"}));
+  EXPECT_EQ(fx_->published()[0].opts.id, "i-pub/Tell/1");
+  EXPECT_EQ(get("i-pub")["status"], "completed");
+
+  engine_->post_event(event("e-1", "stock.reserved", "i-await", {{"n", 1}}));
+  settle();
+  EXPECT_EQ(get("i-await")["status"], "completed");
+  EXPECT_EQ(get("i-await")["steps"]["Reserved"]["output"], json({{"n", 1}}));
+
+  reply(0, json::object());
+  ASSERT_EQ(fx_->actions(), (std::vector<std::string>{"Svc.undo2", "Svc.undo1"}));
+  reply(1, json::object());
+  const auto comp = get("i-comp");
+  EXPECT_EQ(comp["status"], "failed");
+  EXPECT_EQ(comp["steps"]["Two"]["status"], "compensated");
+  EXPECT_EQ(comp["steps"]["One"]["status"], "compensated");
+
+  set_clock(k_start_us + 3600 * k_second_us - 1);
+  EXPECT_EQ(fx_->calls().size(), 2U) << "the resumed backoff fired early";
+  set_clock(k_start_us + 3600 * k_second_us);
+  ASSERT_EQ(fx_->calls().size(), 3U);
+  EXPECT_EQ(fx_->calls()[2].what.opts.idempotency_key, "i-backoff/Send/2");
+  EXPECT_EQ(fx_->calls()[2].what.opts.attempt, 2U);
+  EXPECT_EQ(fx_->calls()[2].what.opts.trace_id, "t-backoff");
+  reply(2, {{"sent", true}});
+  EXPECT_EQ(get("i-backoff")["status"], "completed");
+  close();
+
+  // What this version does not know is written back as it was read.
+  auto db = orch::open_sqlite_store(dir_.file("state.db"));
+  auto stored = db->get("i-backoff");
+  ASSERT_TRUE(stored && *stored);
+  const json& run = (**stored).state["run"];
+  EXPECT_EQ(run["from_a_later_version"], json({{"kept", true}}));
+  EXPECT_EQ(run["steps"]["Send"]["also_unknown"], 7);
+  EXPECT_FALSE(run["steps"]["Send"].contains("phase"));
+  EXPECT_EQ(run["history_seq"], 4 + 3);  // step_started (attempt 2), step_completed, completed
+}
+
+// ---------------------------------------------------------------------------------------------
+// The typed bookkeeping's stored form
+
+// Every key the engine writes in "run", at every level, and keys it does not know.
+json every_run_key() {
+  const std::int64_t t = k_start_us;
+  return {{"trace_id", "t-1"},
+          {"cause", "r-9"},
+          {"history_seq", 42},
+          {"completed", {"A", "B"}},
+          {"outbox",
+           {{"i/B/1",
+             {{"topic", "orders.b"},
+              {"payload", {{"n", 1}, {"list", {1, 2.5, "x", nullptr}}}},
+              {"kind", "publish"},
+              {"cause", "r-8"},
+              {"step", "B"},
+              {"unknown_entry_key", "kept"}}},
+            {"i/completed",
+             {{"topic", "workflow.W.completed"},
+              {"payload", nullptr},
+              {"kind", "lifecycle"},
+              {"cause", ""}}}}},
+          {"steps",
+           {{"A", json::object()},
+            {"Call",
+             {{"phase", "calling"},
+              {"due_us", t + 1},
+              {"key", "i/Call/2"},
+              {"request_id", "r-1"},
+              {"deadline_us", t + 2}}},
+            {"Wait", {{"phase", "awaiting"}, {"since_us", t}, {"since_real_us", t - 5}}},
+            {"Sub", {{"phase", "child"}, {"child_id", "i/Sub/1"}}},
+            {"Pick", {{"case", -1}}},
+            {"Bad", {{"continued", true}, {"phase_from_the_future", "x"}}},
+            {"Odd", {{"phase", "a phase no version has"}, {"due_us", "not a number"}}}}},
+          {"parent_step", "Outer"},
+          {"deadline_us", t + 3},
+          {"final", "timed_out"},
+          {"error", {{"code", "timeout"}, {"message", "late"}}},
+          {"comp",
+           {{"list", {"B", "A"}},
+            {"index", 1},
+            {"phase", "backoff"},
+            {"attempt", 2},
+            {"request_id", "r-2"},
+            {"event_id", "i/B/compensate/1"},
+            {"comp_key_from_the_future", {1, 2}}}},
+          {"comp_failures", {{{"step", "B"}, {"code", "refused"}, {"message", "no"}}}},
+          {"output", nullptr},
+          {"from_the_future", {{"a", 1}}}};
+}
+
+TEST(run_state, a_document_with_every_key_round_trips_byte_for_byte) {
+  const json doc = every_run_key();
+  const detail::instance_run run = detail::run_from_json(doc);
+  EXPECT_EQ(json::to_msgpack(detail::to_json(run)), json::to_msgpack(doc))
+      << detail::to_json(run).dump() << "\n"
+      << doc.dump();
+  // Typed where the value has the expected type.
+  EXPECT_EQ(run.steps.at("Call").phase, detail::step_phase::calling);
+  EXPECT_EQ(run.steps.at("Pick").chosen_case, -1);
+  EXPECT_EQ(run.comp->phase, detail::step_phase::backoff);
+  EXPECT_EQ(run.final_status, orch::instance_status::timed_out);
+  EXPECT_EQ(run.outbox.at("i/B/1").step, "B");
+  // A document as stored comes back from msgpack with unsigned integers: the same bytes.
+  const json stored = json::from_msgpack(json::to_msgpack(doc));
+  EXPECT_EQ(json::to_msgpack(detail::to_json(detail::run_from_json(stored))),
+            json::to_msgpack(doc));
+}
+
+TEST(run_state, a_fresh_instance_document_round_trips) {
+  const json doc = {{"trace_id", "t"},          {"cause", ""},
+                    {"history_seq", 0},         {"completed", json::array()},
+                    {"outbox", json::object()}, {"steps", json::object()}};
+  EXPECT_EQ(json::to_msgpack(detail::to_json(detail::run_from_json(doc))), json::to_msgpack(doc));
+  EXPECT_EQ(detail::to_json(detail::instance_run{}), json({{"trace_id", ""},
+                                                           {"cause", ""},
+                                                           {"history_seq", 0},
+                                                           {"completed", json::array()},
+                                                           {"outbox", json::object()},
+                                                           {"steps", json::object()}}));
+}
+
+TEST(run_state, ending_a_phase_removes_it_and_its_due_time_even_when_kept_as_unknown) {
+  json doc = every_run_key();
+  auto run = detail::run_from_json(doc);
+  run.steps.at("Odd").end_phase();
+  run.steps.at("Call").end_phase();
+  const json out = detail::to_json(run);
+  EXPECT_EQ(out["steps"]["Odd"], json::object());
+  EXPECT_EQ(out["steps"]["Call"],
+            json({{"key", "i/Call/2"}, {"request_id", "r-1"}, {"deadline_us", k_start_us + 2}}));
+}
+
+TEST(run_state, a_lent_document_is_the_same_and_its_values_come_back) {
+  auto run = detail::run_from_json(every_run_key());
+  run.output = json{{"big", json::array({1, 2, 3})}};
+  const json expected = detail::to_json(run);
+  json lent = detail::lend_json(run);
+  EXPECT_EQ(json::to_msgpack(lent), json::to_msgpack(expected));
+  detail::take_back(run, lent);
+  EXPECT_EQ(json::to_msgpack(detail::to_json(run)), json::to_msgpack(expected));
+}
+
+// ---------------------------------------------------------------------------------------------
+// changed_steps: what a store may leave as stored
+
+// A store that does what changed_steps allows a store to do: for an instance whose commit names
+// the steps that changed, the other steps ("steps.<name>" and "run.steps.<name>") are kept as
+// they were stored, whatever the commit holds for them. It also counts every step the commit
+// holds differently from the stored one without naming it: a step the engine changed but did
+// not name, which such a store would lose.
+class partial_store final : public orch::store {
+ public:
+  partial_store(std::unique_ptr<orch::store> inner, std::vector<std::string>& unnamed)
+      : inner_(std::move(inner)), unnamed_(unnamed) {}
+
+  ensemble::common::status save_definition(const std::string& name, std::uint32_t version,
+                                           const json& doc) override {
+    return inner_->save_definition(name, version, doc);
+  }
+  std::optional<json> load_definition(const std::string& name, std::uint32_t version) override {
+    return inner_->load_definition(name, version);
+  }
+  ensemble::common::status commit(const orch::commit_batch& batch) override {
+    orch::commit_batch kept = batch;
+    for (auto& r : kept.instances) {
+      if (!r.changed_steps) continue;
+      auto before = inner_->get(r.id);
+      if (!before || !*before) {
+        unnamed_.push_back(r.id + ": changed_steps set on its first commit");
+        continue;
+      }
+      const json& old = (**before).state;
+      const std::set<std::string> named(r.changed_steps->begin(), r.changed_steps->end());
+      for (const char* part : {"steps", "run"}) {
+        const json& old_steps = part == std::string("steps") ? old["steps"] : old["run"]["steps"];
+        json& new_steps = part == std::string("steps") ? r.state["steps"] : r.state["run"]["steps"];
+        std::set<std::string> names;
+        for (const auto& [n, v] : old_steps.items()) names.insert(n);
+        for (const auto& [n, v] : new_steps.items()) names.insert(n);
+        for (const auto& n : names) {
+          if (named.count(n) != 0) continue;
+          const bool in_old = old_steps.contains(n);
+          if (!in_old || !new_steps.contains(n) || old_steps[n] != new_steps[n]) {
+            unnamed_.push_back(r.id + ": " + part + "." + n + " changed but not named");
+          }
+          if (in_old) {
+            new_steps[n] = old_steps[n];
+          } else {
+            new_steps.erase(n);
+          }
+        }
+      }
+    }
+    return inner_->commit(kept);
+  }
+  ensemble::common::result<std::vector<orch::instance_record>> load_active() override {
+    return inner_->load_active();
+  }
+  ensemble::common::result<std::optional<orch::instance_record>> get(
+      const std::string& id) override {
+    return inner_->get(id);
+  }
+  ensemble::common::result<std::vector<orch::instance_record>> list(
+      const orch::list_filter& f) override {
+    return inner_->list(f);
+  }
+  ensemble::common::result<std::vector<orch::history_entry>> history(
+      const std::string& id) override {
+    return inner_->history(id);
+  }
+  std::vector<std::pair<orch::instance_status, std::uint64_t>> count_by_status() override {
+    return inner_->count_by_status();
+  }
+  ensemble::common::result<std::optional<std::string>> triggered_by(
+      const std::string& workflow, const std::string& event_id) override {
+    return inner_->triggered_by(workflow, event_id);
+  }
+  ensemble::common::result<std::vector<orch::buffered_event>> load_buffer() override {
+    return inner_->load_buffer();
+  }
+  ensemble::common::result<std::optional<std::int64_t>> load_virtual_now() override {
+    return inner_->load_virtual_now();
+  }
+  std::size_t purge_buffer(std::int64_t before_us) override {
+    return inner_->purge_buffer(before_us);
+  }
+
+ private:
+  std::unique_ptr<orch::store> inner_;
+  std::vector<std::string>& unnamed_;
+};
+
+const char* const k_every_kind = R"({"workflow": {"name": "Every", "steps": [
+  {"name": "Call", "service": "Svc", "action": "do",
+   "retry": {"max_attempts": 2, "initial_interval": "1s"},
+   "compensate": {"service": "Svc", "action": "undo"}},
+  {"name": "Pick", "kind": "switch", "cases": [
+     {"when": "${steps.Call.output.go} == true", "steps": [
+       {"name": "Nap", "kind": "wait", "duration": "10s"}]}]},
+  {"name": "Both", "kind": "parallel", "branches": [
+     [{"name": "Tell", "kind": "publish", "topic": "orders.told"}],
+     [{"name": "Heard", "kind": "await", "topic": "orders.heard", "timeout": "1h"}]]},
+  {"name": "Last", "service": "Svc", "action": "last"}]}})";
+
+TEST_F(engine_test, every_change_of_a_step_is_named_in_its_commit_and_survives_a_restart) {
+  std::vector<std::string> unnamed;
+  // Each phase of the walk, then a restart on a store that keeps unnamed steps as stored.
+  auto reopen = [&] {
+    close();
+    open_with_store({k_every_kind}, [&](std::unique_ptr<orch::store> db) {
+      return std::make_unique<partial_store>(std::move(db), unnamed);
+    });
+  };
+  reopen();
+  const auto id = start("Every");
+  reopen();  // Call in flight: sent again
+  ASSERT_EQ(fx_->actions(), std::vector<std::string>{"Svc.do"});
+  reply_error(0, failure("unavailable", true));  // backoff
+  reopen();
+  // Absolute times: a restart goes on from the virtual time last committed with `advance`.
+  set_clock(k_start_us + k_second_us);  // the retry
+  ASSERT_EQ(fx_->actions(), std::vector<std::string>{"Svc.do"});
+  reply(0, {{"go", true}});  // Pick takes its case: Nap waits
+  reopen();
+  EXPECT_EQ(get(id)["steps"]["Nap"]["status"], "running");
+  set_clock(k_start_us + 11 * k_second_us);  // Nap ends; Both: Tell published, Heard awaits
+  reopen();
+  EXPECT_EQ(get(id)["steps"]["Tell"]["status"], "completed");
+  engine_->post_event(event("e-1", "orders.heard", id, {{"heard", true}}));
+  settle();
+  reopen();
+  const auto mid = get(id);
+  EXPECT_EQ(mid["steps"]["Heard"]["output"], json({{"heard", true}}));
+  EXPECT_EQ(mid["steps"]["Both"]["status"], "completed");
+  ASSERT_EQ(fx_->actions(), std::vector<std::string>{"Svc.last"});
+  reply_error(0, failure("refused", false));  // Last fails: Call is compensated
+  reopen();
+  ASSERT_EQ(fx_->actions(), std::vector<std::string>{"Svc.undo"});
+  reply(0, json::object());
+  reopen();
+  const auto v = get(id);
+  EXPECT_EQ(v["status"], "failed");
+  EXPECT_EQ(v["steps"]["Call"]["status"], "compensated");
+  EXPECT_EQ(v["steps"]["Call"]["attempts"], 2);
+  EXPECT_EQ(v["steps"]["Last"]["status"], "failed");
+  EXPECT_TRUE(unnamed.empty()) << ::testing::PrintToString(unnamed);
 }
 
 }  // namespace

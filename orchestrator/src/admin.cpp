@@ -108,7 +108,7 @@ result<std::optional<instance_record>> engine::snapshot(const std::string& id) {
   if (auto it = live_.find(id); it != live_.end()) {
     instance& in = *it->second;
     instance_record r = record_of(in);
-    r.state = in.state;
+    r.state = in.document();
     return std::optional<instance_record>(std::move(r));
   }
   return db_->get(id);
@@ -335,11 +335,10 @@ json engine::view(const instance_record& r) const {
 }
 
 json engine::waiting_of(const instance& in, const step& s) const {
-  static const json none = json::object();
-  const auto& steps = in.state["run"]["steps"];
-  const auto found = steps.find(s.name);
-  const json& rs = found == steps.end() || !found->is_object() ? none : *found;
-  const step_phase phase = phase_of(rs);
+  static const step_run none;
+  const auto found = in.run.steps.find(s.name);
+  const step_run& rs = found == in.run.steps.end() ? none : found->second;
+  const step_phase phase = rs.phase;
   const auto attempts = peek(in, s.name).value("attempts", 0U);
   json w = {{"kind", to_string(s.kind)}};
   if (s.kind == step_kind::parallel || s.kind == step_kind::switch_) {
@@ -353,11 +352,11 @@ json engine::waiting_of(const instance& in, const step& s) const {
   }
   if (phase == step_phase::calling) {
     w["attempt"] = attempts;
-    w["request_id"] = rs.value("request_id", "");
-    if (rs.contains("deadline_us")) w["deadline_us"] = rs["deadline_us"];
+    w["request_id"] = rs.request_id.value_or("");
+    if (rs.deadline_us) w["deadline_us"] = *rs.deadline_us;
   } else if (phase == step_phase::backoff) {
     w["attempt"] = attempts + 1;  // the next one
-    w["due_us"] = rs.value("due_us", std::int64_t{0});
+    w["due_us"] = rs.due_us.value_or(0);
   } else if (phase == step_phase::awaiting) {
     w["until"] = s.until;
     w["fail_on"] = s.fail_on;
@@ -368,20 +367,20 @@ json engine::waiting_of(const instance& in, const step& s) const {
     }
     if (!s.from.empty()) w["from"] = s.from;
     w["attempt"] = attempts;
-    w["since_us"] = rs.value("since_us", std::int64_t{0});
-    w["deadline_us"] = rs.value("due_us", std::int64_t{0});
+    w["since_us"] = rs.since_us.value_or(0);
+    w["deadline_us"] = rs.due_us.value_or(0);
   } else if (phase == step_phase::waiting) {
-    w["due_us"] = rs.value("due_us", std::int64_t{0});
+    w["due_us"] = rs.due_us.value_or(0);
   } else if (phase == step_phase::publishing) {
     w["topic"] = s.event.topic;
-    w["event_id"] = rs.value("key", "");
+    w["event_id"] = rs.key.value_or("");
   } else if (phase == step_phase::child) {
-    const std::string child_id = rs.value("child_id", "");
+    const std::string child_id = rs.child_id.value_or("");
     w["workflow"] = s.workflow;
     w["child_id"] = child_id;
     if (auto child = live_.find(child_id); child != live_.end()) {
-      const json& child_run = child->second->state["run"];
-      if (child_run.contains("deadline_us")) w["deadline_us"] = child_run["deadline_us"];
+      const auto& child_deadline = child->second->run.deadline_us;
+      if (child_deadline) w["deadline_us"] = *child_deadline;
     }
   }
   return w;

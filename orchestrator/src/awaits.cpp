@@ -133,7 +133,7 @@ void engine::deliver(instance& in, const step& s, const json& ev) {
     ++stats_.events_matched;
   }
   const std::string topic = ev["topic"];
-  in.run()["cause"] = ev.value("id", "");
+  in.run.cause = ev.value("id", "");
   vis(in, s.name)["event"] = event_meta(ev);
   history(in, "event_matched", s.name, event_meta(ev));
   const bool failure = std::find(s.fail_on.begin(), s.fail_on.end(), topic) != s.fail_on.end();

@@ -13,14 +13,22 @@
 //    "steps":    {"<name>": {"status", "attempts", "output", "error", "event", "started_us",
 //                            "ended_us"}},
 //    "run":      {engine bookkeeping: per-step phase, timers, outbox, compensation, ...}}
+// The engine holds "workflow" and "steps" as JSON (what expressions read, and what `get` shows);
+// "run" it holds typed (instance_run, run_state.hpp) and converts only at the edges: for the
+// store (record_of), from the store (resume) and for the admin views.
 //
 // The engine's parts, one file each:
-//   engine.cpp        the loop: inbox, thread or stepped turns, dispatch of inputs, timers, the
-//                     commit and the sends after it, store failures; shared bookkeeping
+//   loop.cpp          the loop: construction, the thread and its inbox (or stepped turns), one
+//                     turn, the dispatch of each input to its part, timers due, `advance`
 //   steps.cpp         the walk: step kinds, attempts, retries, timeouts, failure policies,
-//                     compensation, the end of an instance
+//                     compensation, the end of an instance; the replies, acknowledgements and
+//                     timers that move steps and compensation on (on_step_reply, on_timer, ...)
 //   awaits.cpp        events: awaits, "from" filters, triggers, the early-event buffer
 //   recovery.cpp      restart: loading and resuming instances, the journal catch-up
+//   commit.cpp        commit then send: the store transaction of each turn, then its commands,
+//                     events and answers; store failures; the effects queue, history, records
+//   state.cpp         the state document's helpers: step accessors, error documents
+//   run_state.cpp     the typed bookkeeping (run_state.hpp) and its stored JSON form
 //   admin.cpp         the admin API (admin.hpp) and the views of instances
 //   effects.hpp       the way out (effects_sink); agent_effects.cpp implements it over the agent
 // Tests drive it without a broker (tests/engine_test.cpp): a fake effects_sink, a virtual_clock,
@@ -28,6 +36,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <condition_variable>
 #include <deque>
 #include <functional>
@@ -52,6 +61,7 @@
 #include "ensemble/orchestrator/definition.hpp"
 #include "ensemble/orchestrator/orchestrator.hpp"
 #include "ensemble/orchestrator/store.hpp"
+#include "run_state.hpp"
 
 namespace ensemble::orchestrator::detail {
 
@@ -71,14 +81,6 @@ struct origin {
 inline constexpr std::string_view k_running = "running";
 inline constexpr std::string_view k_completed = "completed";
 inline constexpr std::string_view k_failed = "failed";
-
-// What a running step is doing, kept as "run.steps.<name>.phase" in the state document (and the
-// compensation's as "run.comp.phase"). The string stays in the stored JSON, so that existing
-// stores read as before; the engine reads and writes it only through these.
-enum class step_phase { none, calling, backoff, awaiting, waiting, publishing, child };
-std::string_view phase_name(step_phase p);   // none: ""
-step_phase phase_of(const json& run_state);  // none when absent (or not a known phase)
-void set_phase(json& run_state, step_phase p);
 
 // The admin API's table and the request its handlers get (admin.hpp).
 struct admin_action;
@@ -133,12 +135,22 @@ class engine {
   struct instance;
   struct inbound;
   struct effect;
+  // What a timer is for; `name` says which one where there can be several.
+  enum class timer_kind {
+    step,          // a step's due_us (backoff, wait, await or call timeout); name: the step
+    deadline,      // the instance's timeout (run deadline_us)
+    compensation,  // the end of a compensation's backoff
+    outbox,        // publishing an unacknowledged event again; name: the event id
+  };
   struct timer {
     std::int64_t due_us;
     std::string instance_id;
-    std::string tag;  // step name, "@deadline", "@comp", "@outbox:<event id>"
+    timer_kind what;
+    std::string name;
     bool operator>(const timer& o) const { return due_us > o.due_us; }
   };
+  // Whose command a reply answers: a step's (named) or the instance's compensation.
+  enum class reply_to { step, compensation };
   struct buffered {
     json event;
   };
@@ -151,6 +163,7 @@ class engine {
   void loop();
   // One iteration on `work`: handled, timers fired, buffer purged, committed, sent.
   void turn(std::vector<inbound>& work);
+  // Hands one input to the part that handles it.
   void process(inbound& in);
   // Fires the timers due at the clock's now; returns how many of them still applied.
   std::size_t fire_timers();
@@ -183,6 +196,15 @@ class engine {
   void begin_compensation(instance& in, instance_status final_status, json err);
   void progress_compensation(instance& in);
   void finish(instance& in, instance_status status, json result);
+  // What moves steps and compensation on (steps.cpp): a reply to a step's command, to a
+  // compensation's, the broker's acknowledgement of an outbox event, a timer. A reply or
+  // acknowledgement for a request that is no longer outstanding changes nothing; on_timer
+  // returns whether the timer still applied.
+  void on_step_reply(instance& in, const std::string& step_name, const std::string& request_id,
+                     response_result& r);
+  void on_compensation_reply(instance& in, const std::string& request_id, response_result& r);
+  void on_outbox_ack(instance& in, const std::string& event_id, response_result& r);
+  bool on_timer(instance& in, const timer& t);
 
   // --- awaits and events
   void register_await(instance& in, const step& s);
@@ -210,13 +232,13 @@ class engine {
   void pop_oldest_buffered();  // the front of buffer_, and its index entry
 
   // --- effects
-  void send_call(instance& in, const std::string& tag, const std::string& service,
+  void send_call(instance& in, reply_to to, const std::string& step, const std::string& service,
                  const std::string& action, json payload, std::chrono::milliseconds timeout,
                  const std::string& request_id, const std::string& key, std::uint32_t attempt);
   void add_outbox(instance& in, const std::string& topic, json payload, const std::string& key,
                   const std::string& kind, const std::string& step);
   void send_outbox(instance& in, const std::string& event_id);
-  void arm(instance& in, const std::string& tag, std::int64_t due_us);
+  void arm(instance& in, timer_kind what, std::int64_t due_us, const std::string& name = {});
   void history(instance& in, const std::string& kind, const std::string& step, json data);
   void touch(instance& in);
   // Everything the store keeps of an instance except its state document.
@@ -241,8 +263,11 @@ class engine {
   // What running step `s` waits on, for `get`: derived from its definition and bookkeeping.
   json waiting_of(const instance& in, const step& s) const;
 
+  // A step's visible state, and its bookkeeping, for writing: both name the step as changed
+  // (instance::changed_steps). Readers use peek() and run.steps.find().
   json& vis(instance& in, const std::string& step);
-  json& run_of(instance& in, const std::string& step);
+  // A step's bookkeeping, created (empty) if it has none yet.
+  step_run& run_of(instance& in, const std::string& step);
   // A step's visible state without creating it: an empty object for steps not reached.
   static const json& peek(const instance& in, const std::string& step);
   json default_input(const instance& in) const;
@@ -311,8 +336,21 @@ struct engine::instance {
   std::string started_by;  // the `caller` of its start (a sub-workflow: its parent's)
   std::int64_t created_us = 0;
   std::int64_t updated_us = 0;
-  json state;
-  json& run() { return state["run"]; }
+  json state;        // "workflow" and "steps" (engine.hpp, top)
+  instance_run run;  // "run", typed
+  // The steps whose visible state or bookkeeping may have changed since the last commit: named
+  // by the accessors that hand them out for writing (vis, run_of), cleared by a commit that
+  // succeeded. all_steps_changed while unsure (created or resumed, not committed since).
+  std::vector<std::string> changed_steps;
+  bool all_steps_changed = true;
+  void step_changed(const std::string& name) {
+    if (all_steps_changed) return;
+    if (std::find(changed_steps.begin(), changed_steps.end(), name) == changed_steps.end()) {
+      changed_steps.push_back(name);
+    }
+  }
+  // The state document as stored: `state` with "run".
+  json document() const;
 };
 
 // An input of the loop, posted by any thread.
@@ -320,7 +358,8 @@ struct engine::inbound {
   enum class kind { reply, ack, event, admin, stop } what = kind::reply;
   bool replayed = false;  // an event from the broker's journal (catch_up)
   std::string instance_id;
-  std::string tag;  // step name, or "@comp"
+  reply_to to = reply_to::step;  // a reply: whose command it answers
+  std::string step;              // reply_to::step: the step's name
   std::string request_id;
   std::optional<response_result> answer;
   json event;
@@ -333,7 +372,8 @@ struct engine::inbound {
 // An output of the loop, sent once the iteration is committed.
 struct engine::effect {
   enum class kind { call, publish, answer } what = kind::call;
-  std::string instance_id, tag, service, action, topic;
+  std::string instance_id, step, service, action, topic;
+  reply_to to = reply_to::step;
   json payload;
   millis timeout{0};
   agent::send_options opts;
@@ -344,7 +384,7 @@ struct engine::effect {
   bool durable = false;
 };
 
-// Helpers shared by the engine's parts (engine.cpp).
+// Helpers shared by the engine's parts (state.cpp).
 // The key of an (a, b) pair in the engine's string-keyed maps.
 std::string key_of(const std::string& a, const std::string& b);
 // An error as a step's or instance's "error" document.

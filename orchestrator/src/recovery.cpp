@@ -38,6 +38,12 @@ void engine::begin(effects_sink& fx) {
     in->created_us = r.created_us;
     in->updated_us = r.updated_us;
     in->state = std::move(r.state);
+    if (in->state.is_object()) {
+      if (auto run = in->state.find("run"); run != in->state.end()) {
+        in->run = run_from_json(*run);
+        in->state.erase(run);
+      }
+    }
     live_.emplace(r.id, std::move(in));
   }
   for (auto& [id, in] : live_) resume(*in);
@@ -60,29 +66,26 @@ std::set<std::string> engine::journal_topics() const {
 }
 
 void engine::resume(instance& in) {
-  for (auto& [event_id, entry] : in.run()["outbox"].items()) {
-    (void)entry;
-    send_outbox(in, event_id);
-  }
-  if (in.run().contains("deadline_us") && in.status == instance_status::running) {
-    arm(in, "@deadline", in.run()["deadline_us"].get<std::int64_t>());
+  for (const auto& [event_id, entry] : in.run.outbox) send_outbox(in, event_id);
+  if (in.run.deadline_us && in.status == instance_status::running) {
+    arm(in, timer_kind::deadline, *in.run.deadline_us);
   }
   if (in.status == instance_status::compensating) {
-    auto& comp = in.run()["comp"];
-    const step_phase phase = phase_of(comp);
-    if (phase == step_phase::calling || phase == step_phase::backoff) {
-      set_phase(comp, step_phase::none);  // re-issue the same attempt: same idempotency key
-      comp["attempt"] = comp.value("attempt", 1U) - 1;
+    if (!in.run.comp) in.run.comp.emplace();
+    auto& comp = *in.run.comp;
+    if (comp.phase == step_phase::calling || comp.phase == step_phase::backoff) {
+      comp.phase = step_phase::none;  // re-issue the same attempt: same idempotency key
+      comp.attempt = comp.attempt - 1;
     }
     touch(in);
     progress_compensation(in);
     return;
   }
   if (in.status != instance_status::running) return;
-  for (auto& [name, rs] : in.run()["steps"].items()) {
+  for (auto& [name, rs] : in.run.steps) {
     const step* s = in.def->find(name);
     if (s == nullptr || peek(in, name).value("status", "") != k_running) continue;
-    const step_phase phase = phase_of(rs);
+    const step_phase phase = rs.phase;
     if (phase == step_phase::calling) {
       // Re-send with the same attempt and idempotency key, so that the agent can recognise it.
       auto rendered = s->input ? render(*s->input, in.state) : result<json>(default_input(in));
@@ -90,29 +93,29 @@ void engine::resume(instance& in) {
       const auto attempt = vis(in, name).value("attempts", 1U);
       const std::string request_id = ids_.next();
       const auto timeout = s->timeout.value_or(opts_.default_timeout);
-      rs["request_id"] = request_id;
-      rs["deadline_us"] = now_us() + timeout.count() * 1000;
+      rs.request_id = request_id;
+      rs.deadline_us = now_us() + timeout.count() * 1000;
       if (clock_->is_virtual()) {
-        rs["due_us"] = rs["deadline_us"];
-        arm(in, name, rs["due_us"]);
+        rs.due_us = rs.deadline_us;
+        arm(in, timer_kind::step, *rs.due_us, name);
       }
-      send_call(in, name, s->service, s->action, std::move(payload), timeout, request_id, rs["key"],
-                attempt);
+      send_call(in, reply_to::step, name, s->service, s->action, std::move(payload), timeout,
+                request_id, rs.key.value_or(""), attempt);
       touch(in);
     } else if (phase == step_phase::backoff || phase == step_phase::waiting) {
-      arm(in, name, rs["due_us"].get<std::int64_t>());
+      arm(in, timer_kind::step, rs.due_us.value_or(0), name);
     } else if (phase == step_phase::awaiting) {
       register_await(in, *s);
-      arm(in, name, rs["due_us"].get<std::int64_t>());
+      arm(in, timer_kind::step, rs.due_us.value_or(0), name);
       // What arrived for it while we were down is in the broker's journal: catch_up().
-      const auto since = rs.value("since_real_us", rs.value("since_us", std::int64_t{0}));
+      const auto since = rs.since_real_us.value_or(rs.since_us.value_or(0));
       auto [it, first] = catch_up_from_.try_emplace(in.id, since);
       if (!first) it->second = std::min(it->second, since);
     }
   }
-  for (auto& [name, rs] : in.run()["steps"].items()) {
+  for (auto& [name, rs] : in.run.steps) {
     const step* s = in.def->find(name);
-    if (s != nullptr && phase_of(rs) == step_phase::awaiting &&
+    if (s != nullptr && rs.phase == step_phase::awaiting &&
         peek(in, name).value("status", "") == k_running) {
       try_buffer(in, *s);
     }

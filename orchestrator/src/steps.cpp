@@ -1,6 +1,8 @@
 // The workflow walk: starting instances, stepping through their sequences, each step kind's
 // attempts, retries and timeouts, failure policies, compensation in reverse order, and the end of
-// an instance (its lifecycle event, its parent's step). See engine.hpp for the state document.
+// an instance (its lifecycle event, its parent's step); and what moves them on: the replies to
+// steps' and compensations' commands, the broker's acknowledgements of their events, and their
+// timers. See engine.hpp for the state document.
 #include <algorithm>
 
 #include "engine.hpp"
@@ -13,6 +15,9 @@ using namespace std::chrono_literals;
 using millis = std::chrono::milliseconds;
 
 namespace {
+
+// An event the broker did not acknowledge is published again after this long.
+constexpr std::int64_t k_republish_us = 1'000'000;
 
 // Finds the sequence that holds the step named `name`, and its index there.
 bool locate(const sequence& seq, const std::string& name, const sequence*& where,
@@ -70,15 +75,10 @@ engine::instance& engine::create_instance(std::shared_ptr<const definition> def,
                      {"name", def->name},
                      {"version", def->version},
                      {"input", std::move(wf_input)}}},
-                   {"steps", json::object()},
-                   {"run",
-                    {{"trace_id", trace_id.empty() ? common::random_id() : trace_id},
-                     {"cause", cause},
-                     {"history_seq", 0},
-                     {"completed", json::array()},
-                     {"outbox", json::object()},
-                     {"steps", json::object()}}}};
-  if (!parent_step.empty()) in->state["run"]["parent_step"] = parent_step;
+                   {"steps", json::object()}};
+  in->run.trace_id = trace_id.empty() ? common::random_id() : trace_id;
+  in->run.cause = cause;
+  if (!parent_step.empty()) in->run.parent_step = parent_step;
   instance& ref = *in;
   live_[id] = std::move(in);
   touch(ref);
@@ -94,8 +94,8 @@ engine::instance& engine::create_instance(std::shared_ptr<const definition> def,
              id + "/started", "lifecycle", "");
   if (def->timeout) {
     const auto due = ref.created_us + def->timeout->count() * 1000;
-    ref.run()["deadline_us"] = due;
-    arm(ref, "@deadline", due);
+    ref.run.deadline_us = due;
+    arm(ref, timer_kind::deadline, due);
   }
   {
     std::lock_guard lock(stats_mutex_);
@@ -140,7 +140,7 @@ engine::walk_state engine::walk(instance& in, const sequence& seq, json& failure
       start_step(in, s);
       if (in.status != instance_status::running) return walk_state::running;
     }
-    std::string status = vis(in, s.name)["status"];
+    std::string status = peek(in, s.name).value("status", "");
     if (status == k_running && (s.kind == step_kind::parallel || s.kind == step_kind::switch_)) {
       if (s.kind == step_kind::parallel) {
         bool all_done = true;
@@ -158,9 +158,11 @@ engine::walk_state engine::walk(instance& in, const sequence& seq, json& failure
           output.push_back(branch.empty() ? json()
                                           : peek(in, branch.back().name).value("output", json()));
         }
-        if (all_done && vis(in, s.name)["status"] == k_running) complete_step(in, s, output);
+        if (all_done && peek(in, s.name).value("status", "") == k_running) {
+          complete_step(in, s, output);
+        }
       } else {
-        const int chosen = run_of(in, s.name).value("case", -1);
+        const int chosen = run_of(in, s.name).chosen_case.value_or(-1);
         const sequence& branch =
             chosen >= 0 ? s.cases[static_cast<std::size_t>(chosen)].steps : s.default_steps;
         json branch_failure;
@@ -173,12 +175,12 @@ engine::walk_state engine::walk(instance& in, const sequence& seq, json& failure
               branch.empty() ? json() : peek(in, branch.back().name).value("output", json()));
         }
       }
-      status = vis(in, s.name)["status"];
+      status = peek(in, s.name).value("status", "");
     }
     if (status == k_running) return walk_state::running;
     if (status == k_failed) {
-      if (run_of(in, s.name).value("continued", false)) continue;
-      failure = vis(in, s.name)["error"];
+      if (run_of(in, s.name).continued.value_or(false)) continue;
+      failure = peek(in, s.name).value("error", json());
       return walk_state::failed;
     }
     // completed, skipped
@@ -220,16 +222,16 @@ void engine::start_step(instance& in, const step& s) {
         }
       }
       v["attempts"] = 1;
-      run_of(in, s.name)["case"] = chosen;
+      run_of(in, s.name).chosen_case = chosen;
       history(in, "step_started", s.name, json{{"kind", "switch"}, {"case", chosen}});
       return;
     }
     case step_kind::wait: {
       auto& rs = run_of(in, s.name);
       v["attempts"] = 1;
-      set_phase(rs, step_phase::waiting);
-      rs["due_us"] = now_us() + s.duration.count() * 1000;
-      arm(in, s.name, rs["due_us"]);
+      rs.phase = step_phase::waiting;
+      rs.due_us = now_us() + s.duration.count() * 1000;
+      arm(in, timer_kind::step, *rs.due_us, s.name);
       history(in, "step_started", s.name, json{{"kind", "wait"}, {"ms", s.duration.count()}});
       return;
     }
@@ -242,7 +244,7 @@ void engine::start_attempt(instance& in, const step& s) {
   const std::uint32_t attempt = v.value("attempts", 0U) + 1;
   v["attempts"] = attempt;
   const std::string key = in.id + "/" + s.name + "/" + std::to_string(attempt);
-  rs["key"] = key;
+  rs.key = key;
   touch(in);
   auto render_or_fail = [&](const std::optional<json>& tmpl, json fallback) -> std::optional<json> {
     if (!tmpl) return fallback;
@@ -263,14 +265,14 @@ void engine::start_attempt(instance& in, const step& s) {
       if (!payload) return;
       const std::string request_id = ids_.next();
       const auto timeout = s.timeout.value_or(opts_.default_timeout);
-      set_phase(rs, step_phase::calling);
-      rs["request_id"] = request_id;
-      rs["deadline_us"] = now_us() + timeout.count() * 1000;  // shown by `get`
+      rs.phase = step_phase::calling;
+      rs.request_id = request_id;
+      rs.deadline_us = now_us() + timeout.count() * 1000;  // shown by `get`
       if (clock_->is_virtual()) {
         // The step's timeout is the engine's timer, in workflow time; the broker still gets the
         // same span as the command's relative deadline_ms (docs/testing.md, "Time skipping").
-        rs["due_us"] = rs["deadline_us"];
-        arm(in, s.name, rs["due_us"]);
+        rs.due_us = rs.deadline_us;
+        arm(in, timer_kind::step, *rs.due_us, s.name);
       }
       history(in, "step_started", s.name,
               json{{"kind", "command"},
@@ -278,8 +280,8 @@ void engine::start_attempt(instance& in, const step& s) {
                    {"action", s.action},
                    {"attempt", attempt},
                    {"request_id", request_id}});
-      send_call(in, s.name, s.service, s.action, std::move(*payload), timeout, request_id, key,
-                attempt);
+      send_call(in, reply_to::step, s.name, s.service, s.action, std::move(*payload), timeout,
+                request_id, key, attempt);
       return;
     }
     case step_kind::publish: {
@@ -287,7 +289,7 @@ void engine::start_attempt(instance& in, const step& s) {
           s.event.payload.is_null() ? std::nullopt : std::optional<json>(s.event.payload),
           default_input(in));
       if (!payload) return;
-      set_phase(rs, step_phase::publishing);
+      rs.phase = step_phase::publishing;
       history(in, "step_started", s.name,
               json{{"kind", "publish"}, {"topic", s.event.topic}, {"event_id", key}});
       add_outbox(in, s.event.topic, std::move(*payload), key, "publish", s.name);
@@ -302,11 +304,11 @@ void engine::start_attempt(instance& in, const step& s) {
         if (!payload) return;
         add_outbox(in, s.event.topic, std::move(*payload), key, "start", s.name);
       }
-      set_phase(rs, step_phase::awaiting);
-      rs["since_us"] = now_us();  // events older than this attempt are not its answer
+      rs.phase = step_phase::awaiting;
+      rs.since_us = now_us();  // events older than this attempt are not its answer
       // The broker's journal, asked after a restart, stamps events in real time.
-      if (clock_->is_virtual()) rs["since_real_us"] = clock_->real_us();
-      rs["due_us"] = now_us() + s.timeout.value_or(opts_.default_timeout).count() * 1000;
+      if (clock_->is_virtual()) rs.since_real_us = clock_->real_us();
+      rs.due_us = now_us() + s.timeout.value_or(opts_.default_timeout).count() * 1000;
       history(in, "step_started", s.name,
               json{{"kind", to_string(s.kind)},
                    {"until", s.until},
@@ -316,7 +318,7 @@ void engine::start_attempt(instance& in, const step& s) {
                    {"event_id", s.kind == step_kind::choreography ? json(key) : json()},
                    {"from", s.from.empty() ? json() : json(s.from)}});
       register_await(in, s);
-      arm(in, s.name, rs["due_us"]);
+      arm(in, timer_kind::step, *rs.due_us, s.name);
       try_buffer(in, s);
       return;
     }
@@ -332,17 +334,16 @@ void engine::start_attempt(instance& in, const step& s) {
       auto child_input = render_or_fail(s.input, in.state["workflow"]["input"]);
       if (!child_input) return;
       const std::string child_id = key;
-      set_phase(rs, step_phase::child);
-      rs["child_id"] = child_id;
+      rs.phase = step_phase::child;
+      rs.child_id = child_id;
       history(in, "step_started", s.name,
               json{{"kind", "workflow"}, {"workflow", s.workflow}, {"child", child_id}});
-      instance& child =
-          create_instance(child_def, child_id, std::move(*child_input), in.id, s.name,
-                          in.run()["trace_id"], in.run().value("cause", ""), in.started_by);
+      instance& child = create_instance(child_def, child_id, std::move(*child_input), in.id, s.name,
+                                        in.run.trace_id, in.run.cause, in.started_by);
       if (s.timeout) {
         const auto due = child.created_us + s.timeout->count() * 1000;
-        child.run()["deadline_us"] = due;
-        arm(child, "@deadline", due);
+        child.run.deadline_us = due;
+        arm(child, timer_kind::deadline, due);
       }
       advance(child);
       return;
@@ -358,14 +359,12 @@ void engine::complete_step(instance& in, const step& s, json output) {
   auto& v = vis(in, s.name);
   v["status"] = k_completed;
   v["ended_us"] = now_us();
-  auto& rs = run_of(in, s.name);
-  rs.erase("phase");
-  rs.erase("due_us");
+  run_of(in, s.name).end_phase();
   json data = {{"attempts", v.value("attempts", 0U)}};
   if (!output.is_null()) data["output"] = output;
   if (v.contains("worker")) data["worker"] = v["worker"];
   v["output"] = std::move(output);
-  in.run()["completed"].push_back(s.name);
+  in.run.completed.push_back(s.name);
   history(in, "step_completed", s.name, std::move(data));
   touch(in);
 }
@@ -378,9 +377,9 @@ void engine::step_error(instance& in, const step& s, const error& err, bool time
   history(in, "attempt_failed", s.name, error_json("", err, attempt));
   if (s.retry.allows(err.code, retryable) && attempt < s.retry.max_attempts) {
     const auto delay = s.retry.delay_after(attempt);
-    set_phase(rs, step_phase::backoff);
-    rs["due_us"] = now_us() + delay.count() * 1000;
-    arm(in, s.name, rs["due_us"]);
+    rs.phase = step_phase::backoff;
+    rs.due_us = now_us() + delay.count() * 1000;
+    arm(in, timer_kind::step, *rs.due_us, s.name);
     history(in, "retry_scheduled", s.name,
             json{{"attempt", attempt + 1}, {"delay_ms", delay.count()}});
     touch(in);
@@ -395,14 +394,13 @@ void engine::fail_step(instance& in, const step& s, json err) {
   v["ended_us"] = now_us();
   v["error"] = err;
   auto& rs = run_of(in, s.name);
-  rs.erase("phase");
-  rs.erase("due_us");
+  rs.end_phase();
   history(in, "step_failed", s.name, err);
   touch(in);
   if (s.on_error.what == on_error_policy::kind::continue_) {
-    rs["continued"] = true;
+    rs.continued = true;
   } else if (s.on_error.what == on_error_policy::kind::go_to) {
-    rs["continued"] = true;
+    rs.continued = true;
     const sequence* seq = nullptr;
     std::size_t index = 0;
     if (locate(in.def->steps, s.name, seq, index)) {
@@ -422,17 +420,16 @@ void engine::abandon(instance& in, const sequence& seq) {
     for (const auto& c : s.cases) abandon(in, c.steps);
     abandon(in, s.default_steps);
     auto& rs = run_of(in, s.name);
-    if (phase_of(rs) == step_phase::awaiting) unregister_await(in, s);
-    if (phase_of(rs) == step_phase::child) {
-      auto child = live_.find(rs.value("child_id", ""));
+    if (rs.phase == step_phase::awaiting) unregister_await(in, s);
+    if (rs.phase == step_phase::child) {
+      auto child = live_.find(rs.child_id.value_or(""));
       if (child != live_.end() && child->second->status == instance_status::running) {
         abandon(*child->second, child->second->def->steps);
         begin_compensation(*child->second, instance_status::cancelled,
                            json{{"code", "cancelled"}, {"message", "its parent stopped"}});
       }
     }
-    rs.erase("phase");
-    rs.erase("due_us");
+    rs.end_phase();
     v["status"] = "cancelled";
     v["ended_us"] = now_us();
     history(in, "step_cancelled", s.name, json());
@@ -442,15 +439,16 @@ void engine::abandon(instance& in, const sequence& seq) {
 
 void engine::begin_compensation(instance& in, instance_status final_status, json err) {
   in.status = instance_status::compensating;
-  in.run()["final"] = std::string(to_string(final_status));
-  in.run()["error"] = err;
-  json list = json::array();
-  const auto& done = in.run()["completed"];
+  in.run.final_status = final_status;
+  in.run.error = err;
+  std::vector<std::string> list;
+  const auto& done = in.run.completed;
   for (auto it = done.rbegin(); it != done.rend(); ++it) {
-    const step* s = in.def->find(it->get<std::string>());
+    const step* s = in.def->find(*it);
     if (s != nullptr && s->compensate) list.push_back(s->name);
   }
-  in.run()["comp"] = json{{"list", list}, {"index", 0}, {"phase", ""}, {"attempt", 0}};
+  in.run.comp.emplace();
+  in.run.comp->list = list;
   history(in, "compensating", "", json{{"reason", err}, {"steps", list}});
   touch(in);
   log_->debug("instance {}: {} -> compensating {} step(s)", in.id, describe(err), list.size());
@@ -459,48 +457,47 @@ void engine::begin_compensation(instance& in, instance_status final_status, json
 
 void engine::progress_compensation(instance& in) {
   if (in.status != instance_status::compensating) return;
-  auto& comp = in.run()["comp"];
-  const auto& list = comp["list"];
-  const auto index = comp["index"].get<std::size_t>();
+  if (!in.run.comp) in.run.comp.emplace();
+  auto& comp = *in.run.comp;
+  const auto& list = comp.list;
+  const auto index = comp.index;
   if (index >= list.size()) {
-    auto final_status = parse_instance_status(in.run()["final"].get<std::string>());
-    json err = in.run()["error"];
-    if (in.run().contains("comp_failures"))
-      err["compensation_failures"] = in.run()["comp_failures"];
-    finish(in, final_status.value_or(instance_status::failed), std::move(err));
+    json err = in.run.error.value_or(json());
+    if (in.run.comp_failures) err["compensation_failures"] = *in.run.comp_failures;
+    finish(in, in.run.final_status.value_or(instance_status::failed), std::move(err));
     return;
   }
-  if (phase_of(comp) != step_phase::none) return;  // waiting for it
+  if (comp.phase != step_phase::none) return;  // waiting for it
   const std::string name = list[index];
   const step* s = in.def->find(name);
   const compensation& c = *s->compensate;
-  const std::uint32_t attempt = comp.value("attempt", 0U) + 1;
-  comp["attempt"] = attempt;
+  const std::uint32_t attempt = comp.attempt + 1;
+  comp.attempt = attempt;
   const std::string key = in.id + "/" + name + "/compensate/" + std::to_string(attempt);
   json payload;
   if (c.what == compensation::kind::command) {
     auto r = c.input ? render(*c.input, in.state) : result<json>(default_input(in));
     if (r) payload = std::move(*r);
     const std::string request_id = ids_.next();
-    set_phase(comp, step_phase::calling);
-    comp["request_id"] = request_id;
+    comp.phase = step_phase::calling;
+    comp.request_id = request_id;
     history(in, "compensation_started", name,
             json{{"service", c.service},
                  {"action", c.action},
                  {"attempt", attempt},
                  {"request_id", request_id}});
-    send_call(in, "@comp", c.service, c.action, std::move(payload), c.timeout, request_id, key,
-              attempt);
+    send_call(in, reply_to::compensation, "", c.service, c.action, std::move(payload), c.timeout,
+              request_id, key, attempt);
   } else {
     auto r = c.event.payload.is_null() ? result<json>(default_input(in))
                                        : render(c.event.payload, in.state);
     if (r) payload = std::move(*r);
-    set_phase(comp, step_phase::publishing);
-    comp["event_id"] = key;
+    comp.phase = step_phase::publishing;
+    comp.event_id = key;
     history(in, "compensation_started", name, json{{"topic", c.event.topic}, {"event_id", key}});
     add_outbox(in, c.event.topic, std::move(payload), key, "compensation", name);
   }
-  comp["attempt"] = attempt;
+  comp.attempt = attempt;
   touch(in);
 }
 
@@ -508,9 +505,9 @@ void engine::finish(instance& in, instance_status status, json result_or_error) 
   in.status = status;
   const bool ok = status == instance_status::completed;
   if (ok) {
-    in.run()["output"] = result_or_error;
+    in.run.output = result_or_error;
   } else {
-    in.run()["error"] = result_or_error;
+    in.run.error = result_or_error;
   }
   const std::string name(to_string(status));
   history(in, name, "", ok ? json{{"output", result_or_error}} : json{{"error", result_or_error}});
@@ -550,11 +547,11 @@ void engine::finish(instance& in, instance_status status, json result_or_error) 
   auto parent = live_.find(in.parent_id);
   if (parent == live_.end()) return;
   instance& p = *parent->second;
-  const std::string step_name = in.run().value("parent_step", "");
+  const std::string step_name = in.run.parent_step.value_or("");
   const step* s = p.def->find(step_name);
   if (s == nullptr || p.status != instance_status::running) return;
   auto& rs = run_of(p, step_name);
-  if (phase_of(rs) != step_phase::child || rs.value("child_id", "") != in.id) return;
+  if (rs.phase != step_phase::child || rs.child_id.value_or("") != in.id) return;
   if (ok) {
     complete_step(p, *s, result_or_error);
   } else {
@@ -564,6 +561,156 @@ void engine::finish(instance& in, instance_status status, json result_or_error) 
               "sub-workflow " + in.id + " " + name + ": " + describe(result_or_error), false});
   }
   advance(p);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Replies, acknowledgements and timers of steps and compensation
+
+void engine::on_step_reply(instance& inst, const std::string& step_name,
+                           const std::string& request_id, response_result& r) {
+  const step* s = inst.def->find(step_name);
+  if (s == nullptr || inst.status != instance_status::running) return;
+  auto& rs = run_of(inst, s->name);
+  if (rs.phase != step_phase::calling || rs.request_id.value_or("") != request_id) return;
+  // The reply is what causes whatever the instance does next.
+  inst.run.cause = request_id;
+  if (r) {
+    vis(inst, s->name)["worker"] = r->worker;
+    complete_step(inst, *s, std::move(r->payload));
+  } else {
+    step_error(inst, *s, r.err());
+  }
+  advance(inst);
+}
+
+void engine::on_compensation_reply(instance& inst, const std::string& request_id,
+                                   response_result& r) {
+  if (!inst.run.comp) return;
+  auto& comp = *inst.run.comp;
+  if (comp.phase != step_phase::calling || comp.request_id.value_or("") != request_id) return;
+  const std::string name = comp.list.at(comp.index);
+  const step* s = inst.def->find(name);
+  if (r) {
+    vis(inst, name)["status"] = "compensated";
+    history(inst, "compensated", name, json{{"worker", r->worker}});
+    ++comp.index;
+    comp.phase = step_phase::none;
+  } else {
+    const auto attempt = comp.attempt;
+    const bool retryable = r.err().retryable || common::error::retryable_by_default(r.err().code);
+    history(inst, "compensation_attempt_failed", name, error_json("", r.err(), attempt));
+    if (s->compensate->retry.allows(r.err().code, retryable) &&
+        attempt < s->compensate->retry.max_attempts) {
+      comp.phase = step_phase::backoff;
+      arm(inst, timer_kind::compensation,
+          now_us() + s->compensate->retry.delay_after(attempt).count() * 1000);
+    } else {
+      vis(inst, name)["status"] = "compensation_failed";
+      if (!inst.run.comp_failures) inst.run.comp_failures.emplace();
+      inst.run.comp_failures->push_back(error_json(name, r.err(), attempt));
+      history(inst, "compensation_failed", name, error_json("", r.err(), attempt));
+      ++comp.index;
+      comp.phase = step_phase::none;
+    }
+  }
+  touch(inst);
+  progress_compensation(inst);
+}
+
+void engine::on_outbox_ack(instance& inst, const std::string& event_id, response_result& r) {
+  auto& outbox = inst.run.outbox;
+  auto entry = outbox.find(event_id);
+  if (entry == outbox.end()) return;
+  if (!r) {
+    log_->warn("instance {}: event {} on {} not acknowledged: {}; publishing again", inst.id,
+               event_id, entry->second.topic, r.err().to_string());
+    arm(inst, timer_kind::outbox, now_us() + k_republish_us, event_id);
+    return;
+  }
+  const std::string kind = entry->second.kind;
+  const std::string step_name = entry->second.step.value_or("");
+  outbox.erase(entry);
+  touch(inst);
+  {
+    std::lock_guard lock(stats_mutex_);
+    ++stats_.events_published;
+  }
+  if (kind == "publish") {
+    const step* s = inst.def->find(step_name);
+    auto& rs = run_of(inst, step_name);
+    if (s != nullptr && rs.phase == step_phase::publishing && rs.key.value_or("") == event_id) {
+      complete_step(inst, *s, json{{"id", event_id}, {"seq", r->seq}});
+      advance(inst);
+    }
+  } else if (kind == "compensation" && inst.run.comp) {
+    auto& comp = *inst.run.comp;
+    if (comp.phase == step_phase::publishing && comp.event_id.value_or("") == event_id) {
+      const std::string name = comp.list.at(comp.index);
+      vis(inst, name)["status"] = "compensated";
+      history(inst, "compensated", name, json{{"event", event_id}});
+      ++comp.index;
+      comp.phase = step_phase::none;
+      progress_compensation(inst);
+    }
+  }
+}
+
+bool engine::on_timer(instance& inst, const timer& t) {
+  switch (t.what) {
+    case timer_kind::deadline:
+      if (inst.status != instance_status::running || inst.run.deadline_us.value_or(0) != t.due_us) {
+        return false;
+      }
+      abandon(inst, inst.def->steps);
+      begin_compensation(
+          inst, instance_status::timed_out,
+          json{{"code", "timeout"},
+               {"message", "the workflow's timeout of " +
+                               std::to_string(inst.def->timeout->count()) + " ms passed"}});
+      return true;
+    case timer_kind::compensation: {
+      if (!inst.run.comp || inst.run.comp->phase != step_phase::backoff) return false;
+      inst.run.comp->phase = step_phase::none;
+      progress_compensation(inst);
+      return true;
+    }
+    case timer_kind::outbox:
+      if (inst.run.outbox.count(t.name) == 0) return false;
+      send_outbox(inst, t.name);
+      return true;
+    case timer_kind::step:
+      break;
+  }
+  const step* s = inst.def->find(t.name);
+  if (s == nullptr || inst.status != instance_status::running) return false;
+  auto& rs = run_of(inst, s->name);
+  if (rs.due_us.value_or(0) != t.due_us) return false;
+  const step_phase phase = rs.phase;
+  if (phase == step_phase::backoff) {
+    start_attempt(inst, *s);
+  } else if (phase == step_phase::waiting) {
+    complete_step(inst, *s, json());
+  } else if (phase == step_phase::calling) {
+    // Only a virtual clock arms this: the attempt's timeout in workflow time.
+    step_error(inst, *s,
+               error{std::string(common::errc::deadline_exceeded),
+                     "no reply from " + s->service + "." + s->action + " within " +
+                         std::to_string(s->timeout.value_or(opts_.default_timeout).count()) + " ms",
+                     true},
+               true);
+  } else if (phase == step_phase::awaiting) {
+    unregister_await(inst, *s);
+    step_error(inst, *s,
+               error{"timeout",
+                     "no matching event on " + s->until.front() + " within " +
+                         std::to_string(s->timeout ? s->timeout->count() : 0) + " ms",
+                     true},
+               true);
+  } else {
+    return false;
+  }
+  advance(inst);
+  return true;
 }
 
 }  // namespace ensemble::orchestrator::detail
