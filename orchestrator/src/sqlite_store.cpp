@@ -778,15 +778,20 @@ class sqlite_store final : public store {
         // creation time and starter never change: the narrow UPDATE leaves the indexes on those
         // columns alone (the full upsert rewrites all five). It matches only a row with the
         // same values in them, so anything else — a new id, or a record that does change one of
-        // them — goes through the full upsert, with the same result as before.
+        // them — goes through the insert, or else the full update, with the same result as an
+        // upsert.
         write_instance(update_instance_, r);
-        // A new instance (or one whose fixed columns change) gets all its step rows written.
-        bool all_steps = !r.changed_steps;
+        step_rows rows = r.changed_steps ? step_rows::named : step_rows::all;
         if (sqlite3_changes(db()) == 0) {
-          write_instance(upsert_instance_, r);
-          all_steps = true;
+          // A new instance has no step rows yet: all of them are written, none can be stale.
+          write_instance(insert_instance_, r);
+          rows = step_rows::all_new;
+          if (sqlite3_changes(db()) == 0) {
+            write_instance(full_update_instance_, r);
+            rows = step_rows::all;
+          }
         }
-        write_steps(r, all_steps);
+        write_steps(r, rows);
       }
       for (const auto& h : batch.history) {
         use u(db(), insert_history_);
@@ -1191,15 +1196,16 @@ class sqlite_store final : public store {
     begin_ = statement(db(), "BEGIN IMMEDIATE");
     commit_ = statement(db(), "COMMIT");
     rollback_ = statement(db(), "ROLLBACK");
-    upsert_instance_ =
+    insert_instance_ =
         statement(db(),
                   "INSERT INTO instances(id, workflow, version, status, parent_id, created_us, "
                   "updated_us, active, state, started_by) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, "
-                  "?8, ?9, ?10) ON CONFLICT(id) DO UPDATE SET workflow = excluded.workflow, "
-                  "version = excluded.version, status = excluded.status, parent_id = "
-                  "excluded.parent_id, created_us = excluded.created_us, updated_us = "
-                  "excluded.updated_us, active = excluded.active, state = excluded.state, "
-                  "started_by = excluded.started_by");
+                  "?8, ?9, ?10) ON CONFLICT(id) DO NOTHING");
+    full_update_instance_ =
+        statement(db(),
+                  "UPDATE instances SET workflow = ?2, version = ?3, status = ?4, parent_id = ?5, "
+                  "created_us = ?6, updated_us = ?7, active = ?8, state = ?9, started_by = ?10 "
+                  "WHERE id = ?1");
     update_instance_ = statement(db(),
                                  "UPDATE instances SET status = ?4, updated_us = ?7, active = ?8, "
                                  "state = ?9 WHERE id = ?1 AND workflow = ?2 AND version = ?3 AND "
@@ -1285,7 +1291,7 @@ class sqlite_store final : public store {
     return doc;
   }
 
-  // Binds the record to an instance statement (?1..?10 as in upsert_instance_) and steps it.
+  // Binds the record to an instance statement (?1..?10 as in insert_instance_) and steps it.
   void write_instance(const statement& s, const instance_record& r) {
     use u(db(), s);
     u.bind(1, r.id)
@@ -1322,12 +1328,13 @@ class sqlite_store final : public store {
     }
   }
 
-  // The step rows of `r` a commit writes: those `changed_steps` names, or all (a step row whose
-  // step the state no longer has is deleted).
-  void write_steps(const instance_record& r, bool all_steps) {
+  // Which step rows of an instance a commit writes: those `changed_steps` names, or all (and
+  // then the rows of steps the state no longer has are deleted, unless the instance is new).
+  enum class step_rows { named, all, all_new };
+  void write_steps(const instance_record& r, step_rows rows) {
     const json::object_t* visible = visible_steps(r.state);
     const json::object_t* run = run_steps(r.state);
-    if (!all_steps) {
+    if (rows == step_rows::named) {
       for (const auto& name : *r.changed_steps) write_step(upsert_step_, r.id, name, visible, run);
       return;
     }
@@ -1345,6 +1352,7 @@ class sqlite_store final : public store {
         ++written;
       }
     }
+    if (rows == step_rows::all_new) return;
     // Rows of steps the state no longer has (rare: the engine does not remove steps).
     const auto what = [&] { return "commit: count the step rows of instance '" + r.id + "'"; };
     std::int64_t stored = 0;
@@ -1574,8 +1582,8 @@ class sqlite_store final : public store {
   std::shared_ptr<spdlog::logger> log_;
   db_handle db_;  // declared before the statements: finalized first, closed last
   statement begin_, commit_, rollback_;
-  statement upsert_instance_, update_instance_, insert_history_, insert_trigger_, insert_buffer_,
-      delete_buffer_;
+  statement insert_instance_, full_update_instance_, update_instance_, insert_history_,
+      insert_trigger_, insert_buffer_, delete_buffer_;
   statement purge_buffer_, load_buffer_, load_active_, get_instance_, load_history_;
   statement count_by_status_, triggered_by_, load_definition_, insert_definition_;
   statement upsert_step_, delete_step_, count_steps_, step_names_;
