@@ -1224,6 +1224,9 @@ class sqlite_store final : public store {
                              "SELECT id, topic, correlation_id, received_us, event FROM buffer "
                              "ORDER BY received_us, rowid");
     upsert_step_ = statement(db(), k_upsert_step_sql);
+    insert_step_ = statement(db(),
+                             "INSERT INTO instance_steps(instance_id, step, visible, run) VALUES "
+                             "(?1, ?2, ?3, ?4)");
     delete_step_ =
         statement(db(), "DELETE FROM instance_steps WHERE instance_id = ?1 AND step = ?2");
     count_steps_ = statement(db(), "SELECT count(*) FROM instance_steps WHERE instance_id = ?1");
@@ -1338,17 +1341,19 @@ class sqlite_store final : public store {
       for (const auto& name : *r.changed_steps) write_step(upsert_step_, r.id, name, visible, run);
       return;
     }
+    // A new instance's rows are plain inserts (no conflict to look for).
+    const statement& write = rows == step_rows::all_new ? insert_step_ : upsert_step_;
     std::int64_t written = 0;
     if (visible != nullptr) {
       for (const auto& [name, part] : *visible) {
-        write_step(upsert_step_, r.id, name, visible, run);
+        write_step(write, r.id, name, visible, run);
         ++written;
       }
     }
     if (run != nullptr) {
       for (const auto& [name, part] : *run) {
         if (find_step(visible, name) != nullptr) continue;
-        write_step(upsert_step_, r.id, name, visible, run);
+        write_step(write, r.id, name, visible, run);
         ++written;
       }
     }
@@ -1586,7 +1591,7 @@ class sqlite_store final : public store {
       insert_trigger_, insert_buffer_, delete_buffer_;
   statement purge_buffer_, load_buffer_, load_active_, get_instance_, load_history_;
   statement count_by_status_, triggered_by_, load_definition_, insert_definition_;
-  statement upsert_step_, delete_step_, count_steps_, step_names_;
+  statement upsert_step_, insert_step_, delete_step_, count_steps_, step_names_;
   statement put_meta_, get_meta_;  // ensure_meta()
   bool meta_ready_ = false;
   std::array<statement, 8> list_;
