@@ -207,9 +207,7 @@ constexpr const char* k_upsert_step_sql =
     "INSERT INTO instance_steps(instance_id, step, visible, run) VALUES (?1, ?2, ?3, ?4) "
     "ON CONFLICT(instance_id, step) DO UPDATE SET visible = excluded.visible, run = excluded.run";
 
-constexpr const char* k_instance_columns =
-    "id, workflow, version, status, parent_id, created_us, updated_us, active, state, started_by";
-// An instance's columns (k_instance_columns, from table alias i), then one of its step rows
+// An instance's columns (from table alias i), then one of its step rows
 // (NULLs if it has none): one row per step, an instance's rows together.
 constexpr const char* k_select_instance_with_steps =
     "SELECT i.id, i.workflow, i.version, i.status, i.parent_id, i.created_us, i.updated_us, "
@@ -888,12 +886,11 @@ class sqlite_store final : public store {
       const statement& s =
           list_[(by_status ? 1 : 0) + (by_workflow ? 2 : 0) + (by_starter ? 4 : 0)];
       use u(db(), s);
-      constexpr auto k_max = static_cast<std::size_t>(std::numeric_limits<std::int64_t>::max());
-      u.bind(1, static_cast<std::int64_t>(std::min(filter.limit, k_max)));
       if (by_status) u.bind(2, to_string(*filter.status));
       if (by_workflow) u.bind(3, filter.workflow);
       if (by_starter) u.bind(4, *filter.started_by);
-      read_instances(u, out, [] { return "list instances"; });
+      read_instances(
+          u, out, [] { return "list instances"; }, filter.limit);
     } catch (const std::exception& e) {
       return read_error(e);
     }
@@ -1192,7 +1189,6 @@ class sqlite_store final : public store {
 
   // Preparing every statement also checks that the tables have the columns this build uses.
   void prepare() {
-    const std::string select_instances = std::string("SELECT ") + k_instance_columns;
     begin_ = statement(db(), "BEGIN IMMEDIATE");
     commit_ = statement(db(), "COMMIT");
     rollback_ = statement(db(), "ROLLBACK");
@@ -1243,20 +1239,21 @@ class sqlite_store final : public store {
         statement(db(), (with_steps + " FROM instances AS i LEFT JOIN instance_steps AS s ON "
                                       "s.instance_id = i.id WHERE i.id = ?1")
                             .c_str());
-    // Indexed by [has status filter + 2 * has workflow filter + 4 * has started_by filter];
-    // ?1 is the limit.
-    const char* k_where[] = {"status = ?2", "workflow = ?3", "started_by = ?4"};
+    // Indexed by [has status filter + 2 * has workflow filter + 4 * has started_by filter].
+    const char* k_where[] = {"i.status = ?2", "i.workflow = ?3", "i.started_by = ?4"};
     for (std::size_t i = 0; i < list_.size(); ++i) {
       std::string where;
       for (std::size_t bit = 0; bit < 3; ++bit) {
         if ((i & (std::size_t{1} << bit)) == 0) continue;
         where += (where.empty() ? " WHERE " : " AND ") + std::string(k_where[bit]);
       }
-      list_[i] = statement(
-          db(), (with_steps + " FROM (" + select_instances + ", rowid AS r FROM instances" + where +
-                 " ORDER BY created_us DESC, rowid DESC LIMIT ?1) AS i LEFT JOIN " +
-                 "instance_steps AS s ON s.instance_id = i.id ORDER BY i.created_us DESC, i.r DESC")
-                    .c_str());
+      // No LIMIT: read_instances stops after `limit` instances (a LIMIT on the joined rows
+      // would cut an instance's steps; one in a subquery makes SQLite sort the joined rows).
+      list_[i] = statement(db(), (with_steps +
+                                  " FROM instances AS i LEFT JOIN instance_steps AS s ON "
+                                  "s.instance_id = i.id" +
+                                  where + " ORDER BY i.created_us DESC, i.rowid DESC")
+                                     .c_str());
     }
     load_history_ = statement(db(),
                               "SELECT seq, ts_us, kind, step, data FROM history "
@@ -1415,9 +1412,11 @@ class sqlite_store final : public store {
   // Reads the rows of a k_select_instance_with_steps query: each instance's columns, then its
   // step rows put back into its state.
   template <class Describe>
-  void read_instances(use& u, std::vector<instance_record>& out, Describe&& what) {
+  void read_instances(use& u, std::vector<instance_record>& out, Describe&& what,
+                      std::size_t limit = std::numeric_limits<std::size_t>::max()) {
+    if (limit == 0) return;
     bool row = u.step(what);
-    while (row) {
+    while (row && out.size() < limit) {
       instance_record r;
       r.id = u.text(0);
       r.workflow = u.text(1);
