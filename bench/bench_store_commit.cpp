@@ -16,7 +16,8 @@
 // what that change would save before anyone makes it.
 //
 // Prints CPU µs per workflow of the committing thread and of the whole process (which includes
-// the background checkpoint), and commits/s.
+// the background checkpoint), and commits/s; then the thread's CPU µs per instance of reading
+// them all back with one list() (the state documents put back together).
 #include <sys/resource.h>
 #include <unistd.h>
 
@@ -204,7 +205,7 @@ int main(int argc, char** argv) {
                                : (std::filesystem::temp_directory_path() /
                                   ("ensemble-store-commit-" + std::to_string(::getpid()) + ".db"))
                                      .string();
-  double thread_s = 0, process_s = 0, wall_s = 0;
+  double thread_s = 0, process_s = 0, wall_s = 0, read_s = 0;
   {
     auto s = eo::open_sqlite_store(
         path,
@@ -221,6 +222,16 @@ int main(int argc, char** argv) {
     wall_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - w0).count();
     thread_s = thread_cpu_seconds() - t0;
     process_s = process_cpu_seconds() - p0;
+    const double r0 = thread_cpu_seconds();
+    eo::list_filter all;
+    all.limit = static_cast<std::size_t>(workflows);
+    auto listed = s->list(all);
+    read_s = thread_cpu_seconds() - r0;
+    if (!listed || listed->size() != static_cast<std::size_t>(workflows)) {
+      std::fprintf(stderr, "list: %s\n",
+                   listed ? "LOST instances" : listed.err().to_string().c_str());
+      return 1;
+    }
   }
   if (store == "file") {
     for (const char* suffix : {"", "-wal", "-shm"}) std::filesystem::remove(path + suffix);
@@ -228,9 +239,9 @@ int main(int argc, char** argv) {
   std::printf(
       "store %-6s sync %-6s shape %-13s group %3d: %6.1f us CPU/workflow in commit() (thread), "
       "%6.1f "
-      "(process, with checkpoints), %7.0f commits/s, %6.0f workflows/s\n",
+      "(process, with checkpoints), %7.0f commits/s, %6.0f workflows/s; list %5.1f us/instance\n",
       store.c_str(), sync.c_str(), shape.c_str(), group, thread_s * 1e6 / workflows,
-      process_s * 1e6 / workflows, static_cast<double>(batches.size()) / wall_s,
-      workflows / wall_s);
+      process_s * 1e6 / workflows, static_cast<double>(batches.size()) / wall_s, workflows / wall_s,
+      read_s * 1e6 / workflows);
   return 0;
 }
