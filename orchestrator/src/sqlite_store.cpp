@@ -4,8 +4,10 @@
 // and reset after each use, so that commit() costs one bind + step per row and one WAL append
 // per batch. JSON documents (instance state, history data, buffered events) are stored as
 // MessagePack blobs (see k_json_as_msgpack for why); the reader also accepts JSON text, so the
-// encoding can change without a schema change. Definitions are stored as JSON text: they are
-// few, and an operator can read them with the sqlite3 shell.
+// encoding can change without a schema change. An instance's state is stored in parts (the
+// instances row, and a row per step: see k_instance_steps_sql), so that a commit rewrites only
+// the steps the engine changed. Definitions are stored as JSON text: they are few, and an
+// operator can read them with the sqlite3 shell.
 
 #include <sqlite3.h>
 #include <unistd.h>
