@@ -16,6 +16,7 @@
 #include <limits>
 #include <map>
 #include <optional>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -954,15 +955,28 @@ TEST_F(sqlite_store_test, a_damaged_file_is_refused_at_open) {
                 contains(message, "Restore the file from a backup"))
         << message;
   }
-  // --store-check off opens it; what is damaged then fails where it is read, with an error.
+  // --store-check off opens it; what is damaged then fails where it is read, with an error
+  // (which table the garbage lands in depends on the file's layout: instances or history).
   auto s = open_sqlite_store(path_, {.check = store_check::off, .max_size_bytes = 0});
   auto listed = s->list(list_filter{
       .status = std::nullopt, .workflow = "", .started_by = std::nullopt, .limit = 1000});
+  bool damage_seen = false;
   if (listed.ok()) {
-    EXPECT_LT(listed->size(), 300u) << "the garbage damaged nothing the list reads";
+    damage_seen = listed->size() < 300u;
   } else {
     EXPECT_EQ(listed.err().code, "store_error");
+    damage_seen = true;
   }
+  for (int i = 0; i < 300; ++i) {
+    auto history = s->history("wf-" + std::to_string(i));
+    if (history.ok()) {
+      damage_seen = damage_seen || history->size() != 1u;
+    } else {
+      EXPECT_EQ(history.err().code, "store_error");
+      damage_seen = true;
+    }
+  }
+  EXPECT_TRUE(damage_seen) << "the garbage damaged nothing the list and the histories read";
 }
 
 TEST_F(sqlite_store_test, store_check_names_round_trip) {
@@ -1141,4 +1155,313 @@ TEST_F(sqlite_store_test, documents_are_stored_as_exactly_the_bytes_of_to_msgpac
   // And they read back as the documents (NaN aside, which equals nothing).
   EXPECT_EQ(ok(s->get("wf-10"))->state, docs[10]);
   EXPECT_EQ(ok(s->get("wf-8"))->state, docs[8]);
+}
+
+namespace {
+
+// A random-ish JSON value of at most `depth` levels (no NaN, which equals nothing).
+json random_value(std::mt19937& rng, int depth) {
+  const auto pick = [&](int n) { return static_cast<int>(rng() % static_cast<unsigned>(n)); };
+  switch (pick(depth > 0 ? 9 : 6)) {
+    case 0:
+      return nullptr;
+    case 1:
+      return pick(2) == 0;
+    case 2:
+      return static_cast<std::int64_t>(rng()) - (std::int64_t{1} << 31);
+    case 3:
+      return static_cast<double>(pick(1000)) / 8.0;
+    case 4:
+      return std::string(static_cast<std::size_t>(pick(40)), static_cast<char>('a' + pick(26)));
+    case 5:
+      return json::object();
+    case 6: {
+      json a = json::array();
+      for (int i = pick(5); i > 0; --i) a.push_back(random_value(rng, depth - 1));
+      return a;
+    }
+    default: {
+      json o = json::object();
+      for (int i = pick(6); i > 0; --i) {
+        o["k" + std::to_string(pick(20))] = random_value(rng, depth - 1);
+      }
+      return o;
+    }
+  }
+}
+
+// A state document shaped like the engine's: "workflow", "steps.<name>", "run" with
+// "run.steps.<name>"; a step may be in one of the two only, or hold null.
+json random_state(std::mt19937& rng) {
+  json steps = json::object();
+  json run_steps = json::object();
+  for (int s = 0; s < 6; ++s) {
+    const std::string name = "Step" + std::to_string(s);
+    switch (rng() % 4) {
+      case 0:
+        break;
+      case 1:
+        steps[name] = random_value(rng, 3);
+        break;
+      case 2:
+        run_steps[name] = random_value(rng, 3);
+        break;
+      default:
+        steps[name] = random_value(rng, 3);
+        run_steps[name] = random_value(rng, 3);
+    }
+  }
+  return {{"workflow", {{"name", "W"}, {"input", random_value(rng, 3)}}},
+          {"steps", std::move(steps)},
+          {"run", {{"history_seq", rng() % 100}, {"steps", std::move(run_steps)}}}};
+}
+
+// The steps of `state` a commit would name, changed at random into `next`: some steps' parts
+// replaced, some removed from one or both objects, some added.
+std::vector<std::string> mutate_steps(std::mt19937& rng, json& next) {
+  std::vector<std::string> changed;
+  for (int s = 0; s < 6; ++s) {
+    if (rng() % 3 != 0) continue;
+    const std::string name = "Step" + std::to_string(s);
+    changed.push_back(name);
+    auto& steps = next["steps"];
+    auto& run_steps = next["run"]["steps"];
+    switch (rng() % 4) {
+      case 0:
+        steps.erase(name);
+        run_steps.erase(name);
+        break;
+      case 1:
+        steps[name] = random_value(rng, 3);
+        run_steps.erase(name);
+        break;
+      case 2:
+        run_steps[name] = nullptr;
+        break;
+      default:
+        steps[name] = random_value(rng, 3);
+        run_steps[name] = random_value(rng, 3);
+    }
+  }
+  next["run"]["history_seq"] = rng() % 100;
+  return changed;
+}
+
+}  // namespace
+
+commit_batch one_instance(const instance_record& r) {
+  commit_batch b;
+  b.instances = {r};
+  return b;
+}
+
+// Each step's part of a state is stored in a row of its own and a commit that names the changed
+// steps writes only those: whatever was committed, with or without changed_steps, every read
+// puts back exactly the committed document (equal as JSON, and as MessagePack bytes).
+TEST_F(sqlite_store_test, states_split_into_step_rows_read_back_exactly_as_committed) {
+  std::mt19937 rng(20261130);
+  constexpr int k_instances = 12;
+  std::map<std::string, json> expected;
+  {
+    auto s = open();
+    commit_batch first;
+    for (int i = 0; i < k_instances; ++i) {
+      const std::string id = "wf-" + std::to_string(i);
+      first.instances.push_back(make_instance(id, i));
+      first.instances.back().state = random_state(rng);
+      expected[id] = first.instances.back().state;
+    }
+    // Documents the split leaves whole or in part: no steps, steps not objects, no run.
+    first.instances[0].state = json{{"workflow", "W"}};
+    first.instances[1].state = json{{"steps", json::array({1, 2})}, {"run", "r"}};
+    first.instances[2].state = json{{"steps", {{"A", nullptr}}}};
+    first.instances[3].state = json::array({1, {{"steps", {{"A", 1}}}}});
+    for (int i = 0; i < 4; ++i) expected[first.instances[i].id] = first.instances[i].state;
+    commit_ok(*s, first);
+
+    for (int round = 0; round < 20; ++round) {
+      commit_batch b;
+      for (int i = 4; i < k_instances; ++i) {
+        const std::string id = "wf-" + std::to_string(i);
+        instance_record r = make_instance(id, i);
+        r.state = expected[id];
+        auto changed = mutate_steps(rng, r.state);
+        // Every third round writes everything, as a commit without changed_steps does.
+        if (round % 3 != 2) r.changed_steps = std::move(changed);
+        expected[id] = r.state;
+        b.instances.push_back(std::move(r));
+      }
+      commit_ok(*s, b);
+      for (int i = 4; i < k_instances; ++i) {
+        const std::string id = "wf-" + std::to_string(i);
+        auto got = ok(s->get(id));
+        ASSERT_TRUE(got.has_value()) << id;
+        ASSERT_EQ(got->state, expected[id]) << id << " after round " << round;
+        EXPECT_FALSE(got->changed_steps.has_value());
+      }
+    }
+  }
+  auto s = open();  // and after a reopen, through every read
+  const auto check_all = [&](const std::vector<instance_record>& rs, const char* read) {
+    ASSERT_EQ(rs.size(), expected.size()) << read;
+    for (const auto& r : rs) {
+      EXPECT_EQ(r.state, expected[r.id]) << read << ": " << r.id;
+      EXPECT_EQ(json::to_msgpack(r.state), json::to_msgpack(expected[r.id]))
+          << read << ": " << r.id;
+    }
+  };
+  check_all(ok(s->load_active()), "load_active");
+  check_all(ok(s->list({})), "list");
+  for (const auto& [id, state] : expected) EXPECT_EQ(ok(s->get(id))->state, state) << id;
+  // A list that stops at its limit reads each instance's steps whole.
+  list_filter few;
+  few.limit = 3;
+  const auto newest = ok(s->list(few));
+  ASSERT_EQ(ids_of(newest), (std::vector<std::string>{"wf-11", "wf-10", "wf-9"}));
+  for (const auto& r : newest) EXPECT_EQ(r.state, expected[r.id]) << r.id;
+}
+
+// A step named as changed but gone from the state loses its row; a full write (no
+// changed_steps) drops the rows of steps the state no longer has.
+TEST_F(sqlite_store_test, step_rows_of_removed_steps_are_deleted) {
+  auto s = open();
+  instance_record r = make_instance("wf-1", 1);
+  r.state = {{"steps", {{"A", 1}, {"B", 2}, {"C", 3}}}, {"run", {{"steps", {{"A", "a"}}}}}};
+  commit_ok(*s, one_instance(r));
+  const auto rows = [&] {
+    sqlite3* db = nullptr;
+    EXPECT_EQ(sqlite3_open_v2(path_.c_str(), &db, SQLITE_OPEN_READONLY, nullptr), SQLITE_OK);
+    sqlite3_stmt* stmt = nullptr;
+    EXPECT_EQ(
+        sqlite3_prepare_v2(db, "SELECT step FROM instance_steps ORDER BY step", -1, &stmt, nullptr),
+        SQLITE_OK);
+    std::vector<std::string> out;
+    while (sqlite3_step(stmt) == SQLITE_ROW) {
+      out.emplace_back(reinterpret_cast<const char*>(sqlite3_column_text(stmt, 0)));
+    }
+    sqlite3_finalize(stmt);
+    sqlite3_close(db);
+    return out;
+  };
+  EXPECT_EQ(rows(), (std::vector<std::string>{"A", "B", "C"}));
+  r.state["steps"].erase("B");
+  r.changed_steps = std::vector<std::string>{"B"};
+  commit_ok(*s, one_instance(r));
+  EXPECT_EQ(rows(), (std::vector<std::string>{"A", "C"}));
+  r.state["steps"].erase("C");
+  r.state["run"]["steps"].erase("A");
+  r.changed_steps.reset();
+  commit_ok(*s, one_instance(r));
+  EXPECT_EQ(rows(), (std::vector<std::string>{"A"}));
+  EXPECT_EQ(ok(s->get("wf-1"))->state, r.state);
+}
+
+// A file of schema version 2 (each instance's whole state in instances.state, built here with
+// the statements that version used) is upgraded in place: states split into step rows in one
+// transaction, every document reads back the same; a state that does not decode is kept as it
+// is and still named where it is read.
+TEST_F(sqlite_store_test, a_store_of_schema_version_2_is_upgraded_and_reads_the_same_documents) {
+  const json split = json::parse(
+      R"({"workflow": {"name": "W", "input": {"n": 1}},
+          "steps": {"A": {"status": "completed", "output": [1, 2]}, "B": null},
+          "run": {"history_seq": 4, "steps": {"A": {"phase": "done"}, "C": {"x": true}}}})");
+  const json whole = json::parse(R"({"step": 1, "run": {"steps": []}})");
+  const std::string sql = R"sql(
+CREATE TABLE definitions(name TEXT NOT NULL, version INTEGER NOT NULL, doc TEXT NOT NULL,
+  PRIMARY KEY(name, version));
+CREATE TABLE instances(id TEXT NOT NULL PRIMARY KEY, workflow TEXT NOT NULL,
+  version INTEGER NOT NULL, status TEXT NOT NULL, parent_id TEXT NOT NULL,
+  created_us INTEGER NOT NULL, updated_us INTEGER NOT NULL, active INTEGER NOT NULL, state BLOB,
+  started_by TEXT NOT NULL DEFAULT '');
+CREATE INDEX instances_active ON instances(created_us) WHERE active = 1;
+CREATE INDEX instances_created ON instances(created_us);
+CREATE INDEX instances_status ON instances(status, created_us);
+CREATE INDEX instances_workflow ON instances(workflow, created_us);
+CREATE INDEX instances_started_by ON instances(started_by, created_us);
+CREATE TABLE history(instance_id TEXT NOT NULL, seq INTEGER NOT NULL, ts_us INTEGER NOT NULL,
+  kind TEXT NOT NULL, step TEXT NOT NULL, data BLOB, PRIMARY KEY(instance_id, seq)) WITHOUT ROWID;
+CREATE TABLE triggers(workflow TEXT NOT NULL, event_id TEXT NOT NULL, instance_id TEXT NOT NULL,
+  PRIMARY KEY(workflow, event_id)) WITHOUT ROWID;
+CREATE TABLE buffer(id TEXT NOT NULL PRIMARY KEY, topic TEXT NOT NULL,
+  correlation_id TEXT NOT NULL, received_us INTEGER NOT NULL, event BLOB);
+CREATE INDEX buffer_received ON buffer(received_us);
+INSERT INTO instances VALUES ('old-1', 'W', 1, 'running', '', 10, 11, 1, X')sql" +
+                          [&] {
+                            std::string hex;
+                            char buf[3];
+                            for (auto byte : json::to_msgpack(split)) {
+                              std::snprintf(buf, sizeof buf, "%02x", byte);
+                              hex += buf;
+                            }
+                            return hex;
+                          }() +
+                          R"sql(', 'alice');
+INSERT INTO instances VALUES ('old-2', 'W', 1, 'completed', '', 20, 21, 0, ')sql" +
+                          whole.dump() + R"sql(', '');
+INSERT INTO instances VALUES ('old-3', 'W', 1, 'running', '', 30, 31, 1, X'c1', '');
+PRAGMA application_id = 1164858228;  -- "EnSt"
+PRAGMA user_version = 2;
+)sql";
+  raw_sql(path_, sql.c_str());
+  {
+    auto s = open();
+    EXPECT_EQ(ok(s->get("old-1"))->state, split);
+    EXPECT_EQ(json::to_msgpack(ok(s->get("old-1"))->state), json::to_msgpack(split));
+    EXPECT_EQ(ok(s->get("old-1"))->started_by, "alice");
+    EXPECT_EQ(ok(s->get("old-2"))->state, whole);
+    auto damaged = s->get("old-3");
+    ASSERT_FALSE(damaged.ok());
+    EXPECT_TRUE(contains(damaged.err().message, "instance 'old-3'")) << damaged.err().message;
+  }
+  {
+    // The upgrade did split: the steps are rows, instances.state keeps the rest.
+    sqlite3* db = nullptr;
+    ASSERT_EQ(sqlite3_open_v2(path_.c_str(), &db, SQLITE_OPEN_READONLY, nullptr), SQLITE_OK);
+    sqlite3_stmt* stmt = nullptr;
+    ASSERT_EQ(sqlite3_prepare_v2(db,
+                                 "SELECT group_concat(step) FROM (SELECT step FROM instance_steps "
+                                 "WHERE instance_id = 'old-1' ORDER BY step)",
+                                 -1, &stmt, nullptr),
+              SQLITE_OK);
+    ASSERT_EQ(sqlite3_step(stmt), SQLITE_ROW);
+    EXPECT_EQ(std::string(reinterpret_cast<const char*>(sqlite3_column_text(stmt, 0))), "A,B,C");
+    sqlite3_finalize(stmt);
+    ASSERT_EQ(sqlite3_prepare_v2(db, "PRAGMA user_version", -1, &stmt, nullptr), SQLITE_OK);
+    ASSERT_EQ(sqlite3_step(stmt), SQLITE_ROW);
+    EXPECT_EQ(sqlite3_column_int64(stmt, 0), 3);
+    sqlite3_finalize(stmt);
+    sqlite3_close(db);
+  }
+  auto s = open();  // now a version 3 file: opens as is
+  EXPECT_EQ(ok(s->get("old-1"))->state, split);
+  EXPECT_EQ(ok(s->get("old-2"))->state, whole);
+}
+
+// A step row that does not decode is an error naming the step, the instance and the column.
+TEST_F(sqlite_store_test, a_step_row_that_does_not_decode_is_an_error_naming_it) {
+  {
+    auto s = open();
+    instance_record r = make_instance("wf-1", 1);
+    r.state = {{"steps", {{"Charge", {{"status", "running"}}}}},
+               {"run", {{"steps", {{"Charge", {{"phase", "calling"}}}}}}}};
+    commit_ok(*s, one_instance(r));
+  }
+  raw_sql(path_, "UPDATE instance_steps SET run = X'c1' WHERE step = 'Charge'");
+  auto s = open();
+  const auto expect_named = [](const ensemble::common::error& e) {
+    EXPECT_EQ(e.code, "store_error");
+    EXPECT_TRUE(contains(e.message,
+                         "step 'Charge' of instance 'wf-1' (workflow OrderProcessing) does not "
+                         "decode (table instance_steps, column run)"))
+        << e.message;
+  };
+  auto got = s->get("wf-1");
+  ASSERT_FALSE(got.ok());
+  expect_named(got.err());
+  auto listed = s->list({});
+  ASSERT_FALSE(listed.ok());
+  expect_named(listed.err());
+  auto active = s->load_active();
+  ASSERT_FALSE(active.ok());
+  expect_named(active.err());
 }

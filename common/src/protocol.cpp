@@ -9,6 +9,8 @@
 #include <type_traits>
 #include <utility>
 
+#include "ensemble/common/msgpack_write.hpp"
+
 namespace ensemble::common {
 namespace {
 
@@ -529,70 +531,18 @@ const field_codec* find_field(std::string_view key) {
   }
 }
 
-// msgpack, written in place: the encodings msgpack-c's packer chooses (the smallest for each
-// length or value), so that encode_header writes what it always wrote.
+// msgpack, written in place (ensemble/common/msgpack_write.hpp): the encodings msgpack-c's
+// packer chooses (the smallest for each length or value), so that encode_header writes what it
+// always wrote. What follows adds the header's own field types on top.
 namespace wire {
 
-char* put_be(char* at, std::uint64_t v, int bytes) {
-  for (int i = bytes - 1; i >= 0; --i) *at++ = static_cast<char>(v >> (8 * i));
-  return at;
-}
+using namespace msgpack_write;
 
-// Maps and arrays share one header shape: a fix form for up to 15 entries, then 16 and 32 bits.
-std::size_t container_header_size(std::size_t n) {
-  return n < 16 ? 1 : n < 65536 ? 3 : 5;
-}
-char* put_container_header(char* at, std::size_t n, std::uint8_t fix, std::uint8_t tag16,
-                           std::uint8_t tag32) {
-  if (n < 16) {
-    *at++ = static_cast<char>(fix | n);
-    return at;
-  }
-  *at++ = static_cast<char>(n < 65536 ? tag16 : tag32);
-  return put_be(at, n, n < 65536 ? 2 : 4);
-}
 std::size_t map_header_size(std::uint32_t n) {
   return container_header_size(n);
 }
-char* put_map_header(char* at, std::uint32_t n) {
-  return put_container_header(at, n, 0x80, 0xde, 0xdf);
-}
-
-std::size_t uint_size(std::uint64_t v) {
-  return v < 128 ? 1 : v < 256 ? 2 : v < 65536 ? 3 : v < (std::uint64_t{1} << 32) ? 5 : 9;
-}
-char* put_uint(char* at, std::uint64_t v) {
-  if (v < 128) {
-    *at++ = static_cast<char>(v);
-    return at;
-  }
-  const int bytes = v < 256 ? 1 : v < 65536 ? 2 : v < (std::uint64_t{1} << 32) ? 4 : 8;
-  *at++ = static_cast<char>(bytes == 1 ? 0xcc : bytes == 2 ? 0xcd : bytes == 4 ? 0xce : 0xcf);
-  return put_be(at, v, bytes);
-}
-
-std::size_t str_size(std::string_view s) {
-  const std::size_t n = s.size();
-  return n + (n < 32 ? 1 : n < 256 ? 2 : n < 65536 ? 3 : 5);
-}
-char* put_str(char* at, std::string_view s) {
-  const std::size_t n = s.size();
-  if (n < 32) {
-    *at++ = static_cast<char>(0xa0 | n);
-  } else {
-    const int bytes = n < 256 ? 1 : n < 65536 ? 2 : 4;
-    *at++ = static_cast<char>(bytes == 1 ? 0xd9 : bytes == 2 ? 0xda : 0xdb);
-    at = put_be(at, n, bytes);
-  }
-  std::memcpy(at, s.data(), n);
-  return at + n;
-}
-
 std::size_t array_header_size(std::size_t n) {
   return container_header_size(n);
-}
-char* put_array_header(char* at, std::size_t n) {
-  return put_container_header(at, n, 0x90, 0xdc, 0xdd);
 }
 
 // A present value of each field type: str, uint, bool (true: false is absent), services.

@@ -4,8 +4,10 @@
 // and reset after each use, so that commit() costs one bind + step per row and one WAL append
 // per batch. JSON documents (instance state, history data, buffered events) are stored as
 // MessagePack blobs (see k_json_as_msgpack for why); the reader also accepts JSON text, so the
-// encoding can change without a schema change. Definitions are stored as JSON text: they are
-// few, and an operator can read them with the sqlite3 shell.
+// encoding can change without a schema change. An instance's state is stored in parts (the
+// instances row, and a row per step: see k_instance_steps_sql), so that a commit rewrites only
+// the steps the engine changed. Definitions are stored as JSON text: they are few, and an
+// operator can read them with the sqlite3 shell.
 
 #include <sqlite3.h>
 #include <unistd.h>
@@ -27,10 +29,12 @@
 #include <string_view>
 #include <system_error>
 #include <thread>
+#include <tuple>
 #include <utility>
 #include <vector>
 
 #include "ensemble/common/logging.hpp"
+#include "ensemble/common/msgpack_write.hpp"
 #include "ensemble/common/result.hpp"
 #include "ensemble/orchestrator/store.hpp"
 
@@ -95,6 +99,8 @@ std::optional<store_sync> parse_store_sync(std::string_view s) {
 
 namespace {
 
+namespace mpw = common::msgpack_write;
+
 // What to do about a damaged store, appended to the error.
 constexpr const char* k_way_out =
     ". Restore the file from a backup (docs/workflows.md, \"The store\"); "
@@ -104,9 +110,10 @@ constexpr const char* k_way_out =
 constexpr int k_check_max_errors = 10;
 // PRAGMA application_id: marks the file as an Ensemble store ("EnSt").
 constexpr std::int64_t k_application_id = 0x456e5374;
-// PRAGMA user_version: the schema version this build writes and reads. Version 1 (no
-// instances.started_by) is still read: it is upgraded in place at open.
-constexpr std::int64_t k_schema_version = 2;
+// PRAGMA user_version: the schema version this build writes and reads. Versions 1 (no
+// instances.started_by) and 2 (each instance's whole state in instances.state, no
+// instance_steps) are still read: they are upgraded in place at open.
+constexpr std::int64_t k_schema_version = 3;
 constexpr std::int64_t k_oldest_schema_version = 1;
 constexpr int k_busy_timeout_ms = 5000;
 // The WAL is checkpointed into the database file by a background thread once it holds this
@@ -124,6 +131,8 @@ constexpr bool k_json_as_msgpack = true;
 
 constexpr std::array<std::string_view, 5> k_tables = {"definitions", "instances", "history",
                                                       "triggers", "buffer"};
+// Since version 3 (the upgrade creates it).
+constexpr std::array<std::string_view, 1> k_tables_3 = {"instance_steps"};
 
 constexpr const char* k_schema_sql = R"sql(
 CREATE TABLE definitions(
@@ -169,6 +178,20 @@ CREATE TABLE buffer(
 CREATE INDEX buffer_received ON buffer(received_us);
 )sql";
 
+// An instance's state document is stored in parts, so that a commit rewrites only the steps that
+// changed (instance_record::changed_steps): each step's "steps.<name>" (visible) and
+// "run.steps.<name>" (run) in a row of instance_steps, NULL where the document has no such
+// entry; the rest in instances.state, where "steps" and "run.steps" are empty maps standing for
+// the rows. Reads put the parts back into exactly the committed document.
+constexpr const char* k_instance_steps_sql = R"sql(
+CREATE TABLE instance_steps(
+  instance_id TEXT NOT NULL,
+  step TEXT NOT NULL,
+  visible BLOB,
+  run BLOB,
+  PRIMARY KEY(instance_id, step)) WITHOUT ROWID;
+)sql";
+
 // Small values kept across restarts, by key ("virtual_now_us": a virtual clock's time). Created
 // when first written, so that a store that never needs it is unchanged, and without a schema
 // version of its own: builds that do not know it ignore it.
@@ -182,8 +205,43 @@ ALTER TABLE instances ADD COLUMN started_by TEXT NOT NULL DEFAULT '';
 CREATE INDEX instances_started_by ON instances(started_by, created_us);
 )sql";
 
-constexpr const char* k_instance_columns =
-    "id, workflow, version, status, parent_id, created_us, updated_us, active, state, started_by";
+constexpr const char* k_upsert_step_sql =
+    "INSERT INTO instance_steps(instance_id, step, visible, run) VALUES (?1, ?2, ?3, ?4) "
+    "ON CONFLICT(instance_id, step) DO UPDATE SET visible = excluded.visible, run = excluded.run";
+
+// An instance's columns (from table alias i), then one of its step rows
+// (NULLs if it has none): one row per step, an instance's rows together.
+constexpr const char* k_select_instance_with_steps =
+    "SELECT i.id, i.workflow, i.version, i.status, i.parent_id, i.created_us, i.updated_us, "
+    "i.active, i.state, i.started_by, s.step, s.visible, s.run";
+constexpr int k_step_column = 10;
+
+// The parts of a state document kept in instance_steps: "steps" and "run.steps", where they are
+// objects (nullptr otherwise).
+const json::object_t* visible_steps(const json& state) {
+  if (!state.is_object()) return nullptr;
+  const auto& o = state.get_ref<const json::object_t&>();
+  const auto it = o.find("steps");
+  return it != o.end() && it->second.is_object() ? &it->second.get_ref<const json::object_t&>()
+                                                 : nullptr;
+}
+const json::object_t* run_steps(const json& state) {
+  if (!state.is_object()) return nullptr;
+  const auto& o = state.get_ref<const json::object_t&>();
+  const auto it = o.find("run");
+  return it != o.end() ? visible_steps(it->second) : nullptr;
+}
+const json* find_step(const json::object_t* steps, const std::string& name) {
+  if (steps == nullptr) return nullptr;
+  const auto it = steps->find(name);
+  return it != steps->end() ? &it->second : nullptr;
+}
+json::object_t* mutable_steps(json& doc) {
+  if (!doc.is_object()) return nullptr;
+  auto& o = doc.get_ref<json::object_t&>();
+  const auto it = o.find("steps");
+  return it != o.end() && it->second.is_object() ? &it->second.get_ref<json::object_t&>() : nullptr;
+}
 
 std::string_view primary_code_name(int rc) {
   switch (rc & 0xff) {
@@ -281,13 +339,27 @@ using db_handle = std::unique_ptr<sqlite3, db_closer>;
 // the stored blobs are unchanged. It exists because to_msgpack was a third of commit()'s CPU
 // (bench_store_commit): it allocates an output adapter per document, makes a virtual call per
 // byte and copies every object key into a temporary json value. Here each value is a bounds
-// check and a memcpy; encoding costs ~40% less.
+// check and a memcpy; encoding costs ~40% less. Unsigned integers, strings and container heads
+// are the header encoder's writers (ensemble/common/msgpack_write.hpp); what only JSON documents
+// have (nil, booleans, negative integers, floats, bin/ext) is written here.
 class msgpack_encoder {
  public:
   // Encodes `doc`; the bytes stay valid until the next encode().
-  std::pair<const std::uint8_t*, std::size_t> encode(const json& doc) {
+  std::pair<const void*, std::size_t> encode(const json& doc) {
     size_ = 0;
     value(doc);
+    return {buffer_.data(), size_};
+  }
+
+  // Encodes what instances.state keeps of a state document: `state` with "steps" and
+  // "run.steps" (where they are objects) as empty maps; their entries go to instance_steps.
+  std::pair<const void*, std::size_t> encode_rest(const json& state) {
+    size_ = 0;
+    if (!state.is_object()) {
+      value(state);
+    } else {
+      object(state.get_ref<const json::object_t&>(), /*levels=*/2);
+    }
     return {buffer_.data(), size_};
   }
 
@@ -319,11 +391,9 @@ class msgpack_encoder {
         if (v >= static_cast<double>(std::numeric_limits<float>::lowest()) &&
             v <= static_cast<double>(std::numeric_limits<float>::max()) &&
             static_cast<double>(static_cast<float>(v)) == v) {
-          byte(0xCA);
-          big_endian(std::bit_cast<std::uint32_t>(static_cast<float>(v)));
+          tagged<4>(0xCA, std::bit_cast<std::uint32_t>(static_cast<float>(v)));
         } else {
-          byte(0xCB);
-          big_endian(std::bit_cast<std::uint64_t>(v));
+          tagged<8>(0xCB, std::bit_cast<std::uint64_t>(v));
         }
         break;
       }
@@ -332,19 +402,13 @@ class msgpack_encoder {
         break;
       case json::value_t::array: {
         const auto& a = j.get_ref<const json::array_t&>();
-        header(a.size(), 0x90, 15, 0xDC, 0xDD);
+        done(mpw::put_array_header(room(mpw::k_max_container_head), a.size()));
         for (const auto& el : a) value(el);
         break;
       }
-      case json::value_t::object: {
-        const auto& o = j.get_ref<const json::object_t&>();
-        header(o.size(), 0x80, 15, 0xDE, 0xDF);
-        for (const auto& [key, el] : o) {
-          string(key);
-          value(el);
-        }
+      case json::value_t::object:
+        object(j.get_ref<const json::object_t&>(), 0);
         break;
-      }
       case json::value_t::binary:
         binary(j.get_ref<const json::binary_t&>());
         break;
@@ -353,70 +417,39 @@ class msgpack_encoder {
     }
   }
 
-  void unsigned_number(std::uint64_t v) {
-    if (v < 128) {
-      byte(static_cast<std::uint8_t>(v));
-    } else if (v <= std::numeric_limits<std::uint8_t>::max()) {
-      byte(0xCC);
-      byte(static_cast<std::uint8_t>(v));
-    } else if (v <= std::numeric_limits<std::uint16_t>::max()) {
-      byte(0xCD);
-      big_endian(static_cast<std::uint16_t>(v));
-    } else if (v <= std::numeric_limits<std::uint32_t>::max()) {
-      byte(0xCE);
-      big_endian(static_cast<std::uint32_t>(v));
-    } else {
-      byte(0xCF);
-      big_endian(v);
+  // `levels` > 0: a "steps" object in it is written as an empty map (2: and so is "run.steps").
+  void object(const json::object_t& o, int levels = 0) {
+    done(mpw::put_map_header(room(mpw::k_max_container_head), o.size()));
+    for (const auto& [key, el] : o) {
+      string(key);
+      if (levels > 0 && el.is_object() && key == "steps") {
+        byte(0x80);
+      } else if (levels > 1 && el.is_object() && key == "run") {
+        object(el.get_ref<const json::object_t&>(), levels - 1);
+      } else {
+        value(el);
+      }
     }
   }
+  void string(std::string_view s) { done(mpw::put_str(room(mpw::k_max_str_head + s.size()), s)); }
+  void byte(std::uint8_t b) {
+    *room(1) = static_cast<char>(b);
+    ++size_;
+  }
+  void unsigned_number(std::uint64_t v) { done(mpw::put_uint(room(mpw::k_max_uint_size), v)); }
 
   void signed_number(std::int64_t v) {  // v < 0
+    const auto bits = static_cast<std::uint64_t>(v);
     if (v >= -32) {
-      byte(static_cast<std::uint8_t>(static_cast<std::int8_t>(v)));
+      byte(static_cast<std::uint8_t>(bits));  // negative fixint
     } else if (v >= std::numeric_limits<std::int8_t>::min()) {
-      byte(0xD0);
-      byte(static_cast<std::uint8_t>(static_cast<std::int8_t>(v)));
+      tagged<1>(0xD0, bits);
     } else if (v >= std::numeric_limits<std::int16_t>::min()) {
-      byte(0xD1);
-      big_endian(static_cast<std::uint16_t>(static_cast<std::int16_t>(v)));
+      tagged<2>(0xD1, bits);
     } else if (v >= std::numeric_limits<std::int32_t>::min()) {
-      byte(0xD2);
-      big_endian(static_cast<std::uint32_t>(static_cast<std::int32_t>(v)));
+      tagged<4>(0xD2, bits);
     } else {
-      byte(0xD3);
-      big_endian(static_cast<std::uint64_t>(v));
-    }
-  }
-
-  void string(const std::string& s) {
-    const std::size_t n = s.size();
-    if (n <= 31) {
-      byte(static_cast<std::uint8_t>(0xA0 | n));
-    } else if (n <= std::numeric_limits<std::uint8_t>::max()) {
-      byte(0xD9);
-      byte(static_cast<std::uint8_t>(n));
-    } else if (n <= std::numeric_limits<std::uint16_t>::max()) {
-      byte(0xDA);
-      big_endian(static_cast<std::uint16_t>(n));
-    } else {
-      byte(0xDB);
-      big_endian(static_cast<std::uint32_t>(n));
-    }
-    bytes(s.data(), n);
-  }
-
-  // fix / 16-bit / 32-bit size header of an array or a map.
-  void header(std::size_t n, std::uint8_t fix, std::size_t fix_max, std::uint8_t b16,
-              std::uint8_t b32) {
-    if (n <= fix_max) {
-      byte(static_cast<std::uint8_t>(fix | n));
-    } else if (n <= std::numeric_limits<std::uint16_t>::max()) {
-      byte(b16);
-      big_endian(static_cast<std::uint16_t>(n));
-    } else {
-      byte(b32);
-      big_endian(static_cast<std::uint32_t>(n));
+      tagged<8>(0xD3, bits);
     }
   }
 
@@ -425,45 +458,40 @@ class msgpack_encoder {
     const std::size_t n = b.size();
     if (n <= std::numeric_limits<std::uint8_t>::max()) {
       if (!ext) {
-        byte(0xC4);
-        byte(static_cast<std::uint8_t>(n));
+        tagged<1>(0xC4, n);
       } else if (n == 1 || n == 2 || n == 4 || n == 8 || n == 16) {
         byte(n == 1 ? 0xD4 : n == 2 ? 0xD5 : n == 4 ? 0xD6 : n == 8 ? 0xD7 : 0xD8);  // fixext
       } else {
-        byte(0xC7);
-        byte(static_cast<std::uint8_t>(n));
+        tagged<1>(0xC7, n);
       }
     } else if (n <= std::numeric_limits<std::uint16_t>::max()) {
-      byte(ext ? 0xC8 : 0xC5);
-      big_endian(static_cast<std::uint16_t>(n));
+      tagged<2>(ext ? 0xC8 : 0xC5, n);
     } else {
-      byte(ext ? 0xC9 : 0xC6);
-      big_endian(static_cast<std::uint32_t>(n));
+      tagged<4>(ext ? 0xC9 : 0xC6, n);
     }
     if (ext) byte(static_cast<std::uint8_t>(static_cast<std::int8_t>(b.subtype())));
-    bytes(b.data(), n);
-  }
-
-  template <class Unsigned>
-  void big_endian(Unsigned v) {
-    std::uint8_t* out = reserve(sizeof v);
-    for (std::size_t i = 0; i < sizeof v; ++i) {
-      out[i] = static_cast<std::uint8_t>(v >> (8 * (sizeof v - 1 - i)));
+    if (n != 0) {
+      std::memcpy(room(n), b.data(), n);
+      size_ += n;
     }
   }
-  void byte(std::uint8_t b) { *reserve(1) = b; }
-  void bytes(const void* p, std::size_t n) {
-    if (n != 0) std::memcpy(reserve(n), p, n);
-  }
-  // Room for n more bytes; returns where they go.
-  std::uint8_t* reserve(std::size_t n) {
-    if (size_ + n > buffer_.size()) buffer_.resize(std::max(size_ + n, 2 * buffer_.size()));
-    std::uint8_t* out = buffer_.data() + size_;
-    size_ += n;
-    return out;
+
+  // A type byte, then the low Bytes bytes of `v` big-endian.
+  template <std::size_t Bytes>
+  void tagged(std::uint8_t tag, std::uint64_t v) {
+    char* at = room(1 + Bytes);
+    *at = static_cast<char>(tag);
+    done(mpw::put_be<Bytes>(at + 1, v));
   }
 
-  std::vector<std::uint8_t> buffer_;  // grows to the largest document, never shrinks
+  // Room for at most n more bytes at the end of what is written; done() says where it ended.
+  char* room(std::size_t n) {
+    if (size_ + n > buffer_.size()) buffer_.resize(std::max(size_ + n, 2 * buffer_.size()));
+    return buffer_.data() + size_;
+  }
+  void done(const char* end) { size_ = static_cast<std::size_t>(end - buffer_.data()); }
+
+  std::vector<char> buffer_;  // grows to the largest document, never shrinks
   std::size_t size_ = 0;
 };
 
@@ -514,7 +542,7 @@ class use {
     check(sqlite3_bind_int64(stmt_, index, value));
     return *this;
   }
-  use& bind_blob(int index, const std::uint8_t* data, std::size_t size) {
+  use& bind_blob(int index, const void* data, std::size_t size) {
     check(sqlite3_bind_blob(stmt_, index, data, static_cast<int>(size), SQLITE_STATIC));
     return *this;
   }
@@ -537,6 +565,13 @@ class use {
     const auto* p = reinterpret_cast<const char*>(sqlite3_column_text(stmt_, column));
     return p == nullptr ? std::string() : std::string(p, sqlite3_column_bytes(stmt_, column));
   }
+  std::string_view view(int column) const {
+    const auto* p = reinterpret_cast<const char*>(sqlite3_column_text(stmt_, column));
+    return p == nullptr
+               ? std::string_view()
+               : std::string_view(p, static_cast<std::size_t>(sqlite3_column_bytes(stmt_, column)));
+  }
+  bool is_null(int column) const { return sqlite3_column_type(stmt_, column) == SQLITE_NULL; }
   std::int64_t integer(int column) const { return sqlite3_column_int64(stmt_, column); }
   // A stored JSON document: NULL is json null, a blob is MessagePack, text is JSON text.
   // A document that does not decode comes back as a discarded value (is_discarded()).
@@ -663,9 +698,10 @@ class sqlite_store final : public store {
       const bool fresh = inspect();
       configure(in_memory, opts.sync);
       const bool created = fresh && create_schema();
-      check_tables();
+      check_tables(k_tables);
       if (!created && !in_memory) check_integrity(opts.check);
       if (!created) upgrade_schema();
+      check_tables(k_tables_3);
       if (opts.max_size_bytes > 0) limit_size(opts.max_size_bytes);
       prepare();
       if (!in_memory) start_checkpointer();
@@ -742,9 +778,20 @@ class sqlite_store final : public store {
         // creation time and starter never change: the narrow UPDATE leaves the indexes on those
         // columns alone (the full upsert rewrites all five). It matches only a row with the
         // same values in them, so anything else — a new id, or a record that does change one of
-        // them — goes through the full upsert, with the same result as before.
+        // them — goes through the insert, or else the full update, with the same result as an
+        // upsert.
         write_instance(update_instance_, r);
-        if (sqlite3_changes(db()) == 0) write_instance(upsert_instance_, r);
+        step_rows rows = r.changed_steps ? step_rows::named : step_rows::all;
+        if (sqlite3_changes(db()) == 0) {
+          // A new instance has no step rows yet: all of them are written, none can be stale.
+          write_instance(insert_instance_, r);
+          rows = step_rows::all_new;
+          if (sqlite3_changes(db()) == 0) {
+            write_instance(full_update_instance_, r);
+            rows = step_rows::all;
+          }
+        }
+        write_steps(r, rows);
       }
       for (const auto& h : batch.history) {
         use u(db(), insert_history_);
@@ -812,7 +859,7 @@ class sqlite_store final : public store {
     std::vector<instance_record> out;
     try {
       use u(db(), load_active_);
-      while (u.step([] { return "load active instances"; })) read_instance(u, out);
+      read_instances(u, out, [] { return "load active instances"; });
     } catch (const std::exception& e) {
       return read_error(e);
     }
@@ -824,7 +871,7 @@ class sqlite_store final : public store {
     try {
       use u(db(), get_instance_);
       u.bind(1, id);
-      if (u.step([&] { return "get instance '" + id + "'"; })) read_instance(u, out);
+      read_instances(u, out, [&] { return "get instance '" + id + "'"; });
     } catch (const std::exception& e) {
       return read_error(e);
     }
@@ -841,12 +888,11 @@ class sqlite_store final : public store {
       const statement& s =
           list_[(by_status ? 1 : 0) + (by_workflow ? 2 : 0) + (by_starter ? 4 : 0)];
       use u(db(), s);
-      constexpr auto k_max = static_cast<std::size_t>(std::numeric_limits<std::int64_t>::max());
-      u.bind(1, static_cast<std::int64_t>(std::min(filter.limit, k_max)));
       if (by_status) u.bind(2, to_string(*filter.status));
       if (by_workflow) u.bind(3, filter.workflow);
       if (by_starter) u.bind(4, *filter.started_by);
-      while (u.step([] { return "list instances"; })) read_instance(u, out);
+      read_instances(
+          u, out, [] { return "list instances"; }, filter.limit);
     } catch (const std::exception& e) {
       return read_error(e);
     }
@@ -1094,6 +1140,7 @@ class sqlite_store final : public store {
                    query_int("SELECT count(*) FROM sqlite_master"));
       if (still_fresh) {
         exec(k_schema_sql, "create schema");
+        exec(k_instance_steps_sql, "create schema: table instance_steps");
         exec(("PRAGMA application_id=" + std::to_string(k_application_id)).c_str(),
              "create schema: set application_id");
         exec(("PRAGMA user_version=" + std::to_string(k_schema_version)).c_str(),
@@ -1115,6 +1162,7 @@ class sqlite_store final : public store {
     try {
       const std::int64_t from = query_int("PRAGMA user_version");
       if (from < 2) exec(k_upgrade_to_2_sql, "upgrade schema to version 2 (instances.started_by)");
+      if (from < 3) split_states();
       exec(("PRAGMA user_version=" + std::to_string(k_schema_version)).c_str(),
            "upgrade schema: set user_version");
       exec("COMMIT", "upgrade schema: commit");
@@ -1128,8 +1176,9 @@ class sqlite_store final : public store {
     }
   }
 
-  void check_tables() {
-    for (auto table : k_tables) {
+  template <std::size_t N>
+  void check_tables(const std::array<std::string_view, N>& tables) {
+    for (auto table : tables) {
       statement s(db(), "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1");
       use u(db(), s);
       u.bind(1, table);
@@ -1142,19 +1191,19 @@ class sqlite_store final : public store {
 
   // Preparing every statement also checks that the tables have the columns this build uses.
   void prepare() {
-    const std::string select_instances = std::string("SELECT ") + k_instance_columns;
     begin_ = statement(db(), "BEGIN IMMEDIATE");
     commit_ = statement(db(), "COMMIT");
     rollback_ = statement(db(), "ROLLBACK");
-    upsert_instance_ =
+    insert_instance_ =
         statement(db(),
                   "INSERT INTO instances(id, workflow, version, status, parent_id, created_us, "
                   "updated_us, active, state, started_by) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, "
-                  "?8, ?9, ?10) ON CONFLICT(id) DO UPDATE SET workflow = excluded.workflow, "
-                  "version = excluded.version, status = excluded.status, parent_id = "
-                  "excluded.parent_id, created_us = excluded.created_us, updated_us = "
-                  "excluded.updated_us, active = excluded.active, state = excluded.state, "
-                  "started_by = excluded.started_by");
+                  "?8, ?9, ?10) ON CONFLICT(id) DO NOTHING");
+    full_update_instance_ =
+        statement(db(),
+                  "UPDATE instances SET workflow = ?2, version = ?3, status = ?4, parent_id = ?5, "
+                  "created_us = ?6, updated_us = ?7, active = ?8, state = ?9, started_by = ?10 "
+                  "WHERE id = ?1");
     update_instance_ = statement(db(),
                                  "UPDATE instances SET status = ?4, updated_us = ?7, active = ?8, "
                                  "state = ?9 WHERE id = ?1 AND workflow = ?2 AND version = ?3 AND "
@@ -1172,21 +1221,40 @@ class sqlite_store final : public store {
     load_buffer_ = statement(db(),
                              "SELECT id, topic, correlation_id, received_us, event FROM buffer "
                              "ORDER BY received_us, rowid");
-    load_active_ = statement(
-        db(),
-        (select_instances + " FROM instances WHERE active = 1 ORDER BY created_us, rowid").c_str());
-    get_instance_ = statement(db(), (select_instances + " FROM instances WHERE id = ?1").c_str());
-    // Indexed by [has status filter + 2 * has workflow filter + 4 * has started_by filter];
-    // ?1 is the limit.
-    const char* k_where[] = {"status = ?2", "workflow = ?3", "started_by = ?4"};
+    upsert_step_ = statement(db(), k_upsert_step_sql);
+    insert_step_ = statement(db(),
+                             "INSERT INTO instance_steps(instance_id, step, visible, run) VALUES "
+                             "(?1, ?2, ?3, ?4)");
+    delete_step_ =
+        statement(db(), "DELETE FROM instance_steps WHERE instance_id = ?1 AND step = ?2");
+    count_steps_ = statement(db(), "SELECT count(*) FROM instance_steps WHERE instance_id = ?1");
+    step_names_ = statement(db(), "SELECT step FROM instance_steps WHERE instance_id = ?1");
+    // One query per read, whatever the number of instances: each instance's row joined with
+    // its step rows, an instance's rows together (ordered by its unique rowid).
+    const std::string with_steps = std::string(k_select_instance_with_steps);
+    load_active_ =
+        statement(db(), (with_steps + " FROM instances AS i LEFT JOIN instance_steps AS s ON "
+                                      "s.instance_id = i.id WHERE i.active = 1 ORDER BY "
+                                      "i.created_us, i.rowid")
+                            .c_str());
+    get_instance_ =
+        statement(db(), (with_steps + " FROM instances AS i LEFT JOIN instance_steps AS s ON "
+                                      "s.instance_id = i.id WHERE i.id = ?1")
+                            .c_str());
+    // Indexed by [has status filter + 2 * has workflow filter + 4 * has started_by filter].
+    const char* k_where[] = {"i.status = ?2", "i.workflow = ?3", "i.started_by = ?4"};
     for (std::size_t i = 0; i < list_.size(); ++i) {
       std::string where;
       for (std::size_t bit = 0; bit < 3; ++bit) {
         if ((i & (std::size_t{1} << bit)) == 0) continue;
         where += (where.empty() ? " WHERE " : " AND ") + std::string(k_where[bit]);
       }
-      list_[i] = statement(db(), (select_instances + " FROM instances" + where +
-                                  " ORDER BY created_us DESC, rowid DESC LIMIT ?1")
+      // No LIMIT: read_instances stops after `limit` instances (a LIMIT on the joined rows
+      // would cut an instance's steps; one in a subquery makes SQLite sort the joined rows).
+      list_[i] = statement(db(), (with_steps +
+                                  " FROM instances AS i LEFT JOIN instance_steps AS s ON "
+                                  "s.instance_id = i.id" +
+                                  where + " ORDER BY i.created_us DESC, i.rowid DESC")
                                      .c_str());
     }
     load_history_ = statement(db(),
@@ -1225,7 +1293,7 @@ class sqlite_store final : public store {
     return doc;
   }
 
-  // Binds the record to an instance statement (?1..?10 as in upsert_instance_) and steps it.
+  // Binds the record to an instance statement (?1..?10 as in insert_instance_) and steps it.
   void write_instance(const statement& s, const instance_record& r) {
     use u(db(), s);
     u.bind(1, r.id)
@@ -1237,7 +1305,12 @@ class sqlite_store final : public store {
         .bind(7, r.updated_us)
         .bind(8, std::int64_t{r.active ? 1 : 0})
         .bind(10, r.started_by);
-    bind_document(u, 9, r.state);
+    if (r.state.is_null()) {
+      u.bind_null(9);
+    } else {
+      const auto [data, size] = msgpack_.encode_rest(r.state);
+      u.bind_blob(9, data, size);
+    }
     u.step([&] { return "commit: upsert instance '" + r.id + "'"; });
   }
 
@@ -1257,26 +1330,195 @@ class sqlite_store final : public store {
     }
   }
 
-  void read_instance(use& u, std::vector<instance_record>& out) {
-    instance_record r;
-    r.id = u.text(0);
-    r.workflow = u.text(1);
-    r.version = static_cast<std::uint32_t>(u.integer(2));
-    const std::string status = u.text(3);
-    const auto parsed = parse_instance_status(status);
-    if (!parsed) undecodable("instance '" + r.id + "' has the unknown status '" + status + "'");
-    r.status = *parsed;
-    r.parent_id = u.text(4);
-    r.created_us = u.integer(5);
-    r.updated_us = u.integer(6);
-    r.active = u.integer(7) != 0;
-    r.state = u.document(8);
-    r.started_by = u.text(9);
-    if (r.state.is_discarded()) {
-      undecodable("the state of instance '" + r.id + "' (workflow " + r.workflow +
-                  ") does not decode");
+  // Which step rows of an instance a commit writes: those `changed_steps` names, or all (and
+  // then the rows of steps the state no longer has are deleted, unless the instance is new).
+  enum class step_rows { named, all, all_new };
+  void write_steps(const instance_record& r, step_rows rows) {
+    const json::object_t* visible = visible_steps(r.state);
+    const json::object_t* run = run_steps(r.state);
+    if (rows == step_rows::named) {
+      for (const auto& name : *r.changed_steps) write_step(upsert_step_, r.id, name, visible, run);
+      return;
     }
-    out.push_back(std::move(r));
+    // A new instance's rows are plain inserts (no conflict to look for).
+    const statement& write = rows == step_rows::all_new ? insert_step_ : upsert_step_;
+    std::int64_t written = 0;
+    if (visible != nullptr) {
+      for (const auto& [name, part] : *visible) {
+        write_step(write, r.id, name, visible, run);
+        ++written;
+      }
+    }
+    if (run != nullptr) {
+      for (const auto& [name, part] : *run) {
+        if (find_step(visible, name) != nullptr) continue;
+        write_step(write, r.id, name, visible, run);
+        ++written;
+      }
+    }
+    if (rows == step_rows::all_new) return;
+    // Rows of steps the state no longer has (rare: the engine does not remove steps).
+    const auto what = [&] { return "commit: count the step rows of instance '" + r.id + "'"; };
+    std::int64_t stored = 0;
+    {
+      use u(db(), count_steps_);
+      u.bind(1, r.id);
+      if (u.step(what)) stored = u.integer(0);
+    }
+    if (stored <= written) return;
+    std::vector<std::string> gone;
+    {
+      use u(db(), step_names_);
+      u.bind(1, r.id);
+      while (u.step(what)) {
+        std::string name = u.text(0);
+        if (find_step(visible, name) == nullptr && find_step(run, name) == nullptr) {
+          gone.push_back(std::move(name));
+        }
+      }
+    }
+    for (const auto& name : gone) write_step(upsert_step_, r.id, name, nullptr, nullptr);
+  }
+
+  // Writes step `name` of instance `id` from the state's step objects: its row upserted, or
+  // deleted when neither has it.
+  void write_step(const statement& upsert, const std::string& id, const std::string& name,
+                  const json::object_t* visible, const json::object_t* run) {
+    const json* v = find_step(visible, name);
+    const json* rn = find_step(run, name);
+    const auto what = [&] { return "commit: write step '" + name + "' of instance '" + id + "'"; };
+    if (v == nullptr && rn == nullptr) {
+      use u(db(), delete_step_);
+      u.bind(1, id).bind(2, name);
+      u.step(what);
+      return;
+    }
+    use u(db(), upsert);
+    u.bind(1, id).bind(2, name);
+    // NULL: the document has no such entry (a JSON null is stored as MessagePack nil).
+    if (v != nullptr) {
+      const auto [data, size] = msgpack_.encode(*v);
+      u.bind_blob(3, data, size);
+    } else {
+      u.bind_null(3);
+    }
+    if (rn != nullptr) {
+      const auto [data, size] = msgpack_run_.encode(*rn);
+      u.bind_blob(4, data, size);
+    } else {
+      u.bind_null(4);
+    }
+    u.step(what);
+  }
+
+  // Reads the rows of a k_select_instance_with_steps query: each instance's columns, then its
+  // step rows put back into its state.
+  template <class Describe>
+  void read_instances(use& u, std::vector<instance_record>& out, Describe&& what,
+                      std::size_t limit = std::numeric_limits<std::size_t>::max()) {
+    if (limit == 0) return;
+    bool row = u.step(what);
+    while (row && out.size() < limit) {
+      instance_record r;
+      r.id = u.text(0);
+      r.workflow = u.text(1);
+      r.version = static_cast<std::uint32_t>(u.integer(2));
+      const std::string status = u.text(3);
+      const auto parsed = parse_instance_status(status);
+      if (!parsed) undecodable("instance '" + r.id + "' has the unknown status '" + status + "'");
+      r.status = *parsed;
+      r.parent_id = u.text(4);
+      r.created_us = u.integer(5);
+      r.updated_us = u.integer(6);
+      r.active = u.integer(7) != 0;
+      r.state = u.document(8);
+      r.started_by = u.text(9);
+      if (r.state.is_discarded()) {
+        undecodable("the state of instance '" + r.id + "' (workflow " + r.workflow +
+                    ") does not decode");
+      }
+      json::object_t* visible = mutable_steps(r.state);
+      json::object_t* run = nullptr;
+      if (r.state.is_object()) {
+        auto& o = r.state.get_ref<json::object_t&>();
+        if (auto it = o.find("run"); it != o.end()) run = mutable_steps(it->second);
+      }
+      do {
+        if (!u.is_null(k_step_column)) {
+          const std::string step = u.text(k_step_column);
+          read_step_part(u, k_step_column + 1, visible, r, step, "visible");
+          read_step_part(u, k_step_column + 2, run, r, step, "run");
+        }
+        row = u.step(what);
+      } while (row && u.view(0) == r.id);
+      out.push_back(std::move(r));
+    }
+  }
+
+  // One part of a step row, put into the state's step object (when the rest of the state has
+  // one: a row the state has no place for is ignored).
+  void read_step_part(const use& u, int column, json::object_t* steps, const instance_record& r,
+                      const std::string& step, const char* part) {
+    if (u.is_null(column) || steps == nullptr) return;
+    json doc = u.document(column);
+    if (doc.is_discarded()) {
+      undecodable("step '" + step + "' of instance '" + r.id + "' (workflow " + r.workflow +
+                  ") does not decode (table instance_steps, column " + part + ")");
+    }
+    (*steps)[step] = std::move(doc);
+  }
+
+  // Version 2 -> 3: each instance's state split into instances.state and instance_steps rows,
+  // inside upgrade_schema's transaction. A state that does not decode is left whole (it reads as
+  // before: an error naming the instance).
+  void split_states() {
+    exec(k_instance_steps_sql, "upgrade schema to version 3 (table instance_steps)");
+    statement select(db(),
+                     "SELECT rowid, id, state FROM instances WHERE rowid > ?1 ORDER BY rowid "
+                     "LIMIT 256");
+    statement update(db(), "UPDATE instances SET state = ?2 WHERE rowid = ?1");
+    statement upsert(db(), k_upsert_step_sql);
+    const auto what = [] { return std::string("upgrade schema to version 3 (split states)"); };
+    std::int64_t after = std::numeric_limits<std::int64_t>::min();
+    std::size_t split = 0;
+    for (;;) {
+      std::vector<std::tuple<std::int64_t, std::string, json>> chunk;
+      {
+        use u(db(), select);
+        u.bind(1, after);
+        while (u.step(what)) chunk.emplace_back(u.integer(0), u.text(1), u.document(2));
+      }
+      if (chunk.empty()) break;
+      after = std::get<0>(chunk.back());
+      for (const auto& [rowid, id, state] : chunk) {
+        if (state.is_discarded()) {
+          log_->warn("store {}: upgrade: the state of instance '{}' does not decode; kept as it is",
+                     path_, id);
+          continue;
+        }
+        const json::object_t* visible = visible_steps(state);
+        const json::object_t* run = run_steps(state);
+        if (visible == nullptr && run == nullptr) continue;
+        {
+          use u(db(), update);
+          const auto [data, size] = msgpack_.encode_rest(state);
+          u.bind(1, rowid).bind_blob(2, data, size);
+          u.step(what);
+        }
+        std::vector<std::string> names;
+        if (visible != nullptr) {
+          for (const auto& [name, part] : *visible) names.push_back(name);
+        }
+        if (run != nullptr) {
+          for (const auto& [name, part] : *run) {
+            if (find_step(visible, name) == nullptr) names.push_back(name);
+          }
+        }
+        for (const auto& name : names) write_step(upsert, id, name, visible, run);
+        ++split;
+      }
+    }
+    log_->info("store {}: upgrade: {} instance states split into step rows", path_, split);
   }
 
   // A query that failed or met a row it cannot read: an error for the caller (which names the
@@ -1346,14 +1588,16 @@ class sqlite_store final : public store {
   std::shared_ptr<spdlog::logger> log_;
   db_handle db_;  // declared before the statements: finalized first, closed last
   statement begin_, commit_, rollback_;
-  statement upsert_instance_, update_instance_, insert_history_, insert_trigger_, insert_buffer_,
-      delete_buffer_;
+  statement insert_instance_, full_update_instance_, update_instance_, insert_history_,
+      insert_trigger_, insert_buffer_, delete_buffer_;
   statement purge_buffer_, load_buffer_, load_active_, get_instance_, load_history_;
   statement count_by_status_, triggered_by_, load_definition_, insert_definition_;
+  statement upsert_step_, insert_step_, delete_step_, count_steps_, step_names_;
   statement put_meta_, get_meta_;  // ensure_meta()
   bool meta_ready_ = false;
   std::array<statement, 8> list_;
   msgpack_encoder msgpack_;
+  msgpack_encoder msgpack_run_;  // a step row's second part, bound alongside msgpack_'s
   std::string text_buffer_;
   int wal_pages_ = 0;
   std::unique_ptr<checkpointer> checkpointer_;  // after db_: stopped before db_ is closed

@@ -9,7 +9,9 @@
 // transaction: grouping commits is what keeps durability from capping throughput.
 //
 // An instance's runtime state (step states, timers, awaits, pending events) is one JSON
-// document owned by the engine; the store keeps it opaque and indexes the columns it needs.
+// document owned by the engine; the store keeps it opaque and indexes the columns it needs,
+// except that it stores the entries of its "steps" and "run.steps" objects one step at a time
+// (see instance_record::changed_steps), and reads give back exactly the committed document.
 //
 // Reads return results: a row that does not decode, or a query that fails half way (a damaged
 // file), is an error naming the row, never a shorter answer. A commit that fails because the
