@@ -8,12 +8,14 @@
 //
 //   bench_store_commit [--workflows 20000] [--group 40] [--store file|memory] [--sync normal]
 //                      [--shape engine|changed-steps|no-ack|no-history|changed-step]
+//                      [--output-bytes 0]
 //
 // --shape changed-steps commits the same records with instance_record::changed_steps naming
 // the steps each stage changed (stage 0: the first step; 1: the first and second; 2: the second
 // and third; 3: the third; 4: none), so that the store rewrites only those steps' rows. The
 // other shapes write what a change in the engine would have the store write instead, to say
-// what that change would save before anyone makes it.
+// what that change would save before anyone makes it. --output-bytes N gives each step's output
+// a string of N bytes (0: `{"ok": true}`), for workflows whose steps return real data.
 //
 // Prints CPU µs per workflow of the committing thread and of the whole process (which includes
 // the background checkpoint), and commits/s; then the thread's CPU µs per instance of reading
@@ -57,6 +59,9 @@ double process_cpu_seconds() {
 // The instance's record at `stage` (0: started, step 1 calling; 1, 2: step `stage` done, the
 // next one calling; 3: completed, lifecycle event in the outbox; 4: acknowledged, inactive),
 // with the state document the engine keeps at that point.
+// Each step's output (--output-bytes).
+json g_output = {{"ok", true}};
+
 eo::instance_record make_record(int n, int stage) {
   const std::string id = "b0-" + std::to_string(n);
   eo::instance_record r;
@@ -76,7 +81,7 @@ eo::instance_record make_record(int n, int stage) {
                {"attempts", 1},
                {"started_us", r.created_us + 1000 * s}};
     if (done) {
-      st["output"] = {{"ok", true}};
+      st["output"] = g_output;
       st["worker"] = "bench-agents";
       st["ended_us"] = r.created_us + 1000 * (s + 1);
       completed.push_back(k_steps[s]);
@@ -126,12 +131,12 @@ void add_history(std::vector<eo::history_entry>& out, const eo::instance_record&
     case 1:
     case 2:
       add(1 + 2 * stage, "step_completed", k_steps[stage - 1],
-          {{"output", {{"ok", true}}}, {"worker", "bench-agents"}, {"attempt", 1}});
+          {{"output", g_output}, {"worker", "bench-agents"}, {"attempt", 1}});
       add(2 + 2 * stage, "step_started", k_steps[stage], call);
       break;
     case 3:
       add(7, "step_completed", k_steps[2],
-          {{"output", {{"ok", true}}}, {"worker", "bench-agents"}, {"attempt", 1}});
+          {{"output", g_output}, {"worker", "bench-agents"}, {"attempt", 1}});
       add(8, "completed", "", {{"output", {{"ok", true}}}});
       break;
     default:
@@ -144,6 +149,7 @@ void add_history(std::vector<eo::history_entry>& out, const eo::instance_record&
 int main(int argc, char** argv) {
   int workflows = 20000;
   int group = 40;
+  int output_bytes = 0;
   std::string store = "file";
   std::string sync = "normal";
   std::string shape = "engine";
@@ -153,6 +159,9 @@ int main(int argc, char** argv) {
   app.add_option("--group", group, "instances per stage in one batch")->capture_default_str();
   app.add_option("--store", store, "file | memory")->check(CLI::IsMember({"file", "memory"}));
   app.add_option("--sync", sync, "normal | full")->check(CLI::IsMember({"normal", "full"}));
+  app.add_option("--output-bytes", output_bytes, "bytes of data in each step's output")
+      ->check(CLI::Range(0, 1 << 20))
+      ->capture_default_str();
   app.add_option("--shape", shape,
                  "engine (as the engine writes today: the whole state), changed-steps (the same, "
                  "naming the steps each upsert changed), or what an engine change would write: "
@@ -161,6 +170,8 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"engine", "changed-steps", "no-ack", "no-history", "changed-step"}))
       ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
+
+  if (output_bytes > 0) g_output = {{"ok", true}, {"data", std::string(output_bytes, 'x')}};
 
   // Every batch, built up front: group g is at stage (batch - g).
   const int groups = (workflows + group - 1) / group;
