@@ -735,6 +735,20 @@ TEST(run_state, a_fresh_instance_document_round_trips) {
                                                            {"steps", json::object()}}));
 }
 
+TEST(run_state, an_outbox_entry_that_does_not_read_takes_no_other_with_it) {
+  json doc = every_run_key();
+  doc["outbox"]["broken"] = "not an entry";
+  doc["history_seq"] = 5.0;  // a whole number as a float, as JSON text may hold it
+  const auto run = detail::run_from_json(doc);
+  EXPECT_EQ(run.outbox.count("i/B/1"), 1u) << "the readable entry stays typed, to be sent";
+  EXPECT_EQ(run.outbox.count("broken"), 0u);
+  EXPECT_EQ(run.history_seq, 5u);
+  const json out = detail::to_json(run);
+  EXPECT_EQ(out["outbox"]["broken"], "not an entry") << "kept as it was";
+  EXPECT_EQ(out["outbox"]["i/B/1"], doc["outbox"]["i/B/1"]);
+  EXPECT_EQ(out["history_seq"], 5u);
+}
+
 TEST(run_state, ending_a_phase_removes_it_and_its_due_time_even_when_kept_as_unknown) {
   json doc = every_run_key();
   auto run = detail::run_from_json(doc);

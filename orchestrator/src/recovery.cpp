@@ -29,6 +29,11 @@ void engine::begin(effects_sink& fx) {
                   r.workflow, r.version);
       continue;
     }
+    if (!r.state.is_object()) {
+      log_->error("instance {}: its stored state is a JSON {}, not an object; left as is", r.id,
+                  r.state.type_name());
+      continue;
+    }
     auto in = std::make_unique<instance>();
     in->id = r.id;
     in->def = def;
@@ -38,11 +43,9 @@ void engine::begin(effects_sink& fx) {
     in->created_us = r.created_us;
     in->updated_us = r.updated_us;
     in->state = std::move(r.state);
-    if (in->state.is_object()) {
-      if (auto run = in->state.find("run"); run != in->state.end()) {
-        in->run = run_from_json(*run);
-        in->state.erase(run);
-      }
+    if (auto run = in->state.find("run"); run != in->state.end()) {
+      in->run = run_from_json(*run);
+      in->state.erase(run);
     }
     live_.emplace(r.id, std::move(in));
   }

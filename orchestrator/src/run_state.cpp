@@ -28,6 +28,17 @@ bool read(const json& v, std::int64_t& out) {
   return true;
 }
 bool read(const json& v, std::uint64_t& out) {
+  // A whole number written as a float (5.0, in a state kept as JSON text) reads as that number,
+  // as it did when the engine read the document itself.
+  if (v.is_number_float()) {
+    const double d = v.get<double>();
+    if (!(d >= 0 && d < 18446744073709551616.0) ||
+        d != static_cast<double>(static_cast<std::uint64_t>(d))) {
+      return false;
+    }
+    out = static_cast<std::uint64_t>(d);
+    return true;
+  }
   if (!v.is_number_integer() || (!v.is_number_unsigned() && v.get<std::int64_t>() < 0)) {
     return false;
   }
@@ -268,11 +279,18 @@ instance_run run_from_json(const json& doc) {
     } else if (k == "completed") {
       ok = read(v, r.completed);
     } else if (k == "outbox" && v.is_object()) {
+      // Entry by entry: one that does not read is kept as it was (in extra's "outbox", which
+      // to_json writes first), never taking the others with it.
       ok = true;
       for (const auto& [id, entry] : v.items()) {
-        if (!read_outbox_entry(entry, r.outbox[id])) ok = false;
+        outbox_entry e;
+        if (read_outbox_entry(entry, e)) {
+          r.outbox.emplace(id, std::move(e));
+        } else {
+          if (!r.extra.is_object()) r.extra = json::object();
+          r.extra["outbox"][id] = entry;
+        }
       }
-      if (!ok) r.outbox.clear();
     } else if (k == "steps" && v.is_object()) {
       ok = true;
       for (const auto& [name, entry] : v.items()) r.steps.emplace(name, step_from_json(entry));
@@ -336,7 +354,8 @@ json to_json(const instance_run& r) {
   j["cause"] = r.cause;
   j["history_seq"] = r.history_seq;
   j["completed"] = r.completed;
-  json& outbox = j["outbox"] = json::object();
+  json& outbox = j["outbox"];  // entries that did not read (kept in extra), if any
+  if (!outbox.is_object()) outbox = json::object();
   for (const auto& [id, e] : r.outbox) outbox[id] = to_json(e);
   json& steps = j["steps"] = json::object();
   for (const auto& [name, s] : r.steps) steps[name] = to_json(s);

@@ -637,10 +637,12 @@ void engine::on_outbox_ack(instance& inst, const std::string& event_id, response
   }
   if (kind == "publish") {
     const step* s = inst.def->find(step_name);
-    auto& rs = run_of(inst, step_name);
-    if (s != nullptr && rs.phase == step_phase::publishing && rs.key.value_or("") == event_id) {
-      complete_step(inst, *s, json{{"id", event_id}, {"seq", r->seq}});
-      advance(inst);
+    if (s != nullptr) {
+      auto& rs = run_of(inst, step_name);
+      if (rs.phase == step_phase::publishing && rs.key.value_or("") == event_id) {
+        complete_step(inst, *s, json{{"id", event_id}, {"seq", r->seq}});
+        advance(inst);
+      }
     }
   } else if (kind == "compensation" && inst.run.comp) {
     auto& comp = *inst.run.comp;
