@@ -16,6 +16,13 @@ using millis = std::chrono::milliseconds;
 
 namespace {
 
+// A step's bookkeeping, to read: unlike engine::run_of(), it neither creates the entry nor marks
+// the step changed (which would rewrite its row at the instance's next commit). nullptr if none.
+const step_run* find_run(const instance_run& run, const std::string& step) {
+  const auto it = run.steps.find(step);
+  return it == run.steps.end() ? nullptr : &it->second;
+}
+
 // An event the broker did not acknowledge is published again after this long.
 constexpr std::int64_t k_republish_us = 1'000'000;
 
@@ -162,7 +169,8 @@ engine::walk_state engine::walk(instance& in, const sequence& seq, json& failure
           complete_step(in, s, output);
         }
       } else {
-        const int chosen = run_of(in, s.name).chosen_case.value_or(-1);
+        const step_run* rs = find_run(in.run, s.name);
+        const int chosen = rs != nullptr ? rs->chosen_case.value_or(-1) : -1;
         const sequence& branch =
             chosen >= 0 ? s.cases[static_cast<std::size_t>(chosen)].steps : s.default_steps;
         json branch_failure;
@@ -179,7 +187,10 @@ engine::walk_state engine::walk(instance& in, const sequence& seq, json& failure
     }
     if (status == k_running) return walk_state::running;
     if (status == k_failed) {
-      if (run_of(in, s.name).continued.value_or(false)) continue;
+      if (const step_run* rs = find_run(in.run, s.name);
+          rs != nullptr && rs->continued.value_or(false)) {
+        continue;
+      }
       failure = peek(in, s.name).value("error", json());
       return walk_state::failed;
     }
@@ -550,8 +561,8 @@ void engine::finish(instance& in, instance_status status, json result_or_error) 
   const std::string step_name = in.run.parent_step.value_or("");
   const step* s = p.def->find(step_name);
   if (s == nullptr || p.status != instance_status::running) return;
-  auto& rs = run_of(p, step_name);
-  if (rs.phase != step_phase::child || rs.child_id.value_or("") != in.id) return;
+  const step_run* rs = find_run(p.run, step_name);
+  if (rs == nullptr || rs->phase != step_phase::child || rs->child_id.value_or("") != in.id) return;
   if (ok) {
     complete_step(p, *s, result_or_error);
   } else {
@@ -570,8 +581,11 @@ void engine::on_step_reply(instance& inst, const std::string& step_name,
                            const std::string& request_id, response_result& r) {
   const step* s = inst.def->find(step_name);
   if (s == nullptr || inst.status != instance_status::running) return;
-  auto& rs = run_of(inst, s->name);
-  if (rs.phase != step_phase::calling || rs.request_id.value_or("") != request_id) return;
+  const step_run* rs = find_run(inst.run, s->name);
+  if (rs == nullptr || rs->phase != step_phase::calling ||
+      rs->request_id.value_or("") != request_id) {
+    return;
+  }
   // The reply is what causes whatever the instance does next.
   inst.run.cause = request_id;
   if (r) {
@@ -685,9 +699,9 @@ bool engine::on_timer(instance& inst, const timer& t) {
   }
   const step* s = inst.def->find(t.name);
   if (s == nullptr || inst.status != instance_status::running) return false;
-  auto& rs = run_of(inst, s->name);
-  if (rs.due_us.value_or(0) != t.due_us) return false;
-  const step_phase phase = rs.phase;
+  const step_run* rs = find_run(inst.run, s->name);
+  if (rs == nullptr || rs->due_us.value_or(0) != t.due_us) return false;
+  const step_phase phase = rs->phase;
   if (phase == step_phase::backoff) {
     start_attempt(inst, *s);
   } else if (phase == step_phase::waiting) {
